@@ -1,0 +1,191 @@
+"""Local launcher: the learner and N rollout servers as separate OS processes.
+
+    climbrl run CONFIG.toml [--set learner.total_steps=20] [--resume]
+
+Writes ``OUTPUT_DIR/config.resolved.toml`` and hands it to every process, starts the learner
+(which binds the ZeroMQ endpoint on loopback and writes it to a file), then the rollout
+servers. Shows progress with rich from ``metrics.jsonl``. Each child runs in its own process
+group; on Ctrl-C, SIGTERM, or a child that dies (``run.on_child_death = "stop"``) every group is
+terminated, then killed, by PID, so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from climbrl.config import Config, dump_toml
+from climbrl.metrics import read_metrics
+
+
+def _die_with_parent() -> None:
+    """Child preexec: get SIGTERM if the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers in the group (engine core)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _py() -> list[str]:
+    return [sys.executable, "-m", "climbrl.cli"]
+
+
+def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
+    out = Path(cfg.run.output_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.resolved.toml"
+    cfg_path.write_text(dump_toml(cfg))
+    ep_file = out / "endpoint"
+    ep_file.unlink(missing_ok=True)
+    children: list[Child] = []
+    stopping = {"sig": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["sig"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    rc = 1
+    try:
+        learner_argv = _py() + ["learn", "--config", str(cfg_path), "--endpoint-file",
+                                str(ep_file)] + (["--resume"] if resume else [])
+        learner = Child("learner", learner_argv, out / "logs" / "learner.log")
+        children.append(learner)
+        deadline = time.monotonic() + 300
+        while not ep_file.exists():
+            if learner.poll() is not None or time.monotonic() > deadline or stopping["sig"]:
+                raise RuntimeError("the learner did not start:\n" + learner.tail())
+            time.sleep(0.2)
+        endpoint = ep_file.read_text().strip()
+        for i in range(cfg.rollout.num_servers):
+            argv = _py() + ["rollout", "--config", str(cfg_path), "--endpoint", endpoint,
+                            "--server-id", f"r{i}"]
+            children.append(Child(f"rollout-{i}", argv, out / "logs" / f"rollout-{i}.log"))
+        rc = _monitor(cfg, children, learner, stopping, live)
+    except RuntimeError as e:
+        print(f"climbrl: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        for c in reversed(children):
+            c.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc
+
+
+def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
+             live: bool) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
+    total = cfg.learner.total_steps
+    keys = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
+            "weight_sync_s", "stale_dropped"]
+    last_step = -1
+
+    def table() -> Table:
+        recs = read_metrics(metrics_path)
+        steps = [r for r in recs if "reward" in r]
+        evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
+        t = Table(title=f"climbrl run {cfg.run.name}", show_header=True)
+        t.add_column("step")
+        for k in keys:
+            t.add_column(k)
+        for r in steps[-8:]:
+            t.add_row(f"{r['step']}/{total}", *[_fmt(r.get(k)) for k in keys])
+        for r in evals:
+            t.caption = " ".join(f"{k}={_fmt(v)}@{r['step']}" for k, v in r.items() if "/" in k)
+        return t
+
+    def check() -> int | None:
+        if stopping["sig"] is not None:
+            console.print(f"[yellow]signal {stopping['sig']}: stopping every process[/]")
+            return 130
+        lrc = learner.poll()
+        if lrc is not None:
+            if lrc != 0:
+                console.print(f"[red]learner exited with {lrc}[/]\n{learner.tail()}")
+            return lrc
+        for c in children:
+            if c is not learner and c.poll() is not None:
+                console.print(f"[red]{c.name} (pid {c.pid}) died with {c.poll()}[/]\n"
+                              f"{c.tail()}")
+                if cfg.run.on_child_death == "stop":
+                    return 1
+        return None
+
+    if live and console.is_terminal:
+        with Live(table(), console=console, refresh_per_second=2) as lv:
+            while (rc := check()) is None:
+                time.sleep(0.5)
+                lv.update(table())
+        return rc
+    while (rc := check()) is None:
+        time.sleep(1.0)
+        for r in read_metrics(metrics_path):
+            if "reward" in r and r["step"] > last_step:
+                last_step = r["step"]
+                print(f"step {r['step']}/{total} " +
+                      " ".join(f"{k}={_fmt(r.get(k))}" for k in keys), flush=True)
+    return rc
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)

@@ -1,0 +1,58 @@
+"""Metrics sink: one JSON object per line in ``OUT/metrics.jsonl`` and TensorBoard scalars.
+
+The launcher tails the JSONL file for its progress display; ``summary.json`` holds the final
+summary of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    def __init__(self, out: Path, resume: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "metrics.jsonl"
+        self._f = open(self.path, "a" if resume else "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; tolerate a broken install
+            self._tb = None
+
+    def write(self, rec: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in rec.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            step = int(rec.get("step", 0))
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+
+    def summary(self, s: dict[str, Any]) -> None:
+        (self.out / "summary.json").write_text(json.dumps(s, indent=2))
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return out

@@ -1,0 +1,246 @@
+"""Every message climbrl processes exchange, as msgspec Structs, and how they go on a socket.
+
+A message is a multipart ZeroMQ message: ``[kind, body, *tensor_frames]``. ``kind`` is a small
+ASCII frame naming the type (so a socket picks its typed decoder before touching the body),
+``body`` is msgpack, and tensors follow as raw frames described by ``TensorMeta`` entries in the
+body: (name, dtype, shape) plus the bytes, sent without copies. Nothing is pickled.
+
+Each socket side accepts a fixed set of kinds (``LEARNER_ACCEPTS``, ``ROLLOUT_ACCEPTS``); anything
+else, or a body that does not decode, raises ``WireError`` which the receive loops log and skip.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class WireError(ValueError):
+    """A frame that is malformed, foreign, of another schema version or not allowed here."""
+
+
+class _Msg(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    schema: int = SCHEMA_VERSION
+    run_id: str = ""
+    sent_at: float = msgspec.field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------- rollout server -> learner
+
+
+class Hello(_Msg, kw_only=True):
+    """A rollout server announces itself once its engine is up."""
+
+    server_id: str
+    pid: int
+    hostname: str
+    policy_version: int
+    model: str
+    max_concurrency: int
+
+
+class Heartbeat(_Msg, kw_only=True):
+    server_id: str
+    policy_version: int
+    inflight: int
+
+
+class Sample(msgspec.Struct, kw_only=True):
+    """One episode. ``completion_ids`` holds every token after the prompt, the model's and the
+    environment's (multi-turn); ``completion_mask`` is 1 where the model generated the token.
+    ``logprobs`` and ``versions`` align with ``completion_ids`` (0 / -1 where mask is 0)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_mask: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    reward: float
+    finish_reason: str
+    text: str = ""
+    metrics: dict[str, float] = {}
+
+
+class Trajectory(_Msg, kw_only=True):
+    """The finished group of samples for one work order."""
+
+    order_id: str
+    server_id: str
+    policy_version: int  # oldest weight version that produced any token in the group
+    samples: list[Sample]
+    gen_seconds: float
+    num_generated_tokens: int
+
+
+class WeightAck(_Msg, kw_only=True):
+    server_id: str
+    version: int
+    ok: bool
+    phases: dict[str, float] = {}  # seconds per phase: recv, stage, pause, reload, resume
+    error: str = ""
+
+
+class Error(_Msg, kw_only=True):
+    """A peer reports a failure tied to a message (``ref_id``) or to itself."""
+
+    origin: str
+    code: str
+    message: str
+    ref_id: str = ""
+
+
+# ---------------------------------------------------------------- learner -> rollout server
+
+
+class SamplingSpec(msgspec.Struct, kw_only=True):
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    seed: int | None = None
+
+
+class WorkOrder(_Msg, kw_only=True):
+    """Run ``group_size`` episodes of one task of one environment and send back a Trajectory."""
+
+    order_id: str
+    policy_version: int  # learner's version when it dispatched the order
+    env: str
+    env_args: dict[str, Any] = {}
+    task_index: int
+    split: str = "train"
+    group_size: int
+    sampling: SamplingSpec
+
+
+class TensorMeta(msgspec.Struct, array_like=True):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class WeightManifest(_Msg, kw_only=True):
+    """New weights: one frame per entry of ``tensors`` follows the body."""
+
+    version: int
+    tensors: list[TensorMeta]
+
+
+class Control(_Msg, kw_only=True):
+    command: str  # "shutdown"
+
+
+LEARNER_ACCEPTS: dict[bytes, type[_Msg]] = {
+    b"hello": Hello,
+    b"heartbeat": Heartbeat,
+    b"traj": Trajectory,
+    b"weights_ack": WeightAck,
+    b"error": Error,
+}
+ROLLOUT_ACCEPTS: dict[bytes, type[_Msg]] = {
+    b"work": WorkOrder,
+    b"weights": WeightManifest,
+    b"control": Control,
+    b"error": Error,
+}
+KIND_OF: dict[type, bytes] = {t: k for k, t in (LEARNER_ACCEPTS | ROLLOUT_ACCEPTS).items()}
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class Codec:
+    """Typed encoder/decoder for one side of a socket."""
+
+    def __init__(self, accepts: dict[bytes, type[_Msg]]):
+        self.accepts = accepts
+        self._decoders = {k: msgspec.msgpack.Decoder(t) for k, t in accepts.items()}
+
+    @staticmethod
+    def encode(msg: _Msg, tensors: list[Any] | None = None) -> list[Any]:
+        """Frames for ``msg``; ``tensors`` are torch tensors sent as zero-copy frames."""
+        frames: list[Any] = [KIND_OF[type(msg)], _encoder.encode(msg)]
+        for t in tensors or ():
+            frames.append(tensor_buffer(t))
+        return frames
+
+    def decode(self, frames: list[Any]) -> tuple[_Msg, list[Any]]:
+        """(message, tensor frames). Raises WireError for anything not acceptable here."""
+        if len(frames) < 2:
+            raise WireError(f"expected at least 2 frames (kind, body), got {len(frames)}")
+        kind = bytes(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0])
+        dec = self._decoders.get(kind)
+        if dec is None:
+            raise WireError(f"message kind {kind[:32]!r} is not accepted on this socket")
+        body = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
+        try:
+            msg = dec.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise WireError(f"bad {kind.decode(errors='replace')} body: {e}") from None
+        if msg.schema != SCHEMA_VERSION:
+            raise WireError(f"schema version {msg.schema} != {SCHEMA_VERSION}; upgrade the peer")
+        return msg, list(frames[2:])
+
+
+# ---------------------------------------------------------------- tensors as frames
+
+_DTYPES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+def dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def tensor_meta(name: str, t: Any) -> TensorMeta:
+    return TensorMeta(name, dtype_name(t), list(t.shape))
+
+
+def tensor_buffer(t: Any) -> memoryview:
+    """A memoryview over a contiguous CPU tensor's bytes (no copy for contiguous tensors)."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def tensor_from_frame(meta: TensorMeta, frame: Any) -> Any:
+    """A torch tensor viewing ``frame``'s bytes (zero-copy; keep the frame alive)."""
+    import torch
+
+    if meta.dtype not in _DTYPES:
+        raise WireError(f"tensor {meta.name!r}: unsupported dtype {meta.dtype!r}")
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    n = 1
+    for s in meta.shape:
+        n *= s
+    if buf.nbytes != n * _DTYPES[meta.dtype]:
+        raise WireError(
+            f"tensor {meta.name!r}: frame has {buf.nbytes} bytes, "
+            f"shape {meta.shape} of {meta.dtype} needs {n * _DTYPES[meta.dtype]}"
+        )
+    if n == 0:
+        return torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
+    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(getattr(torch, meta.dtype)).view(meta.shape)
+
+
+def nbytes_of(meta: TensorMeta) -> int:
+    n = _DTYPES[meta.dtype]
+    for s in meta.shape:
+        n *= s
+    return n

@@ -1,0 +1,1 @@
+"""Environments: the `Env` protocol, built-in verifiable tasks and the registry."""

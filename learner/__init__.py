@@ -1,0 +1,1 @@
+"""Learner: advantages, losses, staleness, optimizer, weight publishing and checkpoints."""

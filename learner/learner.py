@@ -1,0 +1,389 @@
+"""The learner: coordinator of an async GRPO run.
+
+    climbrl learn --config runs/x/config.resolved.toml [--resume]
+
+It owns the data cursor, hands work orders to the rollout servers that connect to its socket,
+collects trajectories, enforces the staleness bound, trains a transformers causal LM with the
+token-level clipped GRPO loss, publishes weights over ZeroMQ and checkpoints in HF format.
+``train()`` below reads as the algorithm; the machinery lives in ``Learner``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from climbrl.envs.base import make_env
+from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from climbrl.learner.data import DataCursor
+from climbrl.learner.grpo import clipped_pg_loss, group_advantages
+from climbrl.learner.hub import LearnerHub
+from climbrl.learner.logprobs import completion_logprobs
+
+from climbrl.config import Config
+from climbrl.metrics import MetricsWriter
+from climbrl.wire import (
+    Error,
+    Hello,
+    SamplingSpec,
+    Trajectory,
+    WeightAck,
+    WeightManifest,
+    WorkOrder,
+)
+from climbrl.wire import tensor_meta as _meta
+
+log = logging.getLogger("climbrl.learner")
+
+
+class LearnerError(RuntimeError):
+    pass
+
+
+def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -> dict[str, Any]:
+    """Run GRPO to ``learner.total_steps``; returns the final summary (also in summary.json)."""
+    L = Learner(cfg, resume=resume)
+    try:
+        if endpoint_file:
+            Path(endpoint_file).write_text(L.hub.endpoint)
+        L.wait_for_servers()
+        before = L.evaluate("test") if L.step == 0 else None
+        while L.step < cfg.learner.total_steps:
+            L.dispatch()  # keep orders queued, at most (max_staleness + 1) batches ahead
+            groups = L.collect(cfg.learner.batch_groups)  # fresh-enough groups, stale counted
+            stats = L.train_step(groups)  # advantages -> clipped loss -> optimizer step
+            L.version += 1
+            L.step += 1
+            if L.step % cfg.learner.publish_every == 0:
+                stats["weight_sync_s"] = L.publish_weights()
+            L.log_step(stats)
+            if cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0:
+                L.checkpoint()
+        after = L.evaluate("test")
+        L.checkpoint()
+        return L.finish(before, after)
+    finally:
+        L.shutdown()
+
+
+class Learner:
+    def __init__(self, cfg: Config, resume: bool = False):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        lc = cfg.learner
+        self.out = Path(cfg.run.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if lc.threads:
+            torch.set_num_threads(lc.threads)
+        torch.manual_seed(cfg.run.seed)
+        self.run_id = f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"
+        self.env = make_env(cfg.env.name, cfg.env.args)
+        dtype = getattr(torch, cfg.model.dtype)
+        ckpt = latest_checkpoint(self.out) if resume else None
+        src = str(ckpt) if ckpt else cfg.model.path
+        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        self.model.train()
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.99)
+        )
+        self.ref = None
+        if lc.kl_coef > 0:
+            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).eval()
+            self.ref.requires_grad_(False)
+        self.cursor = DataCursor(self.env.num_tasks("train"), seed=cfg.run.seed)
+        self.step = self.version = 0
+        if ckpt:
+            st = load_state(ckpt, self.opt)
+            self.step, self.version = st["step"], st["version"]
+            self.cursor = DataCursor.from_state(st["cursor"])
+            log.info("resumed from %s at step %d", ckpt, self.step)
+        self.hub = LearnerHub(cfg.wire.host, cfg.wire.port, cfg.wire.heartbeat_s, self.run_id)
+        self.metrics = MetricsWriter(self.out, resume=resume)
+        self.orders: dict[str, dict[str, Any]] = {}  # order_id -> {seq, server, sent, eval}
+        self.ready: list[Trajectory] = []
+        self.eval_results: dict[str, Trajectory] = {}
+        self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0)
+        self.pending_acks: dict[str, tuple[int, float]] = {}
+        self.sync_times: list[float] = []
+        self.t_start = time.time()
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------ servers
+
+    def wait_for_servers(self) -> None:
+        n = self.cfg.rollout.num_servers
+        deadline = time.monotonic() + self.cfg.wire.connect_timeout_s
+        while len(self.hub.alive_servers()) < n:
+            if time.monotonic() > deadline:
+                raise LearnerError(
+                    f"only {len(self.hub.alive_servers())}/{n} rollout servers connected to "
+                    f"{self.hub.endpoint} within {self.cfg.wire.connect_timeout_s:.0f}s"
+                )
+            self._pump(0.2)
+        log.info("%d rollout servers connected", n)
+        if self.version > 0:  # resumed: bring every engine to the checkpoint's weights
+            self.publish_weights()
+
+    def _pick_server(self) -> str:
+        alive = self.hub.alive_servers()
+        if not alive:
+            raise LearnerError("no rollout server is alive; see their logs for the cause")
+        load = {s: 0 for s in alive}
+        for o in self.orders.values():
+            if o["server"] in load:
+                load[o["server"]] += 1
+        return min(alive, key=lambda s: load[s])
+
+    def _send_order(self, seq: int, task_index: int, split: str, is_eval: bool) -> None:
+        lc, rc = self.cfg.learner, self.cfg.rollout
+        oid = f"{'eval' if is_eval else 'train'}-{seq}-{uuid.uuid4().hex[:6]}"
+        sampling = SamplingSpec(
+            temperature=0.0 if is_eval else rc.temperature,
+            top_p=1.0 if is_eval else rc.top_p,
+            top_k=-1 if is_eval else rc.top_k,
+            max_tokens=rc.max_tokens,
+            seed=self.cfg.run.seed,
+        )
+        server = self._pick_server()
+        order = WorkOrder(
+            order_id=oid,
+            policy_version=self.version,
+            env=self.cfg.env.name,
+            env_args=self.cfg.env.args,
+            task_index=task_index,
+            split=split,
+            group_size=1 if is_eval else lc.group_size,
+            sampling=sampling,
+        )
+        self.orders[oid] = dict(seq=seq, task=task_index, split=split, server=server,
+                                sent=time.monotonic(), eval=is_eval)
+        self.hub.send(server, order)
+
+    def dispatch(self) -> None:
+        lc = self.cfg.learner
+        limit = lc.batch_groups * (lc.max_staleness + 1)
+        train_inflight = sum(1 for o in self.orders.values() if not o["eval"]) + len(self.ready)
+        while train_inflight < limit:
+            seq, idx = self.cursor.take()
+            self._send_order(seq, idx, "train", False)
+            train_inflight += 1
+
+    # ------------------------------------------------------------------ messages
+
+    def _pump(self, timeout: float) -> None:
+        """Handle one inbound message (or time out), then check liveness and deadlines."""
+        item = self.hub.recv(timeout)
+        if item is not None:
+            sid, msg, _ = item
+            if isinstance(msg, Trajectory):
+                o = self.orders.pop(msg.order_id, None)
+                if o is None:
+                    log.warning("trajectory for unknown order %s dropped", msg.order_id)
+                elif o["eval"]:
+                    self.eval_results[msg.order_id] = msg
+                else:
+                    msg.run_id = str(o["seq"])  # keep the cursor sequence with the group
+                    self.tokens_generated += msg.num_generated_tokens
+                    self.ready.append(msg)
+            elif isinstance(msg, WeightAck):
+                self._on_ack(sid, msg)
+            elif isinstance(msg, Error):
+                self.counters["order_failures"] += 1
+                log.error("rollout %s: %s: %s (order %s)", sid, msg.code, msg.message, msg.ref_id)
+                o = self.orders.pop(msg.ref_id, None)
+                if o is not None and not o["eval"]:
+                    self.cursor.done(o["seq"])  # a failing task costs its episode, not the run
+            elif isinstance(msg, Hello):
+                log.info("rollout %s (pid %d) connected at version %d", sid, msg.pid,
+                         msg.policy_version)
+                if msg.policy_version != self.version and self.step > 0:
+                    self._publish_to([sid])
+        for sid in self.hub.check_dead(self.cfg.wire.dead_after_s):
+            self.counters["servers_dead"] += 1
+            log.error("rollout server %s is dead (no heartbeat for %.0fs); reassigning its "
+                      "orders", sid, self.cfg.wire.dead_after_s)
+            self._reassign(lambda o, s=sid: o["server"] == s)
+        now = time.monotonic()
+        self._reassign(lambda o: now - o["sent"] > self.cfg.wire.order_timeout_s)
+        for sid, (ver, t0) in list(self.pending_acks.items()):
+            if now - t0 > self.cfg.wire.weight_sync_timeout_s:
+                del self.pending_acks[sid]
+                log.error("weight sync to %s (version %d) timed out", sid, ver)
+
+    def _reassign(self, pred: Any) -> None:
+        for oid, o in list(self.orders.items()):
+            if pred(o):
+                del self.orders[oid]
+                self._send_order(o["seq"], o["task"], o["split"], o["eval"])
+
+    def collect(self, n: int) -> list[Trajectory]:
+        """Wait for ``n`` groups within the staleness bound; drop or correct the others."""
+        lc = self.cfg.learner
+        while True:
+            keep = []
+            for tr in self.ready:
+                if self.version - tr.policy_version > lc.max_staleness:
+                    if lc.stale_policy == "drop":
+                        self.counters["stale_dropped"] += 1
+                        self.cursor.requeue(int(tr.run_id))
+                        continue
+                    self.counters["stale_corrected"] += 1
+                keep.append(tr)
+            self.ready = keep
+            if len(self.ready) >= n:
+                batch, self.ready = self.ready[:n], self.ready[n:]
+                return batch
+            self.dispatch()
+            self._pump(0.5)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, groups: list[Trajectory]) -> dict[str, float]:
+        lc = self.cfg.learner
+        t0 = time.perf_counter()
+        samples = [s for g in groups for s in g.samples]
+        rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
+        adv = group_advantages(rewards, std_norm=lc.adv_std_norm).flatten()
+        lags = [self.version - g.policy_version for g in groups for _ in g.samples]
+        total_tokens = float(sum(sum(s.completion_mask) for s in samples))
+        self.opt.zero_grad(set_to_none=True)
+        agg = dict(loss=0.0, entropy=0.0, clip=0.0, mm_sum=0.0, mm_max=0.0, mm_n=0.0, kl=0.0)
+        for i in range(0, len(samples), lc.micro_batch_size):
+            mb = samples[i : i + lc.micro_batch_size]
+            b = completion_logprobs(
+                self.model, mb, temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl
+            )
+            old, mask = b["old_logp"], b["mask"]
+            lag = torch.tensor(lags[i : i + len(mb)]).unsqueeze(1)
+            is_w = None
+            if lc.stale_policy == "correct" and bool((lag > lc.max_staleness).any()):
+                w = torch.exp(b["logp"].detach() - old).clamp(max=lc.tis_cap)
+                is_w = torch.where(lag > lc.max_staleness, w, torch.ones_like(w))
+                old = torch.where(lag > lc.max_staleness, b["logp"].detach(), old)
+            ref = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref = completion_logprobs(self.ref, mb, self.cfg.rollout.temperature)["logp"]
+            loss, st = clipped_pg_loss(
+                b["logp"], old, adv[i : i + len(mb)], mask,
+                clip_low=lc.clip_low, clip_high=lc.clip_high, total_tokens=total_tokens,
+                is_weight_BT=is_w, ref_logp_BT=ref, kl_coef=lc.kl_coef,
+                kl_estimator=lc.kl_estimator,
+            )
+            loss.backward()
+            with torch.no_grad():
+                m = mask.bool()
+                fresh = m & (lag == 0)
+                diff = (b["logp"].detach() - old).abs()[fresh]
+                agg["loss"] += float(loss)
+                agg["entropy"] += float(b["entropy"][m].sum())
+                agg["clip"] += float(st["clip_count"])
+                agg["mm_sum"] += float(diff.sum())
+                agg["mm_n"] += float(diff.numel())
+                agg["mm_max"] = max(agg["mm_max"], float(diff.max()) if diff.numel() else 0.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
+        self.opt.step()
+        for g in groups:
+            self.cursor.done(int(g.run_id))
+        n_tok = max(total_tokens, 1.0)
+        return {
+            "loss": agg["loss"],
+            "reward": float(rewards.mean()),
+            "correct": _mean([s.metrics.get("correct", float("nan")) for s in samples]),
+            "entropy": agg["entropy"] / n_tok,
+            "clip_frac": agg["clip"] / n_tok,
+            "grad_norm": float(grad_norm),
+            "staleness_mean": sum(lags) / len(lags),
+            "staleness_max": float(max(lags)),
+            "mismatch_mean": agg["mm_sum"] / max(agg["mm_n"], 1.0),
+            "mismatch_max": agg["mm_max"],
+            "completion_len": total_tokens / len(samples),
+            "train_s": time.perf_counter() - t0,
+        }
+
+    # ------------------------------------------------------------------ weights
+
+    def publish_weights(self) -> float:
+        """Send the current weights to every live server; return the last full sync time."""
+        self._publish_to(self.hub.alive_servers())
+        return self.sync_times[-1] if self.sync_times else float("nan")
+
+    def _publish_to(self, servers: list[str]) -> None:
+        names, tensors = zip(*self.model.state_dict().items())
+        manifest = WeightManifest(
+            version=self.version, tensors=[_meta(n, t) for n, t in zip(names, tensors)]
+        )
+        for sid in servers:
+            self.pending_acks[sid] = (self.version, time.monotonic())
+            self.hub.send(sid, manifest, list(tensors))
+
+    def _on_ack(self, sid: str, ack: WeightAck) -> None:
+        pend = self.pending_acks.pop(sid, None)
+        if not ack.ok:
+            log.error("weight update on %s failed, it stays on version %d: %s", sid,
+                      ack.version, ack.error)
+            return
+        if pend is not None and pend[0] == ack.version:
+            self.sync_times.append(time.monotonic() - pend[1])
+
+    def wait_weight_acks(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pending_acks and time.monotonic() < deadline:
+            self._pump(0.1)
+
+    # ------------------------------------------------------------------ eval, logs, state
+
+    def evaluate(self, split: str) -> float:
+        """Greedy accuracy on the first ``eval_size`` tasks of ``split`` (through the engines)."""
+        n = min(self.cfg.learner.eval_size, self.env.num_tasks(split))
+        if n == 0:
+            return float("nan")
+        self.wait_weight_acks(self.cfg.wire.weight_sync_timeout_s)
+        self.eval_results.clear()
+        for i in range(n):
+            self._send_order(i, i, split, True)
+        while len(self.eval_results) < n:
+            self._pump(0.5)
+        samples = [s for t in self.eval_results.values() for s in t.samples]
+        vals = [s.metrics.get("correct", float(s.reward >= self.env.reward_range[1]))
+                for s in samples]
+        acc = sum(vals) / len(vals)
+        self.metrics.write({"step": self.step, f"eval/{split}_accuracy": acc})
+        log.info("eval %s accuracy at step %d: %.3f", split, self.step, acc)
+        return acc
+
+    def log_step(self, stats: dict[str, float]) -> None:
+        el = time.time() - self.t_start
+        rec = {"step": self.step, "version": self.version, **stats, **self.counters,
+               "tokens_per_s": self.tokens_generated / max(el, 1e-9), "elapsed_s": el}
+        self.metrics.write(rec)
+
+    def checkpoint(self) -> Path:
+        state = {"step": self.step, "version": self.version, "cursor": self.cursor.state()}
+        return save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.opt, state)
+
+    def finish(self, before: float | None, after: float) -> dict[str, Any]:
+        summary = {"steps": self.step, "accuracy_before": before, "accuracy_after": after,
+                   "elapsed_s": time.time() - self.t_start, **self.counters}
+        self.metrics.summary(summary)
+        return summary
+
+    def shutdown(self) -> None:
+        from climbrl.wire import Control
+
+        for sid in self.hub.alive_servers():
+            self.hub.send(sid, Control(command="shutdown"))
+        time.sleep(0.2)
+        self.hub.close()
+        self.metrics.close()
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -1,0 +1,1 @@
+"""Pretraining: tokenizer, data pipeline, model presets, training loop and HF export."""

@@ -1,0 +1,117 @@
+"""Model presets (dense and MoE) and run presets (the demo base).
+
+A model preset is a dict of `ModelConfig` fields; a TOML config names one with
+``model.preset = "dense-small"`` and may override any field. A run preset is a whole
+`PretrainConfig` as a dict, such as ``demo``: the ~5-minute CPU run that makes the base
+model `climbrl demo` starts from.
+
+    python -m climbrl.pretrain.presets          # list presets with parameter counts
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.8M non-embedding parameters: trains at a few thousand tokens/s... per core.
+    "demo": dict(
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=384,
+        max_position_embeddings=512,
+    ),
+    "dense-small": dict(
+        hidden_size=256,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=768,
+        max_position_embeddings=2048,
+    ),
+    "dense-base": dict(
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        intermediate_size=2048,
+        max_position_embeddings=4096,
+    ),
+    # Fine-grained experts: many narrow experts, several active per token.
+    "moe-small": dict(
+        hidden_size=256,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=768,
+        moe=True,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=128,
+        max_position_embeddings=2048,
+    ),
+    "moe-small-shared": dict(
+        hidden_size=256,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=768,
+        moe=True,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=256,
+        max_position_embeddings=2048,
+    ),
+}
+
+
+def demo_run_config(out_dir: str, *, seconds_budget: float = 300.0, seed: int = 0) -> dict[str, Any]:
+    """The demo base run: 3-digit addition from scratch on 2 CPU cores in about `seconds_budget`.
+
+    The step count is fixed (so results do not depend on machine load more than they must) and
+    `max_seconds` caps the wall time, leaving room for data generation, export and evaluation.
+    """
+    train_seconds = max(10.0, seconds_budget - 45.0)
+    return {
+        "run_dir": out_dir,
+        "model": {"preset": "demo"},
+        "data": {
+            "source": "synthetic",
+            "task": "add",
+            "num_docs": 400_000,
+            "vocab_size": 320,
+            "split_digits": True,
+            "tokenizer_train_docs": 5_000,
+            "seq_len": 128,
+            "eval_fraction": 0.01,
+        },
+        "train": {
+            "steps": 700,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "min_lr_ratio": 0.05,
+            "warmup_steps": 30,
+            "schedule": "cosine",
+            "z_loss": 1e-4,
+            "seed": seed,
+            "log_every": 50,
+            "eval_every": 300,
+            "eval_batches": 4,
+            "ckpt_every": 300,
+            "keep_checkpoints": 1,
+            "max_seconds": train_seconds,
+        },
+        "eval_task_examples": 300,
+    }
+
+
+if __name__ == "__main__":
+    from climbrl.pretrain.config import ModelConfig
+    from climbrl.pretrain.model import count_params_from_config
+
+    for name, fields in MODEL_PRESETS.items():
+        cfg = ModelConfig(**fields)
+        total, active = count_params_from_config(cfg, vocab_size=32_000)
+        print(f"{name:18s} total={total / 1e6:8.2f}M active={active / 1e6:8.2f}M (vocab 32k)")

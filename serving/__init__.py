@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving over the same vLLM engine that training updates (issue 4)."""
