@@ -1,9 +1,11 @@
 """Built-in verifiable tasks.
 
 ``copy_first``: the prompt is a short string of letters followed by ``=``; the answer is its
-first letter, repeated. The reward is the fraction of the completion's first ``answer_len``
-characters that equal that letter, so a model trained from random weights gets a dense signal
-and can learn the task by RL alone. Train and test strings never overlap (split by a hash).
+first letter, repeated. Each of the completion's first ``answer_len`` characters scores 1 if it
+is that letter and ``letter_credit`` if it is another letter of the alphabet; the reward is the
+mean. A model trained from random weights thus gets a dense signal (first: answer in letters;
+then: the right one) and learns the task by RL alone. ``correct`` (the accuracy) is whether the
+first character is the target. Train and test strings never overlap (split by a hash).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class CopyFirstEnv(Env):
         length: int = 4,
         answer_len: int = 4,
         test_fraction: float = 0.2,
+        letter_credit: float = 0.25,
         **kwargs: Any,
     ):
         super().__init__(seed=seed, **kwargs)
@@ -37,7 +40,10 @@ class CopyFirstEnv(Env):
             raise ValueError("alphabet must be distinct letters")
         if not 1 <= length <= 8:
             raise ValueError("length must be in [1, 8]")
+        if not 0.0 <= letter_credit < 1.0:
+            raise ValueError("letter_credit must be in [0, 1)")
         self.alphabet, self.length, self.answer_len = alphabet, length, answer_len
+        self.letter_credit = letter_credit
         strings = ["".join(p) for p in itertools.product(alphabet, repeat=length)]
         self._splits = {
             "train": [s for s in strings if not _is_test(s, test_fraction)],
@@ -61,7 +67,9 @@ class CopyFirstEnv(Env):
 
     def score(self, completion: str, target: str) -> tuple[float, bool]:
         head = completion[: self.answer_len]
-        reward = sum(c == target for c in head) / self.answer_len
+        per_char = [1.0 if c == target else self.letter_credit if c in self.alphabet else 0.0
+                    for c in head]
+        reward = sum(per_char) / self.answer_len
         return reward, completion[:1] == target
 
     async def step(self, completion: str) -> StepResult:

@@ -53,7 +53,7 @@ class LearnerHub:
         self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(self._outbox_addr)
         self._push_lock = threading.Lock()
-        self.inbox: queue.Queue[tuple[str, Any, list[Any]]] = queue.Queue()
+        self.inbox: queue.Queue[tuple[str, Any, list[Any], float]] = queue.Queue()
         self.codec = Codec(LEARNER_ACCEPTS)
         self.servers: dict[str, ServerState] = {}
         self.lock = threading.Lock()
@@ -85,8 +85,9 @@ class LearnerHub:
         with self._push_lock:
             self._push.send_multipart(frames, copy=False)
 
-    def recv(self, timeout: float) -> tuple[str, Any, list[Any]] | None:
-        """Next (server_id, message, tensor frames), or None after ``timeout`` seconds."""
+    def recv(self, timeout: float) -> tuple[str, Any, list[Any], float] | None:
+        """Next (server_id, message, tensor frames, arrival time.monotonic()), or None after
+        ``timeout`` seconds."""
         try:
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -174,4 +175,4 @@ class LearnerHub:
             log.warning("message from unknown server %r ignored (%s)", sid, type(msg).__name__)
             return
         if not isinstance(msg, Heartbeat):
-            self.inbox.put((sid, msg, tensors))
+            self.inbox.put((sid, msg, tensors, now))

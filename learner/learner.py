@@ -111,6 +111,8 @@ class Learner:
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0)
         self.pending_acks: dict[str, tuple[int, float]] = {}
         self.sync_times: list[float] = []
+        self.sync_phases: dict[str, float] = {}
+        self._last_log = (time.time(), 0)
         self.t_start = time.time()
         self.tokens_generated = 0
 
@@ -180,7 +182,7 @@ class Learner:
         """Handle one inbound message (or time out), then check liveness and deadlines."""
         item = self.hub.recv(timeout)
         if item is not None:
-            sid, msg, _ = item
+            sid, msg, _, arrived = item
             if isinstance(msg, Trajectory):
                 o = self.orders.pop(msg.order_id, None)
                 if o is None:
@@ -192,7 +194,7 @@ class Learner:
                     self.tokens_generated += msg.num_generated_tokens
                     self.ready.append(msg)
             elif isinstance(msg, WeightAck):
-                self._on_ack(sid, msg)
+                self._on_ack(sid, msg, arrived)
             elif isinstance(msg, Error):
                 self.counters["order_failures"] += 1
                 log.error("rollout %s: %s: %s (order %s)", sid, msg.code, msg.message, msg.ref_id)
@@ -323,14 +325,15 @@ class Learner:
             self.pending_acks[sid] = (self.version, time.monotonic())
             self.hub.send(sid, manifest, list(tensors))
 
-    def _on_ack(self, sid: str, ack: WeightAck) -> None:
+    def _on_ack(self, sid: str, ack: WeightAck, arrived: float) -> None:
         pend = self.pending_acks.pop(sid, None)
         if not ack.ok:
             log.error("weight update on %s failed, it stays on version %d: %s", sid,
                       ack.version, ack.error)
             return
         if pend is not None and pend[0] == ack.version:
-            self.sync_times.append(time.monotonic() - pend[1])
+            self.sync_times.append(arrived - pend[1])
+            self.sync_phases = ack.phases
 
     def wait_weight_acks(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -359,9 +362,13 @@ class Learner:
         return acc
 
     def log_step(self, stats: dict[str, float]) -> None:
-        el = time.time() - self.t_start
+        now = time.time()
+        t_prev, tok_prev = self._last_log
+        self._last_log = (now, self.tokens_generated)
         rec = {"step": self.step, "version": self.version, **stats, **self.counters,
-               "tokens_per_s": self.tokens_generated / max(el, 1e-9), "elapsed_s": el}
+               "tokens_per_s": (self.tokens_generated - tok_prev) / max(now - t_prev, 1e-9),
+               "step_s": now - t_prev, "elapsed_s": now - self.t_start,
+               **{f"sync_{k}_s": v for k, v in self.sync_phases.items()}}
         self.metrics.write(rec)
 
     def checkpoint(self) -> Path:

@@ -1,0 +1,113 @@
+"""`climbrl run` end to end: real learner and rollout processes, real vLLM, real ZeroMQ."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import group_pids, kill_tree, pid_alive, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def _launch(cfg: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "CLIMBRL_LOG": "INFO"},
+    )
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_run_trains_checkpoints_and_bounds_staleness(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "c.toml", tiny_model, out,
+        learner={"total_steps": 3, "batch_groups": 4, "group_size": 4, "max_staleness": 0,
+                 "eval_size": 8, "checkpoint_every": 2},
+        rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
+    )
+    proc = _launch(cfg, tmp_path / "launcher.log")
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        kill_tree(proc)
+    log = (tmp_path / "launcher.log").read_text()
+    assert rc == 0, log[-3000:] + (out / "logs" / "learner.log").read_text()[-3000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        for k in ("reward", "entropy", "staleness_max", "mismatch_mean", "tokens_per_s"):
+            assert r[k] is not None, k
+        assert r["staleness_max"] <= 0  # max_staleness = 0: on-policy
+        assert r["mismatch_mean"] < 1e-4
+    assert any(r.get("weight_sync_s") for r in steps[1:])
+    assert any("eval/test_accuracy" in r for r in recs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert list((out / "tensorboard").iterdir())
+    # the checkpoint is a plain HF folder that transformers loads
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.name == "step_3" and (out / "checkpoints" / "step_2").is_dir()
+    AutoModelForCausalLM.from_pretrained(str(ckpt))
+    assert AutoTokenizer.from_pretrained(str(ckpt)).chat_template
+    assert json.loads((ckpt / "learner_state.json").read_text())["step"] == 3
+
+
+def test_killed_rollout_server_is_detected_and_everything_stops(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "c.toml", tiny_model, out,
+        run={"on_child_death": "continue"},  # let the learner's heartbeat check find it
+        learner={"total_steps": 500, "batch_groups": 2, "group_size": 2, "eval_size": 0},
+        rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
+        wire={"heartbeat_s": 0.5, "dead_after_s": 4.0},
+    )
+    proc = _launch(cfg, tmp_path / "launcher.log")
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 400
+        while not (metrics.exists() and '"reward"' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(1)
+        kids = _children(proc.pid)
+        assert len(kids) == 2  # learner + rollout-0
+        rollout = next(k for k in kids if b"rollout" in Path(f"/proc/{k}/cmdline").read_bytes())
+        groups = {k: group_pids(k) for k in kids}  # each child's process group (engine core too)
+        assert len(groups[rollout]) >= 2
+        t_kill = time.monotonic()
+        os.kill(rollout, signal.SIGKILL)
+        rc = proc.wait(timeout=120)
+        elapsed = time.monotonic() - t_kill
+    finally:
+        kill_tree(proc)
+    learner_log = (out / "logs" / "learner.log").read_text()
+    assert "rollout server r0 is dead" in learner_log
+    assert "no rollout server is alive" in learner_log
+    assert rc != 0
+    assert elapsed < 60
+    time.sleep(1)
+    leftovers = [p for pids in groups.values() for p in pids if pid_alive(p)]
+    assert leftovers == [], f"orphaned processes: {leftovers}"
