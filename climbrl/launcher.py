@@ -6,7 +6,9 @@ Writes ``OUTPUT_DIR/config.resolved.toml`` and hands it to every process, starts
 (which binds the ZeroMQ endpoint on loopback and writes it to a file), then the rollout
 servers. Shows progress with rich from ``metrics.jsonl``. Each child runs in its own process
 group; on Ctrl-C, SIGTERM, or a child that dies (``run.on_child_death = "stop"``) every group is
-terminated, then killed, by PID, so nothing is orphaned.
+terminated, then killed, by PID, so nothing is orphaned. vLLM's engine core runs in a process
+group of its own, so the launcher also records every descendant (PID + start time, safe from
+PID reuse) while it watches, and kills the ones still running at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class Child:
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
+        self.known: dict[int, float] = {}  # descendant pid -> create_time
+
+    def track(self) -> None:
+        import psutil
+
+        try:
+            for c in psutil.Process(self.proc.pid).children(recursive=True):
+                self.known.setdefault(c.pid, c.create_time())
+        except psutil.Error:
+            pass
 
     @property
     def pid(self) -> int:
@@ -50,13 +62,23 @@ class Child:
         return self.proc.poll()
 
     def stop(self, grace_s: float = 10.0) -> None:
+        import psutil
+
+        self.track()
         if self.proc.poll() is None:
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers in the group (engine core)
+        _signal_group(self.proc.pid, signal.SIGKILL)  # stragglers in the group
+        for pid, created in self.known.items():  # descendants in other groups (engine core)
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    p.kill()
+            except psutil.Error:
+                pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -151,6 +173,8 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
         return t
 
     def check() -> int | None:
+        for c in children:
+            c.track()
         if stopping["sig"] is not None:
             console.print(f"[yellow]signal {stopping['sig']}: stopping every process[/]")
             return 130

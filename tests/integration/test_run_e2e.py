@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import group_pids, kill_tree, pid_alive, write_config
+from tests.conftest import kill_tree, pid_alive, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -94,9 +94,12 @@ def test_killed_rollout_server_is_detected_and_everything_stops(tiny_model, tmp_
             time.sleep(1)
         kids = _children(proc.pid)
         assert len(kids) == 2  # learner + rollout-0
-        rollout = next(k for k in kids if b"rollout" in Path(f"/proc/{k}/cmdline").read_bytes())
-        groups = {k: group_pids(k) for k in kids}  # each child's process group (engine core too)
-        assert len(groups[rollout]) >= 2
+        rollout = next(k for k in kids if b"\x00rollout\x00" in Path(f"/proc/{k}/cmdline").read_bytes())
+        import psutil
+
+        tree = {k: [k] + [c.pid for c in psutil.Process(k).children(recursive=True)]
+                for k in kids}
+        assert len(tree[rollout]) >= 2  # the rollout server and its vLLM engine core
         t_kill = time.monotonic()
         os.kill(rollout, signal.SIGKILL)
         rc = proc.wait(timeout=120)
@@ -109,5 +112,5 @@ def test_killed_rollout_server_is_detected_and_everything_stops(tiny_model, tmp_
     assert rc != 0
     assert elapsed < 60
     time.sleep(1)
-    leftovers = [p for pids in groups.values() for p in pids if pid_alive(p)]
+    leftovers = [p for pids in tree.values() for p in pids if pid_alive(p)]
     assert leftovers == [], f"orphaned processes: {leftovers}"

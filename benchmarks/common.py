@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmarks: a rollout server process driven from a LearnerHub."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def write_cfg(path: Path, model: Path, **sections: dict[str, Any]) -> Path:
+    from climbrl.config import dump_toml, load_config
+
+    ov = [f'model.path="{model}"', f'run.output_dir="{path.parent / "out"}"']
+    for sec, vals in sections.items():
+        for k, v in vals.items():
+            ov.append(f"{sec}.{k}={v}")
+    path.write_text(dump_toml(load_config(None, ov)))
+    return path
+
+
+class RolloutProc:
+    """`climbrl rollout` in its own process group, connected to a LearnerHub in this process."""
+
+    def __init__(self, cfg: Path, log: Path, timeout: float = 600):
+        from climbrl.learner.hub import LearnerHub
+
+        self.hub = LearnerHub("127.0.0.1", 0)
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg),
+             "--endpoint", self.hub.endpoint, "--server-id", "r0"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("rollout server failed to start; see " + str(log))
+            item = self.hub.recv(0.5)
+            if item is not None:
+                break
+
+    def wait_for(self, kind: type, pred: Any = lambda m: True, timeout: float = 600) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            item = self.hub.recv(0.5)
+            if item is not None and isinstance(item[1], kind) and pred(item[1]):
+                return item
+        raise TimeoutError(kind.__name__)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.hub.close()
+        self._log.close()

@@ -1,0 +1,112 @@
+"""Tokens/s through `climbrl rollout` against raw vLLM AsyncLLM, same prompts, same run.
+
+    python benchmarks/rollout_overhead.py [--tasks 32 --group 8 --max-tokens 64 --rounds 2]
+
+Both engines are built with the same engine arguments and run side by side (both started
+first, then measured in alternating rounds, best round each). Baseline: the same prompt token
+ids and SamplingParams submitted straight to an in-process AsyncLLM. climbrl: work orders over
+ZeroMQ to a rollout server process, which runs the env episodes and returns trajectories.
+Prints one JSON line; ``ratio`` = climbrl tokens/s / raw tokens/s (goal >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+
+    from benchmarks.common import RolloutProc, write_cfg
+    from climbrl.envs.base import make_env
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from climbrl.rollout.engine import build_engine
+    from climbrl.tinymodel import make_tiny_model
+    from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
+
+    tmp = Path(tempfile.mkdtemp(prefix="climbrl-bench-"))
+    model = make_tiny_model(tmp / "model", corpus_for_tokenizer())
+    max_len, conc = 256, a.tasks * a.group
+    cfg = write_cfg(tmp / "cfg.toml", model,
+                    rollout={"max_model_len": max_len, "max_concurrency": conc, "kv_cache_gb": 1})
+    server = RolloutProc(cfg, tmp / "rollout.log")
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    env = make_env("copy_first")
+    prompts = [tok.encode(env.get_task("train", i).prompt, add_special_tokens=False)
+               for i in range(a.tasks)]
+    engine = build_engine(str(model), dtype="float32", kv_cache_gb=1, max_model_len=max_len,
+                          max_num_seqs=conc)
+
+    async def raw_round(r: int) -> tuple[int, float]:
+        async def one(i: int, j: int) -> int:
+            sp = SamplingParams(temperature=1.0, max_tokens=a.max_tokens, logprobs=0,
+                                seed=r * 100_000 + i * 100 + j)
+            out = None
+            async for o in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,
+                                           request_id=f"raw-{r}-{i}-{j}"):
+                out = o
+            return len(out.outputs[0].token_ids)
+
+        t = time.perf_counter()
+        n = await asyncio.gather(*(one(i, j) for i in range(a.tasks) for j in range(a.group)))
+        return sum(n), time.perf_counter() - t
+
+    def climbrl_round(r: int) -> tuple[int, float]:
+        t = time.perf_counter()
+        ids = set()
+        for i in range(a.tasks):
+            o = WorkOrder(order_id=f"b{r}-{i}", policy_version=0, env="copy_first",
+                          task_index=i, group_size=a.group,
+                          sampling=SamplingSpec(temperature=1.0, max_tokens=a.max_tokens,
+                                                seed=r))
+            ids.add(o.order_id)
+            server.hub.send("r0", o)
+        n = 0
+        while ids:
+            _, tr, _, _ = server.wait_for(Trajectory)
+            ids.discard(tr.order_id)
+            n += tr.num_generated_tokens
+        return n, time.perf_counter() - t
+
+    loop = asyncio.new_event_loop()
+    raw, ours = [], []
+    try:
+        loop.run_until_complete(raw_round(-1))  # warm-up both
+        climbrl_round(-1)
+        for r in range(a.rounds):
+            raw.append(loop.run_until_complete(raw_round(r)))
+            ours.append(climbrl_round(r))
+    finally:
+        engine.shutdown()
+        server.close()
+    raw_tps = max(n / s for n, s in raw)
+    our_tps = max(n / s for n, s in ours)
+    print(json.dumps({
+        "benchmark": "rollout_overhead", "raw_tokens_per_s": round(raw_tps, 1),
+        "climbrl_tokens_per_s": round(our_tps, 1), "ratio": round(our_tps / raw_tps, 3),
+        "tasks": a.tasks, "group": a.group, "max_tokens": a.max_tokens,
+        "rounds": [{"raw": [n, round(s, 3)], "climbrl": [m, round(u, 3)]}
+                   for (n, s), (m, u) in zip(raw, ours)],
+    }))
+
+
+if __name__ == "__main__":
+    main()

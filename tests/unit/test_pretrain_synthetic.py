@@ -1,0 +1,46 @@
+"""Synthetic tasks: deterministic, non-overlapping train / held-out splits, and the scorer.
+
+pytest tests/unit/test_pretrain_synthetic.py
+"""
+
+from __future__ import annotations
+
+import pytest
+from climbrl.pretrain.synthetic import TASKS, extract_answer, get_task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint_and_reproducible(name: str) -> None:
+    task = get_task(name)
+    train = task.sample("train", 3000, seed=0)
+    held = task.sample("heldout", 300, seed=0)
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+    assert all(task.split_of(e) == "train" for e in train)
+    assert all(task.split_of(e) == "heldout" for e in held)
+    assert task.sample("train", 50, seed=0) == train[:50]
+    assert task.sample("train", 50, seed=1) != train[:50]
+    # Both splits draw from the same distribution of sizes.
+    assert len({len(e.prompt) for e in held}) > 2
+
+
+def test_addition_answers_are_correct() -> None:
+    for ex in get_task("add").sample("train", 200):
+        a, b = ex.prompt.rstrip("=").split("+")
+        assert int(ex.answer) == int(a) + int(b)
+        assert ex.text == ex.prompt + ex.answer
+
+
+def test_scorer() -> None:
+    task = get_task("add")
+    assert task.score("432<|endoftext|><|pad|>", "432") == 1.0
+    assert task.score(" 432\n12+4=16", "432") == 1.0
+    assert task.score("4321<|endoftext|>", "432") == 0.0
+    assert task.score("", "432") == 0.0
+    assert extract_answer("abc def") == "abc"
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="split"):
+        get_task("add").sample("test", 3)  # type: ignore[arg-type]
