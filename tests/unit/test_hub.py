@@ -1,0 +1,78 @@
+"""The learner's hub: a real ROUTER on loopback; peers are raw DEALER sockets here."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import zmq
+
+from climbrl.learner.hub import LearnerHub
+from climbrl.wire import Codec, Hello, Heartbeat, ROLLOUT_ACCEPTS, WorkOrder, SamplingSpec
+
+
+def _dealer(ctx: zmq.Context, hub: LearnerHub, sid: str) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, sid.encode())
+    s.connect(hub.endpoint)
+    return s
+
+
+def _hello(sid: str) -> list:
+    return Codec.encode(Hello(server_id=sid, pid=os.getpid(), hostname="h", policy_version=0,
+                              model="m", max_concurrency=1))
+
+
+def _next(hub: LearnerHub, timeout: float = 5.0):
+    item = hub.recv(timeout)
+    assert item is not None, "hub delivered nothing"
+    return item
+
+
+def test_malformed_frames_are_rejected_and_hub_keeps_running():
+    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.2)
+    ctx = zmq.Context()
+    try:
+        d = _dealer(ctx, hub, "r0")
+        d.send_multipart(_hello("r0"))
+        sid, msg, _, _ = _next(hub)
+        assert sid == "r0" and isinstance(msg, Hello)
+        d.send_multipart([b"\xde\xad"])  # one frame
+        d.send_multipart([b"traj", b"\x00garbage"])  # bad body
+        d.send_multipart([b"work", b"x"])  # a kind the learner never accepts
+        deadline = time.monotonic() + 5
+        while hub.rejected < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub.rejected == 3
+        d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=0, inflight=0)))
+        # the hub still routes: an order reaches the dealer, and pings flow
+        hub.send("r0", WorkOrder(order_id="o", policy_version=0, env="e", task_index=0,
+                                 group_size=2, sampling=SamplingSpec()))
+        kinds = set()
+        while b"work" not in kinds:
+            assert d.poll(5000)
+            frames = d.recv_multipart()
+            kinds.add(frames[0])
+            Codec(ROLLOUT_ACCEPTS).decode(frames)
+        d.close()
+    finally:
+        hub.close()
+        ctx.term()
+
+
+def test_silent_server_is_declared_dead():
+    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.1)
+    ctx = zmq.Context()
+    try:
+        d = _dealer(ctx, hub, "r1")
+        d.send_multipart(_hello("r1"))
+        _next(hub)
+        assert hub.check_dead(0.5) == []
+        time.sleep(0.7)
+        assert hub.check_dead(0.5) == ["r1"]
+        assert hub.alive_servers() == []
+        d.close()
+    finally:
+        hub.close()
+        ctx.term()
