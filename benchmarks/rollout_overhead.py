@@ -30,10 +30,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
 
-    from benchmarks.common import RolloutProc, write_cfg
     from climbrl.envs.base import make_env
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.rollout.engine import build_engine
+
+    from benchmarks.common import RolloutProc, write_cfg
     from climbrl.tinymodel import make_tiny_model
     from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
 

@@ -76,12 +76,18 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from climbrl.envs.tasks import corpus_for_tokenizer
 
     from benchmarks.common import RolloutProc, write_cfg
-    from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.tinymodel import make_tiny_model
-    from climbrl.wire import SamplingSpec, Trajectory, WeightAck, WeightManifest, WorkOrder
-    from climbrl.wire import tensor_meta
+    from climbrl.wire import (
+        SamplingSpec,
+        Trajectory,
+        WeightAck,
+        WeightManifest,
+        WorkOrder,
+        tensor_meta,
+    )
 
     results = {}
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-wsync-"))

@@ -52,8 +52,11 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | N
         from climbrl.tinymodel import make_tiny_model
 
         print(f"building a tiny model in {model_dir} ...", flush=True)
+        # 260 = 256 bytes + 4 specials: no merges, so each letter is one token and greedy
+        # decoding picks the policy's most likely letter (with merges the mass of the right
+        # letter splits over "a", "aa", "aaaa", ... and a wrong token wins the argmax).
         make_tiny_model(model_dir, make_env(cfg.env.name, cfg.env.args).tokenizer_corpus(),
-                        seed=cfg.run.seed)
+                        vocab_size=260, seed=cfg.run.seed)
     rc = launch(cfg)
     if rc != 0:
         return rc

@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer trained on the copy_first task and a random 2-layer Qwen3 (float32)."""
     from climbrl.envs.tasks import corpus_for_tokenizer
+
     from climbrl.tinymodel import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus_for_tokenizer())

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from climbrl.learner.grpo import clipped_pg_loss, group_advantages, kl_estimate
 
 

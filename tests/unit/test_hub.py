@@ -6,9 +6,9 @@ import os
 import time
 
 import zmq
-
 from climbrl.learner.hub import LearnerHub
-from climbrl.wire import Codec, Hello, Heartbeat, ROLLOUT_ACCEPTS, WorkOrder, SamplingSpec
+
+from climbrl.wire import ROLLOUT_ACCEPTS, Codec, Heartbeat, Hello, SamplingSpec, WorkOrder
 
 
 def _dealer(ctx: zmq.Context, hub: LearnerHub, sid: str) -> zmq.Socket:

@@ -198,3 +198,22 @@ def test_export_reloads_in_transformers(tmp_path: Path, fields: dict) -> None:
     assert "<|im_start|>assistant" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
+
+
+def test_loss_terms_match_cross_entropy_and_z_loss() -> None:
+    import torch.nn.functional as F
+    from climbrl.pretrain.train import loss_terms
+
+    m = tiny(ModelConfig(**TINY))
+    ids = torch.randint(2, 64, (2, 10))
+    pos = torch.arange(10).repeat(2, 1)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    labels[0, 3] = -100
+    ce, zl = loss_terms(m, ids, pos, labels, z_coef=1e-4)
+    logits = m(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(
+        ce, F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    )
+    lse = torch.logsumexp(logits, -1)[labels != -100]
+    torch.testing.assert_close(zl, (lse**2).mean())

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
+
+from climbrl.config import load_config
 from climbrl.wire import Sample, Trajectory
 
 
