@@ -52,6 +52,7 @@ SCOPE_SIGNAL = 1 << 1
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
@@ -225,6 +226,9 @@ def _payload(cfg: dict, program: bytes) -> None:
             os.setgroups([])
             os.setgid(cfg["gid"])
             os.setuid(cfg["uid"])
+        # Dies with this helper even if the helper is SIGKILLed (set after setuid, which
+        # clears it).
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             _fail("prctl(PR_SET_NO_NEW_PRIVS)")
         landlock_restrict(cfg["read_only"], [cfg["workdir"], *cfg["read_write"]])
@@ -233,6 +237,14 @@ def _payload(cfg: dict, program: bytes) -> None:
     except BaseException as e:  # noqa: BLE001 - report anything, then die without cleanup
         os.write(2, f"climbrl sandbox (landlock): {e!r}\n".encode())
         os._exit(126)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop
 
 
 def main(cfg: dict) -> None:
@@ -248,10 +260,14 @@ def main(cfg: dict) -> None:
     status.flush()
     deadline = time.monotonic() + cfg["wall_s"]
     pidfd = os.pidfd_open(pid)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or select.select([pidfd], [], [], left)[0]:
-            break
+    signal.signal(signal.SIGTERM, _stop)  # the driver's way to end a run early
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or select.select([pidfd], [], [], left)[0]:
+                break
+    except _Stop:
+        pass
     reaped, wstatus = os.waitpid(pid, os.WNOHANG)
     try:
         os.killpg(pid, signal.SIGKILL)  # the payload's group: what is still running in it

@@ -50,7 +50,9 @@ from . import _landlock, _seccomp
 
 Backend = Literal["bwrap", "landlock", "none"]
 SANDBOX_UID = 1000
-FALLBACK_UID = 65534  # "nobody": the landlock backend's payload uid when the driver is root
+# "nobody": when the driver is root, bwrap (or the landlock payload) runs as this kernel uid, since
+# the kernel never applies RLIMIT_NPROC to kuid 0, whatever uid it has inside a user namespace.
+UNPRIVILEGED_UID = 65534
 _LANDLOCK_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_landlock.py")
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf")
 
@@ -163,6 +165,7 @@ class _Spec:
     cwd: str | None
     env: dict[str, str] | None
     workdir: str | None
+    user: int | None = None
 
 
 class Sandbox:
@@ -203,6 +206,24 @@ class Sandbox:
             **(env or {}),
         }
         self.bwrap = find_bwrap()
+        # As root, bwrap runs as an unprivileged kernel uid: the kernel never applies
+        # RLIMIT_NPROC to kuid 0, whatever uid the payload has inside its user namespace.
+        self._bwrap_user = UNPRIVILEGED_UID if os.geteuid() == 0 else None
+        if self._bwrap_user is not None and not _reachable_by(self.python, UNPRIVILEGED_UID):
+            if python is not None or not os.access("/usr/bin/python3", os.X_OK):
+                raise ValueError(
+                    f"{self.python} is not reachable by uid {UNPRIVILEGED_UID}, which runs the "
+                    "sandbox when climbrl runs as root: use an interpreter outside /root "
+                    "(e.g. python=/usr/bin/python3, or a venv made from it)"
+                )
+            warnings.warn(
+                f"climbrl sandbox: {self.python} is not reachable by uid {UNPRIVILEGED_UID} "
+                "(running as root); sandboxed code runs on /usr/bin/python3 instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.python = "/usr/bin/python3"
+            self.ro_paths = [*_python_paths(self.python), *map(os.path.abspath, ro_paths)]
         self.backend: Backend = self._choose(backend, allow_unsandboxed)
 
     # ---- backend choice -------------------------------------------------------------------
@@ -210,14 +231,14 @@ class Sandbox:
     def _choose(self, wanted: str, allow_unsandboxed: bool) -> Backend:
         reasons = []
         if wanted in ("auto", "bwrap"):
-            why = _probe("bwrap", self.bwrap, self.python, tuple(self.ro_paths))
+            why = _probe("bwrap", self.bwrap, self.python, tuple(self.ro_paths), self._bwrap_user)
             if why is None:
                 return "bwrap"
             if wanted == "bwrap":
                 raise SandboxUnavailableError(f"bubblewrap does not work here: {why}")
             reasons.append(f"bwrap: {why}")
         if wanted in ("auto", "landlock"):
-            why = _probe("landlock", self.bwrap, self.python, tuple(self.ro_paths))
+            why = _probe("landlock", self.bwrap, self.python, tuple(self.ro_paths), None)
             if why is None:
                 if wanted == "auto":
                     warnings.warn(
@@ -298,7 +319,9 @@ class Sandbox:
                 a += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 a += ["--ro-bind", top, top]
-        for path in (*_ETC_FILES, *self.ro_paths):
+        for path in _ETC_FILES:
+            a += ["--ro-bind-try", path, path]
+        for path in self.ro_paths:
             a += ["--ro-bind-try", path, path]
         a += [
             "--ro-bind-data",
@@ -338,7 +361,7 @@ class Sandbox:
             "-E",
             "main.py",
         ]
-        return _Spec(a, fds, status_r, None, {}, None)
+        return _Spec(a, fds, status_r, "/", {}, None, self._bwrap_user)
 
     def _host_workdir(self, code: str, files: dict[str, str], uid: int | None) -> str:
         workdir = tempfile.mkdtemp(prefix="climbrl-sandbox-")
@@ -355,13 +378,13 @@ class Sandbox:
 
     def _landlock_spec(self, code: str, files: dict[str, str], limits: SandboxLimits) -> _Spec:
         is_root = os.getuid() == 0
-        workdir = self._host_workdir(code, files, FALLBACK_UID if is_root else None)
+        workdir = self._host_workdir(code, files, UNPRIVILEGED_UID if is_root else None)
         status_r, status_w = os.pipe()
         bpf = _memfd("seccomp", _seccomp.build_filter(allow_unix_sockets=False))
         cfg = {
             "workdir": workdir,
-            "uid": FALLBACK_UID,
-            "gid": FALLBACK_UID,
+            "uid": UNPRIVILEGED_UID,
+            "gid": UNPRIVILEGED_UID,
             "wall_s": limits.wall_s,
             "limits": dataclasses.asdict(limits),
             "read_only": [
@@ -460,6 +483,11 @@ class Sandbox:
                     start_new_session=True,
                     cwd=spec.cwd,
                     env=spec.env,
+                    **(
+                        {"user": spec.user, "group": spec.user, "extra_groups": []}
+                        if spec.user is not None
+                        else {}
+                    ),
                 )
             finally:
                 for fd in spec.fds:
@@ -468,7 +496,7 @@ class Sandbox:
             status = _read_status(spec.status_fd)
         finally:
             if proc is not None and proc.returncode is None:
-                _killpg(proc.pid)
+                self._kill(proc.pid)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(proc.wait(), 5)
             if spec.status_fd is not None:
@@ -500,6 +528,18 @@ class Sandbox:
             error,
         )
 
+    def _kill(self, pid: int) -> None:
+        # The landlock helper must live to sweep the payload's detached descendants: ask it.
+        _killpg(pid, signal.SIGTERM if self.backend == "landlock" else signal.SIGKILL)
+
+    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+        self._kill(proc.pid)
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            _killpg(proc.pid)
+            await proc.wait()
+
     async def _communicate(
         self, proc: asyncio.subprocess.Process, stdin: bytes, limits: SandboxLimits
     ) -> tuple[list[bytes], str | None, bool]:
@@ -522,8 +562,7 @@ class Sandbox:
                 buf += take
                 budget[0] -= len(chunk)
                 if budget[0] < 0:
-                    over.set()
-                    return
+                    over.set()  # and read on to EOF: wait() needs every pipe closed
 
         assert proc.stdout is not None and proc.stderr is not None
         tasks = [
@@ -545,8 +584,7 @@ class Sandbox:
             why = "output" if over.is_set() else None
             timed_out = not done_all.done() and why is None
             if not done_all.done():
-                _killpg(proc.pid)
-                await proc.wait()
+                await self._stop(proc)
             for t in (*tasks, flood):
                 t.cancel()
             done_all.cancel()
@@ -554,9 +592,9 @@ class Sandbox:
         return [bytes(b) for b in bufs], why, timed_out
 
 
-def _killpg(pgid: int) -> None:
+def _killpg(pgid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
 
 
 def _read_status(fd: int | None) -> dict:
@@ -605,7 +643,11 @@ def _classify(rc: int, stderr: str, error: str | None) -> str | None:
 
 @functools.cache
 def _probe(
-    backend: Backend, bwrap: str | None, python: str, ro_paths: tuple[str, ...]
+    backend: Backend,
+    bwrap: str | None,
+    python: str,
+    ro_paths: tuple[str, ...],
+    bwrap_user: int | None,
 ) -> str | None:
     """``None`` when a trivial payload runs under ``backend``, else why not."""
     if backend == "bwrap" and bwrap is None:
@@ -613,23 +655,13 @@ def _probe(
     if backend == "landlock":
         if _landlock.landlock_abi() < 1:
             return "Landlock is not enabled in this kernel"
-        if os.getuid() == 0 and not _reachable_by(python, FALLBACK_UID):
-            return (
-                f"{python} is not readable by uid {FALLBACK_UID}, which runs the payload "
-                "when the driver is root: pass python=/usr/bin/python3 or similar"
-            )
     try:
         _seccomp.build_filter()
     except _seccomp.SeccompUnavailable as e:
         return str(e)
     sb = Sandbox.__new__(Sandbox)
-    sb.bwrap, sb.python, sb.ro_paths, sb.env, sb.backend = (
-        bwrap,
-        python,
-        list(ro_paths),
-        {},
-        backend,
-    )
+    sb.bwrap, sb.python, sb.ro_paths, sb.env = bwrap, python, list(ro_paths), {}
+    sb.backend, sb._bwrap_user = backend, bwrap_user
     res = sb.run_python_sync("import sys; sys.exit(7)", limits=SandboxLimits(wall_s=20, cpu_s=20))
     if res.returncode != 7 or res.error:
         return res.error or res.stderr.strip()[-300:] or f"exit code {res.returncode}"
@@ -660,9 +692,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--python", help="interpreter for the payload (default: this one)")
     p.add_argument("--jsonl", action="store_true")
     args = p.parse_args(argv)
-    sb = Sandbox(
-        backend=args.backend, allow_unsandboxed=args.allow_unsandboxed, python=args.python
-    )
+    sb = Sandbox(backend=args.backend, allow_unsandboxed=args.allow_unsandboxed, python=args.python)
     if args.jsonl:
         for line in sys.stdin:
             req = json.loads(line)
