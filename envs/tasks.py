@@ -10,6 +10,7 @@ first character is the target. Train and test strings never overlap (split by a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 from typing import Any
@@ -20,6 +21,16 @@ from climbrl.envs.base import Env, Prompt, StepResult, Task
 def _is_test(s: str, test_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little")
     return (h % 10_000) < test_fraction * 10_000
+
+
+@functools.lru_cache(maxsize=16)
+def _splits(alphabet: str, length: int, test_fraction: float) -> dict[str, tuple[str, ...]]:
+    """Every string, split once per process (envs are built per episode)."""
+    strings = ["".join(p) for p in itertools.product(alphabet, repeat=length)]
+    return {
+        "train": tuple(s for s in strings if not _is_test(s, test_fraction)),
+        "test": tuple(s for s in strings if _is_test(s, test_fraction)),
+    }
 
 
 class CopyFirstEnv(Env):
@@ -44,11 +55,7 @@ class CopyFirstEnv(Env):
             raise ValueError("letter_credit must be in [0, 1)")
         self.alphabet, self.length, self.answer_len = alphabet, length, answer_len
         self.letter_credit = letter_credit
-        strings = ["".join(p) for p in itertools.product(alphabet, repeat=length)]
-        self._splits = {
-            "train": [s for s in strings if not _is_test(s, test_fraction)],
-            "test": [s for s in strings if _is_test(s, test_fraction)],
-        }
+        self._splits = _splits(alphabet, length, test_fraction)
         self._target = ""
 
     def num_tasks(self, split: str) -> int:
