@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SIZES = {  # hidden, layers, intermediate -> ~params with the 384-token vocab
-    "5m": (256, 6, 768),
-    "50m": (640, 10, 1920),
-    "500m": (1536, 18, 4608),
+SIZES = {  # hidden, layers, intermediate, heads, kv heads -> ~params (384-token vocab)
+    "5m": (256, 6, 768, 4, 2),
+    "50m": (640, 10, 1920, 8, 4),
+    "500m": (1536, 18, 4608, 12, 4),
 }
 
 _SINK = r"""
@@ -92,10 +92,10 @@ def main() -> None:
     results = {}
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-wsync-"))
     for size in a.sizes.split(","):
-        h, layers, inter = SIZES[size]
+        h, layers, inter, heads, kv = SIZES[size]
         mdir = make_tiny_model(tmp / size, corpus_for_tokenizer(), hidden_size=h,
-                               num_layers=layers, num_heads=max(4, h // 128),
-                               num_kv_heads=max(2, h // 256), intermediate_size=inter)
+                               num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                               intermediate_size=inter)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
