@@ -4,6 +4,8 @@
     logp_N, ent_N = token_logprobs_and_entropy(hidden_NH, lm_head.weight, targets_N)
 
 See ``logprob.py`` for the maths, the implementations and how "auto" chooses among them.
+Tests: ``pytest tests/unit/test_kernels.py`` (CPU) and ``pytest -m gpu tests/unit/test_kernels_gpu.py``;
+benchmark: ``python benchmarks/logprob_kernel.py``.
 """
 
 from climbrl.kernels.logprob import (

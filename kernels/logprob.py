@@ -48,12 +48,13 @@ from torch import Tensor
 IMPLS = ("auto", "naive", "chunked", "triton")
 ENV_VAR = "CLIMBRL_LOGPROB_IMPL"
 
-# Chunk budget in logits elements. On CPU a chunk of ~4M floats (16 MiB: two buffers stay in
-# L3 on a 32 MiB part) keeps the element-wise passes in cache while the matmul rows stay
-# large enough for BLAS; on GPU bigger chunks amortise the launch overhead.
-_CPU_CHUNK_ELEMS = 1 << 22
+# Rows per chunk come from a budget in logits elements with a floor. The floor keeps each
+# chunk's three matmuls large (and the per-chunk read-modify-write of grad_weight [V, H] rare);
+# the budget bounds the two [chunk, V] float32 buffers: 64 MiB each on CPU (512 rows at 32k),
+# 512 MiB on GPU. Peak memory is then about 2 buffers + grad_weight, whatever N is.
+_CPU_CHUNK_ELEMS = 1 << 24
 _GPU_CHUNK_ELEMS = 1 << 27
-_MIN_CHUNK = 16
+_MIN_CHUNK = 256
 
 _impl_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "climbrl_logprob_impl", default=None
@@ -186,6 +187,8 @@ class _RowMath:
 
     #: whether the chunk loop may fold 1/T into the hidden states instead (saves a pass)
     fold_temperature = True
+    #: whether forward/backward use the [C, V] scratch buffer p_CV
+    needs_scratch = True
 
     def forward(
         self,
@@ -252,6 +255,14 @@ class _RowMath:
         return z_CV
 
 
+def _scratch(
+    row_math: _RowMath, rows: int, V: int, dtype: torch.dtype, dev: torch.device
+) -> Tensor:
+    if row_math.needs_scratch:
+        return torch.empty(rows, V, dtype=dtype, device=dev)
+    return torch.empty(rows, 0, dtype=dtype, device=dev)
+
+
 def _drop(z_CV: Tensor, thr_C: Tensor | None, keep_CV: Tensor | None) -> Tensor | None:
     if thr_C is not None:
         return z_CV < thr_C[:, None]
@@ -292,7 +303,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         kept_N = torch.empty(N, dtype=odt, device=dev)
         z_buf = torch.empty(min(chunk, N), V, dtype=cdt, device=dev)
         z32_buf = z_buf if cdt == odt else torch.empty(min(chunk, N), V, dtype=odt, device=dev)
-        p_buf = torch.empty(min(chunk, N), V, dtype=odt, device=dev)
+        p_buf = _scratch(row_math, min(chunk, N), V, odt, dev)
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             c = e - s
@@ -322,7 +333,6 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         ctx.keep_mask_NV = keep_mask_NV
         ctx.cfg = (temperature, fp32_head, chunk, row_math)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(lse_N)
         return logp_N, ent_N
 
     @staticmethod
@@ -349,7 +359,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         grad_w = torch.zeros(V, weight_VH.shape[1], dtype=odt, device=dev) if need_w else None
         z_buf = torch.empty(min(chunk, N), V, dtype=cdt, device=dev)
         z32_buf = z_buf if cdt == odt else torch.empty(min(chunk, N), V, dtype=odt, device=dev)
-        p_buf = torch.empty(min(chunk, N), V, dtype=odt, device=dev)
+        p_buf = _scratch(row_math, min(chunk, N), V, odt, dev)
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             c = e - s
@@ -487,8 +497,9 @@ def _validate(
             f"{tuple(targets_N.shape)}"
         )
     if N and (int(targets_N.min()) < 0 or int(targets_N.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}); got [{int(targets_N.min())}, "
-                         f"{int(targets_N.max())}]")
+        raise ValueError(
+            f"targets must lie in [0, {V}); got [{int(targets_N.min())}, {int(targets_N.max())}]"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     if keep_count_N is not None and keep_mask_NV is not None:
