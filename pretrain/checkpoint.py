@@ -38,7 +38,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -52,7 +56,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    ckpt_root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
     """Write `tensors` (torch.save-able) and `meta` (JSON) as checkpoint `step`, atomically."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Pretrain (or continue pretraining, or SFT) a Qwen3 / Qwen3-MoE model.",
     )
     p.add_argument("config", nargs="?", help="TOML config (see examples/pretrain_*.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=1e-3 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run's latest checkpoint"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--demo-base", metavar="OUT_DIR", help="build the demo base model into OUT_DIR")
     p.add_argument("--seconds", type=float, default=300.0, help="time budget for --demo-base")
@@ -43,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         m = build_demo_base(a.demo_base, seconds_budget=a.seconds, quiet=a.quiet)
         print(json.dumps({k: v for k, v in m.items() if k != "heldout_samples"}))
         return 0
-    from pydantic import ValidationError
-
     from climbrl.pretrain.config import load_config
+    from pydantic import ValidationError
 
     try:
         cfg = load_config(a.config, a.overrides)

@@ -28,22 +28,31 @@ class ModelConfig(_Strict):
     """The network: a Qwen3 (dense) or Qwen3-MoE block stack built with transformers."""
 
     preset: str | None = Field(
-        None, description="Name in climbrl.pretrain.presets.MODEL_PRESETS; fields set here override it."
+        None,
+        description="Name in climbrl.pretrain.presets.MODEL_PRESETS; fields set here override it.",
     )
     hidden_size: int = Field(128, gt=0, description="Residual stream width.")
     num_layers: int = Field(4, gt=0, description="Number of transformer blocks.")
     num_heads: int = Field(4, gt=0, description="Query heads per attention layer.")
     num_kv_heads: int = Field(2, gt=0, description="Key/value heads (GQA); must divide num_heads.")
-    head_dim: int | None = Field(None, description="Per-head width; default hidden_size // num_heads.")
+    head_dim: int | None = Field(
+        None, description="Per-head width; default hidden_size // num_heads."
+    )
     intermediate_size: int = Field(384, gt=0, description="SwiGLU hidden width of dense MLPs.")
-    max_position_embeddings: int = Field(2048, gt=0, description="Longest sequence RoPE is set for.")
+    max_position_embeddings: int = Field(
+        2048, gt=0, description="Longest sequence RoPE is set for."
+    )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     tie_word_embeddings: bool = Field(False, description="Share input embedding and LM head.")
     rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of weight matrices.")
     moe: bool = Field(False, description="Use Qwen3-MoE sparse blocks instead of dense MLPs.")
-    num_experts: int = Field(8, gt=0, description="Routed experts per MoE layer (fine-grained: many, small).")
-    num_experts_per_tok: int = Field(2, gt=0, description="Experts each token is routed to (top-k).")
+    num_experts: int = Field(
+        8, gt=0, description="Routed experts per MoE layer (fine-grained: many, small)."
+    )
+    num_experts_per_tok: int = Field(
+        2, gt=0, description="Experts each token is routed to (top-k)."
+    )
     moe_intermediate_size: int = Field(96, gt=0, description="SwiGLU width of each routed expert.")
     shared_expert_intermediate_size: int = Field(
         0,
@@ -58,7 +67,9 @@ class ModelConfig(_Strict):
         "DeepSeek-V3 per-expert routing bias nudged toward balance after each step.",
     )
     aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the load-balancing loss.")
-    bias_update_rate: float = Field(1e-3, ge=0, description="Step size of the aux-free bias update.")
+    bias_update_rate: float = Field(
+        1e-3, ge=0, description="Step size of the aux-free bias update."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -73,14 +84,18 @@ class ModelConfig(_Strict):
         if self.shared_expert_intermediate_size and not self.moe:
             raise ValueError("shared_expert_intermediate_size needs moe = true")
         if self.shared_expert_intermediate_size and self.balance == "aux_free":
-            raise ValueError("balance='aux_free' is implemented for Qwen3-MoE only (no shared expert)")
+            raise ValueError(
+                "balance='aux_free' is implemented for Qwen3-MoE only (no shared expert)"
+            )
         return self
 
 
 class FileSource(_Strict):
     """One input: local files of one domain."""
 
-    paths: list[str] = Field(description="Files or globs: .txt (one doc per blank-line block), .jsonl, .parquet.")
+    paths: list[str] = Field(
+        description="Files or globs: .txt (one doc per blank-line block), .jsonl, .parquet."
+    )
     domain: str = Field("default", description="Domain name, for mixing weights and the funnel.")
     weight: float = Field(1.0, gt=0, description="Relative share of output tokens for this domain.")
     text_field: str = Field("text", description="Field/column holding the text (jsonl, parquet).")
@@ -104,14 +119,20 @@ class DataConfig(_Strict):
     tokenizer_train_docs: int = Field(20_000, gt=0, description="Docs the tokenizer is trained on.")
     seq_len: int = Field(256, gt=1, description="Packed sequence length (tokens per row).")
     eval_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of rows held out for NLL.")
-    exact_dedup: bool = Field(True, description="Drop documents whose normalised text hash repeats.")
+    exact_dedup: bool = Field(
+        True, description="Drop documents whose normalised text hash repeats."
+    )
     fuzzy_dedup: bool = Field(True, description="Drop near-duplicates with MinHash-LSH.")
-    fuzzy_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard threshold for near-duplicates.")
+    fuzzy_threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard threshold for near-duplicates."
+    )
     minhash_perm: int = Field(128, gt=0, description="MinHash permutations.")
     shingle_words: int = Field(5, gt=0, description="Word n-gram size of MinHash shingles.")
     min_chars: int = Field(1, ge=0, description="Quality: drop docs shorter than this.")
     max_chars: int = Field(1_000_000, gt=0, description="Quality: drop docs longer than this.")
-    max_symbol_ratio: float = Field(0.5, gt=0, le=1, description="Quality: max share of symbol chars.")
+    max_symbol_ratio: float = Field(
+        0.5, gt=0, le=1, description="Quality: max share of symbol chars."
+    )
     max_dup_ngram_frac: float = Field(
         0.3, gt=0, le=1, description="Quality: max share of word 3-grams that are repeats."
     )
@@ -162,9 +183,13 @@ class TrainConfig(_Strict):
         "cosine", description="'cosine' = warmup then cosine; 'wsd' = warmup-stable-decay."
     )
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps in the final decay.")
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="WSD: share of steps in the final decay."
+    )
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 = off.")
-    z_loss: float = Field(1e-4, ge=0, description="Weight of the z-loss, mean(logsumexp(logits)^2).")
+    z_loss: float = Field(
+        1e-4, ge=0, description="Weight of the z-loss, mean(logsumexp(logits)^2)."
+    )
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: 'auto' = bf16 on CUDA, fp32 on CPU."
     )
@@ -176,7 +201,14 @@ class TrainConfig(_Strict):
     ckpt_every: int = Field(200, gt=0, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on disk.")
     max_seconds: float = Field(0.0, ge=0, description="Stop early after this wall time; 0 = off.")
-    peak_flops: float = Field(0.0, ge=0, description="Device peak FLOP/s for MFU; 0 = auto (CUDA only).")
+    fit_steps_to_budget: bool = Field(
+        False,
+        description="With max_seconds: after 10 steps, lower `steps` to what the measured speed "
+        "fits in the budget, so the lr schedule runs to its end instead of being cut.",
+    )
+    peak_flops: float = Field(
+        0.0, ge=0, description="Device peak FLOP/s for MFU; 0 = auto (CUDA only)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -188,9 +220,13 @@ class TrainConfig(_Strict):
 class InitConfig(_Strict):
     """Continued pretraining / SFT: start from an existing HF checkpoint."""
 
-    from_dir: str | None = Field(None, description="HF model dir (safetensors + tokenizer) to start from.")
+    from_dir: str | None = Field(
+        None, description="HF model dir (safetensors + tokenizer) to start from."
+    )
     replay_dir: str | None = Field(None, description="Packed dir of the original data, replayed.")
-    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of each batch's rows from replay_dir.")
+    replay_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of each batch's rows from replay_dir."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> InitConfig:
@@ -223,7 +259,9 @@ class PretrainConfig(_Strict):
     init: InitConfig = Field(default_factory=InitConfig, description="Start from a checkpoint.")
     sft: SFTConfig | None = Field(None, description="SFT settings (mode='sft').")
     eval_task_examples: int = Field(
-        200, ge=0, description="Synthetic source: held-out task examples scored greedily at the end."
+        200,
+        ge=0,
+        description="Synthetic source: held-out task examples scored greedily at the end.",
     )
 
     @model_validator(mode="after")
@@ -231,7 +269,9 @@ class PretrainConfig(_Strict):
         if self.mode == "sft" and (self.sft is None or not self.init.from_dir):
             raise ValueError("mode = 'sft' needs an [sft] table and init.from_dir")
         if self.init.from_dir and self.model.preset:
-            raise ValueError("init.from_dir takes the architecture from the checkpoint; drop model.preset")
+            raise ValueError(
+                "init.from_dir takes the architecture from the checkpoint; drop model.preset"
+            )
         return self
 
 
@@ -266,7 +306,9 @@ def resolve_presets(data: dict[str, Any]) -> dict[str, Any]:
     name = model.get("preset")
     if name is not None:
         if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+            raise ValueError(
+                f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}"
+            )
         data["model"] = {**MODEL_PRESETS[name], **model}
     return data
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from climbrl.pretrain.config import DataConfig, FileSource
 
 
@@ -86,11 +85,20 @@ class Funnel:
             t.add_column(col, justify="left" if col == "stage" else "right")
         for s in self.stages:
             kept = f"{s.tokens_out / s.tokens_in:.1%}" if s.tokens_in else "-"
-            t.add_row(s.name, f"{s.docs_in:,}", f"{s.docs_out:,}", f"{s.tokens_in:,}", f"{s.tokens_out:,}", kept)
+            t.add_row(
+                s.name,
+                f"{s.docs_in:,}",
+                f"{s.docs_out:,}",
+                f"{s.tokens_in:,}",
+                f"{s.tokens_out:,}",
+                kept,
+            )
         Console(stderr=True).print(t)
 
 
-def filter_stage(docs: Iterable[Doc], keep: Callable[[Doc], bool], stats: StageStats) -> Iterator[Doc]:
+def filter_stage(
+    docs: Iterable[Doc], keep: Callable[[Doc], bool], stats: StageStats
+) -> Iterator[Doc]:
     """Yield the docs `keep` accepts, counting in and out."""
     for d in docs:
         stats.docs_in += 1
@@ -204,7 +212,9 @@ def shingles(text: str, n: int) -> set[bytes]:
 class FuzzyDedup:
     """MinHash-LSH near-duplicate filter: drops a doc whose Jaccard with a kept doc >= threshold."""
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle_words: int = 5, seed: int = 1):
+    def __init__(
+        self, threshold: float = 0.8, num_perm: int = 128, shingle_words: int = 5, seed: int = 1
+    ):
         from datasketch import MinHashLSH
 
         self.threshold = threshold
@@ -396,7 +406,9 @@ class Packer:
             self.buf_p.extend(range(n))  # a separate (masked) segment
             self._flush()
         if not self.rows_t:
-            return Packed(np.zeros((0, self.seq_len), np.int32), np.zeros((0, self.seq_len), np.int32))
+            return Packed(
+                np.zeros((0, self.seq_len), np.int32), np.zeros((0, self.seq_len), np.int32)
+            )
         return Packed(np.stack(self.rows_t), np.stack(self.rows_p))
 
 
@@ -425,7 +437,9 @@ def is_eval_doc(text: str, fraction: float) -> bool:
 # ---------------------------------------------------------------- the pipeline
 
 
-def run_pipeline(cfg: DataConfig, tokenizer: Any, out_dir: str | Path, *, quiet: bool = False) -> Funnel:
+def run_pipeline(
+    cfg: DataConfig, tokenizer: Any, out_dir: str | Path, *, quiet: bool = False
+) -> Funnel:
     """Run every stage over `cfg.files`, pack into ``out_dir/{train,eval}_*.npy``, save the
     funnel. The tokenizer must already exist (see `train_tokenizer_on_files`)."""
     funnel = Funnel()
@@ -437,7 +451,11 @@ def run_pipeline(cfg: DataConfig, tokenizer: Any, out_dir: str | Path, *, quiet:
     s_mix = funnel.stage("domain mix")
 
     exact = ExactDedup()
-    fuzzy = FuzzyDedup(cfg.fuzzy_threshold, cfg.minhash_perm, cfg.shingle_words) if cfg.fuzzy_dedup else None
+    fuzzy = (
+        FuzzyDedup(cfg.fuzzy_threshold, cfg.minhash_perm, cfg.shingle_words)
+        if cfg.fuzzy_dedup
+        else None
+    )
     quality = QualityFilter(cfg)
     decon = None
     if cfg.decontam_files:
@@ -474,8 +492,14 @@ def run_pipeline(cfg: DataConfig, tokenizer: Any, out_dir: str | Path, *, quiet:
         (eval_p if is_eval_doc(d.text, cfg.eval_fraction) else train_p).add(d.ids)
     train, ev = train_p.finish(), eval_p.finish()
     s_pack.docs_out = s_pack.docs_in
-    s_pack.tokens_out = int((train.tokens != tokenizer.pad_token_id).sum() + (ev.tokens != tokenizer.pad_token_id).sum())
-    s_pack.extra = {"train_rows": len(train.tokens), "eval_rows": len(ev.tokens), "note": "tokens out include one EOS per doc"}
+    s_pack.tokens_out = int(
+        (train.tokens != tokenizer.pad_token_id).sum() + (ev.tokens != tokenizer.pad_token_id).sum()
+    )
+    s_pack.extra = {
+        "train_rows": len(train.tokens),
+        "eval_rows": len(ev.tokens),
+        "note": "tokens out include one EOS per doc",
+    }
     s_quality.extra["dropped_by"] = quality.reasons
 
     out = Path(out_dir)
@@ -509,8 +533,17 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    cfg = DataConfig(source="files", files=[FileSource(paths=a.files)], seq_len=a.seq_len, vocab_size=a.vocab_size)
-    tok = AutoTokenizer.from_pretrained(a.tokenizer) if a.tokenizer else train_tokenizer_on_files(cfg, Path(a.out_dir) / "tokenizer")
+    cfg = DataConfig(
+        source="files",
+        files=[FileSource(paths=a.files)],
+        seq_len=a.seq_len,
+        vocab_size=a.vocab_size,
+    )
+    tok = (
+        AutoTokenizer.from_pretrained(a.tokenizer)
+        if a.tokenizer
+        else train_tokenizer_on_files(cfg, Path(a.out_dir) / "tokenizer")
+    )
     run_pipeline(cfg, tok, a.out_dir)
     return 0
 

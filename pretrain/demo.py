@@ -19,7 +19,9 @@ from typing import Any
 DEMO_TASK = "add"
 
 
-def build_demo_base(out_dir: str, *, seconds_budget: float = 300, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+def build_demo_base(
+    out_dir: str, *, seconds_budget: float = 300, seed: int = 0, quiet: bool = False
+) -> dict[str, Any]:
     """Train the demo base into ``out_dir`` and return its metrics.
 
     Returns held-out greedy accuracy (``heldout_accuracy``), held-out NLL (``eval_nll``),
@@ -31,8 +33,12 @@ def build_demo_base(out_dir: str, *, seconds_budget: float = 300, seed: int = 0,
     from climbrl.pretrain.train import train
 
     if seconds_budget < 30:
-        raise ValueError(f"seconds_budget={seconds_budget} is too small for the demo base; give at least 30")
-    cfg = PretrainConfig.model_validate(resolve_presets(demo_run_config(out_dir, seconds_budget=seconds_budget, seed=seed)))
+        raise ValueError(
+            f"seconds_budget={seconds_budget} is too small for the demo base; give at least 30"
+        )
+    cfg = PretrainConfig.model_validate(
+        resolve_presets(demo_run_config(out_dir, seconds_budget=seconds_budget, seed=seed))
+    )
     summary = train(cfg, quiet=quiet)
     summary["task"] = DEMO_TASK
     return summary

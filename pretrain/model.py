@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from climbrl.pretrain.config import ModelConfig
+from torch import nn
 
 
 def hf_config(cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int) -> Any:
@@ -66,7 +65,9 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int) ->
     )
     if cfg.shared_expert_intermediate_size:
         if head_dim * cfg.num_heads != cfg.hidden_size:
-            raise ValueError("a shared-expert (Qwen2-MoE) model needs head_dim * num_heads == hidden_size")
+            raise ValueError(
+                "a shared-expert (Qwen2-MoE) model needs head_dim * num_heads == hidden_size"
+            )
         return Qwen2MoeConfig(
             **common, **moe, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size
         )
@@ -83,7 +84,9 @@ def model_class(hf_cfg: Any) -> type:
     }[hf_cfg.model_type]
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int, seed: int) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int, seed: int
+) -> nn.Module:
     """A freshly initialised model (float32) with routers wrapped for balancing if MoE."""
     hcfg = hf_config(cfg, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id)
     torch.manual_seed(seed)
@@ -132,7 +135,9 @@ class BalancedRouter(nn.Module):
         self.last_probs_mean: torch.Tensor | None = None
         self.last_counts: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h_TD = hidden_states.reshape(-1, self.hidden_dim)
         logits_TE = F.linear(h_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dtype=torch.float, dim=-1)
@@ -228,7 +233,9 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
             continue
         n = p.numel()
         total += n
-        is_expert = ".experts." in name or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        is_expert = ".experts." in name or name.endswith(
+            ("experts.gate_up_proj", "experts.down_proj")
+        )
         active += n * k // n_exp if (is_expert and n_exp) else n
     if getattr(cfg, "tie_word_embeddings", False):
         total += model.get_input_embeddings().weight.numel()

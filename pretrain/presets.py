@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # ~0.8M non-embedding parameters: trains at a few thousand tokens/s... per core.
+    # 0.85M parameters: ~12k training tokens/s on 2 idle CPU cores (fp32).
     "demo": dict(
         hidden_size=128,
         num_layers=4,
@@ -67,7 +67,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def demo_run_config(out_dir: str, *, seconds_budget: float = 300.0, seed: int = 0) -> dict[str, Any]:
+def demo_run_config(
+    out_dir: str, *, seconds_budget: float = 300.0, seed: int = 0
+) -> dict[str, Any]:
     """The demo base run: 3-digit addition from scratch on 2 CPU cores in about `seconds_budget`.
 
     The step count is fixed (so results do not depend on machine load more than they must) and
@@ -80,7 +82,7 @@ def demo_run_config(out_dir: str, *, seconds_budget: float = 300.0, seed: int = 
         "data": {
             "source": "synthetic",
             "task": "add",
-            "num_docs": 400_000,
+            "num_docs": 200_000,
             "vocab_size": 320,
             "split_digits": True,
             "tokenizer_train_docs": 5_000,
@@ -88,7 +90,7 @@ def demo_run_config(out_dir: str, *, seconds_budget: float = 300.0, seed: int = 
             "eval_fraction": 0.01,
         },
         "train": {
-            "steps": 700,
+            "steps": 400,
             "batch_size": 32,
             "lr": 3e-3,
             "min_lr_ratio": 0.05,
@@ -97,11 +99,12 @@ def demo_run_config(out_dir: str, *, seconds_budget: float = 300.0, seed: int = 
             "z_loss": 1e-4,
             "seed": seed,
             "log_every": 50,
-            "eval_every": 300,
+            "eval_every": 200,
             "eval_batches": 4,
-            "ckpt_every": 300,
+            "ckpt_every": 200,
             "keep_checkpoints": 1,
             "max_seconds": train_seconds,
+            "fit_steps_to_budget": True,
         },
         "eval_task_examples": 300,
     }

@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
 from climbrl.pretrain import model as M
 from climbrl.pretrain.checkpoint import load_latest, save_checkpoint, set_rng_state
 from climbrl.pretrain.config import PretrainConfig, TrainConfig
@@ -74,6 +72,11 @@ def prepare_data(cfg: PretrainConfig, run_dir: Path, *, quiet: bool = False) -> 
     tok = _load_tokenizer(tok_dir)
     replay = Packed.load(cfg.init.replay_dir, "train") if cfg.init.replay_dir else None
     train, ev = Packed.load(data_dir, "train"), Packed.load(data_dir, "eval")
+    if replay is not None and replay.tokens.shape[1] != train.tokens.shape[1]:
+        raise ValueError(
+            f"replay rows are {replay.tokens.shape[1]} tokens long but data.seq_len gives "
+            f"{train.tokens.shape[1]}: set data.seq_len to match init.replay_dir"
+        )
     if len(train.tokens) == 0:
         raise ValueError(f"no training rows in {data_dir}: the data pipeline kept nothing")
     return RunData(tok, train, ev, replay)
@@ -108,7 +111,11 @@ def _tokenizer_for(cfg: PretrainConfig, out: Path, texts: list[str]) -> Any:
         tok.save_pretrained(str(out / "tokenizer"))
         return tok
     return train_bpe_tokenizer(
-        texts, cfg.data.vocab_size, out / "tokenizer", min_frequency=1, split_digits=cfg.data.split_digits
+        texts,
+        cfg.data.vocab_size,
+        out / "tokenizer",
+        min_frequency=1,
+        split_digits=cfg.data.split_digits,
     )
 
 
@@ -138,7 +145,9 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
         return (step + 1) / tc.warmup_steps
     if tc.schedule == "cosine":
         progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * min(progress, 1.0))
+        )
     decay_start = tc.steps - max(1, int(tc.decay_fraction * tc.steps))
     if step < decay_start:
         return 1.0
@@ -153,20 +162,33 @@ def build_optimizers(model: torch.nn.Module, tc: TrainConfig) -> list[torch.opti
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        hidden_matrix = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name and not name.endswith("gate.weight")
+        hidden_matrix = (
+            p.ndim == 2
+            and "embed_tokens" not in name
+            and "lm_head" not in name
+            and not name.endswith("gate.weight")
+        )
         if tc.optimizer == "muon" and hidden_matrix:
             muon.append(p)
         elif p.ndim >= 2:
             decay.append(p)
         else:
             no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     opts: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+        torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8, fused=True)
     ]
     if muon:
         opts.append(
-            torch.optim.Muon(muon, lr=tc.muon_lr or tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw")
+            torch.optim.Muon(
+                muon,
+                lr=tc.muon_lr or tc.lr,
+                weight_decay=tc.weight_decay,
+                adjust_lr_fn="match_rms_adamw",
+            )
         )
     return opts
 
@@ -189,16 +211,18 @@ def peak_flops(tc: TrainConfig, device: str) -> float:
     return 0.0
 
 
-def loss_terms(model: Any, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, z_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_terms(
+    model: Any, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, z_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean CE over labelled tokens, z-loss = mean logsumexp^2) with an FP32 head."""
     logits_BTV = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
-    mask = labels != -100
-    ce = F.cross_entropy(logits_BTV.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    if z_coef > 0:
-        z = torch.logsumexp(logits_BTV[mask], dim=-1)
-        zl = (z**2).mean()
-    else:
-        zl = torch.zeros((), device=ids.device)
+    mask_BT = labels != -100
+    n = mask_BT.sum().clamp(min=1)
+    # One logsumexp serves both CE (lse - target logit) and the z-loss (lse^2).
+    lse_BT = torch.logsumexp(logits_BTV, dim=-1)
+    tgt_BT = logits_BTV.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ce = ((lse_BT - tgt_BT) * mask_BT).sum() / n
+    zl = (lse_BT.square() * mask_BT).sum() / n if z_coef > 0 else torch.zeros((), device=ids.device)
     return ce, zl
 
 
@@ -220,21 +244,33 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
     t_start = time.perf_counter()
 
     data = prepare_data(cfg, run_dir, quiet=quiet)
+    data_seconds = time.perf_counter() - t_start
+    console.print(f"data ready in {data_seconds:.1f}s")
     tok = data.tokenizer
     if cfg.init.from_dir:
         model = M.load_model(cfg.init.from_dir, cfg.model)
     else:
-        model = M.build_model(cfg.model, vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=tc.seed)
+        model = M.build_model(
+            cfg.model,
+            vocab_size=len(tok),
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            seed=tc.seed,
+        )
     model.to(device).train()
     opts = build_optimizers(model, tc)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, tc)) for o in opts]
+    # The schedule reads `plan`, whose step count fit_steps_to_budget may lower once.
+    plan = tc.model_copy()
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, plan)) for o in opts]
     amp = autocast_ctx(tc, device)
     seq_len = data.train.tokens.shape[1]
     flops_tok = M.train_flops_per_token(model, seq_len)
     peak = peak_flops(tc, device)
     n_replay = round(tc.batch_size * cfg.init.replay_ratio) if data.replay is not None else 0
     main_rows = RowSampler(len(data.train.tokens), tc.seed)
-    replay_rows = RowSampler(len(data.replay.tokens), tc.seed + 1) if data.replay is not None else None
+    replay_rows = (
+        RowSampler(len(data.replay.tokens), tc.seed + 1) if data.replay is not None else None
+    )
 
     step, cursor, replay_cursor, elapsed_before = 0, 0, 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
@@ -250,9 +286,14 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
         set_rng_state(tensors["rng"])
         step, cursor, replay_cursor = meta["step"], meta["cursor"], meta["replay_cursor"]
         elapsed_before = meta["elapsed"]
+        plan.steps = meta["planned_steps"]
         # Drop log lines the killed run wrote after this checkpoint.
         if metrics_path.exists():
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+            keep = [
+                ln
+                for ln in metrics_path.read_text().splitlines()
+                if json.loads(ln).get("step", 0) <= step
+            ]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         console.print(f"[green]resumed[/] from step {step} (cursor {cursor})")
     elif metrics_path.exists():
@@ -268,7 +309,12 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
                 "schedulers": [s.state_dict() for s in scheds],
                 "router_biases": M.router_biases(model),
             },
-            {"cursor": cursor, "replay_cursor": replay_cursor, "elapsed": elapsed_before + time.perf_counter() - t_loop},
+            {
+                "cursor": cursor,
+                "replay_cursor": replay_cursor,
+                "elapsed": elapsed_before + time.perf_counter() - t_loop,
+                "planned_steps": plan.steps,
+            },
             tc.keep_checkpoints,
         )
 
@@ -285,7 +331,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
     t_int, tok_int = time.perf_counter(), 0
     last_nll: float | None = None
     stopped_early = False
-    while step < tc.steps:
+    while step < plan.steps:
         ce_sum = z_sum = aux_sum = 0.0
         for _ in range(tc.grad_accum):
             rows = main_rows.rows(cursor, tc.batch_size - n_replay)
@@ -302,11 +348,13 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
                 aux = M.balance_loss(model, cfg.model)
             loss = ce + tc.z_loss * zl + (cfg.model.aux_loss_coef * aux if aux is not None else 0.0)
             (loss / tc.grad_accum).backward()
-            ce_sum += float(ce) / tc.grad_accum
-            z_sum += float(zl) / tc.grad_accum
-            aux_sum += float(aux) / tc.grad_accum if aux is not None else 0.0
+            ce_sum += ce.item() / tc.grad_accum
+            z_sum += zl.item() / tc.grad_accum
+            aux_sum += aux.item() / tc.grad_accum if aux is not None else 0.0
             tok_int += ids.numel()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        )
         for o in opts:
             o.step()
         for o in opts:
@@ -315,8 +363,15 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
             s.step()
         moe_stats = M.end_step_balance(model, cfg.model)
         step += 1
+        if tc.fit_steps_to_budget and tc.max_seconds and step == 10 and elapsed_before == 0.0:
+            per_step = (time.perf_counter() - t_loop) / step
+            fit = step + int(0.95 * (tc.max_seconds - per_step * step) / per_step)
+            plan.steps = max(min(tc.steps, fit), tc.warmup_steps + 1, step)
+            console.print(
+                f"{per_step:.2f}s/step: planning {plan.steps} steps to fit {tc.max_seconds:.0f}s"
+            )
 
-        if step % tc.log_every == 0 or step == tc.steps:
+        if step % tc.log_every == 0 or step == plan.steps:
             dt = time.perf_counter() - t_int
             tps = tok_int / dt
             rec = {
@@ -340,12 +395,24 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
             )
             t_int, tok_int = time.perf_counter(), 0
         if step % tc.eval_every == 0 and len(data.eval.tokens):
-            last_nll = heldout_nll(model, data.eval, tok.pad_token_id, batch_size=tc.batch_size, max_batches=tc.eval_batches, device=device, autocast=amp)
+            last_nll = heldout_nll(
+                model,
+                data.eval,
+                tok.pad_token_id,
+                batch_size=tc.batch_size,
+                max_batches=tc.eval_batches,
+                device=device,
+                autocast=amp,
+            )
             log({"step": step, "eval_nll": last_nll})
             console.print(f"step {step:6d} [cyan]held-out NLL {last_nll:.4f}[/]")
-        if step % tc.ckpt_every == 0 or step == tc.steps:
+        if step % tc.ckpt_every == 0 or step == plan.steps:
             checkpoint()
-        if tc.max_seconds and elapsed_before + time.perf_counter() - t_loop > tc.max_seconds and step < tc.steps:
+        if (
+            tc.max_seconds
+            and elapsed_before + time.perf_counter() - t_loop > tc.max_seconds
+            and step < plan.steps
+        ):
             console.print(f"[yellow]time budget of {tc.max_seconds:.0f}s reached at step {step}[/]")
             checkpoint()
             stopped_early = True
@@ -353,12 +420,21 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
 
     train_seconds = elapsed_before + time.perf_counter() - t_loop
     if len(data.eval.tokens):
-        last_nll = heldout_nll(model, data.eval, tok.pad_token_id, batch_size=tc.batch_size, max_batches=tc.eval_batches, device=device, autocast=amp)
+        last_nll = heldout_nll(
+            model,
+            data.eval,
+            tok.pad_token_id,
+            batch_size=tc.batch_size,
+            max_batches=tc.eval_batches,
+            device=device,
+            autocast=amp,
+        )
     export_dir = run_dir / "model"
     M.export(model, tok, str(export_dir))
     summary: dict[str, Any] = {
         "steps": step,
         "stopped_early": stopped_early,
+        "data_seconds": data_seconds,
         "train_seconds": train_seconds,
         "tokens": step * tc.batch_size * tc.grad_accum * seq_len,
         "tokens_per_s": step * tc.batch_size * tc.grad_accum * seq_len / max(train_seconds, 1e-9),
@@ -370,7 +446,9 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
     }
     summary["flops_per_s"] = summary["tokens_per_s"] * flops_tok
     if cfg.data.source == "synthetic" and cfg.eval_task_examples:
-        acc = task_accuracy(model, tok, get_task(cfg.data.task), cfg.eval_task_examples, seed=tc.seed + 7)
+        acc = task_accuracy(
+            model, tok, get_task(cfg.data.task), cfg.eval_task_examples, seed=tc.seed + 7
+        )
         summary["heldout_accuracy"] = acc["accuracy"]
         summary["heldout_samples"] = acc["samples"]
         console.print(f"[bold]held-out {cfg.data.task} accuracy (greedy): {acc['accuracy']:.1%}[/]")
