@@ -275,27 +275,7 @@ class PretrainConfig(_Strict):
         return self
 
 
-def _parse_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw  # a bare string such as run_dir=runs/x
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as TOML, else taken as strings)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p!r} is not a table")
-        node[parts[-1]] = _parse_value(raw.strip())
-    return data
+from climbrl.config import apply_overrides  # noqa: E402  (one override syntax everywhere)
 
 
 def resolve_presets(data: dict[str, Any]) -> dict[str, Any]:
