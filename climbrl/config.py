@@ -9,10 +9,10 @@ This module imports neither torch nor vLLM, so ``--help`` stays instant.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 

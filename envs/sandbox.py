@@ -536,7 +536,7 @@ class Sandbox:
         self._kill(proc.pid)
         try:
             await asyncio.wait_for(proc.wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _killpg(proc.pid)
             await proc.wait()
 

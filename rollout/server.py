@@ -143,7 +143,7 @@ class RolloutServer:
                 return
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=w.heartbeat_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _recv_loop(self) -> None:
