@@ -294,15 +294,6 @@ class RolloutServer:
 
     # ------------------------------------------------------------------ weights
 
-    async def _pause_keep(self) -> None:
-        """pause(mode="keep") without AsyncLLM.pause_generation's fixed 20 ms courtesy sleep
-        (it only orders log output; with clear_cache=False it does nothing else)."""
-        core = getattr(self.engine, "engine_core", None)
-        if core is not None and hasattr(core, "pause_scheduler_async"):
-            await core.pause_scheduler_async(mode="keep", clear_cache=False)
-        else:
-            await self.engine.pause_generation(mode="keep", clear_cache=False)
-
     async def _apply_weights(self, m: WeightManifest, frames: list[Any]) -> None:
         phases: dict[str, float] = {"recv": max(0.0, time.time() - m.sent_at)}
         timeout = self.cfg.wire.weight_sync_timeout_s
@@ -322,7 +313,7 @@ class RolloutServer:
                         off += buf.nbytes
                 phases["stage"] = time.perf_counter() - t
                 t = time.perf_counter()
-                await self._pause_keep()
+                await self.engine.pause_generation(mode="keep", clear_cache=False)
                 phases["pause"] = time.perf_counter() - t
                 try:
                     t = time.perf_counter()
