@@ -107,6 +107,7 @@ class Learner:
         self.metrics = MetricsWriter(self.out, resume=resume)
         self.orders: dict[str, dict[str, Any]] = {}  # order_id -> {seq, server, sent, eval}
         self.ready: list[Trajectory] = []
+        self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
         self.eval_results: dict[str, Trajectory] = {}
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0)
         self.pending_acks: dict[str, tuple[int, float]] = {}
@@ -190,7 +191,7 @@ class Learner:
                 elif o["eval"]:
                     self.eval_results[msg.order_id] = msg
                 else:
-                    msg.run_id = str(o["seq"])  # keep the cursor sequence with the group
+                    self.seq_of[msg.order_id] = o["seq"]  # cursor sequence of the group
                     self.tokens_generated += msg.num_generated_tokens
                     self.ready.append(msg)
             elif isinstance(msg, WeightAck):
@@ -233,7 +234,7 @@ class Learner:
                 if self.version - tr.policy_version > lc.max_staleness:
                     if lc.stale_policy == "drop":
                         self.counters["stale_dropped"] += 1
-                        self.cursor.requeue(int(tr.run_id))
+                        self.cursor.requeue(self.seq_of.pop(tr.order_id))
                         continue
                     self.counters["stale_corrected"] += 1
                 keep.append(tr)
@@ -292,7 +293,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
         self.opt.step()
         for g in groups:
-            self.cursor.done(int(g.run_id))
+            self.cursor.done(self.seq_of.pop(g.order_id))
         n_tok = max(total_tokens, 1.0)
         return {
             "loss": agg["loss"],

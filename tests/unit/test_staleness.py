@@ -12,7 +12,7 @@ from climbrl.wire import Sample, Trajectory
 def _traj(seq: int, version: int) -> Trajectory:
     s = Sample(prompt_ids=[1, 2], completion_ids=[3], completion_mask=[1], logprobs=[-1.0],
                versions=[version], reward=float(seq % 2), finish_reason="length")
-    return Trajectory(run_id=str(seq), order_id=f"o{seq}", server_id="r0",
+    return Trajectory(order_id=f"o{seq}", server_id="r0",
                       policy_version=version, samples=[s, s], gen_seconds=0.0,
                       num_generated_tokens=2)
 
@@ -27,6 +27,7 @@ def _learner(policy: str) -> Learner:
         L.cursor.take()
     L.version = 5
     L.ready = [_traj(0, 5), _traj(1, 3), _traj(2, 4), _traj(3, 2)]
+    L.seq_of = {f"o{i}": i for i in range(4)}
     L.dispatch = lambda: None
     return L
 
@@ -35,7 +36,7 @@ def test_drop_counts_and_requeues():
     L = _learner("drop")
     L._pump = lambda timeout: None
     batch = L.collect(2)
-    assert [t.run_id for t in batch] == ["0", "2"]  # lags 0 and 1 kept; 2 and 3 dropped
+    assert [t.order_id for t in batch] == ["o0", "o2"]  # lags 0 and 1 kept; 2 and 3 dropped
     assert L.counters["stale_dropped"] == 2
     assert [L.cursor.take()[0] for _ in range(2)] == [1, 3]  # dropped prompts come back first
 
@@ -55,6 +56,7 @@ def test_collect_waits_for_enough_fresh_groups():
         calls.append(timeout)
         if len(calls) == 2:
             L.ready.append(_traj(4, 5))
+            L.seq_of["o4"] = 4
 
     L._pump = pump
     batch = L.collect(3)
