@@ -35,6 +35,7 @@ def _splits(alphabet: str, length: int, test_fraction: float) -> dict[str, tuple
 
 class CopyFirstEnv(Env):
     name = "copy_first"
+    max_turns = 1
 
     def __init__(
         self,
@@ -82,6 +83,9 @@ class CopyFirstEnv(Env):
     async def step(self, completion: str) -> StepResult:
         reward, correct = self.score(completion, self._target)
         return StepResult(reward=reward, done=True, info={"correct": float(correct)})
+
+    def reference_turns(self, task: Task) -> list[str]:
+        return [task.answer * self.answer_len]
 
     def tokenizer_corpus(self) -> list[str]:
         out = []
