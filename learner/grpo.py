@@ -1,41 +1,20 @@
-"""GRPO: group-relative advantages and the token-level clipped policy loss.
+"""GRPO's pieces under their historical names; the objectives live in ``objectives.py``.
 
-Advantage (GRPO, Shao et al. 2024), per group of G samples of one prompt:
+    A_i = (r_i - mean(r)) / (std(r) + eps)          (Dr. GRPO: without the std division)
+    L   = - sum_t m_t w_t min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A) / sum_t m_t
+          + beta * KL_t(pi || pi_ref)
 
-    A_i = (r_i - mean(r)) / (std(r) + eps)        (Dr. GRPO: without the std division)
-
-Loss (PPO clip with DAPO's decoupled bounds, token-level aggregation over the whole batch):
-
-    rho_t = exp(log pi_theta(y_t) - log pi_old(y_t))
-    L = - sum_t m_t * w_t * min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) / sum_t m_t
-      + beta * KL_t(pi_theta || pi_ref)
-
-``w_t`` is an optional importance weight (truncated IS for stale data). KL estimators
-(Schulman 2020): k1 = log pi - log pi_ref, k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1.
+``clipped_pg_loss`` is ``PolicyLoss(objective='grpo', aggregation='token')`` with the stats
+returned as tensors.
 """
 
 from __future__ import annotations
 
 import torch
+from climbrl.learner.objectives import BatchNorm, PolicyLoss, group_advantages, kl_estimate
 from torch import Tensor
 
-
-def group_advantages(rewards_GS: Tensor, std_norm: bool = True, eps: float = 1e-6) -> Tensor:
-    """[groups, samples] rewards -> [groups, samples] advantages."""
-    mean = rewards_GS.mean(dim=1, keepdim=True)
-    adv = rewards_GS - mean
-    if std_norm:
-        adv = adv / (rewards_GS.std(dim=1, keepdim=True, unbiased=True) + eps)
-    return adv
-
-
-def kl_estimate(logp_BT: Tensor, ref_logp_BT: Tensor, kind: str) -> Tensor:
-    d = ref_logp_BT - logp_BT
-    if kind == "k1":
-        return -d
-    if kind == "k3":
-        return torch.exp(d) - d - 1
-    raise ValueError(f"kl estimator must be 'k1' or 'k3', got {kind!r}")
+__all__ = ["clipped_pg_loss", "group_advantages", "kl_estimate"]
 
 
 def clipped_pg_loss(
@@ -54,22 +33,9 @@ def clipped_pg_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-level clipped loss. ``total_tokens`` normalises over a whole batch split into
     micro-batches (defaults to this call's mask sum). Returns (loss, detached stats)."""
-    mask = mask_BT.to(logp_BT.dtype)
-    denom = float(total_tokens) if total_tokens is not None else mask.sum().clamp(min=1.0)
-    ratio = torch.exp(logp_BT - old_logp_BT)
-    adv = adv_B.unsqueeze(1).to(logp_BT.dtype)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    per_tok = -torch.minimum(unclipped, clipped)
-    if is_weight_BT is not None:
-        per_tok = per_tok * is_weight_BT
-    if kl_coef > 0.0:
-        if ref_logp_BT is None:
-            raise ValueError("kl_coef > 0 needs reference log-probs")
-        kl = kl_estimate(logp_BT, ref_logp_BT, kl_estimator)
-        per_tok = per_tok + kl_coef * kl
-    loss = (per_tok * mask).sum() / denom
-    with torch.no_grad():
-        clipped_frac = ((unclipped != clipped).to(mask.dtype) * mask).sum()
-        stats = {"clip_count": clipped_frac, "tokens": mask.sum()}
-    return loss, stats
+    tokens = float(mask_BT.sum()) if total_tokens is None else float(total_tokens)
+    pl = PolicyLoss("grpo", clip_low, clip_high, aggregation="token", kl_coef=kl_coef,
+                    kl_estimator=kl_estimator)
+    loss, st = pl(logp_BT, old_logp_BT, adv_B, mask_BT, BatchNorm(tokens, float(len(adv_B))),
+                  is_weight_BT=is_weight_BT, ref_logp_BT=ref_logp_BT)
+    return loss, {"clip_count": torch.tensor(st["clipped"]), "tokens": mask_BT.sum()}

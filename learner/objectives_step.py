@@ -1,0 +1,337 @@
+"""One optimizer step of the configured objective, as the learner drives it.
+
+    batch = step.prepare(groups, version)           # shaped rewards, advantages, masks, norms
+    step.prepare_values(model, batch)               # PPO only: V(s_t), GAE(gamma, lambda)
+    for each micro-batch:
+        with step.capture_hidden(model): b = completion_logprobs(model, mb, ...)
+        step.micro_loss(batch, i, b, ref_logp).backward()
+    step.step_critic(); stats = step.finish(batch)
+
+``ObjectiveStep`` owns the objective's state: the PPO critic (a value head on the policy's last
+hidden state, or a separate value model) with its optimizer, and the clip-high controller.
+``Learner.train_step`` in learner.py reads as the loop above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from climbrl.learner.objectives import (
+    BatchNorm,
+    PolicyLoss,
+    gae,
+    group_advantages,
+    mismatch_sums,
+    offpolicy_weights,
+    terminal_rewards,
+    value_loss,
+    whiten,
+)
+from climbrl.learner.objectives_shaping import (
+    ClipHighController,
+    length_penalty,
+    overlong_penalty,
+    sample_correct,
+    truncated_mask,
+)
+from torch import Tensor, nn
+
+
+def pack_positions(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids_BL, attention_BL, pos_BT): the same packing as ``completion_logprobs``;
+    ``pos_BT`` is the input position whose hidden state predicts completion token t."""
+    seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
+    B, L = len(samples), max(len(x) for x in seqs) - 1
+    Tc = max(len(s.completion_ids) for s in samples)
+    ids = torch.zeros((B, L), dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((B, Tc), dtype=torch.long)
+    for b, (s, seq) in enumerate(zip(samples, seqs)):
+        n = len(seq) - 1
+        ids[b, :n] = torch.tensor(seq[:-1])
+        attn[b, :n] = 1
+        p0, c = len(s.prompt_ids) - 1, len(s.completion_ids)
+        pos[b, :c] = torch.arange(p0, p0 + c)
+    return ids, attn, pos
+
+
+class Critic(nn.Module):
+    """V(s_t) at completion positions. ``kind='head'``: a linear value head on the policy's
+    last hidden state (shared backbone; the value loss also trains the backbone, weighted by
+    ``vf_coef``). ``kind='model'``: a separate value model (the policy's backbone, initialised
+    from ``path``) with its own head; nothing is shared."""
+
+    def __init__(self, kind: str, hidden_size: int, path: str | None = None, dtype: Any = None):
+        super().__init__()
+        self.kind = kind
+        self.backbone: nn.Module | None = None
+        if kind == "model":
+            from transformers import AutoModelForCausalLM
+
+            self.backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).base_model
+        self.head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        # V ~ 0 at start, but not exactly: a zero head would pass no gradient to the backbone
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def values(self, hidden_BLH: Tensor, pos_BT: Tensor) -> Tensor:
+        h_BTH = hidden_BLH.gather(1, pos_BT.unsqueeze(-1).expand(-1, -1, hidden_BLH.shape[-1]))
+        return self.head(h_BTH.float()).squeeze(-1)
+
+    def forward_samples(self, samples: list[Any], policy: nn.Module | None = None) -> Tensor:
+        """Values for ``samples`` by a forward of the value model (or of the policy backbone)."""
+        ids, attn, pos = pack_positions(samples)
+        backbone = self.backbone if self.backbone is not None else policy.base_model
+        hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+        return self.values(hidden, pos)
+
+
+@dataclass
+class StepBatch:
+    samples: list[Any]
+    rewards_B: Tensor  # after shaping
+    raw_rewards_B: Tensor
+    lag_B: Tensor
+    keep_B: Tensor  # 0 for samples excluded from the loss (truncated, when masked)
+    norm: BatchNorm
+    adv_B: Tensor | None = None  # group-relative objectives
+    adv_BT: Tensor | None = None  # PPO (GAE)
+    returns_BT: Tensor | None = None
+    acc: dict[str, float] = field(default_factory=dict)
+
+
+class ObjectiveStep:
+    def __init__(self, cfg: Any, policy: nn.Module, reward_max: float):
+        lc, self.cfg, self.lc = cfg.learner, cfg, cfg.learner
+        self.reward_max = reward_max
+        self.loss = PolicyLoss(
+            objective=lc.objective, clip_low=lc.clip_low, clip_high=lc.clip_high,
+            ratio_cap=lc.ratio_cap, aggregation=lc.loss_agg,
+            kl_coef=lc.kl_coef if lc.kl_estimator != "off" else 0.0,
+            kl_estimator=lc.kl_estimator, entropy_coef=lc.entropy_coef,
+        )
+        self.fixed_len = float(lc.loss_agg_len or cfg.rollout.max_tokens)
+        self.controller: ClipHighController | None = None
+        if lc.target_entropy > 0:
+            self.controller = ClipHighController(
+                lc.clip_high, lc.target_entropy, lc.clip_high_lr, lc.clip_high_min, lc.clip_high_max
+            )
+        self.critic: Critic | None = None
+        self.critic_opt: torch.optim.Optimizer | None = None
+        if lc.objective == "ppo":
+            dtype = getattr(torch, cfg.model.dtype)
+            self.critic = Critic(lc.critic, policy.config.hidden_size, cfg.model.path, dtype)
+            self.critic_opt = torch.optim.AdamW(
+                self.critic.parameters(), lr=lc.critic_lr, weight_decay=lc.weight_decay,
+                betas=(0.9, 0.99),
+            )
+        self._hidden: Tensor | None = None
+
+    # ------------------------------------------------------------------ batch
+
+    def prepare(self, groups: list[Any], version: int) -> StepBatch:
+        lc = self.lc
+        samples = [s for g in groups for s in g.samples]
+        raw_GS = torch.tensor([[s.reward for s in g.samples] for g in groups], dtype=torch.float64)
+        rew_GS = raw_GS.clone()
+        n_gen_GS = torch.tensor([[sum(s.completion_mask) for s in g.samples] for g in groups])
+        if lc.overlong_buffer > 0:
+            max_len = lc.loss_agg_len or self.cfg.rollout.max_tokens
+            rew_GS += overlong_penalty(n_gen_GS.flatten(), max_len, lc.overlong_buffer,
+                                       lc.overlong_penalty).view_as(rew_GS)
+        if lc.length_penalty_coef > 0:
+            correct_GS = torch.tensor(
+                [[sample_correct(s, self.reward_max) for s in g.samples] for g in groups]
+            )
+            rew_GS += length_penalty(n_gen_GS, correct_GS, lc.length_penalty_coef,
+                                     lc.length_penalty_difficulty_aware)
+        keep_B = torch.ones(len(samples))
+        if lc.mask_truncated:
+            keep_B = truncated_mask([s.finish_reason for s in samples])
+        tokens = float(sum(float(k) * sum(s.completion_mask) for k, s in zip(keep_B, samples)))
+        n_samples = float(sum(1 for k, s in zip(keep_B, samples) if k > 0 and sum(s.completion_mask)))
+        batch = StepBatch(
+            samples=samples, rewards_B=rew_GS.flatten(), raw_rewards_B=raw_GS.flatten(),
+            lag_B=torch.tensor([version - g.policy_version for g in groups for _ in g.samples]),
+            keep_B=keep_B, norm=BatchNorm(tokens, n_samples, self.fixed_len),
+        )
+        if lc.objective != "ppo":
+            batch.adv_B = group_advantages(rew_GS, std_norm=lc.adv_std_norm).flatten()
+        batch.acc = dict(loss=0.0, entropy=0.0, clipped=0.0, kl=0.0, mm_abs=0.0, mm_max=0.0,
+                         mm_kl=0.0, mm_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0)
+        return batch
+
+    def prepare_values(self, policy: nn.Module, batch: StepBatch) -> None:
+        """PPO: the critic's V(s_t) for the whole batch (no grad), then GAE and whitening."""
+        assert self.critic is not None
+        mb_size = self.lc.micro_batch_size
+        T = max(len(s.completion_ids) for s in batch.samples)
+        B = len(batch.samples)
+        values_BT = torch.zeros(B, T, dtype=torch.float64)
+        mask_BT = torch.zeros(B, T, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(0, B, mb_size):
+                mb = batch.samples[i : i + mb_size]
+                v = self.critic.forward_samples(mb, policy)
+                values_BT[i : i + len(mb), : v.shape[1]] = v.double()
+        for b, s in enumerate(batch.samples):
+            mask_BT[b, : len(s.completion_mask)] = torch.tensor(s.completion_mask, dtype=torch.float64)
+        mask_BT *= batch.keep_B.double().unsqueeze(1)
+        r_BT = terminal_rewards(batch.rewards_B, mask_BT)
+        adv_BT, ret_BT = gae(r_BT, values_BT * mask_BT, mask_BT, self.lc.gamma, self.lc.gae_lambda)
+        batch.adv_BT = whiten(adv_BT, mask_BT) if self.lc.adv_whiten else adv_BT
+        batch.returns_BT = ret_BT
+
+    # ------------------------------------------------------------------ micro-batches
+
+    @contextlib.contextmanager
+    def capture_hidden(self, policy: nn.Module) -> Iterator[None]:
+        """For a value head on the policy: keep the backbone's last hidden state of the next
+        forward (``completion_logprobs`` runs it), so the value costs no second forward."""
+        if self.critic is None or self.critic.kind != "head":
+            yield
+            return
+
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            self._hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+        h = policy.base_model.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            h.remove()
+
+    def micro_loss(
+        self, batch: StepBatch, i: int, b: dict[str, Tensor], ref_logp_BT: Tensor | None
+    ) -> Tensor:
+        """Loss of samples[i : i + len(b)] (already normalised over the whole batch)."""
+        lc, acc = self.lc, batch.acc
+        logp, rollout = b["logp"], b["old_logp"]
+        n, Tc = logp.shape
+        mb = batch.samples[i : i + n]
+        mask = b["mask"] * batch.keep_B[i : i + n].to(b["mask"].dtype).unsqueeze(1)
+        lag = batch.lag_B[i : i + n].unsqueeze(1)
+        old, w = rollout, None
+        if lc.offpolicy_correction != "none":
+            # decoupled: clip against the learner's current policy, correct the engine's
+            # sampling distribution with the IS weight (TIS) or mask (IcePop)
+            w, changed = offpolicy_weights(logp, rollout, mask, lc.offpolicy_correction,
+                                           lc.offpolicy_level, lc.offpolicy_low, lc.offpolicy_high)
+            old = logp.detach()
+            acc["op_changed"] += float(changed.sum())
+        elif lc.stale_policy == "correct" and bool((lag > lc.max_staleness).any()):
+            stale = (lag > lc.max_staleness).expand_as(logp)
+            w_tis, changed = offpolicy_weights(logp, rollout, mask, "tis", "token", 0.0, lc.tis_cap)
+            w = torch.where(stale, w_tis, torch.ones_like(w_tis))
+            old = torch.where(stale, logp.detach(), rollout)
+            acc["op_changed"] += float((changed & stale).sum())
+        adv = batch.adv_B[i : i + n] if batch.adv_B is not None else batch.adv_BT[i : i + n, :Tc]
+        loss, st = self.loss(
+            logp, old, adv, mask, batch.norm, is_weight_BT=w, ref_logp_BT=ref_logp_BT,
+            entropy_BT=b["entropy"] if self.loss.entropy_coef else None,
+        )
+        if self.critic is not None:
+            if self.critic.kind == "head":
+                assert self._hidden is not None, "capture_hidden() must wrap the policy forward"
+                values = self.critic.values(self._hidden, pack_positions(mb)[2])
+                self._hidden = None
+            else:
+                values = self.critic.forward_samples(mb)
+            ret = batch.returns_BT[i : i + n, :Tc].to(values.dtype)
+            vl = value_loss(values, ret, mask, batch.norm)
+            loss = loss + lc.vf_coef * vl
+            acc["vloss"] += float(vl)
+            acc["vmean"] += float((values.detach() * mask).sum())
+        with torch.no_grad():
+            m = mask.bool()
+            fresh = m & (lag == 0)
+            mm = mismatch_sums(logp, rollout, fresh)
+            acc["mm_abs"] += mm["abs_sum"]
+            acc["mm_kl"] += mm["kl_sum"]
+            acc["mm_n"] += mm["n"]
+            acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
+            acc["loss"] += float(loss)
+            acc["entropy"] += float(b["entropy"][m].sum())
+            acc["clipped"] += st["clipped"]
+            acc["kl"] += st["kl_sum"]
+        return loss
+
+    # ------------------------------------------------------------------ end of step
+
+    def zero_grad(self) -> None:
+        if self.critic_opt is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+
+    def step_critic(self) -> float:
+        if self.critic is None or self.critic_opt is None:
+            return float("nan")
+        gn = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.lc.grad_clip)
+        self.critic_opt.step()
+        return float(gn)
+
+    def finish(self, batch: StepBatch) -> dict[str, float]:
+        acc, n_tok = batch.acc, max(batch.norm.tokens, 1.0)
+        entropy = acc["entropy"] / n_tok
+        out = {
+            "loss": acc["loss"],
+            "reward": float(batch.raw_rewards_B.mean()),
+            "reward_shaped": float(batch.rewards_B.mean()),
+            "correct": _nanmean([s.metrics.get("correct", float("nan")) for s in batch.samples]),
+            "entropy": entropy,
+            "clip_frac": acc["clipped"] / n_tok,
+            "staleness_mean": float(batch.lag_B.double().mean()),
+            "staleness_max": float(batch.lag_B.max()),
+            "mismatch_mean": acc["mm_abs"] / max(acc["mm_n"], 1.0),
+            "mismatch_max": acc["mm_max"],
+            "mismatch_kl": acc["mm_kl"] / max(acc["mm_n"], 1.0),
+            "mismatch_tokens": acc["mm_n"],
+            "offpolicy_masked_frac": acc["op_changed"] / n_tok,
+            "truncated_masked_frac": float(1.0 - batch.keep_B.mean()),
+            "completion_len": sum(sum(s.completion_mask) for s in batch.samples) / len(batch.samples),
+            "clip_high": self.loss.clip_high,
+        }
+        if self.loss.kl_coef > 0:
+            out["kl_ref"] = acc["kl"] / n_tok
+        if self.critic is not None:
+            out["value_loss"] = acc["vloss"]
+            out["value_mean"] = acc["vmean"] / n_tok
+        if self.controller is not None:
+            self.loss.clip_high = self.controller.update(entropy)
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {"clip_high": self.loss.clip_high}
+
+    def load_state(self, st: dict[str, Any], ckpt: Path | None = None) -> None:
+        if "clip_high" in st:
+            self.loss.clip_high = float(st["clip_high"])
+            if self.controller is not None:
+                self.controller.clip_high = self.loss.clip_high
+        if ckpt is not None and self.critic is not None and (ckpt / "critic.safetensors").is_file():
+            from safetensors.torch import load_model
+
+            load_model(self.critic, str(ckpt / "critic.safetensors"))
+            self.critic_opt.load_state_dict(
+                torch.load(ckpt / "critic_optimizer.pt", weights_only=True)
+            )
+
+    def save(self, folder: Path) -> None:
+        """Write the critic (weights + optimizer) into a checkpoint folder being assembled."""
+        if self.critic is None:
+            return
+        from safetensors.torch import save_model
+
+        save_model(self.critic, str(folder / "critic.safetensors"))
+        torch.save(self.critic_opt.state_dict(), folder / "critic_optimizer.pt")
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
