@@ -1,45 +1,58 @@
 """Per-token log-probs and entropy of sampled completions under the learner's model.
 
-Matches what the engine reports as ``processed_logprobs``: log softmax(logits / temperature),
-with the LM head in float32. Only completion positions are projected through the LM head, and
-by default through ``climbrl.kernels`` (chunked, never the full [tokens x vocab] logits);
-``impl="naive"`` is the plain-torch path.
+Matches what the engine reports as ``processed_logprobs``: log softmax of the logits / T after
+the sampler's top-p/top-k filter, with the LM head in float32 (``fp32_head``, like the engine:
+vLLM's CPU sampler works in float32). Train = inference replay (``climbrl.learner.replay``):
+
+- ``replay_mask``: the top-p/top-k kept set recorded per token (``Sample.keep_counts``) is
+  applied before the log-softmax;
+- ``replay_routing``: for MoE models the experts recorded per position and layer
+  (``Sample.routing``) are forced in the forward pass.
+
+Each applies only when the samples carry the record. Only completion positions are projected
+through the LM head, by default through ``climbrl.kernels`` (chunked, never the full
+[tokens x vocab] logits); ``impl="naive"`` is the plain-torch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from climbrl.kernels import token_logprobs_and_entropy
+from climbrl.learner.replay import forced_routing, keep_counts_BT, model_moe_shape, routing_BLNK
 from torch import Tensor
 
 
 def head_logprobs(
-    hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, temperature: float, impl: str
+    hidden_NH: Tensor,
+    weight_VH: Tensor,
+    targets_N: Tensor,
+    temperature: float,
+    impl: str,
+    keep_count_N: Tensor | None = None,
+    fp32_head: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    if impl != "naive":
-        try:
-            from climbrl.kernels import token_logprobs_and_entropy
-        except ImportError:
-            impl = "naive"
-        else:
-            return token_logprobs_and_entropy(
-                hidden_NH, weight_VH, targets_N, temperature=temperature, fp32_head=True,
-                impl=impl,
-            )
-    logits_NV = hidden_NH.float() @ weight_VH.float().t()
-    logits_NV = logits_NV / temperature
-    logp_NV = F.log_softmax(logits_NV, dim=-1)
-    logp_N = logp_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)
-    ent_N = -(logp_NV.exp() * logp_NV).sum(-1)
-    return logp_N, ent_N
+    return token_logprobs_and_entropy(
+        hidden_NH, weight_VH, targets_N, temperature=temperature, keep_count_N=keep_count_N,
+        fp32_head=fp32_head, impl=impl,
+    )
 
 
 def completion_logprobs(
-    model: Any, samples: list[Any], temperature: float, impl: str = "auto"
+    model: Any,
+    samples: list[Any],
+    temperature: float,
+    impl: str = "auto",
+    *,
+    replay_mask: bool = True,
+    replay_routing: bool = True,
+    fp32_head: bool = True,
 ) -> dict[str, Tensor]:
-    """Returns [B, Tc] tensors: logp, entropy, old_logp (the sampler's), mask (trainable)."""
+    """Returns [B, Tc] tensors: logp, entropy, old_logp (the sampler's), mask (trainable),
+    and replay_miss (1 where the sampled token fell outside the learner's replayed kept set:
+    a boundary near-tie; such tokens are taken out of ``mask`` and their logp set to 0)."""
     B = len(samples)
     seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
     L = max(len(x) for x in seqs) - 1
@@ -60,15 +73,33 @@ def completion_logprobs(
         tgt[b, :c] = torch.tensor(s.completion_ids)
         mask[b, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
         old[b, :c] = torch.tensor(s.logprobs, dtype=torch.float32)
-    hidden_BLH = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+    keep_BT = keep_counts_BT(samples, Tc) if replay_mask else None
+    route: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if replay_routing and any(getattr(s, "routing", None) is not None for s in samples):
+        shape = model_moe_shape(model)
+        if shape is None:
+            raise ValueError("samples carry MoE routing but the learner's model has no MoE "
+                             "router; is the learner loading the rollout's model?")
+        experts = routing_BLNK(samples, L, *shape)
+        if experts is not None:
+            route = forced_routing(model, experts)
+    with route:
+        hidden_BLH = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
     hidden_BTH = hidden_BLH.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden_BLH.shape[-1]))
     W = model.get_output_embeddings().weight
     logp, ent = head_logprobs(
-        hidden_BTH.reshape(B * Tc, -1), W, tgt.reshape(-1), temperature, impl
+        hidden_BTH.reshape(B * Tc, -1), W, tgt.reshape(-1), temperature, impl,
+        keep_count_N=None if keep_BT is None else keep_BT.reshape(-1), fp32_head=fp32_head,
     )
+    logp, ent = logp.view(B, Tc), ent.view(B, Tc)
+    miss = (mask > 0) & ~torch.isfinite(logp.detach())
+    if bool(miss.any()):
+        mask = mask * (~miss).float()
+    zero = torch.zeros((), dtype=logp.dtype)
     return {
-        "logp": torch.where(mask.bool(), logp.view(B, Tc), torch.zeros((), dtype=logp.dtype)),
-        "entropy": ent.view(B, Tc),
+        "logp": torch.where(mask.bool(), logp, zero),
+        "entropy": torch.where(torch.isfinite(ent.detach()), ent, zero),
         "old_logp": old,
         "mask": mask,
+        "replay_miss": miss.float(),
     }

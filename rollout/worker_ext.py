@@ -6,6 +6,9 @@ cannot carry tensors on CPU. The worker maps the file and feeds views of it to v
 ``reload_weights(weights_iterator=...)``: mutating parameters directly does nothing on CPU
 because weights are repacked after load.
 
+It also hosts climbrl's train = inference capture (``climbrl.rollout.replay``): installing the
+MoE routing capture and handing out the per-request top-p/top-k and routing records.
+
 Enabled with ``AsyncEngineArgs(worker_extension_cls="climbrl.rollout.worker_ext.WeightReceiver")``.
 """
 
@@ -50,3 +53,15 @@ class WeightReceiver:
         with torch.no_grad():
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
             return float(sum(p.double().sum() for p in model.parameters()))
+
+    def climbrl_install_capture(self, routing: bool) -> dict[str, Any]:
+        """Bind the MoE routing capture (when ``routing`` and the model is MoE)."""
+        from climbrl.rollout.replay import install_capture
+
+        return install_capture(self, routing)
+
+    def climbrl_take_replay(self, key: str) -> dict[str, Any]:
+        """Pop a finished request's keep counts and routed experts (bytes, not tensors)."""
+        from climbrl.rollout.replay import take_record
+
+        return take_record(key)

