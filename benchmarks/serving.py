@@ -1,0 +1,158 @@
+"""`climbrl serve` against vLLM's own OpenAI server: same model, same load, one run.
+
+    python benchmarks/serving.py [--model DIR] [--concurrency 1,4,16] [--requests 48] [--rounds 2]
+
+A load generator (the official `openai` async client) sends chat completions with a fixed
+output length (``ignore_eos``) at each concurrency level. The servers run one at a time, in
+alternating order per round (A B, B A, ...) so drift on a noisy machine hits both alike. Per
+level it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM.
+Goal (issue 4): throughput >= 0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+            "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(kind: str, model: str, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    common = ["--served-model-name", "m", "--max-model-len", "512"]
+    if kind == "vllm":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+               "--logprobs-mode", "processed_logprobs", "--max-num-seqs", "64",
+               "--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32",
+               "--disable-uvicorn-access-log", *common]
+    else:
+        cmd = [sys.executable, "-m", "climbrl.cli", "serve", model, "--port", str(port),
+               "--kv-cache-gb", "1", "--dtype", "float32", *common]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **VLLM_ENV})
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"{kind} server did not start; see {log}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def load(url: str, concurrency: int, n: int, max_tokens: int) -> dict[str, float]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+    toks = 0
+
+    async def one(i: int) -> None:
+        nonlocal toks
+        async with sem:
+            t = time.perf_counter()
+            r = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"abcd{i % 7}="}],
+                max_tokens=max_tokens, temperature=1.0, extra_body={"ignore_eos": True})
+            lat.append(time.perf_counter() - t)
+            toks += r.usage.completion_tokens
+
+    await asyncio.gather(*(one(i) for i in range(2)))  # warm-up
+    lat.clear()
+    toks = 0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    q = statistics.quantiles(lat, n=100)
+    return {"tok_s": toks / wall, "p50": statistics.median(lat), "p99": q[98]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model dir (default: a tiny random Qwen3)")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="climbrl-bench-serving-"))
+    model = a.model
+    if model is None:
+        from climbrl.envs.tasks import corpus_for_tokenizer
+
+        from climbrl.tinymodel import make_tiny_model
+
+        model = str(make_tiny_model(tmp / "model", corpus_for_tokenizer(), hidden_size=256,
+                                    num_layers=4, intermediate_size=512))
+    levels = [int(c) for c in a.concurrency.split(",")]
+    res: dict[str, dict[int, list[dict[str, float]]]] = {
+        k: {c: [] for c in levels} for k in ("vllm", "climbrl")}
+    for r in range(a.rounds):
+        order = ("vllm", "climbrl") if r % 2 == 0 else ("climbrl", "vllm")
+        for kind in order:
+            proc, url = start(kind, model, tmp / f"{kind}-{r}.log")
+            try:
+                for c in levels:
+                    res[kind][c].append(asyncio.run(load(url, c, a.requests, a.max_tokens)))
+            finally:
+                stop(proc)
+
+    def best(kind: str, c: int, key: str, hi: bool) -> float:
+        vals = [x[key] for x in res[kind][c]]
+        return max(vals) if hi else min(vals)
+
+    out: dict[str, object] = {"benchmark": "serving", "model": model, "requests": a.requests,
+                              "max_tokens": a.max_tokens, "rounds": a.rounds, "levels": {}}
+    for c in levels:
+        v = {k: best("vllm", c, k, k == "tok_s") for k in ("tok_s", "p50", "p99")}
+        m = {k: best("climbrl", c, k, k == "tok_s") for k in ("tok_s", "p50", "p99")}
+        out["levels"][str(c)] = {
+            "vllm": v, "climbrl": m,
+            "throughput_ratio": m["tok_s"] / v["tok_s"],
+            "p50_ratio": m["p50"] / v["p50"], "p99_ratio": m["p99"] / v["p99"]}
+    lv = out["levels"].values()
+    out["min_throughput_ratio"] = min(x["throughput_ratio"] for x in lv)
+    out["max_p50_ratio"] = max(x["p50_ratio"] for x in lv)
+    out["goal_met"] = out["min_throughput_ratio"] >= 0.95 and out["max_p50_ratio"] <= 1.05
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
