@@ -8,6 +8,20 @@ reloaded, prefix cache reset, version set, generation resumed) and to the first 
 under the new version. The floor is the time to move the same bytes through a loopback ZeroMQ
 socket to another process, measured in the same run. Prints one JSON line; ``ratio`` =
 sync seconds / floor seconds (goal <= 2).
+
+Then, on the same model and server, bytes and seconds per update for each
+``learner.weight_sync`` mode (``modes``), each after its own first (full) sync, with a real
+RL-sized step in between: AdamW (lr ``--lr``) on a real LM loss over the task corpus.
+
+- ``full``: every tensor, every time.
+- ``delta``: full finetuning, only what changed, bit-exact (climbrl.weightsync). AdamW moves
+  every element every step, so skipping does nothing here: the gain is the compressed xor of the
+  low mantissa bits. ``delta_bf16_encode`` measures the same step on a bfloat16 copy of the model
+  (encoder only, no engine), where most updates fall below one ulp and the delta is sparse.
+- ``lora``: peft adapters (r ``--lora-r``, every linear layer), base frozen: only A and B travel,
+  merged on the server.
+
+``delta_bytes_ratio`` / ``lora_bytes_ratio`` = bytes per update / full bytes (goal <= 0.05).
 """
 
 from __future__ import annotations
@@ -69,10 +83,91 @@ def floor_seconds(tensors: list, repeats: int) -> float:
     return min(times[1:])
 
 
+def _batches(mdir: Path, n: int) -> list:
+    """Real data: the task corpus, tokenized, in batches of 8 sequences of 48 tokens."""
+    import torch
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    ids = [i for t in corpus_for_tokenizer() for i in tok.encode(t)]
+    x = torch.tensor(ids[: (len(ids) // 48) * 48]).view(-1, 48)
+    return [x[(8 * k) % len(x):][:8] for k in range(n)]
+
+
+def _step(model, opt, batch) -> None:
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def sync_modes(server, mdir: Path, a) -> dict:
+    """Bytes and seconds per update for full, delta and LoRA sync into the same engine."""
+    import torch
+    from climbrl.learner.weights import WeightPublisher, setup_lora
+    from transformers import AutoModelForCausalLM
+
+    from climbrl.config import load_config
+    from climbrl.wire import WeightAck
+
+    out = {}
+    batches = _batches(mdir, a.repeats + 1)
+    for k, mode in enumerate(("full", "delta", "lora")):
+        model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
+        if mode == "lora":
+            cfg = load_config(None, [f'model.path="{mdir}"', 'learner.weight_sync="lora"',
+                                     f"learner.lora_r={a.lora_r}"])
+            model = setup_lora(model, cfg.learner)
+        pub = WeightPublisher(model, mode)
+        opt = torch.optim.AdamW(pub.trainable(), lr=a.lr, betas=(0.9, 0.99))
+        rows = []
+        for i in range(a.repeats + 1):
+            if i:
+                _step(model, opt, batches[i])
+            v = 1000 * (k + 1) + i
+            t0 = time.perf_counter()
+            (_, m, frames), = pub.messages(v, ["r0"])
+            t_enc = time.perf_counter() - t0
+            server.hub.send("r0", m, frames)
+            _, ack, _, _ = server.wait_for(WeightAck, lambda x, v=v: x.version == v or not x.ok)
+            assert ack.ok, ack.error
+            rows.append((pub.last[m.kind], time.perf_counter() - t0, t_enc, ack.phases))
+        first, rest = rows[0], rows[1:]
+        best = min(rest, key=lambda r: r[1])
+        out[mode] = {"bytes": int(sum(r[0] for r in rest) / len(rest)), "sync_s": round(best[1], 4),
+                     "encode_s": round(best[2], 4), "first_sync_bytes": first[0],
+                     "phases": {p: round(x, 4) for p, x in best[3].items()}}
+        del model, opt, pub
+    return out
+
+
+def bf16_delta(mdir: Path, a) -> dict:
+    """Delta bytes of the same step on a bfloat16 model (encoder only)."""
+    import torch
+    from climbrl.learner.weights import WeightPublisher
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.bfloat16)
+    pub = WeightPublisher(model, "delta")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99))
+    pub.messages(1, ["r0"])
+    sizes = []
+    for i, b in enumerate(_batches(mdir, a.repeats), start=2):
+        _step(model, opt, b)
+        pub.messages(i, ["r0"])
+        sizes.append(pub.last["delta"])
+    full = pub.last.get("full") or sum(t.numel() * 2 for t in model.state_dict().values())
+    return {"bytes": int(sum(sizes) / len(sizes)), "full_bytes": full,
+            "bytes_ratio": round(sum(sizes) / len(sizes) / full, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="5m,50m,500m")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the RL-sized step")
+    ap.add_argument("--lora-r", type=int, default=8)
     a = ap.parse_args()
 
     import torch
@@ -130,6 +225,7 @@ def main() -> None:
                     sync.append(t1 - t0)
                     first.append(t2 - t0)
                     phases.append(ack.phases)
+            modes = sync_modes(server, mdir, a)
         finally:
             server.close()
         fl = floor_seconds(tensors, a.repeats)
@@ -139,6 +235,10 @@ def main() -> None:
             "first_token_s": round(min(first), 4), "floor_s": round(fl, 4),
             "ratio": round(sync[best] / fl, 2),
             "phases": {k: round(x, 4) for k, x in phases[best].items()},
+            "modes": modes,
+            "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
+            "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),
+            "delta_bf16_encode": bf16_delta(mdir, a),
         }
         del model, sd, tensors
     print(json.dumps({"benchmark": "weight_sync", **results}))

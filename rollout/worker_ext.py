@@ -6,6 +6,15 @@ cannot carry tensors on CPU. The worker maps the file and feeds views of it to v
 ``reload_weights(weights_iterator=...)``: mutating parameters directly does nothing on CPU
 because weights are repacked after load.
 
+A reload may carry a subset of the checkpoint tensors (delta and LoRA sync,
+``climbrl.weightsync``). vLLM 0.32 reloads layer by layer: each vLLM module is re-processed (CPU
+repack included) once all of its elements have arrived, and modules that receive nothing keep
+their kernel tensors. A module that receives only part of its elements (say q_proj of a packed
+qkv_proj) is materialised from empty memory, so a subset must cover whole modules; the rollout
+server expands it (``weightsync.module_key``). If a reload raises midway, the half-loaded
+modules are put back to their previous kernel tensors here, so the server can roll back by
+reloading the previous values of every module the failed update touched.
+
 It also hosts climbrl's train = inference capture (``climbrl.rollout.replay``): installing the
 MoE routing capture and handing out the per-request top-p/top-k and routing records.
 
@@ -41,9 +50,18 @@ class WeightReceiver:
                 n = _DTYPE_SIZES[dtype]
                 for s in shape:
                     n *= s
-                yield name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)
+                yield from _checkpoint_tensors(
+                    name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)
+                )
 
-        self.model_runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        quiet = _QuietPartialReload()
+        try:
+            self.model_runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+        except BaseException:
+            _abandon_layerwise_reload(self.model_runner)
+            raise
+        finally:
+            quiet.close()
         return time.perf_counter() - t0
 
     def climbrl_param_checksum(self) -> float:
@@ -65,3 +83,64 @@ class WeightReceiver:
         from climbrl.rollout.replay import take_record
 
         return take_record(key)
+
+
+def _checkpoint_tensors(name: str, t: Any) -> Any:
+    """transformers 5 keeps MoE experts fused in its state dict (``mlp.experts.gate_up_proj``
+    [E, 2I, H] with gate rows first, ``mlp.experts.down_proj`` [E, H, I]); vLLM's reload of
+    those fused names silently loads wrong values (measured: |delta logp| ~0.04 after
+    re-publishing unchanged Qwen3-MoE weights). Yield them in the per-expert checkpoint
+    format transformers itself saves (``experts.{e}.gate_proj.weight`` ...), as views."""
+    if t.dim() == 3 and name.endswith(".experts.gate_up_proj"):
+        half = t.shape[1] // 2
+        base = name[: -len("gate_up_proj")]
+        for e in range(t.shape[0]):
+            yield f"{base}{e}.gate_proj.weight", t[e, :half]
+            yield f"{base}{e}.up_proj.weight", t[e, half:]
+    elif t.dim() == 3 and name.endswith(".experts.down_proj"):
+        base = name[: -len("down_proj")]
+        for e in range(t.shape[0]):
+            yield f"{base}{e}.down_proj.weight", t[e]
+    else:
+        yield name, t
+
+
+class _QuietPartialReload:
+    """Drop vLLM's per-module "not loaded" warnings while a subset (delta) is reloaded."""
+
+    _LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
+                "vllm.model_executor.model_loader.reload.layerwise")
+
+    def __init__(self) -> None:
+        import logging
+
+        self._filter = logging.Filter()
+        self._filter.filter = lambda r: not (  # type: ignore[method-assign]
+            "not loaded" in str(r.msg) or "Failed to load weights" in str(r.msg))
+        for name in self._LOGGERS:
+            logging.getLogger(name).addFilter(self._filter)
+
+    def close(self) -> None:
+        import logging
+
+        for name in self._LOGGERS:
+            logging.getLogger(name).removeFilter(self._filter)
+
+
+def _abandon_layerwise_reload(model_runner: Any) -> None:
+    """After a reload raised midway: forget the weights buffered for modules that were not
+    complete and put their previous kernel tensors back (vLLM's own finalize does that for
+    modules that received nothing). Modules already processed keep their new values; the
+    caller reloads their previous values."""
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        finalize_layerwise_reload,
+        get_layerwise_info,
+    )
+
+    model = model_runner.get_model()
+    for layer in model.modules():
+        info = get_layerwise_info(layer)
+        if info.can_load():
+            info.loaded_weights.clear()
+            info.load_numel = 0
+    finalize_layerwise_reload(model, model_runner.vllm_config.model_config)

@@ -1,0 +1,280 @@
+"""Delta and LoRA weight sync without an engine: encodings round-trip bit for bit, the engine
+side state (``EngineWeights``) ends up with exactly the learner's weights, the LoRA merge is
+peft's, and LoRA checkpoints load in transformers and peft."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from climbrl.learner.weights import LoraCheckpoint, LoraView, WeightPublisher, setup_lora
+
+from climbrl.config import load_config
+from climbrl.weightsync import EngineWeights, _decode, encode_change, merge, module_key
+from climbrl.wire import WeightManifest, WireError, tensor_buffer
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {4: torch.int32, 2: torch.int16}
+    return a.shape == b.shape and torch.equal(a.contiguous().view(ints[a.element_size()]),
+                                              b.contiguous().view(ints[b.element_size()]))
+
+
+def _roundtrip(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    frames = encode_change("w", old, new)
+    if not frames:
+        return old, []
+    parts = {n.partition("#")[2]: t for n, t in frames}
+    return _decode("w", parts, old), [n for n, _ in frames]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encodings_round_trip_bit_exact(dtype):
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(64, 48, generator=g).to(dtype)
+    assert _roundtrip(old, old.clone()) == (old, [])  # unchanged: nothing travels
+    sparse = old.clone()
+    sparse[3, 5] = 7.0
+    sparse[60, 0] = -0.0 if old[60, 0] == 0 else 0.0
+    dense = (old.float() * (1 + 1e-4 * torch.randn(old.shape, generator=g))).to(dtype)
+    dense[0, 0] = float("nan")
+    dense[0, 1] = -0.0  # bits differ from +0.0
+    ints = torch.int32 if dtype == torch.float32 else torch.int16
+    hi = 2**31 - 1 if dtype == torch.float32 else 2**15 - 1
+    big = torch.randint(-hi, hi, (64, 48), generator=g, dtype=ints).view(dtype)  # noise
+    for new, want in ((sparse, "#sparse_idx"), (dense, "#xor" if dtype == torch.float32 else None),
+                      (big, None)):
+        got, names = _roundtrip(old, new)
+        assert _bits_equal(got, new)
+        if want:
+            assert any(want in n for n in names), names
+    got, names = _roundtrip(old, big)
+    assert names == ["w"]  # incompressible: raw
+
+
+def test_xor_is_smaller_than_raw_for_a_small_step():
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(512, 512, generator=g)
+    new = old - 1e-5 * torch.sign(torch.randn(old.shape, generator=g))  # Adam-like step
+    (name, t), = encode_change("w", old, new)
+    assert name == "w#xor" and t.numel() < 0.8 * old.numel() * 4
+    got, _ = _roundtrip(old, new)
+    assert _bits_equal(got, new)
+
+
+def test_corrupt_delta_is_rejected():
+    old = torch.randn(32, 32)
+    new = old + 1e-6 * torch.randn(32, 32)
+    (name, t), = encode_change("w", old, new)
+    bad = t.clone()
+    bad[-4:] = 0
+    with pytest.raises(WireError):
+        _decode("w", {"xor": bad}, old)
+    with pytest.raises(WireError):
+        _decode("w", {"": torch.zeros(3)}, old)
+
+
+def test_module_key_groups_what_vllm_packs():
+    k = module_key
+    assert k("model.layers.0.self_attn.q_proj.weight") == k("model.layers.0.self_attn.v_proj.weight")
+    assert k("model.layers.0.mlp.gate_proj.weight") == k("model.layers.0.mlp.up_proj.weight")
+    assert k("model.layers.0.mlp.down_proj.weight") != k("model.layers.0.mlp.up_proj.weight")
+    assert k("model.layers.0.self_attn.o_proj.weight") != k("model.layers.0.self_attn.q_proj.weight")
+    assert k("model.layers.1.mlp.experts.3.down_proj.weight") == "model.layers.1.mlp.experts"
+    assert k("model.layers.1.self_attn.q_proj.weight") != k("model.layers.0.self_attn.q_proj.weight")
+
+
+# ----------------------------------------------------------------------- learner <-> engine
+
+
+def _cfg(tiny_model, **learner):
+    ov = [f'model.path="{tiny_model}"'] + [f"learner.{k}={v!r}".replace("'", '"')
+                                            for k, v in learner.items()]
+    return load_config(None, ov)
+
+
+def _model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+
+
+def _deliver(msgs, sid):
+    """What server ``sid`` receives: (manifest, frames) after a trip through the codec."""
+    for sids, m, tensors in msgs:
+        if sid in sids:
+            from climbrl.wire import ROLLOUT_ACCEPTS, Codec
+
+            frames = Codec.encode(m, tensors)
+            frames = [bytes(f) if isinstance(f, memoryview) else f for f in frames]
+            return Codec(ROLLOUT_ACCEPTS).decode(frames)
+    raise AssertionError(f"no message for {sid}")
+
+
+def _train_step(model, lr=1e-4, steps=1, params=None):
+    """A real AdamW step on a real LM loss."""
+    opt = torch.optim.AdamW(params or [p for p in model.parameters() if p.requires_grad], lr=lr)
+    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_delta_sync_leaves_engine_bit_identical(tiny_model):
+    model = _model(tiny_model)
+    pub = WeightPublisher(model, "delta")
+    eng = EngineWeights(version=0)
+    for version in range(1, 4):
+        msgs = pub.messages(version, ["r0"])
+        assert [m.kind for _, m, _ in msgs] == (["full"] if version == 1 else ["delta"])
+        m, frames = _deliver(msgs, "r0")
+        upd = eng.prepare(m, frames)
+        eng.commit(upd)
+        want = model.state_dict()
+        assert set(eng.base) == set(want)
+        for n, t in want.items():
+            assert _bits_equal(eng.base[n], t), n
+        if version > 1:
+            # a reload covers whole vLLM modules, and only the changed ones
+            assert {module_key(n) for n in upd.load} == {module_key(n.partition("#")[0])
+                                                         for n in (x.name for x in m.tensors)}
+        _train_step(model)
+    # a server that failed or rejoined is not sent a delta
+    pub.forget("r0")
+    assert [m.kind for _, m, _ in pub.messages(5, ["r0"])] == ["full"]
+
+
+def test_delta_of_one_tensor_reloads_its_packed_module(tiny_model):
+    model = _model(tiny_model)
+    pub = WeightPublisher(model, "delta")
+    eng = EngineWeights(version=0)
+    eng.commit(eng.prepare(*_deliver(pub.messages(1, ["r0"]), "r0")))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] += 1.0
+    m, frames = _deliver(pub.messages(2, ["r0"]), "r0")
+    assert [t.name for t in m.tensors] == ["model.layers.1.self_attn.k_proj.weight#sparse_idx",
+                                           "model.layers.1.self_attn.k_proj.weight#sparse_val"]
+    assert sum(len(tensor_buffer(f)) if not isinstance(f, bytes) else len(f) for f in frames) == 8
+    upd = eng.prepare(m, frames)
+    assert sorted(upd.load) == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "kqv"]
+    assert set(upd.restore) == set(upd.load)
+    assert not torch.equal(upd.restore["model.layers.1.self_attn.k_proj.weight"],
+                           upd.load["model.layers.1.self_attn.k_proj.weight"])
+
+
+def test_delta_on_the_wrong_version_is_refused(tiny_model):
+    model = _model(tiny_model)
+    pub = WeightPublisher(model, "delta")
+    eng = EngineWeights(version=0)
+    eng.commit(eng.prepare(*_deliver(pub.messages(1, ["r0"]), "r0")))
+    _train_step(model)
+    pub.messages(2, ["r0"])  # lost on the way: the engine stays at 1
+    _train_step(model)
+    m, frames = _deliver(pub.messages(3, ["r0"]), "r0")
+    assert m.kind == "delta" and m.base_version == 2
+    with pytest.raises(WireError, match="needs a full sync"):
+        eng.prepare(m, frames)
+    assert eng.version == 1
+
+
+# ----------------------------------------------------------------------- LoRA
+
+
+def _lora_model(tiny_model, **kw):
+    cfg = _cfg(tiny_model, weight_sync="lora", lora_r=4, **kw)
+    model = setup_lora(_model(tiny_model), cfg.learner)
+    with torch.no_grad():  # B starts at zero; make the adapters do something
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
+def test_lora_merge_is_peft_merge(tiny_model):
+    model = _lora_model(tiny_model)
+    view = LoraView(model)
+    assert view.scale == 16.0 / 4
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
+    merged = view.merged_state()
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            w = f"{name}.weight"
+            peft_merged = mod.get_base_layer().weight + mod.get_delta_weight("default")
+            assert _bits_equal(merged[w], peft_merged), w
+    # the merged dense model computes what the adapter model computes
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = _model(tiny_model)
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_lora_sync_sends_only_adapters_and_engine_merges(tiny_model):
+    model = _lora_model(tiny_model, lora_targets=["q_proj", "v_proj"])
+    pub = WeightPublisher(model, "lora")
+    eng = EngineWeights(version=0)
+    full = pub.messages(1, ["r0"])
+    eng.commit(eng.prepare(*_deliver(full, "r0")))
+    _train_step(model, lr=1e-2)
+    msgs = pub.messages(2, ["r0"])
+    (_, m, tensors), = msgs
+    assert m.kind == "delta" and m.adapters
+    assert all("#lora_" in t.name for t in m.tensors)
+    assert pub.last["delta"] < 0.05 * sum(t.numel() * 4 for t in LoraView(model).base_state().values())
+    upd = eng.prepare(*_deliver(msgs, "r0"))
+    eng.commit(upd)
+    merged = LoraView(model).merged_state()
+    for n, t in merged.items():
+        assert _bits_equal(eng.effective(n), t), n
+    # only the targeted modules (and their packed siblings) reload
+    assert {n.split(".")[-2] for n in upd.load} == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_lora_targets_that_match_nothing_fail_clearly(tiny_model):
+    cfg = _cfg(tiny_model, weight_sync="lora", lora_targets=["nope_proj"])
+    with pytest.raises(ValueError, match="lora_targets"):
+        setup_lora(_model(tiny_model), cfg.learner)
+
+
+def test_lora_checkpoint_loads_merged_and_as_adapter(tiny_model, tmp_path):
+    from climbrl.learner.weights import load_adapter
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = _lora_model(tiny_model)
+    LoraCheckpoint(model, str(tiny_model)).save_pretrained(str(tmp_path), safe_serialization=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+        assert (merged(input_ids=ids).logits - want).abs().max() < 1e-5
+        peft_model = PeftModel.from_pretrained(_model(tiny_model), str(tmp_path / "adapter"))
+        assert (peft_model(input_ids=ids).logits - want).abs().max() < 1e-5
+    # resume: fresh base + adapter == the saved model, bit for bit
+    cfg = _cfg(tiny_model, weight_sync="lora", lora_r=4)
+    again = setup_lora(_model(tiny_model), cfg.learner)
+    load_adapter(again, tmp_path / "adapter")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert _bits_equal(a, b), n
+
+
+def test_adapter_shape_mismatch_is_refused(tiny_model):
+    model = _lora_model(tiny_model)
+    pub = WeightPublisher(model, "lora")
+    eng = EngineWeights(version=0)
+    eng.commit(eng.prepare(*_deliver(pub.messages(1, ["r0"]), "r0")))
+    w = "model.layers.0.self_attn.q_proj.weight"
+    a = torch.zeros(4, 7)
+    m = WeightManifest(version=2, kind="delta", base_version=1, adapters=True, lora_scale=4.0,
+                       tensors=[])
+    from climbrl.weightsync import metas
+
+    frames = [(f"{w}#lora_A", a), (f"{w}#lora_B", torch.zeros(eng.base[w].shape[0], 4))]
+    m.tensors = metas(frames)
+    with pytest.raises(WireError, match="do not fit"):
+        eng.prepare(m, [tensor_buffer(t) for _, t in frames])
+    assert merge(torch.ones(2, 2), torch.ones(1, 2), torch.ones(2, 1), 0.5).eq(1.5).all()
