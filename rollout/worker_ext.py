@@ -50,9 +50,7 @@ class WeightReceiver:
                 n = _DTYPE_SIZES[dtype]
                 for s in shape:
                     n *= s
-                yield from _checkpoint_tensors(
-                    name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)
-                )
+                yield name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)
 
         quiet = _QuietPartialReload()
         try:
@@ -83,26 +81,6 @@ class WeightReceiver:
         from climbrl.rollout.replay import take_record
 
         return take_record(key)
-
-
-def _checkpoint_tensors(name: str, t: Any) -> Any:
-    """transformers 5 keeps MoE experts fused in its state dict (``mlp.experts.gate_up_proj``
-    [E, 2I, H] with gate rows first, ``mlp.experts.down_proj`` [E, H, I]); vLLM's reload of
-    those fused names silently loads wrong values (measured: |delta logp| ~0.04 after
-    re-publishing unchanged Qwen3-MoE weights). Yield them in the per-expert checkpoint
-    format transformers itself saves (``experts.{e}.gate_proj.weight`` ...), as views."""
-    if t.dim() == 3 and name.endswith(".experts.gate_up_proj"):
-        half = t.shape[1] // 2
-        base = name[: -len("gate_up_proj")]
-        for e in range(t.shape[0]):
-            yield f"{base}{e}.gate_proj.weight", t[e, :half]
-            yield f"{base}{e}.up_proj.weight", t[e, half:]
-    elif t.dim() == 3 and name.endswith(".experts.down_proj"):
-        base = name[: -len("down_proj")]
-        for e in range(t.shape[0]):
-            yield f"{base}{e}.down_proj.weight", t[e]
-    else:
-        yield name, t
 
 
 class _QuietPartialReload:
