@@ -6,6 +6,8 @@
     climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
     climbrl tiny-model OUT_DIR [--moe]   # a tokenizer + random Qwen3 for tests
     climbrl pretrain CONFIG.toml         # pretraining (see climbrl.pretrain)
+    climbrl env-check ENV [--args JSON]  # contract checks on an environment (yours too)
+    climbrl serve MODEL_DIR [--port 8000] [--api-key K] [-- VLLM_ARGS]   # OpenAI HTTP API
 """
 
 from __future__ import annotations
@@ -56,8 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny-model", help="train a tokenizer and save a random Qwen3")
     t.add_argument("out_dir")
     t.add_argument("--moe", action="store_true")
+    t.add_argument("--vocab-size", type=int, default=384)
+
+    sv = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (vLLM's layer)")
+    sv.add_argument("model", help="HF model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    sv.add_argument("--api-key", action="append", default=[],
+                    help="accept this bearer key (repeatable; also CLIMBRL_API_KEY)")
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--kv-cache-gb", type=float, default=1.0)
+    sv.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--ready-file", default=None, help="write {host, port} here once listening")
+    sv.epilog = ("Options after a bare `--` go to vLLM's own server, e.g. "
+                 "`-- --enable-auto-tool-choice --tool-call-parser hermes`.")
 
     sub.add_parser("pretrain", help="pretraining; see `climbrl pretrain --help`", add_help=False)
+    sub.add_parser("env-check", help="contract checks on an env; see `climbrl env-check --help`",
+                   add_help=False)
     return p
 
 
@@ -67,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         from climbrl.pretrain.cli import main as pretrain_main
 
         return pretrain_main(argv[1:])
+    if argv and argv[0] == "env-check":
+        from climbrl.envs.contract import main as env_check_main
+
+        return env_check_main(argv[1:])
+    passthrough: list[str] = []
+    if argv and argv[0] == "serve" and "--" in argv:  # vLLM's own serve options follow `--`
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     a = _parser().parse_args(argv)
     _logging(os.environ.get("CLIMBRL_LOG", "INFO"))
     from climbrl.config import load_config
@@ -93,10 +120,25 @@ def main(argv: list[str] | None = None) -> int:
             from climbrl.demo import run_demo
 
             return run_demo(a.output_dir, steps=a.steps, overrides=a.overrides)
+        if a.cmd == "serve":
+            import uvloop
+
+            from climbrl.serving.app import serve_model
+
+            keys = a.api_key + ([os.environ["CLIMBRL_API_KEY"]]
+                                if os.environ.get("CLIMBRL_API_KEY") else [])
+            extra = passthrough
+            uvloop.run(serve_model(
+                a.model, host=a.host, port=a.port, api_keys=keys,
+                served_model_name=a.served_model_name, kv_cache_gb=a.kv_cache_gb,
+                max_model_len=a.max_model_len, dtype=a.dtype, vllm_extra=extra,
+                ready_file=a.ready_file))
+            return 0
         if a.cmd == "tiny-model":
             from climbrl.tinymodel import main as tiny_main
 
-            return tiny_main([a.out_dir] + (["--moe"] if a.moe else []))
+            return tiny_main([a.out_dir, "--vocab-size", str(a.vocab_size)]
+                             + (["--moe"] if a.moe else []))
     except ValueError as e:
         print(f"climbrl: error: {e}", file=sys.stderr)
         return 2

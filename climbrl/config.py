@@ -53,20 +53,48 @@ class RolloutCfg(_Cfg):
     top_k: int = Field(-1, description="Top-k for training samples (-1 = off).")
     max_tokens: int = Field(16, ge=1, description="Max new tokens per turn.")
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start on CPU).")
+    replay_sampling_mask: bool = Field(
+        True,
+        description="Record each sampled token's top-p/top-k kept set (as an exact kept count) "
+        "so the learner applies the same mask before its log-softmax. Acts only when top_p < 1 "
+        "or top_k > 0; on CPU climbrl does the filtering itself in a vLLM logits processor.",
+    )
+    replay_routing: bool = Field(
+        True,
+        description="MoE router replay (R3): record the experts every position was routed to, "
+        "per layer, so the learner forces the same experts. Acts only for MoE models.",
+    )
+    fp32_lm_head: bool = Field(
+        True,
+        description="Engine LM head in float32 for bfloat16/float16 models (vLLM's head_dtype "
+        "override: hidden states and head weight cast to float32 for the logits matmul). The "
+        "sampler is float32 regardless; a no-op for float32 models. Pair with "
+        "learner.fp32_lm_head.",
+    )
 
 
 class LearnerCfg(_Cfg):
     total_steps: int = Field(50, ge=1, description="Optimizer steps to train.")
     batch_groups: int = Field(16, ge=1, description="Groups (prompts) per optimizer step.")
-    group_size: int = Field(8, ge=2, description="Samples per prompt for group advantages.")
+    group_size: int = Field(
+        8, ge=1,
+        description="Samples per prompt. Group-relative objectives need at least 2; PPO with "
+        "a critic also trains on one rollout per prompt.",
+    )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
-    clip_low: float = Field(0.2, ge=0, description="PPO ratio clip below: 1 - clip_low.")
+    clip_low: float = Field(
+        0.2, ge=0, le=1,
+        description="Ratio clip below: 1 - clip_low (for cispo: lower bound of the IS weight; "
+        "1 = no lower bound).",
+    )
     clip_high: float = Field(0.28, ge=0, description="PPO ratio clip above: 1 + clip_high (DAPO).")
     adv_std_norm: bool = Field(True, description="Divide advantages by the group std (GRPO).")
     kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0 = off).")
-    kl_estimator: Literal["k1", "k3"] = Field("k3", description="KL estimator when kl_coef > 0.")
+    kl_estimator: Literal["off", "k1", "k3"] = Field(
+        "k3", description="KL-to-reference estimator when kl_coef > 0 (off, k1 or k3)."
+    )
     max_staleness: int = Field(
         1, ge=0, description="Max policy versions between a token's weights and training."
     )
@@ -84,6 +112,161 @@ class LearnerCfg(_Cfg):
         "auto", description="Log-prob/entropy kernel: climbrl.kernels ('auto') or plain torch."
     )
     threads: int = Field(0, ge=0, description="torch threads in the learner (0 = torch default).")
+    fp32_lm_head: bool = Field(
+        True,
+        description="LM-head matmul and log-softmax in float32 (matching the engine's sampler); "
+        "false does the matmul in the model dtype and only the softmax in float32.",
+    )
+    # --- objective (learner/objectives*.py; examples/*.toml has one config per objective)
+    objective: Literal["grpo", "gspo", "cispo", "ppo"] = Field(
+        "grpo",
+        description="Policy objective: grpo (token ratio, PPO clip; with adv_std_norm=false and "
+        "loss_agg='fixed' it is Dr. GRPO), gspo (sequence-level length-normalised ratio), cispo "
+        "(clipped stop-grad IS weight times log-prob), ppo (GAE advantages from a learned critic).",
+    )
+    loss_agg: Literal["token", "sample", "fixed"] = Field(
+        "token",
+        description="Loss aggregation: token (sum over all tokens / tokens, DAPO), sample (mean "
+        "per sample, then over samples, GRPO), fixed (sum / (samples x loss_agg_len), Dr. GRPO).",
+    )
+    loss_agg_len: int = Field(
+        0, ge=0,
+        description="Constant length for loss_agg='fixed' and overlong shaping "
+        "(0 = rollout.max_tokens).",
+    )
+    ratio_cap: float = Field(
+        0.0, ge=0,
+        description="Hard outer ratio clip (dual-clip, TRL's delta): the unclipped ratio is "
+        "capped at this value; 0 = off. Must exceed 1 + clip_high.",
+    )
+    entropy_coef: float = Field(0.0, description="Entropy bonus: loss -= coef x mean entropy.")
+    target_entropy: float = Field(
+        0.0, ge=0,
+        description="Adaptive clip-high: steer clip_high toward this mean token entropy "
+        "(nats); 0 = off.",
+    )
+    clip_high_lr: float = Field(
+        0.05, gt=0, description="Adaptive clip-high step: clip_high += lr x (target - entropy)."
+    )
+    clip_high_min: float = Field(0.2, ge=0, description="Adaptive clip-high lower bound.")
+    clip_high_max: float = Field(0.5, ge=0, description="Adaptive clip-high upper bound.")
+    ref_model_path: str = Field(
+        "", description="Reference model for the KL term (empty = model.path); loaded only when "
+        "kl_coef > 0."
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO dynamic sampling: drop groups whose pass rate is 0 or 1 and refill "
+        "the batch with new groups.",
+    )
+    pass_rate_band: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0],
+        description="Trainability filter: keep only groups whose measured pass rate lies in "
+        "[lo, hi], e.g. [0.1, 0.8]; dropped groups are replaced by new ones.",
+    )
+    filter_max_dropped: int = Field(
+        8, ge=1,
+        description="Per step, at most this many x batch_groups groups are dropped by the "
+        "filters; past that the step trains on what arrives (a warning is logged).",
+    )
+    mask_truncated: bool = Field(
+        False, description="DAPO overlong filtering: no loss on completions stopped by the "
+        "token budget (finish_reason 'length')."
+    )
+    overlong_buffer: int = Field(
+        0, ge=0,
+        description="DAPO soft overlong punishment: penalty ramps from 0 to -overlong_penalty "
+        "over the last N tokens of the budget; 0 = off.",
+    )
+    overlong_penalty: float = Field(1.0, ge=0, description="Scale of the overlong punishment.")
+    length_penalty_coef: float = Field(
+        0.0, ge=0, description="Kimi k1.5 length penalty coefficient (0 = off)."
+    )
+    length_penalty_difficulty_aware: bool = Field(
+        True, description="Scale the length penalty by the group's pass rate (easy prompts are "
+        "pushed to be short, hard ones barely)."
+    )
+    offpolicy_correction: Literal["none", "tis", "icepop"] = Field(
+        "none",
+        description="Off-policy correction for async data: none (ratio against the rollout's "
+        "log-probs), tis (truncated IS weight) or icepop (mask tokens whose weight leaves "
+        "[offpolicy_low, offpolicy_high]); with tis/icepop the ratio is taken against the "
+        "learner's current policy.",
+    )
+    offpolicy_level: Literal["token", "sequence"] = Field(
+        "token", description="TIS/IcePop weight per token or per sequence (product of ratios)."
+    )
+    offpolicy_low: float = Field(0.0, ge=0, description="TIS/IcePop lower bound on the weight.")
+    offpolicy_high: float = Field(2.0, gt=0, description="TIS/IcePop upper bound on the weight.")
+    critic: Literal["head", "model"] = Field(
+        "head",
+        description="PPO critic: a value head on the policy's last hidden state (shared "
+        "backbone) or a separate value model initialised from model.path.",
+    )
+    critic_lr: float = Field(1e-3, gt=0, description="PPO critic AdamW learning rate.")
+    vf_coef: float = Field(0.5, ge=0, description="PPO value-loss coefficient.")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO GAE discount.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO GAE lambda.")
+    adv_whiten: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
+    # --- weight sync (climbrl/weightsync.py, learner/weights.py)
+    weight_sync: Literal["full", "delta", "lora"] = Field(
+        "full",
+        description="How new weights reach the engines. full: every tensor each publish. "
+        "delta: full finetuning, but only tensors that changed since the engine's version travel, "
+        "bit-exact (sparse or compressed xor encoding); a server at another version gets a full "
+        "sync. lora: train peft LoRA adapters only (base frozen); after a server's first full "
+        "sync only the adapter factors travel and the engine merges W + B@A*alpha/r.",
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank (weight_sync = 'lora').")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the scale is alpha / r.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"],
+        description="Module names (last path component) that get LoRA adapters.",
+    )
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> LearnerCfg:
+        if self.group_size < 2 and self.objective != "ppo":
+            raise ValueError(
+                f"learner.group_size = 1 gives {self.objective!r} no group to compare against; "
+                "use group_size >= 2 or objective = 'ppo' (learned critic)"
+            )
+        if self.group_size < 2 and (self.dynamic_sampling or self.pass_rate_band != [0.0, 1.0]):
+            raise ValueError("learner.dynamic_sampling and learner.pass_rate_band measure a pass "
+                             "rate per group: they need learner.group_size >= 2")
+        if len(self.pass_rate_band) != 2 or not (
+            0.0 <= self.pass_rate_band[0] <= self.pass_rate_band[1] <= 1.0
+        ):
+            raise ValueError(f"learner.pass_rate_band must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                             f"got {list(self.pass_rate_band)}")
+        if self.kl_coef > 0 and self.kl_estimator == "off":
+            raise ValueError("learner.kl_coef > 0 with kl_estimator = 'off': pick k1 or k3, or "
+                             "set kl_coef = 0")
+        if self.ratio_cap > 0:
+            if self.objective == "cispo":
+                raise ValueError("learner.ratio_cap applies to the clipped objectives (grpo, "
+                                 "gspo, ppo); cispo already bounds its weight by clip_high")
+            if self.ratio_cap <= 1.0 + self.clip_high:
+                raise ValueError(f"learner.ratio_cap ({self.ratio_cap}) must exceed "
+                                 f"1 + clip_high ({1.0 + self.clip_high})")
+        if self.target_entropy > 0 and not (
+            self.clip_high_min <= self.clip_high <= self.clip_high_max
+        ):
+            raise ValueError("learner.target_entropy > 0 needs clip_high_min <= clip_high <= "
+                             "clip_high_max")
+        if self.weight_sync == "lora" and not self.lora_targets:
+            raise ValueError("learner.weight_sync = 'lora' needs learner.lora_targets, e.g. "
+                             "['q_proj', 'v_proj']")
+        if self.offpolicy_low >= self.offpolicy_high:
+            raise ValueError("learner.offpolicy_low must be below learner.offpolicy_high")
+        if self.offpolicy_correction == "icepop" and self.offpolicy_level == "token" and not (
+            self.offpolicy_low < 1.0 < self.offpolicy_high
+        ):
+            raise ValueError("learner.offpolicy_correction = 'icepop' masks tokens outside "
+                             "[offpolicy_low, offpolicy_high]; that band must contain 1 (e.g. "
+                             "[0.5, 2.0]) or on-policy tokens are masked too")
+        return self
 
 
 class WireCfg(_Cfg):
@@ -93,6 +276,12 @@ class WireCfg(_Cfg):
     dead_after_s: float = Field(10.0, gt=0, description="Silence after which a server is dead.")
     connect_timeout_s: float = Field(300.0, gt=0, description="Wait for servers to say hello.")
     weight_sync_timeout_s: float = Field(120.0, gt=0, description="Deadline for a weight update.")
+    weight_phase_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Deadline for each phase of a weight update on a rollout server (recv, "
+        "decode, stage, pause, reload, resume); past it the update fails, the engine stays on "
+        "its previous weights and the ack reports the error.",
+    )
     order_timeout_s: float = Field(600.0, gt=0, description="Deadline for one work order.")
 
     @model_validator(mode="after")
@@ -102,6 +291,36 @@ class WireCfg(_Cfg):
         return self
 
 
+class ServeCfg(_Cfg):
+    """The OpenAI HTTP API on each rollout server's engine, during a run."""
+
+    enabled: bool = Field(
+        False, description="Expose vLLM's OpenAI API on every rollout server while training."
+    )
+    host: str = Field("127.0.0.1", description="Bind address (loopback unless told otherwise).")
+    port: int = Field(
+        0, ge=0, le=65535,
+        description="Port of the first server; server i uses port + i (0 = pick free ports).",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys accepted on /v1 and /climbrl (empty = no auth). The env var "
+        "CLIMBRL_API_KEY adds one.",
+    )
+    follow: Literal["latest", "pinned"] = Field(
+        "latest",
+        description="'latest': learner updates reach the endpoint live. 'pinned': the server "
+        "keeps the weights it starts with (it stops taking training orders; POST /climbrl/pin "
+        "with null returns it to 'latest').",
+    )
+    served_model_name: str = Field("", description="Model name in the API (default: model.path).")
+    vllm_args: list[str] = Field(
+        default_factory=list,
+        description="Extra vLLM serve options, e.g. ['--enable-auto-tool-choice', "
+        "'--tool-call-parser', 'hermes'].",
+    )
+
+
 class Config(_Cfg):
     run: RunCfg = Field(default_factory=RunCfg)
     model: ModelCfg
@@ -109,6 +328,7 @@ class Config(_Cfg):
     rollout: RolloutCfg = Field(default_factory=RolloutCfg)
     learner: LearnerCfg = Field(default_factory=LearnerCfg)
     wire: WireCfg = Field(default_factory=WireCfg)
+    serve: ServeCfg = Field(default_factory=ServeCfg)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -121,6 +341,11 @@ class Config(_Cfg):
             )
         if self.rollout.max_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_tokens must be below rollout.max_model_len")
+        budget = self.learner.loss_agg_len or self.rollout.max_tokens
+        if self.learner.overlong_buffer > budget:
+            raise ValueError(f"learner.overlong_buffer ({self.learner.overlong_buffer}) must not "
+                             f"exceed the length budget ({budget}: learner.loss_agg_len or "
+                             "rollout.max_tokens)")
         return self
 
 

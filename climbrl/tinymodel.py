@@ -87,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moe", action="store_true")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=384,
+                   help="260 = bytes + specials only: one token per letter (learns fastest)")
     a = p.parse_args(argv)
     from climbrl.envs.tasks import corpus_for_tokenizer
 
     make_tiny_model(
-        a.out_dir, corpus_for_tokenizer(), moe=a.moe, hidden_size=a.hidden_size, num_layers=a.layers
+        a.out_dir, corpus_for_tokenizer(), moe=a.moe, hidden_size=a.hidden_size,
+        num_layers=a.layers, vocab_size=a.vocab_size,
     )
     print(a.out_dir)
     return 0

@@ -41,12 +41,24 @@ class Hello(_Msg, kw_only=True):
     policy_version: int
     model: str
     max_concurrency: int
+    http_url: str = ""  # the OpenAI API on this engine ("" = not served)
 
 
 class Heartbeat(_Msg, kw_only=True):
     server_id: str
     policy_version: int
     inflight: int
+    accepting_orders: bool = True  # False while the served weights are pinned
+
+
+class Routing(msgspec.Struct, array_like=True):
+    """Routed MoE experts of one sample (R3 replay): ``data`` is a C-order array of ``dtype``
+    ("uint8" or "int16") and ``shape`` [T, layers, top_k], T = input positions from the first
+    prompt token on. 255 (uint8) / -1 (int16) marks a position or layer that was not recorded."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
 
 
 class Sample(msgspec.Struct, kw_only=True):
@@ -63,6 +75,13 @@ class Sample(msgspec.Struct, kw_only=True):
     finish_reason: str
     text: str = ""
     metrics: dict[str, float] = {}
+    task_id: str = ""  # the env's Task.task_id
+    step_rewards: list[float] = []  # optional per-step rewards (StepResult.step_reward)
+    # Train = inference replay (climbrl.rollout.replay). keep_counts aligns with completion_ids:
+    # the top-p/top-k kept set of that token is the n highest tempered logits, ties included
+    # (0 = unfiltered or not recorded). routing: the experts the engine routed each position to.
+    keep_counts: list[int] = []
+    routing: Routing | None = None
 
 
 class Trajectory(_Msg, kw_only=True):
@@ -82,6 +101,8 @@ class WeightAck(_Msg, kw_only=True):
     ok: bool
     phases: dict[str, float] = {}  # seconds per phase: recv, stage, pause, reload, resume
     error: str = ""
+    deferred: bool = False  # pinned: kept, applied when the pin is lifted
+    rolled_back: bool = False  # failed midway; the previous weights were reloaded
 
 
 class Error(_Msg, kw_only=True):
@@ -124,10 +145,15 @@ class TensorMeta(msgspec.Struct, array_like=True):
 
 
 class WeightManifest(_Msg, kw_only=True):
-    """New weights: one frame per entry of ``tensors`` follows the body."""
+    """New weights: one frame per entry of ``tensors`` follows the body. ``kind``, the frame
+    name suffixes and the LoRA fields are read by ``climbrl.weightsync``."""
 
     version: int
     tensors: list[TensorMeta]
+    kind: str = "full"  # "full": every tensor; "delta": what changed since base_version
+    base_version: int = -1  # delta: the version the engine must be at
+    adapters: bool = False  # True: the "#lora_A"/"#lora_B" frames replace the adapter set
+    lora_scale: float = 0.0  # alpha / r: merged weight = W + (B @ A) * lora_scale
 
 
 class Control(_Msg, kw_only=True):

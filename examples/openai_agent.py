@@ -32,21 +32,30 @@ def grade(prompt: str, answer: str, letters: str = "abcdefgh", n: int = 4) -> fl
     return sum(1.0 if c == target else 0.25 if c in letters else 0.0 for c in head) / n
 
 
+_clients: dict[tuple[str, str], AsyncOpenAI] = {}
+
+
+def client_for(base_url: str, api_key: str) -> AsyncOpenAI:
+    """One client (one connection pool) per endpoint, shared by the agent's episodes."""
+    key = (base_url, api_key)
+    if key not in _clients:
+        _clients[key] = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    return _clients[key]
+
+
 async def run(task: dict[str, Any], base_url: str, api_key: str, model: str,
               session_id: str) -> float:
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                         default_headers={"X-Session-ID": session_id})
-    try:
-        r = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": task["prompt"]}], max_tokens=4)
-        answer = r.choices[0].message.content or ""
-        reward = grade(task["prompt"], answer)
-        await client.post(f"/climbrl/sessions/{session_id}/reward", cast_to=object,
-                          body={"reward": reward,
-                                "metrics": {"correct": float(answer[:1] == task["prompt"][0])}})
-        return reward
-    finally:
-        await client.close()
+    client = client_for(base_url, api_key)
+    session = {"X-Session-ID": session_id}
+    r = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": task["prompt"]}], max_tokens=4,
+        extra_headers=session)
+    answer = r.choices[0].message.content or ""
+    reward = grade(task["prompt"], answer)
+    await client.post(f"/climbrl/sessions/{session_id}/reward", cast_to=object,
+                      body={"reward": reward,
+                            "metrics": {"correct": float(answer[:1] == task["prompt"][0])}})
+    return reward
 
 
 if __name__ == "__main__":

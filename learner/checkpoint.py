@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import torch
 
 
 def save_checkpoint(
-    out: Path, step: int, model: Any, tokenizer: Any, opt: Any, state: dict[str, Any]
+    out: Path, step: int, model: Any, tokenizer: Any, opt: Any, state: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
+    """``extra(folder)`` writes more files (e.g. the PPO critic) before the folder goes live."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -27,6 +30,8 @@ def save_checkpoint(
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    if extra is not None:
+        extra(tmp)
     (tmp / "learner_state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)

@@ -31,6 +31,7 @@ class ServerState:
     version: int
     last_seen: float
     alive: bool = True
+    accepting_orders: bool = True
     inflight_orders: set[str] = field(default_factory=set)
 
 
@@ -96,6 +97,11 @@ class LearnerHub:
     def alive_servers(self) -> list[str]:
         with self.lock:
             return [s for s, st in self.servers.items() if st.alive]
+
+    def order_servers(self) -> list[str]:
+        """Live servers that take work orders (a server pinned for serving does not)."""
+        with self.lock:
+            return [s for s, st in self.servers.items() if st.alive and st.accepting_orders]
 
     def check_dead(self, dead_after_s: float) -> list[str]:
         """Mark servers silent for longer than ``dead_after_s`` dead; return the new deaths."""
@@ -169,6 +175,7 @@ class LearnerHub:
                 st.last_seen = now
                 if isinstance(msg, Heartbeat):
                     st.version = msg.policy_version
+                    st.accepting_orders = msg.accepting_orders
                 elif isinstance(msg, WeightAck) and msg.ok:
                     st.version = msg.version
         if st is None and not isinstance(msg, Hello):

@@ -20,9 +20,11 @@ import torch
 from climbrl.envs.base import make_env
 from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from climbrl.learner.data import DataCursor
-from climbrl.learner.grpo import clipped_pg_loss, group_advantages
 from climbrl.learner.hub import LearnerHub
 from climbrl.learner.logprobs import completion_logprobs
+from climbrl.learner.objectives_shaping import keep_group, pass_rate
+from climbrl.learner.objectives_step import ObjectiveStep
+from climbrl.learner.weights import WeightPublisher, setup_lora
 
 from climbrl.config import Config
 from climbrl.metrics import MetricsWriter
@@ -32,10 +34,8 @@ from climbrl.wire import (
     SamplingSpec,
     Trajectory,
     WeightAck,
-    WeightManifest,
     WorkOrder,
 )
-from climbrl.wire import tensor_meta as _meta
 
 log = logging.getLogger("climbrl.learner")
 
@@ -85,23 +85,31 @@ class Learner:
         self.env = make_env(cfg.env.name, cfg.env.args)
         dtype = getattr(torch, cfg.model.dtype)
         ckpt = latest_checkpoint(self.out) if resume else None
-        src = str(ckpt) if ckpt else cfg.model.path
+        # LoRA resumes from the frozen base plus the checkpoint's adapter (its weights are merged)
+        src = str(ckpt) if ckpt and lc.weight_sync != "lora" else cfg.model.path
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        if lc.weight_sync == "lora":
+            self.model = setup_lora(self.model, lc, ckpt)
+        self.weights = WeightPublisher(self.model, lc.weight_sync, cfg.model.path)
         self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.99)
+            self.weights.trainable(), lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.99)
         )
         self.ref = None
-        if lc.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).eval()
+        if lc.kl_coef > 0 and lc.kl_estimator != "off":
+            self.ref = AutoModelForCausalLM.from_pretrained(
+                lc.ref_model_path or cfg.model.path, dtype=dtype
+            ).eval()
             self.ref.requires_grad_(False)
+        self.obj = ObjectiveStep(cfg, self.model, self.env.reward_range[1])
         self.cursor = DataCursor(self.env.num_tasks("train"), seed=cfg.run.seed)
         self.step = self.version = 0
         if ckpt:
             st = load_state(ckpt, self.opt)
             self.step, self.version = st["step"], st["version"]
             self.cursor = DataCursor.from_state(st["cursor"])
+            self.obj.load_state(st.get("objective", {}), ckpt)
             log.info("resumed from %s at step %d", ckpt, self.step)
         self.hub = LearnerHub(cfg.wire.host, cfg.wire.port, cfg.wire.heartbeat_s, self.run_id)
         self.metrics = MetricsWriter(self.out, resume=resume)
@@ -109,7 +117,9 @@ class Learner:
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
         self.eval_results: dict[str, Trajectory] = {}
-        self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0)
+        self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
+                             filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
+                             weight_syncs_delta=0, weight_syncs_failed=0)
         self.pending_acks: dict[str, tuple[int, float]] = {}
         self.sync_times: list[float] = []
         self.sync_phases: dict[str, float] = {}
@@ -134,7 +144,9 @@ class Learner:
             self.publish_weights()
 
     def _pick_server(self) -> str:
-        alive = self.hub.alive_servers()
+        alive = self.hub.order_servers()
+        if not alive:  # every live server is pinned for serving: its data is judged by staleness
+            alive = self.hub.alive_servers()
         if not alive:
             raise LearnerError("no rollout server is alive; see their logs for the cause")
         load = {s: 0 for s in alive}
@@ -205,6 +217,7 @@ class Learner:
             elif isinstance(msg, Hello):
                 log.info("rollout %s (pid %d) connected at version %d", sid, msg.pid,
                          msg.policy_version)
+                self.weights.forget(sid)  # a (re)joined engine gets a full sync
                 if msg.policy_version != self.version and self.step > 0:
                     self._publish_to([sid])
         for sid in self.hub.check_dead(self.cfg.wire.dead_after_s):
@@ -217,6 +230,8 @@ class Learner:
         for sid, (ver, t0) in list(self.pending_acks.items()):
             if now - t0 > self.cfg.wire.weight_sync_timeout_s:
                 del self.pending_acks[sid]
+                self.weights.forget(sid)
+                self.counters["weight_syncs_failed"] += 1
                 log.error("weight sync to %s (version %d) timed out", sid, ver)
 
     def _reassign(self, pred: Any) -> None:
@@ -226,8 +241,12 @@ class Learner:
                 self._send_order(o["seq"], o["task"], o["split"], o["eval"])
 
     def collect(self, n: int) -> list[Trajectory]:
-        """Wait for ``n`` groups within the staleness bound; drop or correct the others."""
+        """Wait for ``n`` groups within the staleness bound; drop or correct the others.
+        With dynamic sampling / a pass-rate band, groups outside it are dropped (their prompt
+        counts as consumed) and new orders refill the batch, up to a drop budget per step."""
         lc = self.cfg.learner
+        filtering = lc.dynamic_sampling or list(lc.pass_rate_band) != [0.0, 1.0]
+        budget = lc.filter_max_dropped * n
         while True:
             keep = []
             for tr in self.ready:
@@ -237,6 +256,16 @@ class Learner:
                         self.cursor.requeue(self.seq_of.pop(tr.order_id))
                         continue
                     self.counters["stale_corrected"] += 1
+                if filtering and budget > 0:
+                    rate = pass_rate(tr.samples, self.env.reward_range[1])
+                    if not keep_group(rate, lc.dynamic_sampling, tuple(lc.pass_rate_band)):
+                        budget -= 1
+                        self.counters["filtered_groups"] += 1
+                        self.cursor.done(self.seq_of.pop(tr.order_id))
+                        if budget == 0:
+                            log.warning("filters dropped %d groups this step; training on the "
+                                        "next ones unfiltered", lc.filter_max_dropped * n)
+                        continue
                 keep.append(tr)
             self.ready = keep
             if len(self.ready) >= n:
@@ -248,67 +277,39 @@ class Learner:
     # ------------------------------------------------------------------ training
 
     def train_step(self, groups: list[Trajectory]) -> dict[str, float]:
+        """One optimizer step of ``learner.objective`` (learner/objectives_step.py)."""
         lc = self.cfg.learner
         t0 = time.perf_counter()
-        samples = [s for g in groups for s in g.samples]
-        rewards = torch.tensor([[s.reward for s in g.samples] for g in groups])
-        adv = group_advantages(rewards, std_norm=lc.adv_std_norm).flatten()
-        lags = [self.version - g.policy_version for g in groups for _ in g.samples]
-        total_tokens = float(sum(sum(s.completion_mask) for s in samples))
+        batch = self.obj.prepare(groups, self.version)  # shaped rewards, advantages, norms
+        samples = batch.samples
         self.opt.zero_grad(set_to_none=True)
-        agg = dict(loss=0.0, entropy=0.0, clip=0.0, mm_sum=0.0, mm_max=0.0, mm_n=0.0, kl=0.0)
+        self.obj.zero_grad()
+        if self.obj.critic is not None:
+            self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
         for i in range(0, len(samples), lc.micro_batch_size):
             mb = samples[i : i + lc.micro_batch_size]
-            b = completion_logprobs(
-                self.model, mb, temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl
-            )
-            old, mask = b["old_logp"], b["mask"]
-            lag = torch.tensor(lags[i : i + len(mb)]).unsqueeze(1)
-            is_w = None
-            if lc.stale_policy == "correct" and bool((lag > lc.max_staleness).any()):
-                w = torch.exp(b["logp"].detach() - old).clamp(max=lc.tis_cap)
-                is_w = torch.where(lag > lc.max_staleness, w, torch.ones_like(w))
-                old = torch.where(lag > lc.max_staleness, b["logp"].detach(), old)
+            with self.obj.capture_hidden(self.model):  # value head reads the same forward
+                b = completion_logprobs(
+                    self.model, mb, temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
+                    fp32_head=lc.fp32_lm_head,
+                )
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref = completion_logprobs(self.ref, mb, self.cfg.rollout.temperature)["logp"]
-            loss, st = clipped_pg_loss(
-                b["logp"], old, adv[i : i + len(mb)], mask,
-                clip_low=lc.clip_low, clip_high=lc.clip_high, total_tokens=total_tokens,
-                is_weight_BT=is_w, ref_logp_BT=ref, kl_coef=lc.kl_coef,
-                kl_estimator=lc.kl_estimator,
-            )
-            loss.backward()
-            with torch.no_grad():
-                m = mask.bool()
-                fresh = m & (lag == 0)
-                diff = (b["logp"].detach() - old).abs()[fresh]
-                agg["loss"] += float(loss)
-                agg["entropy"] += float(b["entropy"][m].sum())
-                agg["clip"] += float(st["clip_count"])
-                agg["mm_sum"] += float(diff.sum())
-                agg["mm_n"] += float(diff.numel())
-                agg["mm_max"] = max(agg["mm_max"], float(diff.max()) if diff.numel() else 0.0)
+                    ref = completion_logprobs(self.ref, mb, self.cfg.rollout.temperature,
+                                              fp32_head=lc.fp32_lm_head)["logp"]
+            self.obj.micro_loss(batch, i, b, ref).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
         self.opt.step()
+        critic_grad_norm = self.obj.step_critic()
         for g in groups:
             self.cursor.done(self.seq_of.pop(g.order_id))
-        n_tok = max(total_tokens, 1.0)
-        return {
-            "loss": agg["loss"],
-            "reward": float(rewards.mean()),
-            "correct": _mean([s.metrics.get("correct", float("nan")) for s in samples]),
-            "entropy": agg["entropy"] / n_tok,
-            "clip_frac": agg["clip"] / n_tok,
-            "grad_norm": float(grad_norm),
-            "staleness_mean": sum(lags) / len(lags),
-            "staleness_max": float(max(lags)),
-            "mismatch_mean": agg["mm_sum"] / max(agg["mm_n"], 1.0),
-            "mismatch_max": agg["mm_max"],
-            "completion_len": total_tokens / len(samples),
-            "train_s": time.perf_counter() - t0,
-        }
+        stats = self.obj.finish(batch)  # also steps the clip-high controller
+        stats["grad_norm"] = float(grad_norm)
+        if self.obj.critic is not None:
+            stats["critic_grad_norm"] = critic_grad_norm
+        stats["train_s"] = time.perf_counter() - t0
+        return stats
 
     # ------------------------------------------------------------------ weights
 
@@ -318,19 +319,28 @@ class Learner:
         return self.sync_times[-1] if self.sync_times else float("nan")
 
     def _publish_to(self, servers: list[str]) -> None:
-        names, tensors = zip(*self.model.state_dict().items())
-        manifest = WeightManifest(
-            version=self.version, tensors=[_meta(n, t) for n, t in zip(names, tensors)]
-        )
-        for sid in servers:
-            self.pending_acks[sid] = (self.version, time.monotonic())
-            self.hub.send(sid, manifest, list(tensors))
+        """Full sync to servers at an unknown version, delta/adapters to the others
+        (``learner.weight_sync``; learner/weights.py)."""
+        for sids, manifest, tensors in self.weights.messages(self.version, servers):
+            size = self.weights.last[manifest.kind]
+            for sid in sids:
+                self.pending_acks[sid] = (self.version, time.monotonic())
+                self.hub.send(sid, manifest, tensors)
+                self.counters["weight_bytes_sent"] += size
+                self.counters[f"weight_syncs_{manifest.kind}"] += 1
 
     def _on_ack(self, sid: str, ack: WeightAck, arrived: float) -> None:
         pend = self.pending_acks.pop(sid, None)
+        if ack.deferred or not ack.ok:
+            self.weights.forget(sid)  # pinned or failed: its next update is a full sync
+        if ack.deferred:
+            log.info("%s is pinned at version %d for serving; it will take version %s when "
+                     "unpinned", sid, ack.version, pend[0] if pend else "?")
+            return
         if not ack.ok:
-            log.error("weight update on %s failed, it stays on version %d: %s", sid,
-                      ack.version, ack.error)
+            self.counters["weight_syncs_failed"] += 1
+            log.error("weight update on %s failed, it stays on version %d%s: %s", sid,
+                      ack.version, " (rolled back)" if ack.rolled_back else "", ack.error)
             return
         if pend is not None and pend[0] == ack.version:
             self.sync_times.append(arrived - pend[1])
@@ -373,8 +383,11 @@ class Learner:
         self.metrics.write(rec)
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "version": self.version, "cursor": self.cursor.state()}
-        return save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.opt, state)
+        state = {"step": self.step, "version": self.version, "cursor": self.cursor.state(),
+                 "objective": self.obj.state()}
+        return save_checkpoint(self.out, self.step, self.weights.checkpoint_model(),
+                               self.tokenizer, self.opt, state,
+                               extra=self.obj.save)
 
     def finish(self, before: float | None, after: float) -> dict[str, Any]:
         summary = {"steps": self.step, "accuracy_before": before, "accuracy_after": after,

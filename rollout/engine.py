@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 WORKER_EXTENSION = "climbrl.rollout.worker_ext.WeightReceiver"
+# Top-p/top-k done (and recorded) by climbrl for replayed requests; a no-op for the others.
+REPLAY_LOGITS_PROCESSOR = "climbrl.rollout.replay:TopKTopPReplay"
 
 
 def prepare_vllm_env(kv_cache_gb: float = 1.0) -> None:
@@ -28,11 +30,14 @@ def engine_args(
     *,
     dtype: str = "float32",
     kv_cache_gb: float = 1.0,
-    max_model_len: int = 512,
+    max_model_len: int | None = 512,
     enforce_eager: bool = True,
     max_num_seqs: int = 64,
     seed: int = 0,
+    replay_routing: bool = True,
+    fp32_lm_head: bool = True,
 ) -> Any:
+    from climbrl.rollout.replay import native_routing_kwargs
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
@@ -41,11 +46,16 @@ def engine_args(
         seed=seed,
         logprobs_mode="processed_logprobs",
         worker_extension_cls=WORKER_EXTENSION,
+        logits_processors=[REPLAY_LOGITS_PROCESSOR],
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         enforce_eager=enforce_eager,
         kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)),
         enable_prefix_caching=True,
+        # vLLM's own head_dtype switch: F.linear(h.float(), W.float()) on CPU, an fp32-output
+        # matmul on CUDA. A no-op for float32 models; the sampler is float32 either way.
+        hf_overrides={"head_dtype": "float32" if fp32_lm_head else "model"},
+        **native_routing_kwargs(model, replay_routing),
     )
 
 

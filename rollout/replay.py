@@ -402,18 +402,18 @@ def install_capture(worker: Any, routing: bool) -> dict[str, Any]:
 
     runner = worker.model_runner
     info: dict[str, Any] = {"routing": False}
+    head = getattr(getattr(runner.get_model(), "logits_processor", None), "head_dtype", None)
+    info["head_dtype"] = str(head).removeprefix("torch.") if head is not None else "model"
     if not current_platform.is_cpu():
         # GPU: vLLM captures routing itself when built with native_routing_kwargs (untested).
         aux = getattr(runner.vllm_config, "aux_output_config", None)
         native = bool(getattr(aux, "enable_return_routed_experts", False))
-        return {"routing": routing and native, "native": native}
+        return {**info, "routing": routing and native, "native": native}
     if routing and runner.vllm_config.model_config.get_num_experts() > 0 and _CAPTURE is None:
         _CAPTURE = RoutingCapture(runner)
-        info = {"routing": True, "layers": _CAPTURE.num_layers, "top_k": _CAPTURE.top_k,
-                "routers": _CAPTURE.bound, "dtype": np.dtype(_CAPTURE.dtype).name}
-    elif _CAPTURE is not None:
-        info = {"routing": True, "layers": _CAPTURE.num_layers, "top_k": _CAPTURE.top_k,
-                "routers": _CAPTURE.bound, "dtype": np.dtype(_CAPTURE.dtype).name}
+    if _CAPTURE is not None:
+        info.update(routing=True, layers=_CAPTURE.num_layers, top_k=_CAPTURE.top_k,
+                    routers=_CAPTURE.bound, dtype=np.dtype(_CAPTURE.dtype).name)
     return info
 
 

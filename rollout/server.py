@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from climbrl.envs.base import Env, make_env
+from climbrl.envs.base import Env, Turn, make_env, resolve_env
+from climbrl.envs.chat import ChatRenderer, parse_tool_calls
 
 from climbrl.config import Config
 from climbrl.wire import (
@@ -33,13 +36,13 @@ from climbrl.wire import (
     Error,
     Heartbeat,
     Hello,
+    Routing,
     Sample,
     Trajectory,
     WeightAck,
     WeightManifest,
     WireError,
     WorkOrder,
-    nbytes_of,
 )
 
 log = logging.getLogger("climbrl.rollout")
@@ -74,6 +77,14 @@ class RolloutServer:
         self._stop = asyncio.Event()
         self._last_learner_msg = time.monotonic()
         self._req = 0
+        self.control: Any = None  # serving.app.ServingControl when the HTTP API is up
+        self.sessions: Any = None  # serving.capture.SessionStore
+        self.http_url = ""
+        self._http: Any = None
+        self._deferred: tuple[WeightManifest, list[Any]] | None = None
+        from climbrl.weightsync import EngineWeights
+
+        self.wstate = EngineWeights(initial_version)  # the engine's weights, for delta/rollback
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -90,9 +101,15 @@ class RolloutServer:
             enforce_eager=r.enforce_eager,
             max_num_seqs=r.max_concurrency,
             seed=self.cfg.run.seed,
+            replay_routing=r.replay_routing,
+            fp32_lm_head=r.fp32_lm_head,
         )
         await self.engine.update_weight_version(str(self.version))
+        from climbrl.rollout import replay
+
+        self.replay_info = await replay.install(self.engine, routing=r.replay_routing)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        await self._start_http()
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -107,6 +124,7 @@ class RolloutServer:
                 policy_version=self.version,
                 model=self.model_path,
                 max_concurrency=r.max_concurrency,
+                http_url=self.http_url,
             )
         )
         log.info("rollout %s up, connected to %s", self.server_id, self.endpoint)
@@ -118,6 +136,9 @@ class RolloutServer:
             self.sock.close(linger=0)
             self.ctx.term()
             self.shm_path.unlink(missing_ok=True)
+            if self._http is not None:
+                self._http[0].should_exit = True
+                await asyncio.wait([self._http[1]], timeout=5)
             try:
                 self.engine.shutdown()
             except Exception as e:  # vLLM's own teardown; the process exits anyway
@@ -135,6 +156,7 @@ class RolloutServer:
                     server_id=self.server_id,
                     policy_version=self.version,
                     inflight=len(self.inflight),
+                    accepting_orders=self.control is None or self.control.pinned is None,
                 )
             )
             if time.monotonic() - self._last_learner_msg > w.dead_after_s:
@@ -184,9 +206,12 @@ class RolloutServer:
         try:
             env_probe = make_env(order.env, order.env_args)
             task = env_probe.get_task(order.split, order.task_index)
+            episode = self._agent_episode if getattr(env_probe, "black_box", False) else None
             samples = await asyncio.gather(
                 *(
-                    self._episode(order, make_env(order.env, order.env_args), task, i)
+                    (episode or self._episode)(
+                        order, make_env(order.env, order.env_args), task, i
+                    )
                     for i in range(order.group_size)
                 )
             )
@@ -214,18 +239,19 @@ class RolloutServer:
             )
         )
 
-    def _encode_prompt(self, prompt: Any) -> list[int]:
+    def _encode_prompt(self, prompt: Any, chat: ChatRenderer | None = None) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=False)
-        return list(
-            self.tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-        )
+        return (chat or ChatRenderer(self.tokenizer)).prompt_ids(prompt)
 
-    async def _generate(self, ids: list[int], sp: Any) -> Any:
+    async def _generate(self, ids: list[int], sp: Any) -> tuple[Any, dict[str, Any] | None]:
+        """(completion output, replay record or None: climbrl.rollout.replay.take)."""
+        from climbrl.rollout import replay
         from vllm.inputs import TokensPrompt
 
         self._req += 1
         rid = f"{self.server_id}-{self._req}"
+        replayed = replay.tag(sp, rid)
         # Salting the prefix cache by weight version keeps KV computed by old weights from
         # being reused for new requests (vLLM refuses to reset it while requests hold blocks).
         prompt = TokensPrompt(prompt_token_ids=ids, cache_salt=f"v{self.version}")
@@ -233,35 +259,53 @@ class RolloutServer:
         async with self.sem:
             async for out in self.engine.generate(prompt, sp, request_id=rid):
                 final = out
-        return final.outputs[0]
+        record = None
+        if replayed:
+            record = await replay.take(self.engine, rid, final.outputs[0], len(ids))
+        return final.outputs[0], record
 
     async def _episode(self, order: WorkOrder, env: Env, task: Any, index: int) -> Sample:
-        from vllm import SamplingParams
+        from climbrl.rollout import replay
 
         s = order.sampling
+        keep: list[int] = []
+        routing: Routing | None = None
         try:
-            prompt_ids = self._encode_prompt(await env.reset(task))
+            prompt = await env.reset(task)
+            tools = env.tools()
+            # Chat prompts are rendered with the template once; later turns append only the
+            # tokens of new messages (climbrl.envs.chat), never re-tokenising sampled ones.
+            chat = None if isinstance(prompt, str) else ChatRenderer(self.tokenizer, tools)
+            prompt_ids = self._encode_prompt(prompt, chat)
+            step_rewards: list[float] = []
+            n_calls = n_call_errors = n_turns = 0
             ids: list[int] = []
             mask: list[int] = []
             lps: list[float] = []
             vers: list[int] = []
             reward, finish, text_all, info = 0.0, "length", "", {}
             max_len = self.cfg.rollout.max_model_len
-            for turn in range(16):
+            for turn in range(max(1, env.max_turns)):
                 room = max_len - len(prompt_ids) - len(ids)
                 if room <= 0:
                     finish = "context"
                     break
-                sp = SamplingParams(
+                sp = replay.sampling_params(
                     temperature=s.temperature,
                     top_p=s.top_p,
                     top_k=s.top_k,
                     max_tokens=min(s.max_tokens, room),
                     logprobs=0,
                     seed=None if s.seed is None else _seed(s.seed, order.order_id, index, turn),
+                    replay_mask=self.cfg.rollout.replay_sampling_mask,
+                    replay_routing=self.cfg.rollout.replay_routing
+                    and bool(self.replay_info.get("routing")),
                 )
-                out = await self._generate(prompt_ids + ids, sp)
+                out, rec = await self._generate(prompt_ids + ids, sp)
                 toks = list(out.token_ids)
+                keep += replay.keep_list(rec, len(toks))
+                if rec and rec.get("routing"):
+                    routing = Routing(**rec["routing"])  # the last turn's covers every position
                 ids += toks
                 mask += [1] * len(toks)
                 lps += [lp[t].logprob for lp, t in zip(out.logprobs, toks)]
@@ -269,12 +313,33 @@ class RolloutServer:
                 finish = out.finish_reason or "length"
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 text_all += text
-                res = await env.step(text)
+                content, calls, errors = parse_tool_calls(text)
+                n_turns, n_calls, n_call_errors = turn + 1, n_calls + len(calls), n_call_errors + len(errors)
+                res = await env.respond(
+                    Turn(text=text, content=content, tool_calls=tuple(calls),
+                         tool_call_errors=tuple(errors), finish_reason=finish, index=turn)
+                )
                 reward, info = float(res.reward), dict(res.info)
-                if res.done or not res.observation:
+                if res.step_reward is not None:
+                    step_rewards.append(float(res.step_reward))
+                if res.done:
                     break
-                obs = self.tokenizer.encode(res.observation, add_special_tokens=False)
+                if res.messages:
+                    if chat is None:
+                        raise ValueError(
+                            f"env {order.env!r} returned chat messages after a text prompt: "
+                            "return chat messages from reset(), or use StepResult.observation"
+                        )
+                    obs = chat.continuation_ids(toks, res.messages)
+                elif res.observation:
+                    obs = self.tokenizer.encode(res.observation, add_special_tokens=False)
+                else:
+                    break
+                if len(prompt_ids) + len(ids) + len(obs) >= max_len:
+                    finish = "context"
+                    break
                 ids += obs
+                keep += [0] * len(obs)
                 mask += [0] * len(obs)
                 lps += [0.0] * len(obs)
                 vers += [-1] * len(obs)
@@ -289,59 +354,197 @@ class RolloutServer:
             reward=reward,
             finish_reason=finish,
             text=text_all,
-            metrics={k: float(v) for k, v in info.items()},
+            metrics={**{k: float(v) for k, v in info.items()}, "turns": float(n_turns),
+                     "tool_calls": float(n_calls), "tool_call_errors": float(n_call_errors)},
+            task_id=task.task_id,
+            step_rewards=step_rewards,
+            keep_counts=keep if any(keep) else [],
+            routing=routing,
+        )
+
+    # ------------------------------------------------------------------ HTTP + agents
+
+    async def _start_http(self) -> None:
+        """vLLM's OpenAI API on this engine, if the config asks for it or the env needs it."""
+        sc = self.cfg.serve
+        needs = getattr(_env_class(self.cfg.env.name), "black_box", False)
+        if not (sc.enabled or needs):
+            return
+        from climbrl.serving.app import (
+            ServingControl,
+            bound_port,
+            build_serving_app,
+            run_http,
+            vllm_args,
+        )
+
+        keys = list(sc.api_keys) + (
+            [os.environ["CLIMBRL_API_KEY"]] if os.environ.get("CLIMBRL_API_KEY") else [])
+        self.agent_key = keys[0] if keys else "climbrl-no-key"
+        self.served_name = sc.served_model_name or self.model_path
+        self.control = ServingControl()
+        self.control.version = self.version
+        self.control.on_unpin = self._on_unpin
+        if sc.follow == "pinned":
+            self.control.pinned = self.version
+        args = vllm_args(self.model_path, list(sc.vllm_args),
+                         served_model_name=[self.served_name])
+        app, self.sessions = await build_serving_app(
+            self.engine, args, self.control, self.tokenizer, keys)
+        index = int(self.server_id[1:]) if self.server_id[1:].isdigit() else 0
+        port = sc.port + index if sc.port else 0
+        self._http = await run_http(app, sc.host, port)
+        self.http_url = f"http://{sc.host}:{bound_port(self._http[0])}"
+        log.info("rollout %s serves the OpenAI API on %s/v1", self.server_id, self.http_url)
+        out = Path(self.cfg.run.output_dir) / "serving"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{self.server_id}.json").write_text(json.dumps(
+            {"server_id": self.server_id, "url": self.http_url + "/v1",
+             "model": self.served_name, "pid": os.getpid()}))
+
+    async def _on_unpin(self) -> None:
+        if self._deferred is not None:
+            m, frames = self._deferred
+            self._deferred = None
+            await self._apply_weights(m, frames)
+
+    async def _agent_episode(self, order: WorkOrder, env: Any, task: Any, index: int) -> Sample:
+        """One black-box agent episode: a session on this engine's endpoint (envs.agent)."""
+        from climbrl.envs.agent import AgentContext
+
+        s = order.sampling
+        sid = f"{order.order_id}-{index}-{uuid.uuid4().hex[:8]}"
+        sess = self.sessions.open(sid)
+        sess.sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+        ctx = AgentContext(base_url=self.http_url + "/v1", api_key=self.agent_key,
+                           model=self.served_name, session_id=sid)
+        try:
+            await env.run_agent(task, ctx)
+            if sess.turns == 0:
+                raise ValueError(f"agent {env.agent!r} made no request in session {sid}: send "
+                                 "requests with the X-Session-ID header it was given")
+            if env.reward_mode == "env":
+                res = await env.score(task, sess.last_text)
+                sess.reward, sess.metrics = float(res.reward), dict(res.info)
+            elif not sess.finished.is_set():
+                raise ValueError(f"agent {env.agent!r} returned without posting a reward for "
+                                 f"session {sid} (POST /v1/climbrl/sessions/{sid}/reward)")
+        finally:
+            self.sessions.pop(sid)
+            await env.close()
+        seg = sess.segments[-1]
+        return Sample(
+            prompt_ids=seg.prompt_ids,
+            completion_ids=seg.completion_ids,
+            completion_mask=seg.mask,
+            logprobs=seg.logprobs,
+            versions=seg.versions,
+            reward=float(sess.reward),
+            finish_reason=sess.finish_reason or "stop",
+            text=sess.text,
+            metrics={**sess.metrics, "agent_turns": float(sess.turns),
+                     "agent_drift": float(sess.drift)},
+            task_id=task.task_id,
         )
 
     # ------------------------------------------------------------------ weights
 
     async def _apply_weights(self, m: WeightManifest, frames: list[Any]) -> None:
         phases: dict[str, float] = {"recv": max(0.0, time.time() - m.sent_at)}
-        timeout = self.cfg.wire.weight_sync_timeout_s
+        if self.control is not None and self.control.pinned is not None:
+            self._deferred = (m, frames)  # only the newest is kept; applied on unpin
+            log.info("pinned at version %d: update to version %d deferred", self.version,
+                     m.version)
+            await self._send(WeightAck(server_id=self.server_id, version=self.version, ok=True,
+                                       phases=phases, deferred=True))
+            return
         async with self.weight_lock:
-            try:
-                if len(frames) != len(m.tensors):
-                    raise WireError(f"manifest lists {len(m.tensors)} tensors, got {len(frames)}")
-                t = time.perf_counter()
-                layout, off = [], 0
-                with open(self.shm_path, "wb") as f:
-                    for meta, fr in zip(m.tensors, frames):
-                        buf = fr.buffer if hasattr(fr, "buffer") else memoryview(fr)
-                        if buf.nbytes != nbytes_of(meta):
-                            raise WireError(f"tensor {meta.name}: wrong byte count")
-                        f.write(buf)
-                        layout.append((meta.name, meta.dtype, list(meta.shape), off))
-                        off += buf.nbytes
-                phases["stage"] = time.perf_counter() - t
-                t = time.perf_counter()
-                await self.engine.pause_generation(mode="keep", clear_cache=False)
-                phases["pause"] = time.perf_counter() - t
-                try:
-                    t = time.perf_counter()
-                    await asyncio.wait_for(
-                        self.engine.collective_rpc(
-                            "climbrl_load_weights", args=(str(self.shm_path), layout)
-                        ),
-                        timeout=timeout,
-                    )
-                    phases["reload"] = time.perf_counter() - t
-                    await self.engine.reset_prefix_cache()
-                    await self.engine.update_weight_version(str(m.version))
-                    self.version = m.version
-                finally:
-                    t = time.perf_counter()
-                    await self.engine.resume_generation()
-                    phases["resume"] = time.perf_counter() - t
-                ack = WeightAck(server_id=self.server_id, version=m.version, ok=True, phases=phases)
-            except Exception as e:
-                log.exception("weight update to version %d failed", m.version)
-                ack = WeightAck(
-                    server_id=self.server_id,
-                    version=self.version,
-                    ok=False,
-                    phases=phases,
-                    error=f"{type(e).__name__}: {e}",
-                )
+            ack = await self._apply_locked(m, frames, phases)
         await self._send(ack)
+
+    async def _apply_locked(self, m: WeightManifest, frames: list[Any],
+                            phases: dict[str, float]) -> WeightAck:
+        """recv -> decode -> stage -> pause -> reload -> resume, each phase bounded by
+        ``wire.weight_phase_timeout_s``. Any failure leaves the engine on its previous weights
+        and version: a reload that fails midway is undone by reloading the previous values of
+        every module it touched (``climbrl.weightsync``)."""
+        from climbrl.weightsync import stage
+
+        pt = self.cfg.wire.weight_phase_timeout_s
+
+        async def phase(name: str, aw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await asyncio.wait_for(aw, timeout=pt)
+            except TimeoutError:
+                raise TimeoutError(f"weight sync phase {name!r} took longer than {pt:.0f}s "
+                                   "(wire.weight_phase_timeout_s)") from None
+            finally:
+                phases[name] = time.perf_counter() - t
+
+        rolled_back = False
+        try:
+            if phases["recv"] > pt:
+                raise TimeoutError(f"weight sync phase 'recv': the update arrived "
+                                   f"{phases['recv']:.0f}s after it was sent (limit {pt:.0f}s)")
+            ws = self.wstate
+            if ws.base is None and m.kind == "full" and ws.version == self.version:
+                await phase("load_initial", asyncio.to_thread(
+                    ws.load_initial, self.model_path, self.cfg.model.dtype))
+            upd = await phase("decode", asyncio.to_thread(ws.prepare, m, frames))
+            layout = await phase("stage", asyncio.to_thread(stage, self.shm_path, upd.load))
+            try:
+                await phase("pause", self.engine.pause_generation(mode="keep", clear_cache=False))
+                try:
+                    await phase("reload", self.engine.collective_rpc(
+                        "climbrl_load_weights", args=(str(self.shm_path), layout)))
+                except Exception:
+                    rolled_back = await self._roll_back(upd.restore, phase)
+                    raise
+                await self.engine.reset_prefix_cache()
+                await self.engine.update_weight_version(str(m.version))
+                ws.commit(upd)
+                self.version = m.version
+                if self.control is not None:
+                    self.control.version = m.version
+            finally:
+                await phase("resume", self.engine.resume_generation())
+            return WeightAck(server_id=self.server_id, version=m.version, ok=True,
+                             phases=phases)
+        except Exception as e:
+            log.exception("weight update to version %d failed; staying on version %d",
+                          m.version, self.version)
+            return WeightAck(server_id=self.server_id, version=self.version, ok=False,
+                             phases=phases, error=f"{type(e).__name__}: {e}",
+                             rolled_back=rolled_back)
+
+    async def _roll_back(self, restore: dict[str, Any] | None, phase: Any) -> bool:
+        """Reload the previous values of the modules a failed reload touched."""
+        from climbrl.weightsync import stage
+
+        if restore is None:
+            self.wstate.base = None  # engine weights unknown now: only a full sync applies
+            log.error("no copy of the previous weights to roll back to")
+            return False
+        path = self.shm_path.with_suffix(".rollback")
+        try:
+            layout = await asyncio.to_thread(stage, path, restore)
+            await phase("rollback", self.engine.collective_rpc(
+                "climbrl_load_weights", args=(str(path), layout)))
+            return True
+        except Exception:
+            self.wstate.base = None
+            log.exception("rolling back a failed weight update failed too")
+            return False
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def _env_class(name: str) -> Any:
+    try:
+        return resolve_env(name)
+    except ValueError:
+        return None  # reported when the first order builds the env
 
 
 def _expand_versions(spans: Any, n: int, default: int) -> list[int]:

