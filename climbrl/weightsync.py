@@ -270,3 +270,24 @@ def metas(frames: list[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
     from climbrl.wire import tensor_meta
 
     return [tensor_meta(n, t) for n, t in frames]
+
+
+def checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers state dict under the names its checkpoint uses on disk.
+
+    transformers 5 fuses MoE experts in memory (``experts.gate_up_proj`` [E, 2I, H],
+    ``experts.down_proj`` [E, H, I]) but saves, and vLLM loads, one tensor per expert
+    (``experts.{e}.gate_proj.weight``, ...). Dense models pass through unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for n, t in sd.items():
+        if n.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{n[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = t[e, :half].contiguous()
+                out[f"{n[:-len('gate_up_proj')]}{e}.up_proj.weight"] = t[e, half:].contiguous()
+        elif n.endswith(".experts.down_proj") and t.dim() == 3:
+            for e in range(t.shape[0]):
+                out[f"{n[:-len('down_proj')]}{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[n] = t
+    return out

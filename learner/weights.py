@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from climbrl.config import LearnerCfg
-from climbrl.weightsync import encode_change, merge, metas, nbytes, same_bits
+from climbrl.weightsync import checkpoint_names, encode_change, merge, metas, nbytes, same_bits
 from climbrl.wire import WeightManifest
 
 _ADAPTER = "default"
@@ -170,6 +170,7 @@ class WeightPublisher:
             state = self.lora.base_state()  # frozen: never changes, so never in a delta
         else:
             state = {n: t.detach() for n, t in self.model.state_dict().items()}
+        state = checkpoint_names(state)  # per-expert MoE names, as the engine loads them
         known = [s for s in servers if self.mode != "full" and self.ref is not None
                  and self.sent.get(s) == self.ref_version]
         fresh = [s for s in servers if s not in known]

@@ -278,3 +278,22 @@ def test_adapter_shape_mismatch_is_refused(tiny_model):
     with pytest.raises(WireError, match="do not fit"):
         eng.prepare(m, [tensor_buffer(t) for _, t in frames])
     assert merge(torch.ones(2, 2), torch.ones(1, 2), torch.ones(2, 1), 0.5).eq(1.5).all()
+
+
+def test_moe_state_is_published_under_checkpoint_names(tmp_path):
+    """The engine loads the checkpoint's per-expert names, not transformers' fused ones."""
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from climbrl.learner.weights import WeightPublisher
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from climbrl.tinymodel import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "moe", corpus_for_tokenizer(), moe=True, num_experts=4)
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    [(servers, manifest, frames)] = WeightPublisher(model, "full", str(path)).messages(1, ["r0"])
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        on_disk = {k: f.get_tensor(k) for k in f.keys()}
+    sent = {m.name: t for m, t in zip(manifest.tensors, frames)}
+    assert set(sent) == set(on_disk)
+    assert all(torch.equal(sent[k], on_disk[k]) for k in on_disk)
