@@ -124,7 +124,19 @@ async def play(env: Env, task: Task, turns: list[str], where: str) -> list[float
 def _children() -> set[int]:
     import psutil
 
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    out: set[int] = set()
+    todo = [psutil.Process()]
+    while todo:  # by hand: children(recursive=True) raises on a zombie, which still counts
+        proc = todo.pop()
+        try:
+            kids = proc.children()
+        except psutil.Error:
+            continue
+        for k in kids:
+            if k.pid not in out:
+                out.add(k.pid)
+                todo.append(k)
+    return out
 
 
 async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResult]:

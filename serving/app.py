@@ -34,7 +34,9 @@ from fastapi.responses import JSONResponse
 log = logging.getLogger("climbrl.serving")
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-UNSERVED_ROUTES = {"/v1/systemone"}
+# Left out: /v1/systemone answers 501 without a structured-decision model; vLLM 0.32's
+# Responses API answers 500 to some malformed requests (found by schemathesis).
+UNSERVED_ROUTES = ("/v1/systemone", "/v1/responses")
 GUARDED_PREFIXES = ("/v1", "/climbrl", "/tokenize", "/detokenize", "/inference")
 
 
@@ -182,6 +184,22 @@ def vllm_args(model: str, extra: list[str] | None = None, **kw: Any) -> argparse
     return args
 
 
+def user_engine_options(model: str, extra: list[str] | None) -> dict[str, Any]:
+    """The vLLM engine options that ``extra`` sets to something other than vLLM's default."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if not extra:
+        return {}
+    base, given = vllm_args(model), vllm_args(model, extra)
+    out = {}
+    for f in dataclasses.fields(AsyncEngineArgs):
+        if f.name != "model" and getattr(given, f.name, None) != getattr(base, f.name, None):
+            out[f.name] = getattr(given, f.name)
+    return out
+
+
 async def build_serving_app(
     engine: Any,
     args: argparse.Namespace,
@@ -267,10 +285,9 @@ async def build_serving_app(
         s.finished.set()
         return {"session_id": sid, "reward": s.reward, "turns": s.turns}
 
-    # vLLM routes for capabilities a text-generation server does not have answer 501, a 5xx
-    # for a client's request: leave them out (`/v1/systemone` needs a structured-decision model).
+    # Routes that answer a client's bad request with a 5xx are left out (UNSERVED_ROUTES).
     app.router.routes = [rt for rt in app.router.routes
-                         if getattr(rt, "path", "") not in UNSERVED_ROUTES]
+                         if not getattr(rt, "path", "").startswith(UNSERVED_ROUTES)]
     app.include_router(r)
     app.include_router(r, prefix="/v1")  # so an OpenAI client's base_url reaches it too
     # vLLM's app has already built its middleware stack; ours wrap it from outside.
@@ -317,13 +334,19 @@ async def serve_model(
     """`climbrl serve`: one engine, vLLM's OpenAI app, until SIGINT/SIGTERM."""
     import signal
 
-    from climbrl.rollout.engine import build_engine
     from transformers import AutoTokenizer
 
     args = vllm_args(model, vllm_extra, host=host, port=port,
                      served_model_name=[served_model_name] if served_model_name else None)
-    engine = build_engine(model, dtype=dtype, kv_cache_gb=kv_cache_gb,
-                          max_model_len=max_model_len, enforce_eager=True, max_num_seqs=64)
+    from climbrl.rollout.engine import engine_args, prepare_vllm_env
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    prepare_vllm_env(kv_cache_gb)
+    ea = engine_args(model, dtype=dtype, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len,
+                     enforce_eager=True, max_num_seqs=64)
+    for k, v in user_engine_options(model, vllm_extra).items():
+        setattr(ea, k, v)  # vLLM engine options given after `--` win over climbrl's defaults
+    engine = AsyncLLM.from_engine_args(ea)
     try:
         control = ServingControl()
         await engine.update_weight_version(str(control.version))
