@@ -40,6 +40,25 @@ def head_logprobs(
     )
 
 
+def pack_positions(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids_BL, attention_BL, pos_BT): right-padded prompt+completion inputs (the last
+    token dropped); ``pos_BT`` is the input position whose hidden state predicts completion
+    token t. The one packing the learner's log-probs and the PPO value head share."""
+    seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
+    B, L = len(samples), max(len(x) for x in seqs) - 1
+    Tc = max(len(s.completion_ids) for s in samples)
+    ids = torch.zeros((B, L), dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((B, Tc), dtype=torch.long)
+    for b, (s, seq) in enumerate(zip(samples, seqs)):
+        n = len(seq) - 1
+        ids[b, :n] = torch.tensor(seq[:-1])
+        attn[b, :n] = 1
+        p0, c = len(s.prompt_ids) - 1, len(s.completion_ids)
+        pos[b, :c] = torch.arange(p0, p0 + c)
+    return ids, attn, pos
+
+
 def completion_logprobs(
     model: Any,
     samples: list[Any],
@@ -54,22 +73,13 @@ def completion_logprobs(
     and replay_miss (1 where the sampled token fell outside the learner's replayed kept set:
     a boundary near-tie; such tokens are taken out of ``mask`` and their logp set to 0)."""
     B = len(samples)
-    seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
-    L = max(len(x) for x in seqs) - 1
-    Tc = max(len(s.completion_ids) for s in samples)
-    pad = 0
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    pos = torch.zeros((B, Tc), dtype=torch.long)  # input position predicting completion token t
+    ids, attn, pos = pack_positions(samples)
+    L, Tc = ids.shape[1], pos.shape[1]
     tgt = torch.zeros((B, Tc), dtype=torch.long)
     mask = torch.zeros((B, Tc), dtype=torch.float32)
     old = torch.zeros((B, Tc), dtype=torch.float32)
-    for b, (s, seq) in enumerate(zip(samples, seqs)):
-        n = len(seq) - 1
-        ids[b, :n] = torch.tensor(seq[:-1])
-        attn[b, :n] = 1
-        p0, c = len(s.prompt_ids) - 1, len(s.completion_ids)
-        pos[b, :c] = torch.arange(p0, p0 + c)
+    for b, s in enumerate(samples):
+        c = len(s.completion_ids)
         tgt[b, :c] = torch.tensor(s.completion_ids)
         mask[b, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
         old[b, :c] = torch.tensor(s.logprobs, dtype=torch.float32)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from climbrl.learner.logprobs import pack_positions
 from climbrl.learner.objectives import (
     BatchNorm,
     PolicyLoss,
@@ -40,24 +41,6 @@ from climbrl.learner.objectives_shaping import (
     truncated_mask,
 )
 from torch import Tensor, nn
-
-
-def pack_positions(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """(input_ids_BL, attention_BL, pos_BT): the same packing as ``completion_logprobs``;
-    ``pos_BT`` is the input position whose hidden state predicts completion token t."""
-    seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
-    B, L = len(samples), max(len(x) for x in seqs) - 1
-    Tc = max(len(s.completion_ids) for s in samples)
-    ids = torch.zeros((B, L), dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    pos = torch.zeros((B, Tc), dtype=torch.long)
-    for b, (s, seq) in enumerate(zip(samples, seqs)):
-        n = len(seq) - 1
-        ids[b, :n] = torch.tensor(seq[:-1])
-        attn[b, :n] = 1
-        p0, c = len(s.prompt_ids) - 1, len(s.completion_ids)
-        pos[b, :c] = torch.arange(p0, p0 + c)
-    return ids, attn, pos
 
 
 class Critic(nn.Module):

@@ -144,9 +144,17 @@ class SessionStore:
         full = dec(rendered, skip_special_tokens=False)
         if not full.startswith(target):
             return None
-        n = len(prev)
-        lo, hi = max(0, n - 256), min(len(rendered), n + 256)
-        for j in range(lo, hi + 1):
+        # decode(rendered[:j]) only grows with j: binary-search the first j whose text is as
+        # long as the target, then check the few j around it (a multi-byte character can
+        # straddle tokens). O(log n) decodes, not one per candidate boundary.
+        lo, hi = 0, len(rendered)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(dec(rendered[:mid], skip_special_tokens=False)) < len(target):
+                lo = mid + 1
+            else:
+                hi = mid
+        for j in range(max(0, lo - 2), min(len(rendered), lo + 3) + 1):
             if dec(rendered[:j], skip_special_tokens=False) == target:
                 return j
         return None
