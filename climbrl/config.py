@@ -41,6 +41,12 @@ class ModelCfg(_Cfg):
 class EnvCfg(_Cfg):
     name: str = Field("copy_first", description="Built-in env name or a dotted path 'pkg.mod:Cls'.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword args for the env.")
+    step_timeout_s: float = Field(
+        300.0, gt=0,
+        description="Limit on each environment call (reset, respond, score, close). An env that "
+        "raises or runs past it costs that episode only (finish_reason 'env_error'); the "
+        "learner leaves the episode out of its group and counts it as env_errors.",
+    )
 
 
 class RolloutCfg(_Cfg):

@@ -61,6 +61,9 @@ class Routing(msgspec.Struct, array_like=True):
     data: bytes
 
 
+ENV_ERROR = "env_error"  # Sample.finish_reason of an episode whose environment failed
+
+
 class Sample(msgspec.Struct, kw_only=True):
     """One episode. ``completion_ids`` holds every token after the prompt, the model's and the
     environment's (multi-turn); ``completion_mask`` is 1 where the model generated the token.
@@ -82,6 +85,9 @@ class Sample(msgspec.Struct, kw_only=True):
     # (0 = unfiltered or not recorded). routing: the experts the engine routed each position to.
     keep_counts: list[int] = []
     routing: Routing | None = None
+    # finish_reason ENV_ERROR: the environment raised or timed out (the cause); the learner
+    # leaves the episode out of its group. A group whose episodes all failed is an Error.
+    error: str = ""
 
 
 class Trajectory(_Msg, kw_only=True):

@@ -25,17 +25,32 @@ Aggregation = Literal["token", "sample", "fixed"]
 # ----------------------------------------------------------------------------- advantages
 
 
-def group_advantages(rewards_GS: Tensor, std_norm: bool = True, eps: float = 1e-6) -> Tensor:
+def group_advantages(
+    rewards_GS: Tensor, std_norm: bool = True, eps: float = 1e-6, valid_GS: Tensor | None = None
+) -> Tensor:
     """GRPO (Shao et al. 2024), per group of G samples of one prompt:
 
         A_i = (r_i - mean(r)) / (std(r) + eps)
 
     Dr. GRPO (Liu et al. 2025) drops the std division (``std_norm=False``): A_i = r_i - mean(r).
     std is the unbiased sample std, as in TRL. Returns [groups, samples].
+
+    ``valid_GS`` (bool) leaves samples out of their group's statistics (episodes whose
+    environment failed): mean and std are over the valid ones, and an invalid sample's
+    advantage is 0. A group with a single valid sample has advantage 0.
     """
-    adv_GS = rewards_GS - rewards_GS.mean(dim=1, keepdim=True)
+    if valid_GS is None:
+        adv_GS = rewards_GS - rewards_GS.mean(dim=1, keepdim=True)
+        if std_norm:
+            adv_GS = adv_GS / (rewards_GS.std(dim=1, keepdim=True, unbiased=True) + eps)
+        return adv_GS
+    v = valid_GS.to(rewards_GS.dtype)
+    n = v.sum(dim=1, keepdim=True)
+    mean = (rewards_GS * v).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    adv_GS = (rewards_GS - mean) * v
     if std_norm:
-        adv_GS = adv_GS / (rewards_GS.std(dim=1, keepdim=True, unbiased=True) + eps)
+        var = (adv_GS**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        adv_GS = adv_GS / (var.sqrt() + eps)
     return adv_GS
 
 

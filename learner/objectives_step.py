@@ -42,6 +42,8 @@ from climbrl.learner.objectives_shaping import (
 )
 from torch import Tensor, nn
 
+from climbrl.wire import ENV_ERROR
+
 
 class Critic(nn.Module):
     """V(s_t) at completion positions. ``kind='head'``: a linear value head on the policy's
@@ -86,6 +88,7 @@ class StepBatch:
     adv_BT: Tensor | None = None  # PPO (GAE)
     returns_BT: Tensor | None = None
     acc: dict[str, float] = field(default_factory=dict)
+    env_errors: int = 0  # episodes left out because their environment failed
 
 
 class ObjectiveStep:
@@ -136,15 +139,26 @@ class ObjectiveStep:
         keep_B = torch.ones(len(samples))
         if lc.mask_truncated:
             keep_B = truncated_mask([s.finish_reason for s in samples])
+        # An episode whose environment failed (finish_reason "env_error", Sample.error) costs
+        # that episode only: it is left out of its group's statistics and out of the batch.
+        valid_GS = torch.tensor([[s.finish_reason != ENV_ERROR for s in g.samples] for g in groups])
+        valid_B = valid_GS.flatten()
+        env_errors = int((~valid_B).sum())  # a group whose episodes all failed never gets here
+        keep_B = keep_B * valid_B
         tokens = float(sum(float(k) * sum(s.completion_mask) for k, s in zip(keep_B, samples)))
         n_samples = float(sum(1 for k, s in zip(keep_B, samples) if k > 0 and sum(s.completion_mask)))
+        idx = valid_B.nonzero().squeeze(1)
         batch = StepBatch(
-            samples=samples, rewards_B=rew_GS.flatten(), raw_rewards_B=raw_GS.flatten(),
-            lag_B=torch.tensor([version - g.policy_version for g in groups for _ in g.samples]),
-            keep_B=keep_B, norm=BatchNorm(tokens, n_samples, self.fixed_len),
+            samples=[samples[i] for i in idx.tolist()], rewards_B=rew_GS.flatten()[idx],
+            raw_rewards_B=raw_GS.flatten()[idx],
+            lag_B=torch.tensor([version - g.policy_version for g in groups for _ in g.samples])[idx],
+            keep_B=keep_B[idx], norm=BatchNorm(tokens, n_samples, self.fixed_len),
+            env_errors=env_errors,
         )
         if lc.objective != "ppo":
-            batch.adv_B = group_advantages(rew_GS, std_norm=lc.adv_std_norm).flatten()
+            batch.adv_B = group_advantages(
+                rew_GS, std_norm=lc.adv_std_norm, valid_GS=valid_GS if env_errors else None
+            ).flatten()[idx]
         batch.acc = dict(loss=0.0, entropy=0.0, clipped=0.0, kl=0.0, mm_abs=0.0, mm_max=0.0,
                          mm_kl=0.0, mm_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0)
         return batch
@@ -277,6 +291,7 @@ class ObjectiveStep:
             "truncated_masked_frac": float(1.0 - batch.keep_B.mean()),
             "completion_len": sum(sum(s.completion_mask) for s in batch.samples) / len(batch.samples),
             "clip_high": self.loss.clip_high,
+            "env_errors": float(batch.env_errors),
         }
         if self.loss.kl_coef > 0:
             out["kl_ref"] = acc["kl"] / n_tok

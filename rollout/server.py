@@ -30,6 +30,7 @@ from climbrl.envs.chat import ChatRenderer, parse_tool_calls
 
 from climbrl.config import Config
 from climbrl.wire import (
+    ENV_ERROR,
     ROLLOUT_ACCEPTS,
     Codec,
     Control,
@@ -46,6 +47,16 @@ from climbrl.wire import (
 )
 
 log = logging.getLogger("climbrl.rollout")
+
+
+class EnvFailure(Exception):
+    """The environment (or a black-box agent) failed: it costs one episode."""
+
+
+def _failed(task: Any, error: str) -> Sample:
+    return Sample(prompt_ids=[], completion_ids=[], completion_mask=[], logprobs=[], versions=[],
+                  reward=0.0, finish_reason=ENV_ERROR, metrics={"env_error": 1.0},
+                  task_id=getattr(task, "task_id", ""), error=error[:2000])
 
 
 def _seed(*parts: Any) -> int:
@@ -209,13 +220,17 @@ class RolloutServer:
             episode = self._agent_episode if getattr(env_probe, "black_box", False) else None
             samples = await asyncio.gather(
                 *(
-                    (episode or self._episode)(
-                        order, make_env(order.env, order.env_args), task, i
-                    )
+                    self._guarded(episode or self._episode, order, task, i)
                     for i in range(order.group_size)
                 )
             )
-        except Exception as e:  # an env or engine failure costs this order, never the server
+            failed = [s for s in samples if s.finish_reason == ENV_ERROR]
+            if failed:
+                log.warning("order %s: %d of %d episodes failed in the env: %s", order.order_id,
+                            len(failed), len(samples), failed[0].error)
+            if len(failed) == len(samples):
+                raise EnvFailure(f"every episode failed; first: {failed[0].error}")
+        except Exception as e:  # an engine failure, or an env that failed every episode
             log.exception("order %s failed", order.order_id)
             await self._send(
                 Error(
@@ -238,6 +253,28 @@ class RolloutServer:
                 num_generated_tokens=len(gen_versions),
             )
         )
+
+    async def _guarded(self, episode: Any, order: WorkOrder, task: Any, index: int) -> Sample:
+        """One episode; an environment that raises, hangs (``env.step_timeout_s``) or crashes
+        costs this episode only: a Sample with finish_reason ENV_ERROR and the cause."""
+        try:
+            env = make_env(order.env, order.env_args)
+        except Exception as e:
+            return _failed(task, f"constructing env {order.env!r}: {type(e).__name__}: {e}")
+        try:
+            return await episode(order, env, task, index)
+        except EnvFailure as e:
+            return _failed(task, str(e))
+
+    async def _env(self, what: str, aw: Any) -> Any:
+        """Await one environment call under ``env.step_timeout_s``; its failure is the env's."""
+        t = self.cfg.env.step_timeout_s
+        try:
+            return await asyncio.wait_for(aw, timeout=t)
+        except TimeoutError:
+            raise EnvFailure(f"{what} ran past env.step_timeout_s={t:g}s") from None
+        except Exception as e:
+            raise EnvFailure(f"{what} raised {type(e).__name__}: {e}") from e
 
     def _encode_prompt(self, prompt: Any, chat: ChatRenderer | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -271,8 +308,11 @@ class RolloutServer:
         keep: list[int] = []
         routing: Routing | None = None
         try:
-            prompt = await env.reset(task)
-            tools = env.tools()
+            prompt = await self._env("env.reset", env.reset(task))
+            try:
+                tools = env.tools()
+            except Exception as e:
+                raise EnvFailure(f"env.tools raised {type(e).__name__}: {e}") from e
             # Chat prompts are rendered with the template once; later turns append only the
             # tokens of new messages (climbrl.envs.chat), never re-tokenising sampled ones.
             chat = None if isinstance(prompt, str) else ChatRenderer(self.tokenizer, tools)
@@ -315,22 +355,29 @@ class RolloutServer:
                 text_all += text
                 content, calls, errors = parse_tool_calls(text)
                 n_turns, n_calls, n_call_errors = turn + 1, n_calls + len(calls), n_call_errors + len(errors)
-                res = await env.respond(
+                res = await self._env("env.respond", env.respond(
                     Turn(text=text, content=content, tool_calls=tuple(calls),
                          tool_call_errors=tuple(errors), finish_reason=finish, index=turn)
-                )
-                reward, info = float(res.reward), dict(res.info)
+                ))
+                try:
+                    reward, info = float(res.reward), {k: float(v) for k, v in res.info.items()}
+                except (TypeError, ValueError, AttributeError) as e:
+                    raise EnvFailure(f"env.respond returned a bad StepResult: {e}") from e
                 if res.step_reward is not None:
                     step_rewards.append(float(res.step_reward))
                 if res.done:
                     break
                 if res.messages:
                     if chat is None:
-                        raise ValueError(
+                        raise EnvFailure(
                             f"env {order.env!r} returned chat messages after a text prompt: "
                             "return chat messages from reset(), or use StepResult.observation"
                         )
-                    obs = chat.continuation_ids(toks, res.messages)
+                    try:
+                        obs = chat.continuation_ids(toks, res.messages)
+                    except Exception as e:
+                        raise EnvFailure(f"env messages could not be rendered: "
+                                         f"{type(e).__name__}: {e}") from e
                 elif res.observation:
                     obs = self.tokenizer.encode(res.observation, add_special_tokens=False)
                 else:
@@ -344,7 +391,7 @@ class RolloutServer:
                 lps += [0.0] * len(obs)
                 vers += [-1] * len(obs)
         finally:
-            await env.close()
+            await self._close(env)
         return Sample(
             prompt_ids=prompt_ids,
             completion_ids=ids,
@@ -354,7 +401,7 @@ class RolloutServer:
             reward=reward,
             finish_reason=finish,
             text=text_all,
-            metrics={**{k: float(v) for k, v in info.items()}, "turns": float(n_turns),
+            metrics={**info, "turns": float(n_turns),
                      "tool_calls": float(n_calls), "tool_call_errors": float(n_call_errors)},
             task_id=task.task_id,
             step_rewards=step_rewards,
@@ -419,19 +466,21 @@ class RolloutServer:
         ctx = AgentContext(base_url=self.http_url + "/v1", api_key=self.agent_key,
                            model=self.served_name, session_id=sid)
         try:
-            await env.run_agent(task, ctx)
+            await self._env_agent(env.run_agent(task, ctx))
             if sess.turns == 0:
                 raise ValueError(f"agent {env.agent!r} made no request in session {sid}: send "
                                  "requests with the X-Session-ID header it was given")
             if env.reward_mode == "env":
-                res = await env.score(task, sess.last_text)
+                res = await self._env("env.score", env.score(task, sess.last_text))
                 sess.reward, sess.metrics = float(res.reward), dict(res.info)
             elif not sess.finished.is_set():
                 raise ValueError(f"agent {env.agent!r} returned without posting a reward for "
                                  f"session {sid} (POST /v1/climbrl/sessions/{sid}/reward)")
+        except ValueError as e:
+            raise EnvFailure(str(e)) from e
         finally:
             self.sessions.pop(sid)
-            await env.close()
+            await self._close(env)
         seg = sess.segments[-1]
         return Sample(
             prompt_ids=seg.prompt_ids,
@@ -446,6 +495,19 @@ class RolloutServer:
                      "agent_drift": float(sess.drift)},
             task_id=task.task_id,
         )
+
+    async def _env_agent(self, aw: Any) -> None:
+        """The agent's run: bounded by its own ``timeout_s``; any failure is the agent's."""
+        try:
+            await aw
+        except Exception as e:
+            raise EnvFailure(f"agent failed: {type(e).__name__}: {e}") from e
+
+    async def _close(self, env: Any) -> None:
+        try:
+            await asyncio.wait_for(env.close(), timeout=self.cfg.env.step_timeout_s)
+        except Exception:  # a failing close costs nothing but a log line
+            log.exception("env.close failed")
 
     # ------------------------------------------------------------------ weights
 

@@ -9,6 +9,7 @@ sequence match the engine's per token, which fails if a token or its context mov
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from climbrl.envs.base import Env, StepResult, Task, Turn
 from climbrl.envs.chat import TOOL_CHAT_TEMPLATE, ChatRenderer
 from climbrl.envs.tool_use import TOOLS, ToolUseEnv, calculator
 
-from climbrl.wire import Error, SamplingSpec, Trajectory, WorkOrder
+from climbrl.wire import ENV_ERROR, Error, SamplingSpec, Trajectory, WorkOrder
 from tests.conftest import kill_tree, write_config
 
 pytestmark = pytest.mark.integration
@@ -68,6 +69,24 @@ class RaisingEnv(ScriptedToolEnv):
         raise RuntimeError("env bug on purpose")
 
 
+class FlakyEnv(ScriptedToolEnv):
+    """Of every three episodes in the process: one raises, one hangs, one finishes."""
+
+    made = 0
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        FlakyEnv.made += 1
+        self.n = FlakyEnv.made
+
+    async def respond(self, turn: Turn):
+        if self.n % 3 == 1:
+            raise RuntimeError("flaky on purpose")
+        if self.n % 3 == 2:
+            await asyncio.sleep(3600)
+        return await super().respond(turn)
+
+
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
     from climbrl.learner.hub import LearnerHub
@@ -83,7 +102,7 @@ def tool_server(tmp_path_factory):
     tok.save_pretrained(str(model))
     cfg = write_config(d / "cfg.toml", model, d / "out",
                        rollout={"max_model_len": 1536, "kv_cache_gb": 0.5, "max_tokens": 12},
-                       wire={"dead_after_s": 60.0})
+                       wire={"dead_after_s": 60.0}, env={"step_timeout_s": 5.0})
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")
     proc = subprocess.Popen(
@@ -176,7 +195,16 @@ def test_builtin_tool_use_env_and_failing_env(tool_server):
     for s in tr.samples:
         assert 0.0 <= s.reward <= 1.0 and s.task_id == "tool_use/train/1"
         assert s.metrics["turns"] >= 1
-    # an env that raises costs its order, reported with the cause; the server keeps serving
+    # an env that raises or hangs costs that episode only, reported with the cause
+    hub.send("t0", _order(f"{__file__}:FlakyEnv", 3, "flaky-1"))
+    tr = _wait(hub, lambda m: isinstance(m, Trajectory) and m.order_id == "flaky-1")
+    failed = sorted((s for s in tr.samples if s.finish_reason == ENV_ERROR), key=lambda s: s.error)
+    ok = [s for s in tr.samples if s.finish_reason != ENV_ERROR]
+    assert len(failed) == 2 and len(ok) == 1 and ok[0].reward == 1.0
+    assert "RuntimeError: flaky on purpose" in failed[0].error
+    assert "env.step_timeout_s=5" in failed[1].error
+    assert all(s.metrics == {"env_error": 1.0} and not s.completion_ids for s in failed)
+    # an env that fails every episode of an order is reported as the order's error
     hub.send("t0", _order(f"{__file__}:RaisingEnv", 2, "bad-1"))
     err = _wait(hub, lambda m: isinstance(m, Error))
     assert err.code == "order_failed" and "env bug on purpose" in err.message

@@ -229,3 +229,34 @@ def test_filter_budget_trains_unfiltered_rather_than_starving():
 def test_bad_objective_config_is_a_clear_error(ov, msg):
     with pytest.raises(ValueError, match=msg):
         load_config(None, ["model.path=m", *ov])
+
+
+# ----------------------------------------------------------------------------- env failures
+
+
+def test_failed_episodes_cost_only_themselves(tiny_model, tmp_path):
+    """A group with an episode whose env failed trains exactly like the group without it."""
+    from climbrl.learner.objectives import group_advantages
+    from climbrl.rollout.server import _failed
+
+    r = torch.tensor([[1.0, 0.0, 9.0, 1.0, 0.0]], dtype=torch.float64)
+    valid = torch.tensor([[True, True, False, True, True]])
+    a = group_advantages(r, valid_GS=valid)
+    want = group_advantages(r[:, [0, 1, 3, 4]])
+    assert a[0, 2] == 0 and torch.allclose(a[0, [0, 1, 3, 4]], want[0])
+
+    runs = []
+    for with_failure in (False, True):
+        L = _learner(tiny_model, tmp_path / str(with_failure), "grpo.toml", [])
+        groups = _groups(L, 2, 4)
+        if with_failure:
+            task = types.SimpleNamespace(task_id="t/train/0")
+            groups[0].samples.insert(1, _failed(task, "env.respond raised RuntimeError: boom"))
+            groups[1].samples.append(_failed(task, "env.respond ran past env.step_timeout_s=5s"))
+        st = L.train_step(groups)
+        runs.append((st, {k: v.clone() for k, v in L.model.state_dict().items()}))
+    (st0, w0), (st1, w1) = runs
+    assert st0["env_errors"] == 0 and st1["env_errors"] == 2
+    assert st1["loss"] == pytest.approx(st0["loss"], rel=1e-6)
+    for k in w0:
+        assert torch.allclose(w0[k], w1[k], atol=1e-7), k
