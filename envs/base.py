@@ -155,6 +155,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "tool_use": "climbrl.envs.tool_use:ToolUseEnv",
     "reasoning_gym": "climbrl.envs.adapters.reasoning_gym:ReasoningGymEnv",
     "trl": "climbrl.envs.adapters.trl:TRLRewardEnv",
+    "verifiers": "climbrl.envs.adapters.verifiers:VerifiersEnv",
 }
 
 

