@@ -230,6 +230,20 @@ class LearnerCfg(_Cfg):
                                  "down_proj"],
         description="Module names (last path component) that get LoRA adapters.",
     )
+    # --- multi-process learner (learner/fsdp.py)
+    fsdp: bool = Field(
+        False,
+        description="Shard the policy with torch FSDP2 (fully_shard) across learner.world_size "
+        "processes started torchrun-style (NCCL on GPU, gloo on CPU); micro-batches are split "
+        "across the ranks and gradients summed, so a step equals the single-process step.",
+    )
+    world_size: int = Field(
+        1, ge=1, description="Learner processes (one per GPU); more than 1 needs learner.fsdp."
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP2: free gathered parameters after forward (less memory, one more "
+        "all-gather in backward)."
+    )
 
     @model_validator(mode="after")
     def _check_objective(self) -> LearnerCfg:
@@ -266,6 +280,12 @@ class LearnerCfg(_Cfg):
                              "['q_proj', 'v_proj']")
         if self.offpolicy_low >= self.offpolicy_high:
             raise ValueError("learner.offpolicy_low must be below learner.offpolicy_high")
+        if self.world_size > 1 and not self.fsdp:
+            raise ValueError("learner.world_size > 1 shards the model with FSDP2: set "
+                             "learner.fsdp = true (or world_size = 1)")
+        if self.fsdp and self.weight_sync == "lora":
+            raise ValueError("learner.fsdp with weight_sync = 'lora' is not supported: the "
+                             "adapters are small, train them in one process (fsdp = false)")
         if self.offpolicy_correction == "icepop" and self.offpolicy_level == "token" and not (
             self.offpolicy_low < 1.0 < self.offpolicy_high
         ):
@@ -327,6 +347,36 @@ class ServeCfg(_Cfg):
     )
 
 
+class RayCfg(_Cfg):
+    """`climbrl run --launcher ray`: where and with what resources the processes are placed."""
+
+    address: str = Field(
+        "",
+        description="Ray cluster: 'host:port' of a running head, 'auto' (a cluster running on "
+        "this machine), 'local' (start a private one for this run). Empty: RAY_ADDRESS if set, "
+        "else a running cluster on this machine, else a private one.",
+    )
+    namespace: str = Field("climbrl", description="Ray namespace of the run's actors.")
+    placement_strategy: Literal["auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "auto",
+        description="Placement group strategy for the learner + rollout bundles. 'auto': "
+        "STRICT_PACK (one node) while wire.host is loopback, since servers elsewhere could not "
+        "reach the learner; PACK otherwise.",
+    )
+    learner_cpus: float = Field(1.0, ge=0, description="CPUs reserved for the learner.")
+    learner_gpus: float = Field(
+        0.0, ge=0, description="GPUs reserved for the learner (learner.world_size with FSDP)."
+    )
+    rollout_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout server.")
+    rollout_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout server.")
+    placement_timeout_s: float = Field(
+        120.0, gt=0, description="Wait this long for the cluster to grant the placement group."
+    )
+    start_timeout_s: float = Field(
+        300.0, gt=0, description="Wait this long for the learner to publish its endpoint."
+    )
+
+
 class Config(_Cfg):
     run: RunCfg = Field(default_factory=RunCfg)
     model: ModelCfg
@@ -335,6 +385,7 @@ class Config(_Cfg):
     learner: LearnerCfg = Field(default_factory=LearnerCfg)
     wire: WireCfg = Field(default_factory=WireCfg)
     serve: ServeCfg = Field(default_factory=ServeCfg)
+    ray: RayCfg = Field(default_factory=RayCfg)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -347,6 +398,10 @@ class Config(_Cfg):
             )
         if self.rollout.max_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_tokens must be below rollout.max_model_len")
+        if 0 < self.ray.learner_gpus < self.learner.world_size:
+            raise ValueError(f"ray.learner_gpus ({self.ray.learner_gpus}) is below "
+                             f"learner.world_size ({self.learner.world_size}): one GPU per "
+                             "learner process")
         budget = self.learner.loss_agg_len or self.rollout.max_tokens
         if self.learner.overlong_buffer > budget:
             raise ValueError(f"learner.overlong_buffer ({self.learner.overlong_buffer}) must not "
