@@ -171,16 +171,9 @@ def reduce_stats(acc: dict[str, float], ds: DistState) -> dict[str, float]:
     return out
 
 
-def broadcast_groups(groups: list[Any] | None, ds: DistState, src: int = 0) -> list[Any]:
-    """Rank ``src`` sends its trajectories to every rank (msgspec msgpack, never pickle)."""
-    import msgspec
-
-    from climbrl.wire import Trajectory
-
-    if not ds.distributed:
-        return list(groups or [])
+def _broadcast_bytes(payload: bytes | None, ds: DistState, src: int = 0) -> bytes:
     if ds.rank == src:
-        payload = msgspec.msgpack.encode(list(groups or []))
+        assert payload is not None
         size = torch.tensor([len(payload)], dtype=torch.int64, device=ds.device)
     else:
         size = torch.zeros(1, dtype=torch.int64, device=ds.device)
@@ -190,9 +183,33 @@ def broadcast_groups(groups: list[Any] | None, ds: DistState, src: int = 0) -> l
     else:
         buf = torch.empty(int(size.item()), dtype=torch.uint8, device=ds.device)
     dist.broadcast(buf, src)
+    return payload if ds.rank == src else buf.cpu().numpy().tobytes()  # type: ignore[return-value]
+
+
+def broadcast_groups(groups: list[Any] | None, ds: DistState, src: int = 0) -> list[Any]:
+    """Rank ``src`` sends its trajectories to every rank (msgspec msgpack, never pickle)."""
+    return broadcast_step("train", groups, ds, src)[1]
+
+
+def broadcast_step(cmd: str | None, groups: list[Any] | None, ds: DistState,
+                   src: int = 0) -> tuple[str, list[Any]]:
+    """The coordinator tells the other ranks what to do next: ``("train", groups)``,
+    ``("publish", [])``, ``("checkpoint", [])``, ``("stop", [])``. Followers pass None and get
+    the command; one process returns its arguments unchanged."""
+    import msgspec
+
+    from climbrl.wire import Trajectory
+
+    if not ds.distributed:
+        return cmd or "", list(groups or [])
+    payload = None
     if ds.rank == src:
-        return list(groups or [])
-    return msgspec.msgpack.decode(buf.cpu().numpy().tobytes(), type=list[Trajectory])
+        payload = msgspec.msgpack.encode({"cmd": cmd, "groups": list(groups or [])})
+    data = _broadcast_bytes(payload, ds, src)
+    if ds.rank == src:
+        return cmd or "", list(groups or [])
+    msg = msgspec.msgpack.decode(data, type=dict[str, str | list[Trajectory]])
+    return str(msg["cmd"]), list(msg["groups"])  # type: ignore[arg-type]
 
 
 def clip_grad_norm(params: Any, max_norm: float) -> float:

@@ -19,6 +19,7 @@ import torch
 from climbrl.learner.fsdp import (
     DistState,
     broadcast_groups,
+    broadcast_step,
     clip_grad_norm,
     full_grads,
     full_state_dict,
@@ -100,6 +101,8 @@ def _worker(out: Path) -> int:
     device = ds.device.type
     model = shard_model(_model(device), _cfg(world), ds)
     got = broadcast_groups([_trajectory()] if ds.rank == 0 else None, ds)
+    cmd, none = broadcast_step("checkpoint" if ds.rank == 0 else None, None, ds)
+    got = got if (cmd, none) == ("checkpoint", []) else None
     acc, gnorm, grads, state = _step(model, ds, device)
     res = {"rank": ds.rank, "world": ds.world_size, "broadcast_ok": got == [_trajectory()],
            "sharded": type(next(model.parameters())).__name__,
