@@ -2,6 +2,7 @@
 
     climbrl demo                         # tiny model learns a task by RL on CPU (~10 min)
     climbrl run CONFIG.toml [--set k=v]  # rollout servers + learner as separate processes
+    climbrl run CONFIG.toml --launcher ray   # the same, placed as Ray actors on a cluster
     climbrl learn --config C --endpoint-file F     # the learner alone
     climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
     climbrl tiny-model OUT_DIR [--moe]   # a tokenizer + random Qwen3 for tests
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     r.add_argument("--no-live", action="store_true", help="plain log lines instead of rich")
+    r.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local: OS processes on this machine; ray: Ray actors placed on a "
+                   "cluster (see the config's [ray] section)")
 
     lr = sub.add_parser("learn", help="run the learner alone")
     lr.add_argument("--config", required=True)
@@ -100,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if a.cmd == "run":
+            cfg = load_config(a.config, a.overrides)
+            if a.launcher == "ray":
+                from climbrl.launcher_ray import launch_ray
+
+                return launch_ray(cfg, resume=a.resume, live=not a.no_live)
             from climbrl.launcher import launch
 
-            cfg = load_config(a.config, a.overrides)
             return launch(cfg, resume=a.resume, live=not a.no_live)
         if a.cmd == "learn":
             from climbrl.learner.learner import train

@@ -19,7 +19,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
       --extra-index-url "${CLIMBRL_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
-python -m pip install -q -e ".[cpu,rl,dev,envs]"
+python -m pip install -q -e ".[cpu,rl,dev,envs,ray]"
 python -m climbrl.fixups
 if [ -f scripts/install_sandbox_deps.sh ]; then bash scripts/install_sandbox_deps.sh; fi
 echo "climbrl installed in $VENV"

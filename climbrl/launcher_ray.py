@@ -1,0 +1,420 @@
+"""Ray launcher: the learner and N rollout servers placed as Ray actors on a cluster.
+
+    climbrl run CONFIG.toml --launcher ray [--set ray.address=HEAD:6379] [--resume]
+
+The same config runs under both launchers; the ``[ray]`` section only says where and with
+which resources. One placement group holds a bundle for the learner (``ray.learner_cpus`` /
+``ray.learner_gpus``) and one per rollout server (``ray.rollout_cpus`` / ``ray.rollout_gpus``).
+Each bundle gets a small ``ProcessActor`` that runs the *same* ``climbrl learn`` / ``climbrl
+rollout`` command as the local launcher, through its ``Child`` (own process group, death
+signal, descendants recorded and killed at the end), so the vLLM engine and the learner run
+exactly as they do locally. Ray sets ``CUDA_VISIBLE_DEVICES`` of a GPU bundle, and the command
+inherits it.
+
+ZeroMQ stays the data plane. Ray only places the processes, supervises them (this driver polls
+each actor; a dead process, a dead actor or a lost node stops the run like a dead child does
+locally) and passes addresses: the learner actor reads the endpoint file the learner writes on
+its node and hands it back, with a wildcard bind (``wire.host = "0.0.0.0"``) rewritten to the
+learner node's IP so servers on other nodes can connect. While ``wire.host`` is loopback the
+placement is STRICT_PACK (one node), since no other node could reach the learner.
+
+On Ctrl-C, SIGTERM or the end of the run every actor stops its process (SIGTERM, then SIGKILL
+to the group and to every recorded descendant), the actors are killed and the placement group
+removed. If this driver dies, Ray ends its actors; their processes get SIGTERM from the
+parent-death signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from climbrl.config import Config, dump_toml
+from climbrl.launcher import Child, _py
+from climbrl.metrics import read_metrics
+
+log = logging.getLogger("climbrl.launcher_ray")
+
+LOOPBACK = ("127.", "localhost", "::1")
+WILDCARD = {"0.0.0.0", "*", "::", "[::]", ""}
+# The driver's environment that the placed processes get too (Ray workers start from the
+# raylet's environment, not the driver's), so a config behaves as under the local launcher.
+FORWARD_ENV_PREFIXES = ("CLIMBRL_", "VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_",
+                        "OMP_", "MKL_", "PYTHONPATH", "NCCL_", "GLOO_")
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith(LOOPBACK)
+
+
+def reachable_endpoint(endpoint: str, node_ip: str) -> str:
+    """``tcp://0.0.0.0:P`` (a wildcard bind) -> ``tcp://NODE_IP:P``; others unchanged."""
+    if not endpoint.startswith("tcp://"):
+        raise ValueError(f"learner endpoint {endpoint!r} is not tcp://host:port")
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if host in WILDCARD:
+        host = f"[{node_ip}]" if ":" in node_ip else node_ip
+    return f"tcp://{host}:{port}"
+
+
+def placement_strategy(cfg: Config) -> str:
+    if cfg.ray.placement_strategy != "auto":
+        return cfg.ray.placement_strategy
+    return "STRICT_PACK" if is_loopback(cfg.wire.host) else "PACK"
+
+
+def bundles(cfg: Config) -> list[dict[str, float]]:
+    """Bundle 0: the learner; bundles 1..N: the rollout servers. Zero amounts are left out."""
+
+    def b(cpus: float, gpus: float) -> dict[str, float]:
+        out = {"CPU": cpus, "GPU": gpus}
+        return {k: v for k, v in out.items() if v > 0} or {"CPU": 0.001}
+
+    r = cfg.ray
+    return [b(r.learner_cpus, r.learner_gpus)] + [
+        b(r.rollout_cpus, r.rollout_gpus) for _ in range(cfg.rollout.num_servers)
+    ]
+
+
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+
+
+class ProcessActor:
+    """Runs one climbrl command on its Ray node, through the local launcher's ``Child``.
+
+    Methods run one at a time on the actor's main thread, so the child's parent-death signal
+    (sent when the thread that forked it ends) fires only when the actor itself goes away.
+    """
+
+    def __init__(self, name: str, log_path: str, cwd: str, env: dict[str, str]):
+        self.name = name
+        self.log_path = Path(log_path)
+        self.child: Child | None = None
+        os.environ.update(env)
+        if Path(cwd).is_dir():  # the driver's folder, when this node has it (same as local)
+            os.chdir(cwd)
+
+    def start(self, argv: list[str], files: dict[str, str]) -> dict[str, Any]:
+        import ray
+
+        for path, text in files.items():  # the resolved config, on nodes without a shared FS
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.exists() or p.read_text() != text:
+                tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, p)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.child = Child(self.name, [sys.executable, *argv[1:]] if argv[0] == "python"
+                           else argv, self.log_path)
+        return {"pid": self.child.pid, "node_ip": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname(), "actor_pid": os.getpid()}
+
+    def poll(self) -> int | None:
+        if self.child is None:
+            return None
+        self.child.track()
+        return self.child.poll()
+
+    def pids(self) -> list[int]:
+        """The process and every descendant seen so far (for supervision and tests)."""
+        if self.child is None:
+            return []
+        self.child.track()
+        return [self.child.pid, *self.child.known]
+
+    def read_file(self, path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    def tail(self, n: int = 25) -> str:
+        return self.child.tail(n) if self.child is not None else ""
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        if self.child is None:
+            return None
+        self.child.stop(grace_s)
+        return self.child.poll()
+
+
+class RayChild:
+    """The driver's handle on a ProcessActor, shaped like ``launcher.Child`` for ``_monitor``."""
+
+    def __init__(self, name: str, actor: Any, info: dict[str, Any], log_path: Path):
+        self.name, self.actor, self.info, self.log_path = name, actor, info, log_path
+        self.dead_rc: int | None = None
+        self.reported = False
+
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    def track(self) -> None:  # the actor tracks descendants itself, on every poll
+        pass
+
+    def poll(self) -> int | None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if self.dead_rc is not None:
+            return self.dead_rc
+        try:
+            return ray.get(self.actor.poll.remote(), timeout=60)
+        except GetTimeoutError:
+            return None
+        except RayActorError as e:  # the actor, its worker or its node is gone
+            log.error("%s: its Ray actor died: %s", self.name, e)
+            self.dead_rc = -int(signal.SIGKILL)
+            return self.dead_rc
+
+    def tail(self, n: int = 25) -> str:
+        import ray
+
+        if self.dead_rc is None:
+            try:
+                return ray.get(self.actor.tail.remote(n), timeout=20)
+            except Exception:  # noqa: BLE001 - fall back to the log file if it is visible here
+                pass
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return f"({self.name}: log not readable from this node)"
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.stop.remote(grace_s), timeout=grace_s + 30)
+        except Exception as e:  # noqa: BLE001 - a dead actor's process got its death signal
+            log.warning("%s: stop through its actor failed (%s); killing the actor", self.name,
+                        type(e).__name__)
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _connect(cfg: Config) -> str:
+    """ray.init per ``ray.address``; returns how it connected (for the log). A private local
+    cluster gets at least the CPUs the run asks for (logical CPUs: like the local launcher, a
+    small machine is oversubscribed rather than refused)."""
+    import ray
+
+    kw: dict[str, Any] = dict(namespace=cfg.ray.namespace, log_to_driver=False,
+                              logging_level=logging.WARNING)
+    want = sum(b.get("CPU", 0.0) for b in bundles(cfg))
+    local = dict(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, math.ceil(want)))
+    addr = cfg.ray.address
+    if addr == "local":
+        ray.init(**local, **kw)
+        return "a private local cluster"
+    if addr:
+        ray.init(address=addr, **kw)
+        return addr
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kw)  # honours RAY_ADDRESS
+        return os.environ["RAY_ADDRESS"]
+    try:
+        ray.init(address="auto", **kw)
+        return "the cluster running on this machine"
+    except (ConnectionError, RuntimeError, ValueError):
+        ray.init(**local, **kw)
+        return "a private local cluster"
+
+
+def _check_resources(need: list[dict[str, float]]) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    total: dict[str, float] = {}
+    for b in need:
+        for k, v in b.items():
+            total[k] = total.get(k, 0.0) + v
+    short = {k: (v, have.get(k, 0.0)) for k, v in total.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        raise RuntimeError(
+            "the Ray cluster is too small for this run: "
+            + ", ".join(f"{k} needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+            + "; lower ray.*_cpus / ray.*_gpus or rollout.num_servers, or add nodes"
+        )
+
+
+def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
+    """Place and supervise the run on Ray; returns its exit code. Progress is printed as plain
+    lines (``live`` is accepted for the local launcher's signature)."""
+    try:
+        import ray
+    except ImportError:
+        print("climbrl: --launcher ray needs Ray: pip install 'climbrl[ray]' (or bash "
+              "scripts/install.sh)", file=sys.stderr)
+        return 2
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    out = Path(cfg.run.output_dir).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cfg_text = dump_toml(cfg)
+    cfg_path = out / "config.resolved.toml"
+    cfg_path.write_text(cfg_text)
+    ep_file = out / "endpoint"
+    ep_file.unlink(missing_ok=True)
+    stopping: dict[str, Any] = {"sig": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping["sig"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    children: list[RayChild] = []
+    pg = None
+    rc = 1
+    try:
+        how = _connect(cfg)
+        need = bundles(cfg)
+        strategy = placement_strategy(cfg)
+        print(f"climbrl: Ray launcher on {how}: {len(need)} bundles {need}, {strategy}",
+              file=sys.stderr, flush=True)
+        _check_resources(need)
+        pg = placement_group(need, strategy=strategy, name=f"climbrl-{cfg.run.name}-{os.getpid()}")
+        try:
+            ray.get(pg.ready(), timeout=cfg.ray.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"the Ray cluster did not grant the placement group {need} ({strategy}) within "
+                f"{cfg.ray.placement_timeout_s:.0f}s: not enough free resources on "
+                f"{'one node' if strategy.startswith('STRICT_PACK') else 'the cluster'}"
+            ) from None
+        Actor = ray.remote(ProcessActor)
+        env = forwarded_env()
+        files = {str(cfg_path): cfg_text}
+
+        def place(i: int, name: str, argv: list[str], log_path: Path) -> RayChild:
+            """Start ``argv`` in an actor on bundle ``i`` (also used to restart a server)."""
+            b = need[i]
+            actor = Actor.options(
+                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=i),
+            ).remote(name, str(log_path), os.getcwd(), env)
+            info = ray.get(actor.start.remote(argv, files), timeout=cfg.ray.start_timeout_s)
+            print(f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']})",
+                  file=sys.stderr, flush=True)
+            c = RayChild(name, actor, info, log_path)
+            c.bundle, c.argv = i, argv  # type: ignore[attr-defined]
+            return c
+
+        py = ["python", *_py()[1:]]
+        learner_argv = py + ["learn", "--config", str(cfg_path), "--endpoint-file",
+                             str(ep_file)] + (["--resume"] if resume else [])
+        if cfg.learner.world_size > 1:  # FSDP2: torchrun starts one learner per GPU
+            from climbrl.learner.fsdp import learner_argv as fsdp_argv
+
+            learner_argv = fsdp_argv(cfg, learner_argv)
+        learner = place(0, "learner", learner_argv, out / "logs" / "learner.log")
+        children.append(learner)
+        deadline = time.monotonic() + cfg.ray.start_timeout_s
+        endpoint = None
+        while endpoint is None:
+            if learner.poll() is not None or time.monotonic() > deadline or stopping["sig"]:
+                raise RuntimeError("the learner did not start:\n" + learner.tail())
+            text = ray.get(learner.actor.read_file.remote(str(ep_file)), timeout=60)
+            if text and text.strip():
+                endpoint = reachable_endpoint(text.strip(), learner.info["node_ip"])
+            else:
+                time.sleep(0.2)
+        print(f"climbrl: learner endpoint {endpoint}", file=sys.stderr, flush=True)
+        for i in range(cfg.rollout.num_servers):
+            argv = py + ["rollout", "--config", str(cfg_path), "--endpoint", endpoint,
+                         "--server-id", f"r{i}"]
+            children.append(place(i + 1, f"rollout-{i}", argv,
+                                  out / "logs" / f"rollout-{i}.log"))
+        rc = _supervise(cfg, children, learner, stopping, place)
+    except (RuntimeError, ray.exceptions.RayError) as e:
+        print(f"climbrl: {e}", file=sys.stderr)
+        rc = 1
+    finally:
+        for c in reversed(children):
+            c.stop()
+        if pg is not None:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
+        if ray.is_initialized():
+            ray.shutdown()
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc
+
+
+def _supervise(cfg: Config, children: list[RayChild], learner: RayChild, stopping: dict,
+               place: Any) -> int:
+    """Poll every actor until the learner ends; returns the run's exit code.
+
+    A dead rollout server (its process, its actor or its node) follows ``run.on_child_death``:
+    'stop' ends the run, 'continue' lets the learner carry on without it (its heartbeat check
+    reassigns the orders), 'restart' starts the same command again in the same bundle, up to
+    ``run.max_restarts`` times per server, and the learner brings it to the current weights.
+    Progress is printed as one line per step from ``metrics.jsonl`` when this machine sees
+    the learner's output folder.
+    """
+    policy = cfg.run.on_child_death
+    max_restarts = getattr(cfg.run, "max_restarts", 3)
+    restarts: dict[str, int] = {}
+    metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
+    keys = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
+            "weight_sync_s", "stale_dropped"]
+    last_step = -1
+
+    def err(msg: str) -> None:
+        print(f"climbrl: {msg}", file=sys.stderr, flush=True)
+
+    while True:
+        if stopping["sig"] is not None:
+            err(f"signal {stopping['sig']}: stopping every process")
+            return 130
+        lrc = learner.poll()
+        if lrc is not None:
+            if lrc != 0:
+                err(f"learner exited with {lrc}\n{learner.tail()}")
+            return lrc
+        for i, c in enumerate(children):
+            if c is learner or c.reported or c.poll() is None:
+                continue
+            c.reported = True
+            err(f"{c.name} (pid {c.pid}) died with {c.poll()}\n{c.tail()}")
+            if policy == "stop":
+                return 1
+            if policy == "restart":
+                n = restarts.get(c.name, 0)
+                if n >= max_restarts:
+                    err(f"{c.name} died {n + 1} times (run.max_restarts = {max_restarts}): "
+                        "stopping")
+                    return 1
+                restarts[c.name] = n + 1
+                c.stop(grace_s=2.0)
+                children[i] = place(c.bundle, c.name, c.argv, c.log_path)  # type: ignore
+                err(f"restarted {c.name} as pid {children[i].pid} "
+                    f"(restart {n + 1}/{max_restarts})")
+        for r in read_metrics(metrics_path):
+            if "reward" in r and r["step"] > last_step:
+                last_step = r["step"]
+                print(f"step {r['step']}/{cfg.learner.total_steps} "
+                      + " ".join(f"{k}={_fmt(r.get(k))}" for k in keys), flush=True)
+        time.sleep(1.0)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
