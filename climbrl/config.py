@@ -286,6 +286,9 @@ class LearnerCfg(_Cfg):
         if self.fsdp and self.weight_sync == "lora":
             raise ValueError("learner.fsdp with weight_sync = 'lora' is not supported: the "
                              "adapters are small, train them in one process (fsdp = false)")
+        if self.fsdp and self.objective == "ppo":
+            raise ValueError("learner.fsdp with objective = 'ppo' is not supported yet (the "
+                             "critic is not sharded); use grpo/gspo/cispo or fsdp = false")
         if self.offpolicy_correction == "icepop" and self.offpolicy_level == "token" and not (
             self.offpolicy_low < 1.0 < self.offpolicy_high
         ):

@@ -178,6 +178,8 @@ def test_config_fields_validate(tmp_path):
         load_config(None, ["model.path=m", "learner.world_size=2"])
     with pytest.raises(ValueError, match="lora"):
         load_config(None, ["model.path=m", "learner.fsdp=true", "learner.weight_sync=lora"])
+    with pytest.raises(ValueError, match="ppo"):
+        load_config(None, ["model.path=m", "learner.fsdp=true", "learner.objective=ppo"])
     with pytest.raises(ValueError, match="ray.learner_gpus"):
         load_config(None, ["model.path=m", "learner.fsdp=true", "learner.world_size=2",
                            "ray.learner_gpus=1"])
