@@ -7,7 +7,10 @@ learner's state dict over ZeroMQ, timing from the publish call to the server's a
 reloaded, prefix cache reset, version set, generation resumed) and to the first token generated
 under the new version. The floor is the time to move the same bytes through a loopback ZeroMQ
 socket to another process, measured in the same run. Prints one JSON line; ``ratio`` =
-sync seconds / floor seconds (goal <= 2).
+sync seconds / floor seconds (goal <= 2) for the transport a run uses on one host
+(``wire.weight_transport = "auto"``: the learner writes one file under /dev/shm that the engine
+reloads from, the time to write it included), ``zmq_ratio`` for frames over the socket (what
+servers on other hosts get). The two are interleaved, update by update.
 
 Then, on the same model and server, bytes and seconds per update for each
 ``learner.weight_sync`` mode (``modes``), each after its own first (full) sync, with a real
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+SHM_DIR = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
 SIZES = {  # hidden, layers, intermediate, heads, kv heads -> ~params (384-token vocab)
     "5m": (256, 6, 768, 4, 2),
     "50m": (640, 10, 1920, 8, 4),
@@ -172,6 +177,7 @@ def main() -> None:
 
     import torch
     from climbrl.envs.tasks import corpus_for_tokenizer
+    from climbrl.learner.weights import WeightPublisher
 
     from benchmarks.common import RolloutProc, write_cfg
     from climbrl.tinymodel import make_tiny_model
@@ -203,38 +209,55 @@ def main() -> None:
                         rollout={"max_model_len": 64, "kv_cache_gb": 0.25},
                         wire={"weight_sync_timeout_s": 600.0})
         server = RolloutProc(cfg, tmp / f"{size}.log")
-        sync, first, phases = [], [], []
+        shm_pub = WeightPublisher(model, "full", shm_dir=str(SHM_DIR))
+        shm_pub.join("r0", socket.gethostname())
+        runs = {"zmq": ([], [], []), "shm": ([], [], [])}  # sync, first token, phases
+        v = 0
         try:
-            for v in range(1, a.repeats + 2):
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.mul_(0.999)  # "the optimizer step"
-                t0 = time.perf_counter()  # step end
-                m = WeightManifest(version=v, tensors=[tensor_meta(n, sd[n]) for n in names])
-                server.hub.send("r0", m, tensors)
-                _, ack, _, t_ack = server.wait_for(WeightAck, lambda x, v=v: x.version == v)
-                assert ack.ok, ack.error
-                t1 = time.perf_counter()
-                server.hub.send("r0", WorkOrder(order_id=f"w{v}", policy_version=v,
-                                                env="copy_first", task_index=0, group_size=1,
-                                                sampling=SamplingSpec(max_tokens=1)))
-                _, tr, _, _ = server.wait_for(Trajectory)
-                assert tr.policy_version == v
-                t2 = time.perf_counter()
-                if v > 1:  # first update warms caches
-                    sync.append(t1 - t0)
-                    first.append(t2 - t0)
-                    phases.append(ack.phases)
+            for r in range(a.repeats + 1):
+                for transport in ("zmq", "shm"):  # interleaved: same machine state for both
+                    v += 1
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.mul_(0.999)  # "the optimizer step"
+                    t0 = time.perf_counter()  # step end
+                    if transport == "zmq":
+                        m = WeightManifest(version=v, tensors=[tensor_meta(n, sd[n]) for n in names])
+                        server.hub.send("r0", m, tensors)
+                    else:
+                        shm_pub.forget("r0")
+                        (_, m, frames), = shm_pub.messages(v, ["r0"])
+                        server.hub.send("r0", m, frames)
+                    _, ack, _, t_ack = server.wait_for(WeightAck, lambda x, v=v: x.version == v)
+                    assert ack.ok, ack.error
+                    t1 = time.perf_counter()
+                    server.hub.send("r0", WorkOrder(order_id=f"w{v}", policy_version=v,
+                                                    env="copy_first", task_index=0, group_size=1,
+                                                    sampling=SamplingSpec(max_tokens=1)))
+                    _, tr, _, _ = server.wait_for(Trajectory)
+                    assert tr.policy_version == v
+                    t2 = time.perf_counter()
+                    if r > 0:  # the first round warms caches
+                        sync, first, phases = runs[transport]
+                        sync.append(t1 - t0)
+                        first.append(t2 - t0)
+                        phases.append(ack.phases)
             modes = sync_modes(server, mdir, a)
         finally:
             server.close()
+            shm_pub.close()
         fl = floor_seconds(tensors, a.repeats)
-        best = min(range(len(sync)), key=lambda i: sync[i])
+        row = {"params": params, "bytes": nbytes, "floor_s": round(fl, 4)}
+        for transport, (sync, first, phases) in runs.items():
+            best = min(range(len(sync)), key=lambda i: sync[i])
+            pre = "" if transport == "shm" else "zmq_"
+            row.update({
+                f"{pre}sync_s": round(sync[best], 4), f"{pre}first_token_s": round(min(first), 4),
+                f"{pre}ratio": round(sync[best] / fl, 2),
+                f"{pre}phases": {k: round(x, 4) for k, x in phases[best].items()},
+            })
         results[size] = {
-            "params": params, "bytes": nbytes, "sync_s": round(sync[best], 4),
-            "first_token_s": round(min(first), 4), "floor_s": round(fl, 4),
-            "ratio": round(sync[best] / fl, 2),
-            "phases": {k: round(x, 4) for k, x in phases[best].items()},
+            **row,
             "modes": modes,
             "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
             "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),

@@ -311,6 +311,13 @@ class WireCfg(_Cfg):
         "decode, stage, pause, reload, resume); past it the update fails, the engine stays on "
         "its previous weights and the ack reports the error.",
     )
+    weight_transport: Literal["auto", "zmq"] = Field(
+        "auto",
+        description="How full weight syncs reach rollout servers. 'auto': servers on the "
+        "learner's host map one file the learner writes under /dev/shm (one write for every "
+        "local server, no socket copy, a consistent snapshot of the step), others get ZeroMQ "
+        "frames; a server that cannot read the file falls back to frames. 'zmq': frames always.",
+    )
     order_timeout_s: float = Field(600.0, gt=0, description="Deadline for one work order.")
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ modules, which the server reloads if the engine fails midway. Nothing here impor
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -127,15 +128,17 @@ class EngineWeights:
             return merge(w, a, b, self.scale)
         return w
 
-    def prepare(self, m: WeightManifest, frames: list[Any]) -> Update:
-        """Decode ``m`` against the current weights. Raises ``WireError`` for an update that
-        cannot apply here (wrong base version, unknown tensor, bad sizes); changes nothing."""
-        if len(frames) != len(m.tensors):
+    def prepare(self, m: WeightManifest, frames: list[Any],
+                tensors: list[torch.Tensor] | None = None) -> Update:
+        """Decode ``m`` against the current weights, from its frames or from ``tensors``
+        already mapped (``map_shm``). Raises ``WireError`` for an update that cannot apply
+        here (wrong base version, unknown tensor, bad sizes); changes nothing."""
+        if tensors is None and len(frames) != len(m.tensors):
             raise WireError(f"manifest lists {len(m.tensors)} tensors, got {len(frames)}")
         parts: dict[str, dict[str, torch.Tensor]] = {}
         wire = 0
-        for meta, fr in zip(m.tensors, frames):
-            t = tensor_from_frame(meta, fr)
+        for i, meta in enumerate(m.tensors):
+            t = tensors[i] if tensors is not None else tensor_from_frame(meta, frames[i])
             wire += nbytes(t)
             name, _, enc = meta.name.partition("#")
             parts.setdefault(name, {})[enc] = t
@@ -264,6 +267,70 @@ def stage(path: Path, tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, 
             layout.append((name, dtype_name(t), list(t.shape), off))
             off += buf.nbytes
     return layout
+
+
+# ------------------------------------------------------------------ same-host transport
+
+SHM_ALIGN = 64  # byte alignment of each tensor in a shared-memory weights file
+
+
+def shm_offsets(tensors: list[TensorMeta]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in a weights file, and the file's size."""
+    from climbrl.wire import _DTYPES
+
+    offs, off = [], 0
+    for m in tensors:
+        if m.dtype not in _DTYPES:
+            raise WireError(f"tensor {m.name!r}: unsupported dtype {m.dtype!r}")
+        n = _DTYPES[m.dtype]
+        for d in m.shape:
+            n *= d
+        offs.append(off)
+        off += -(-n // SHM_ALIGN) * SHM_ALIGN
+    return offs, off
+
+
+def write_shm(path: Path, tensors: list[torch.Tensor]) -> list[int]:
+    """Write ``tensors`` into a new file at ``path`` (under /dev/shm: memory, not disk), made
+    visible by a rename once complete; return their offsets. A written file is never changed:
+    readers map it copy-on-write and keep their mapping after it is deleted."""
+    from climbrl.wire import tensor_buffer, tensor_meta
+
+    offs, total = shm_offsets([tensor_meta("", t) for t in tensors])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for t, off in zip(tensors, offs):
+            f.seek(off)
+            f.write(tensor_buffer(t))
+        f.truncate(total)
+    os.replace(tmp, path)
+    return offs
+
+
+def map_shm(path: str, tensors: list[TensorMeta], offsets: list[int]) -> list[torch.Tensor]:
+    """Zero-copy, read-only-in-effect views of a file written by ``write_shm`` (private
+    mapping: pages are shared with the file until written, and nothing here writes them)."""
+    if len(offsets) != len(tensors):
+        raise WireError(f"shm manifest: {len(tensors)} tensors but {len(offsets)} offsets")
+    want, total = shm_offsets(tensors)
+    if list(offsets) != want:
+        raise WireError("shm manifest: tensor offsets do not match the layout")
+    try:
+        size = os.stat(path).st_size
+        if size < total:
+            raise WireError(f"shm weights file {path} has {size} bytes, the manifest needs {total}")
+        blob = torch.from_file(path, shared=False, size=total, dtype=torch.uint8) if total else (
+            torch.empty(0, dtype=torch.uint8))
+    except OSError as e:
+        raise WireError(f"shm weights file not readable on this host: {e}") from None
+    out = []
+    for m, off in zip(tensors, offsets):
+        dt = getattr(torch, m.dtype)
+        n = 1
+        for d in m.shape:
+            n *= d
+        out.append(blob[off : off + n * dt.itemsize].view(dt).view(m.shape))
+    return out
 
 
 def metas(frames: list[tuple[str, torch.Tensor]]) -> list[TensorMeta]:

@@ -160,6 +160,10 @@ class WeightManifest(_Msg, kw_only=True):
     base_version: int = -1  # delta: the version the engine must be at
     adapters: bool = False  # True: the "#lora_A"/"#lora_B" frames replace the adapter set
     lora_scale: float = 0.0  # alpha / r: merged weight = W + (B @ A) * lora_scale
+    # Same-host transport: no frames follow; the tensors are in this file (under /dev/shm) at
+    # these byte offsets (climbrl.weightsync.write_shm / map_shm).
+    shm_path: str = ""
+    shm_offsets: list[int] = []
 
 
 class Control(_Msg, kw_only=True):

@@ -30,6 +30,7 @@ plus ``adapter/`` (peft format: ``adapter_config.json`` + ``adapter_model.safete
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,17 +146,57 @@ def load_adapter(model: Any, folder: Path) -> None:
 class WeightPublisher:
     """What to send each server so that its engine runs the learner's current weights."""
 
-    def __init__(self, model: Any, mode: str, base_path: str = ""):
+    def __init__(self, model: Any, mode: str, base_path: str = "", shm_dir: str | None = None):
         self.model, self.mode, self.base_path = model, mode, base_path
         self.lora = LoraView(model) if mode == "lora" else None
         self.ref: dict[str, torch.Tensor] | None = None  # delta: weights at ref_version
         self.ref_version = -1
         self.sent: dict[str, int] = {}  # server -> version of the last update it was sent
         self.last: dict[str, int] = {}  # bytes of the last full / delta message
+        # Same-host transport (wire.weight_transport = "auto"): a full sync to servers on this
+        # host is one file under shm_dir that every such server maps, instead of frames.
+        self.shm_dir = Path(shm_dir) if shm_dir else None
+        self.local: set[str] = set()
+        self._files: list[Path] = []
+        self._seq = 0
+        if self.shm_dir is not None:
+            _remove_orphans(self.shm_dir)
 
-    def forget(self, server: str) -> None:
-        """This server's weights are not known any more (new, failed, pinned): next is full."""
+    def join(self, server: str, hostname: str) -> None:
+        """A server (re)connected from ``hostname``: its next update is a full sync, through
+        shared memory when it runs on this host."""
+        import socket
+
+        self.forget(server)
+        if self.shm_dir is not None and hostname == socket.gethostname():
+            self.local.add(server)
+        else:
+            self.local.discard(server)
+
+    def forget(self, server: str, error: str = "") -> None:
+        """This server's weights are not known any more (new, failed, pinned): next is full.
+        A server that could not read a shared-memory file gets frames from now on."""
         self.sent.pop(server, None)
+        if "shm" in error:
+            self.local.discard(server)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.unlink(missing_ok=True)
+        self._files.clear()
+
+    def _shm_file(self, tensors: list[torch.Tensor]) -> tuple[str, list[int]]:
+        """Write a new weights file (never one a server may still map); keep the last two."""
+        from climbrl.weightsync import write_shm
+
+        assert self.shm_dir is not None
+        self._seq += 1
+        path = self.shm_dir / f"climbrl-learner-{os.getpid()}-{self._seq}.weights"
+        offs = write_shm(path, tensors)
+        self._files.append(path)
+        while len(self._files) > 2:  # a server that has not read it yet fails over to frames
+            self._files.pop(0).unlink(missing_ok=True)
+        return str(path), offs
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -185,16 +226,26 @@ class WeightPublisher:
             delta = self._commit_delta(state, encode=bool(known))
             state = dict(self.ref or {})  # full frames from the private copy, as above
         out = []
+        local = [s for s in fresh if s in self.local]
+        remote = [s for s in fresh if s not in self.local]
         if fresh:
             frames = list(state.items()) + adapter
-            out.append((fresh, WeightManifest(version=version, tensors=metas(frames),
-                                              kind="full", **extra), [t for _, t in frames]))
+            tensors = [t for _, t in frames]
+        if local:
+            path, offs = self._shm_file(tensors)
+            out.append((local, WeightManifest(version=version, tensors=metas(frames),
+                                              kind="full", shm_path=path, shm_offsets=offs,
+                                              **extra), []))
+        if remote:
+            out.append((remote, WeightManifest(version=version, tensors=metas(frames),
+                                               kind="full", **extra), tensors))
         if known:
             frames = delta + adapter
             out.append((known, WeightManifest(version=version, tensors=metas(frames),
                                               kind="delta", base_version=self.ref_version,
                                               **extra), [t for _, t in frames]))
-        self.last = {m.kind: sum(nbytes(t) for t in fr) for _, m, fr in out}
+        self.last = {m.kind: sum(nbytes(t) for t in (tensors if m.shm_path else fr))
+                     for _, m, fr in out}
         if self.mode != "full":
             self.ref_version = version
             if self.ref is None:
@@ -222,3 +273,15 @@ class WeightPublisher:
             elif not same_bits(old, t):
                 self.ref[n] = t.clone()
         return frames
+
+
+def _remove_orphans(shm_dir: Path) -> None:
+    """Weights files of learners that died without cleaning up (kill -9) hold memory."""
+    for f in shm_dir.glob("climbrl-learner-*.weights*"):
+        try:
+            pid = int(f.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (ValueError, IndexError, PermissionError):
+            continue

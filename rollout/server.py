@@ -530,7 +530,7 @@ class RolloutServer:
         ``wire.weight_phase_timeout_s``. Any failure leaves the engine on its previous weights
         and version: a reload that fails midway is undone by reloading the previous values of
         every module it touched (``climbrl.weightsync``)."""
-        from climbrl.weightsync import stage
+        from climbrl.weightsync import map_shm, stage
 
         pt = self.cfg.wire.weight_phase_timeout_s
 
@@ -553,13 +553,25 @@ class RolloutServer:
             if ws.base is None and m.kind == "full" and ws.version == self.version:
                 await phase("load_initial", asyncio.to_thread(
                     ws.load_initial, self.model_path, self.cfg.model.dtype))
-            upd = await phase("decode", asyncio.to_thread(ws.prepare, m, frames))
-            layout = await phase("stage", asyncio.to_thread(stage, self.shm_path, upd.load))
+            path, layout = str(self.shm_path), None
+            if m.shm_path:  # same host: the learner's file is mapped, not copied
+                mapped = map_shm(m.shm_path, m.tensors, m.shm_offsets)
+                upd = await phase("decode", asyncio.to_thread(ws.prepare, m, [], mapped))
+                views = {meta.name: (meta, t, off)
+                         for meta, t, off in zip(m.tensors, mapped, m.shm_offsets)}
+                if all(views.get(n, (None, None))[1] is t for n, t in upd.load.items()):
+                    path = m.shm_path  # reload straight from it (no LoRA merge in between)
+                    layout = [(n, views[n][0].dtype, list(views[n][0].shape), views[n][2])
+                              for n in upd.load]
+            else:
+                upd = await phase("decode", asyncio.to_thread(ws.prepare, m, frames))
+            if layout is None:
+                layout = await phase("stage", asyncio.to_thread(stage, self.shm_path, upd.load))
             try:
                 await phase("pause", self.engine.pause_generation(mode="keep", clear_cache=False))
                 try:
                     await phase("reload", self.engine.collective_rpc(
-                        "climbrl_load_weights", args=(str(self.shm_path), layout)))
+                        "climbrl_load_weights", args=(path, layout)))
                 except Exception:
                     rolled_back = await self._roll_back(upd.restore, phase)
                     raise

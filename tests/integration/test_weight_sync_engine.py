@@ -118,6 +118,35 @@ def test_failed_sync_keeps_previous_weights(rollout_server):
     assert _send(rs, fresh, 124)[1].ok  # original weights back for the other tests
 
 
+def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
+    """A full sync to a server on this host: one file the engine reloads from, no frames;
+    the engine then samples exactly the learner's weights."""
+    import socket
+
+    rs = rollout_server
+    model = _hf(rs)
+    pub = WeightPublisher(model, "full", shm_dir=str(tmp_path))
+    pub.join(rs["server_id"], socket.gethostname())
+    _rl_step(model, rs, lr=1e-3)
+    (_, m, frames), = pub.messages(131, [rs["server_id"]])
+    assert m.shm_path and frames == []
+    rs["hub"].send(rs["server_id"], m, frames)
+    ack = _wait(rs["hub"], WeightAck, lambda a: a.version == 131 or not a.ok)
+    assert ack.ok, ack.error
+    assert "stage" not in ack.phases and "reload" in ack.phases  # reloaded from the file
+    assert _parity(rs, model, 131) < PARITY_TOL
+    # a file the server cannot read fails the update, the engine stays, and says why
+    (_, m, _), = pub.messages(132, [rs["server_id"]])
+    m.shm_path = str(tmp_path / "gone.weights")
+    rs["hub"].send(rs["server_id"], m, [])
+    ack = _wait(rs["hub"], WeightAck, lambda a: a.version == 132 or not a.ok)
+    assert not ack.ok and ack.version == 131 and "shm weights file not readable" in ack.error
+    pub.forget(rs["server_id"], ack.error)
+    assert _parity(rs, model, 131) < PARITY_TOL
+    pub.close()
+    assert _send(rs, WeightPublisher(_hf(rs), "full"), 133)[1].ok  # original weights back
+
+
 # The delta run is slow-marked: delta sync itself is checked on an engine above, and the lora
 # run goes through the same publish/ack path in the default suite.
 @pytest.mark.parametrize("mode", [pytest.param("delta", marks=pytest.mark.slow), "lora"])

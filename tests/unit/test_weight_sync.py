@@ -297,3 +297,47 @@ def test_moe_state_is_published_under_checkpoint_names(tmp_path):
     sent = {m.name: t for m, t in zip(manifest.tensors, frames)}
     assert set(sent) == set(on_disk)
     assert all(torch.equal(sent[k], on_disk[k]) for k in on_disk)
+
+
+def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
+    """Local servers get a manifest naming one file (no frames) that decodes to the same
+    weights as the frames remote servers get; old files are removed, a failing reader falls
+    back to frames."""
+    import socket
+    from pathlib import Path
+
+    from climbrl.weightsync import map_shm
+
+    model = _model(tiny_model)
+    pub = WeightPublisher(model, "full", shm_dir=str(tmp_path))
+    pub.join("a", socket.gethostname())
+    pub.join("b", socket.gethostname())
+    pub.join("far", "another-host")
+    msgs = pub.messages(1, ["a", "b", "far"])
+    (loc, m_loc, fr_loc), (rem, m_rem, fr_rem) = msgs
+    assert loc == ["a", "b"] and rem == ["far"] and fr_loc == [] and len(fr_rem) == len(m_rem.tensors)
+    assert m_loc.shm_path and len(m_loc.shm_offsets) == len(m_loc.tensors)
+    assert pub.last["full"] == sum(t.numel() * t.element_size() for t in fr_rem)
+    a = EngineWeights(0).prepare(m_loc, [], map_shm(m_loc.shm_path, m_loc.tensors, m_loc.shm_offsets))
+    b = EngineWeights(0).prepare(m_rem, [tensor_buffer(t) for t in fr_rem])
+    assert set(a.load) == set(b.load) and all(torch.equal(a.load[n], b.load[n]) for n in a.load)
+    # the mapping is a snapshot: training on does not change what the server maps
+    snap = {n: t.clone() for n, t in a.load.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(a.load[n], snap[n]) for n in snap)
+    first = m_loc.shm_path
+    for v in (2, 3):
+        pub.forget("a")
+        pub.messages(v, ["a"])
+    assert not Path(first).exists() and len(list(tmp_path.glob("*.weights"))) == 2
+    assert all(torch.equal(a.load[n], snap[n]) for n in snap)  # still mapped after unlink
+    with pytest.raises(WireError, match="shm weights file not readable"):
+        map_shm(first, m_loc.tensors, m_loc.shm_offsets)
+    with pytest.raises(WireError, match="offsets"):
+        map_shm(str(tmp_path / "x"), m_loc.tensors, [o + 1 for o in m_loc.shm_offsets])
+    pub.forget("a", error="WireError: shm weights file not readable on this host")
+    assert pub.messages(4, ["a"])[0][1].shm_path == ""
+    pub.close()
+    assert not list(tmp_path.glob("*.weights"))
