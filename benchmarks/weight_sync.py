@@ -19,8 +19,9 @@ RL-sized step in between: AdamW (lr ``--lr``) on a real LM loss over the task co
 - ``full``: every tensor, every time.
 - ``delta``: full finetuning, only what changed, bit-exact (climbrl.weightsync). AdamW moves
   every element every step, so skipping does nothing here: the gain is the compressed xor of the
-  low mantissa bits. ``delta_bf16_encode`` measures the same step on a bfloat16 copy of the model
-  (encoder only, no engine), where most updates fall below one ulp and the delta is sparse.
+  low mantissa bits. ``delta_bf16`` measures real steps on a bfloat16 copy of the model, at
+  ``--lr`` and a tenth of it (encode and decode, bit-exact check, no engine), where most updates
+  fall below one ulp: the delta is sparse, sent as deflated index gaps and xor values.
 - ``lora``: peft adapters (r ``--lora-r``, every linear layer), base frozen: only A and B travel,
   merged on the server.
 
@@ -148,23 +149,38 @@ def sync_modes(server, mdir: Path, a) -> dict:
 
 
 def bf16_delta(mdir: Path, a) -> dict:
-    """Delta bytes of the same step on a bfloat16 model (encoder only)."""
+    """Delta bytes of real steps on a bfloat16 model (encoder + decoder, no engine), at the
+    benchmark's lr and at a tenth of it (RL fine-tuning runs at 1e-6 and below)."""
     import torch
     from climbrl.learner.weights import WeightPublisher
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.bfloat16)
-    pub = WeightPublisher(model, "delta")
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99))
-    pub.messages(1, ["r0"])
-    sizes = []
-    for i, b in enumerate(_batches(mdir, a.repeats), start=2):
-        _step(model, opt, b)
-        pub.messages(i, ["r0"])
-        sizes.append(pub.last["delta"])
-    full = pub.last.get("full") or sum(t.numel() * 2 for t in model.state_dict().values())
-    return {"bytes": int(sum(sizes) / len(sizes)), "full_bytes": full,
-            "bytes_ratio": round(sum(sizes) / len(sizes) / full, 4)}
+    from climbrl.weightsync import EngineWeights
+    from climbrl.wire import tensor_buffer
+
+    out = {}
+    for lr in (a.lr, a.lr / 10):
+        model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.bfloat16)
+        pub = WeightPublisher(model, "delta")
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99))
+        (_, m, fr), = pub.messages(1, ["r0"])
+        eng = EngineWeights(0)
+        eng.commit(eng.prepare(m, [tensor_buffer(t) for t in fr]))
+        sizes = []
+        for i, b in enumerate(_batches(mdir, a.repeats), start=2):
+            _step(model, opt, b)
+            (_, m, fr), = pub.messages(i, ["r0"])
+            sizes.append(pub.last["delta"])
+            eng.commit(eng.prepare(m, [tensor_buffer(t) for t in fr]))
+        sd = model.state_dict()
+        exact = all(torch.equal(eng.base[n].view(torch.int16), t.view(torch.int16))
+                    for n, t in sd.items() if t.dtype == torch.bfloat16)
+        full = sum(t.numel() * t.element_size() for t in sd.values())
+        out[f"lr_{lr:g}"] = {"bytes": int(sum(sizes) / len(sizes)), "full_bytes": full,
+                             "bytes_ratio": round(sum(sizes) / len(sizes) / full, 4),
+                             "bit_exact": exact}
+        del model, opt, pub, eng
+    return out
 
 
 def main() -> None:
@@ -261,7 +277,7 @@ def main() -> None:
             "modes": modes,
             "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
             "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),
-            "delta_bf16_encode": bf16_delta(mdir, a),
+            "delta_bf16": bf16_delta(mdir, a),
         }
         del model, sd, tensors
     print(json.dumps({"benchmark": "weight_sync", **results}))

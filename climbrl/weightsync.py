@@ -88,7 +88,33 @@ def encode_change(name: str, old: torch.Tensor, new: torch.Tensor,
         z = zlib.compress(planes.numpy().tobytes(), 1)
         if len(z) < size:
             best = [(f"{name}#xor", torch.frombuffer(bytearray(z), dtype=torch.uint8))]
+            size = len(z)
+    if compress and nnz * 8 <= new.numel():  # sparse change: compressed gaps and xor values
+        # Index gaps are small (their high bytes are zero) and the xor of a small step touches
+        # only low mantissa bits: split each into byte planes and deflate.
+        idx = diff.nonzero().squeeze(1)
+        gaps = torch.diff(idx, prepend=idx.new_zeros(1)).to(torch.int32)
+        vals = (ob.flatten()[idx] ^ nb.flatten()[idx]).contiguous()
+        gz, vz = _deflate_planes(gaps, 4), _deflate_planes(vals, esize)
+        if len(gz) + len(vz) < size:
+            best = [(f"{name}#gaps_z", torch.frombuffer(bytearray(gz), dtype=torch.uint8)),
+                    (f"{name}#xorvals_z", torch.frombuffer(bytearray(vz), dtype=torch.uint8))]
     return best
+
+
+def _deflate_planes(t: torch.Tensor, esize: int) -> bytes:
+    return zlib.compress(t.view(torch.uint8).view(-1, esize).t().contiguous().numpy().tobytes(), 1)
+
+
+def _inflate_planes(name: str, z: torch.Tensor, esize: int) -> torch.Tensor:
+    try:
+        raw = zlib.decompress(z.numpy().tobytes())
+    except zlib.error as e:
+        raise WireError(f"delta for {name!r} is corrupt: {e}") from None
+    if len(raw) % esize:
+        raise WireError(f"delta for {name!r}: {len(raw)} bytes is not a whole number of values")
+    planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(esize, -1)
+    return planes.t().contiguous().view(_INT_OF[esize]).reshape(-1)
 
 
 def merge(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -239,6 +265,18 @@ def _decode(name: str, p: dict[str, torch.Tensor], old: torch.Tensor) -> torch.T
         out = old.detach().clone().reshape(-1)
         out[idx] = val
         return out.view(old.shape)
+    if "gaps_z" in p and "xorvals_z" in p:
+        es = old.element_size()
+        gaps = _inflate_planes(name, p["gaps_z"], 4).long()
+        x = _inflate_planes(name, p["xorvals_z"], es)
+        idx = torch.cumsum(gaps, 0)
+        if idx.numel() != x.numel() or (idx.numel() and (
+                int(gaps[0]) < 0 or int(idx[-1]) >= old.numel()
+                or (gaps.numel() > 1 and int(gaps[1:].min()) < 1))):
+            raise WireError(f"sparse delta for {name!r} does not fit the engine's tensor")
+        out = _bits(old).clone().reshape(-1)
+        out[idx] = out[idx] ^ x
+        return out.view(old.dtype).view(old.shape)
     if "xor" in p:
         try:
             raw = zlib.decompress(p["xor"].numpy().tobytes())

@@ -36,7 +36,11 @@ def engine_args(
     seed: int = 0,
     replay_routing: bool = True,
     fp32_lm_head: bool = True,
+    replay_mask: bool = True,
 ) -> Any:
+    """``replay_mask``: install climbrl's top-p/top-k logits processor (rollout servers, whose
+    training samples record their kept sets). ``climbrl serve`` leaves it out: nothing there
+    records a mask, and the engine then runs exactly vLLM's own sampling path."""
     from climbrl.rollout.replay import native_routing_kwargs
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -46,7 +50,7 @@ def engine_args(
         seed=seed,
         logprobs_mode="processed_logprobs",
         worker_extension_cls=WORKER_EXTENSION,
-        logits_processors=[REPLAY_LOGITS_PROCESSOR],
+        logits_processors=[REPLAY_LOGITS_PROCESSOR] if replay_mask else None,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         enforce_eager=enforce_eager,

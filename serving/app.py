@@ -343,7 +343,7 @@ async def serve_model(
 
     prepare_vllm_env(kv_cache_gb)
     ea = engine_args(model, dtype=dtype, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len,
-                     enforce_eager=True, max_num_seqs=64)
+                     enforce_eager=True, max_num_seqs=64, replay_mask=False)
     for k, v in user_engine_options(model, vllm_extra).items():
         setattr(ea, k, v)  # vLLM engine options given after `--` win over climbrl's defaults
     engine = AsyncLLM.from_engine_args(ea)

@@ -341,3 +341,23 @@ def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
     assert pub.messages(4, ["a"])[0][1].shm_path == ""
     pub.close()
     assert not list(tmp_path.glob("*.weights"))
+
+
+def test_sparse_small_steps_deflate_below_raw_sparse():
+    """A bf16 step that moves a few % of the elements by an ulp or two (what most RL steps do
+    to bf16 weights): compressed gaps + xor values, bit-exact, smaller than index + value."""
+    g = torch.Generator().manual_seed(2)
+    old = torch.randn(256, 256, generator=g).to(torch.bfloat16)
+    bits = old.view(torch.int16).clone().reshape(-1)
+    moved = torch.randperm(bits.numel(), generator=g)[: bits.numel() // 40]
+    bits[moved] += torch.randint(-2, 3, (moved.numel(),), generator=g, dtype=torch.int16)
+    new = bits.view(torch.bfloat16).view(old.shape)
+    got, names = _roundtrip(old, new)
+    assert _bits_equal(got, new) and names == ["w#gaps_z", "w#xorvals_z"]
+    frames = encode_change("w", old, new)
+    nnz = int((old.view(torch.int16) != new.view(torch.int16)).sum())
+    assert sum(t.numel() for _, t in frames) < 0.6 * nnz * (4 + 2)
+    bad = dict((n.partition("#")[2], t) for n, t in frames)
+    bad["gaps_z"] = bad["gaps_z"][:-3]
+    with pytest.raises(WireError):
+        _decode("w", bad, old)
