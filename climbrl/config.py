@@ -24,10 +24,17 @@ class RunCfg(_Cfg):
     name: str = Field("climbrl-run", description="Run name, used in logs and the run id.")
     output_dir: str = Field("runs/latest", description="Where metrics, checkpoints and logs go.")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
-    on_child_death: Literal["stop", "continue"] = Field(
+    on_child_death: Literal["stop", "continue", "restart"] = Field(
         "stop",
-        description="Launcher: stop everything when a rollout server dies, or let the learner "
-        "carry on with the remaining servers.",
+        description="Launcher: when a rollout server dies, stop everything ('stop'), let the "
+        "learner carry on with the remaining servers ('continue'), or also start it again "
+        "('restart': it rejoins under the same server id and the learner sends it the current "
+        "weights; while none is alive the learner waits up to wire.connect_timeout_s).",
+    )
+    max_restarts: int = Field(
+        3, ge=0,
+        description="With on_child_death = 'restart': restarts per rollout server before the "
+        "launcher gives up and stops the run.",
     )
 
 

@@ -6,7 +6,10 @@ Writes ``OUTPUT_DIR/config.resolved.toml`` and hands it to every process, starts
 (which binds the ZeroMQ endpoint on loopback and writes it to a file), then the rollout
 servers. Shows progress with rich from ``metrics.jsonl``. Each child runs in its own process
 group; on Ctrl-C, SIGTERM, or a child that dies (``run.on_child_death = "stop"``) every group is
-terminated, then killed, by PID, so nothing is orphaned. vLLM's engine core runs in a process
+terminated, then killed, by PID, so nothing is orphaned. With ``run.on_child_death =
+"restart"`` a dead rollout server is cleaned up and started again under the same server id (up
+to ``run.max_restarts`` times each); the learner sends it the current weights when it says
+Hello. vLLM's engine core runs in a process
 group of its own, so the launcher also records every descendant (PID + start time, safe from
 PID reuse) while it watches, and kills the ones still running at the end.
 """
@@ -37,6 +40,7 @@ def _die_with_parent() -> None:
 class Child:
     def __init__(self, name: str, argv: list[str], log_path: Path):
         self.name = name
+        self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
@@ -44,6 +48,7 @@ class Child:
             start_new_session=True, preexec_fn=_die_with_parent,
         )
         self.known: dict[int, float] = {}  # descendant pid -> create_time
+        self.reported = False  # its death was reported (on_child_death = "continue")
 
     def track(self) -> None:
         import psutil
@@ -152,6 +157,7 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
     from rich.table import Table
 
     console = Console(stderr=True)
+    restarts: dict[str, int] = {}
     metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
     total = cfg.learner.total_steps
     keys = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
@@ -183,12 +189,26 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
             if lrc != 0:
                 console.print(f"[red]learner exited with {lrc}[/]\n{learner.tail()}")
             return lrc
-        for c in children:
-            if c is not learner and c.poll() is not None:
-                console.print(f"[red]{c.name} (pid {c.pid}) died with {c.poll()}[/]\n"
-                              f"{c.tail()}")
-                if cfg.run.on_child_death == "stop":
+        for i, c in enumerate(children):
+            if c is learner or c.poll() is None:
+                continue
+            if c.reported:
+                continue  # 'continue': reported once, the learner carries on without it
+            console.print(f"[red]{c.name} (pid {c.pid}) died with {c.poll()}[/]\n{c.tail()}")
+            c.reported = True
+            if cfg.run.on_child_death == "stop":
+                return 1
+            if cfg.run.on_child_death == "restart":
+                n = restarts.get(c.name, 0)
+                if n >= cfg.run.max_restarts:
+                    console.print(f"[red]{c.name} died {n + 1} times "
+                                  f"(run.max_restarts = {cfg.run.max_restarts}): stopping[/]")
                     return 1
+                restarts[c.name] = n + 1
+                c.stop(grace_s=2.0)  # its engine core and anything else it left behind
+                children[i] = Child(c.name, c.argv, c.log_path)
+                console.print(f"[yellow]restarted {c.name} as pid {children[i].pid} "
+                              f"(restart {n + 1}/{cfg.run.max_restarts})[/]")
         return None
 
     if live and console.is_terminal:

@@ -2,13 +2,19 @@
 
 ``OUT/checkpoints/step_N/`` is written to a temporary folder and renamed into place, and
 ``OUT/checkpoints/latest`` is replaced atomically, so a kill during a save leaves the previous
-checkpoint loadable. vLLM and transformers load a checkpoint folder unchanged.
+checkpoint loadable. Saving a step that already has a folder moves the old one aside first
+(a rename) and deletes it after; if ``latest`` names a folder that is not complete (a kill in
+between), ``latest_checkpoint`` falls back to the highest complete ``step_N``. Temporary
+folders left by a killed save are removed by the next save (a folder moved aside by a killed
+re-save is still found). vLLM and transformers load a
+checkpoint folder unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,28 +32,45 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):  # left by a save that was killed (one learner/run)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*root.glob(".old_step_*"), *root.glob(".latest_*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     if extra is not None:
         extra(tmp)
-    (tmp / "learner_state.json").write_text(json.dumps(state))
+    (tmp / "learner_state.json").write_text(json.dumps(state))  # last: marks it complete
+    old = root / f".old_step_{step}_{os.getpid()}"
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)  # atomic; os.replace cannot overwrite a non-empty folder
     os.replace(tmp, final)
     link_tmp = root / f".latest_{os.getpid()}"
     link_tmp.write_text(final.name)
     os.replace(link_tmp, root / "latest")
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ptr = Path(out) / "checkpoints" / "latest"
-    if not ptr.is_file():
-        return None
-    p = ptr.parent / ptr.read_text().strip()
-    return p if (p / "learner_state.json").is_file() else None
+    """The folder ``latest`` names, or, if that is not a complete checkpoint, the highest
+    complete ``step_N`` (None when there is none)."""
+    root = Path(out) / "checkpoints"
+    ptr = root / "latest"
+    if ptr.is_file():
+        p = root / ptr.read_text().strip()
+        if (p / "learner_state.json").is_file():
+            return p
+    found = []  # (step, not moved aside, folder); a folder moved aside by a killed re-save counts
+    for p in root.iterdir() if root.is_dir() else ():
+        m = re.fullmatch(r"(\.old_)?step_(\d+)(_\d+)?", p.name)
+        if m and (p / "learner_state.json").is_file():
+            found.append((int(m.group(2)), m.group(1) is None, p))
+    return max(found)[2] if found else None
 
 
 def load_state(ckpt: Path, opt: Any) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class LearnerHub:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a restarted rollout server reconnects under its old id: the new connection takes it
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if port == 0:
             self.port = self.router.bind_to_random_port(f"tcp://{host}")
         else:

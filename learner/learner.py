@@ -6,11 +6,29 @@ It owns the data cursor, hands work orders to the rollout servers that connect t
 collects trajectories, enforces the staleness bound, trains a transformers causal LM with the
 token-level clipped GRPO loss, publishes weights over ZeroMQ and checkpoints in HF format.
 ``train()`` below reads as the algorithm; the machinery lives in ``Learner``.
+
+Crash consistency. A training order's id is ``train-<cursor sequence>``, and the rollout server
+seeds every sample from (run seed, order id, sample index, turn), so a group is a function of
+the weights it was sampled with; the batch is trained in sequence order. With
+``learner.max_staleness = 0`` a step is then a deterministic function of the checkpoint it
+starts from, and a run killed with -9 and resumed (``--resume``) retrains exactly the
+sequences the checkpoint had not trained (``learner_state.json`` ``cursor.pending`` and
+``next_seq``), with the same loss curve. Trajectories in flight at the crash die with their
+processes or, from a server that outlived the learner, are dropped by run id. On resume,
+``metrics.jsonl`` keeps the records up to the checkpoint's step and moves the later ones to
+``metrics.discarded.jsonl``; every step record lists its ``trained_seqs``. A (re)started
+rollout server that says Hello gets the current weights and its old orders are reassigned.
+
+``CLIMBRL_FAULT_KILL_AT_STEP=N`` (fault injection for tests) makes the learner SIGKILL itself
+after step N, once a trajectory of the next batch has arrived.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -64,7 +82,8 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
             if cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0:
                 L.checkpoint()
         after = L.evaluate("test")
-        L.checkpoint()
+        if not (cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0):
+            L.checkpoint()  # (the loop saved this step already)
         return L.finish(before, after)
     finally:
         L.shutdown()
@@ -90,7 +109,8 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
         if lc.weight_sync == "lora":
             self.model = setup_lora(self.model, lc, ckpt)
-        self.weights = WeightPublisher(self.model, lc.weight_sync, cfg.model.path)
+        shm = "/dev/shm" if cfg.wire.weight_transport == "auto" and os.path.isdir("/dev/shm") else None
+        self.weights = WeightPublisher(self.model, lc.weight_sync, cfg.model.path, shm_dir=shm)
         self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         self.opt = torch.optim.AdamW(
@@ -110,9 +130,18 @@ class Learner:
             self.step, self.version = st["step"], st["version"]
             self.cursor = DataCursor.from_state(st["cursor"])
             self.obj.load_state(st.get("objective", {}), ckpt)
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            log.info("resumed from %s at step %d; replaying sequences %s, then from %d", ckpt,
+                     self.step, st["cursor"]["pending"], st["cursor"]["next_seq"])
+        if resume:
+            discarded = _truncate_metrics(self.out, self.step if ckpt else -1)
+            if discarded:
+                log.info("metrics of steps %s (after the checkpoint) moved to "
+                         "metrics.discarded.jsonl", discarded)
         self.hub = LearnerHub(cfg.wire.host, cfg.wire.port, cfg.wire.heartbeat_s, self.run_id)
         self.metrics = MetricsWriter(self.out, resume=resume)
+        if resume:
+            self.metrics.write({"step": self.step, "resumed_from": ckpt.name if ckpt else None,
+                                "discarded_steps": discarded})
         self.orders: dict[str, dict[str, Any]] = {}  # order_id -> {seq, server, sent, eval}
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
@@ -126,6 +155,7 @@ class Learner:
         self._last_log = (time.time(), 0)
         self.t_start = time.time()
         self.tokens_generated = 0
+        self._no_server_since: float | None = None
 
     # ------------------------------------------------------------------ servers
 
@@ -139,15 +169,17 @@ class Learner:
                     f"{self.hub.endpoint} within {self.cfg.wire.connect_timeout_s:.0f}s"
                 )
             self._pump(0.2)
+        # resumed: every engine that said Hello below our version was sent the checkpoint's
+        # weights by _pump (the same path brings a restarted server to the current version)
         log.info("%d rollout servers connected", n)
-        if self.version > 0:  # resumed: bring every engine to the checkpoint's weights
-            self.publish_weights()
 
-    def _pick_server(self) -> str:
+    def _pick_server(self) -> str | None:
         alive = self.hub.order_servers()
         if not alive:  # every live server is pinned for serving: its data is judged by staleness
             alive = self.hub.alive_servers()
         if not alive:
+            if self.cfg.run.on_child_death == "restart":
+                return None  # the launcher restarts it; the order waits for a Hello (_pump)
             raise LearnerError("no rollout server is alive; see their logs for the cause")
         load = {s: 0 for s in alive}
         for o in self.orders.values():
@@ -157,7 +189,9 @@ class Learner:
 
     def _send_order(self, seq: int, task_index: int, split: str, is_eval: bool) -> None:
         lc, rc = self.cfg.learner, self.cfg.rollout
-        oid = f"{'eval' if is_eval else 'train'}-{seq}-{uuid.uuid4().hex[:6]}"
+        # a training order's id is a function of its sequence (the server seeds samples from
+        # it): a re-sent order samples the same group from the same weights
+        oid = f"eval-{seq}-{uuid.uuid4().hex[:6]}" if is_eval else f"train-{seq}"
         sampling = SamplingSpec(
             temperature=0.0 if is_eval else rc.temperature,
             top_p=1.0 if is_eval else rc.top_p,
@@ -178,7 +212,8 @@ class Learner:
         )
         self.orders[oid] = dict(seq=seq, task=task_index, split=split, server=server,
                                 sent=time.monotonic(), eval=is_eval)
-        self.hub.send(server, order)
+        if server is not None:
+            self.hub.send(server, order)
 
     def dispatch(self) -> None:
         lc = self.cfg.learner
@@ -196,7 +231,10 @@ class Learner:
         item = self.hub.recv(timeout)
         if item is not None:
             sid, msg, _, arrived = item
-            if isinstance(msg, Trajectory):
+            if isinstance(msg, Trajectory) and msg.run_id != self.run_id:
+                log.warning("trajectory %s from another learner run (%s) dropped", msg.order_id,
+                            msg.run_id)
+            elif isinstance(msg, Trajectory):
                 o = self.orders.pop(msg.order_id, None)
                 if o is None:
                     log.warning("trajectory for unknown order %s dropped", msg.order_id)
@@ -211,22 +249,37 @@ class Learner:
             elif isinstance(msg, Error):
                 self.counters["order_failures"] += 1
                 log.error("rollout %s: %s: %s (order %s)", sid, msg.code, msg.message, msg.ref_id)
-                o = self.orders.pop(msg.ref_id, None)
-                if o is not None and not o["eval"]:
-                    self.cursor.done(o["seq"])  # a failing task costs its episode, not the run
+                o = self.orders.get(msg.ref_id)
+                if o is not None and o["server"] == sid:  # not an order reassigned since
+                    del self.orders[msg.ref_id]
+                    if not o["eval"]:
+                        self.cursor.done(o["seq"])  # a failing task costs its episode, not the run
             elif isinstance(msg, Hello):
                 log.info("rollout %s (pid %d) connected at version %d", sid, msg.pid,
                          msg.policy_version)
-                self.weights.forget(sid)  # a (re)joined engine gets a full sync
-                if msg.policy_version != self.version and self.step > 0:
+                self.weights.join(sid, msg.hostname)  # a (re)joined engine: a full sync
+                self.pending_acks.pop(sid, None)
+                if msg.policy_version != self.version:
+                    log.info("sending %s the weights of version %d", sid, self.version)
                     self._publish_to([sid])
+                # a new process under a known id knows nothing of its predecessor's orders
+                self._reassign(lambda o, s=sid: o["server"] == s)
         for sid in self.hub.check_dead(self.cfg.wire.dead_after_s):
             self.counters["servers_dead"] += 1
+            self.pending_acks.pop(sid, None)
             log.error("rollout server %s is dead (no heartbeat for %.0fs); reassigning its "
                       "orders", sid, self.cfg.wire.dead_after_s)
             self._reassign(lambda o, s=sid: o["server"] == s)
         now = time.monotonic()
         self._reassign(lambda o: now - o["sent"] > self.cfg.wire.order_timeout_s)
+        if self.hub.alive_servers():
+            self._no_server_since = None
+            self._reassign(lambda o: o["server"] is None)  # orders that waited for a server
+        elif self._no_server_since is None:
+            self._no_server_since = now
+        elif now - self._no_server_since > self.cfg.wire.connect_timeout_s:
+            raise LearnerError(f"no rollout server has been alive for "
+                               f"{self.cfg.wire.connect_timeout_s:.0f}s; see their logs")
         for sid, (ver, t0) in list(self.pending_acks.items()):
             if now - t0 > self.cfg.wire.weight_sync_timeout_s:
                 del self.pending_acks[sid]
@@ -270,13 +323,17 @@ class Learner:
             self.ready = keep
             if len(self.ready) >= n:
                 batch, self.ready = self.ready[:n], self.ready[n:]
-                return batch
+                return sorted(batch, key=lambda t: self.seq_of[t.order_id])  # arrival-independent
             self.dispatch()
             self._pump(0.5)
+            if (k := _fault_kill_at()) >= 0 and self.ready and self.step == k:
+                log.error("CLIMBRL_FAULT_KILL_AT_STEP=%d: SIGKILL with %d groups received and "
+                          "%d orders in flight", self.step, len(self.ready), len(self.orders))
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, groups: list[Trajectory]) -> dict[str, float]:
+    def train_step(self, groups: list[Trajectory]) -> dict[str, Any]:
         """One optimizer step of ``learner.objective`` (learner/objectives_step.py)."""
         lc = self.cfg.learner
         t0 = time.perf_counter()
@@ -302,9 +359,11 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
         self.opt.step()
         critic_grad_norm = self.obj.step_critic()
-        for g in groups:
-            self.cursor.done(self.seq_of.pop(g.order_id))
-        stats = self.obj.finish(batch)  # also steps the clip-high controller
+        seqs = [self.seq_of.pop(g.order_id) for g in groups]
+        for seq in seqs:
+            self.cursor.done(seq)
+        stats: dict[str, Any] = self.obj.finish(batch)  # also steps the clip-high controller
+        stats["trained_seqs"] = seqs
         stats["grad_norm"] = float(grad_norm)
         if self.obj.critic is not None:
             stats["critic_grad_norm"] = critic_grad_norm
@@ -332,7 +391,7 @@ class Learner:
     def _on_ack(self, sid: str, ack: WeightAck, arrived: float) -> None:
         pend = self.pending_acks.pop(sid, None)
         if ack.deferred or not ack.ok:
-            self.weights.forget(sid)  # pinned or failed: its next update is a full sync
+            self.weights.forget(sid, ack.error)  # pinned or failed: next update is a full sync
         if ack.deferred:
             log.info("%s is pinned at version %d for serving; it will take version %s when "
                      "unpinned", sid, ack.version, pend[0] if pend else "?")
@@ -372,7 +431,7 @@ class Learner:
         log.info("eval %s accuracy at step %d: %.3f", split, self.step, acc)
         return acc
 
-    def log_step(self, stats: dict[str, float]) -> None:
+    def log_step(self, stats: dict[str, Any]) -> None:
         now = time.time()
         t_prev, tok_prev = self._last_log
         self._last_log = (now, self.tokens_generated)
@@ -402,7 +461,40 @@ class Learner:
             self.hub.send(sid, Control(command="shutdown"))
         time.sleep(0.2)
         self.hub.close()
+        self.weights.close()
         self.metrics.close()
+
+
+def _fault_kill_at() -> int:
+    return int(os.environ.get("CLIMBRL_FAULT_KILL_AT_STEP") or -1)
+
+
+def _truncate_metrics(out: Path, step: int) -> list[int]:
+    """Before a resume from ``step``: keep the records up to it in ``metrics.jsonl`` (atomically
+    rewritten) and move the later ones (trained by a run that died before its next checkpoint)
+    to ``metrics.discarded.jsonl``. Returns the discarded step numbers."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    keep, drop, steps = [], [], set()
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+        else:
+            drop.append(line)
+            if "reward" in rec:
+                steps.add(rec["step"])
+    if drop:
+        with open(out / "metrics.discarded.jsonl", "a") as f:
+            f.write("".join(x + "\n" for x in drop))
+    tmp = out / f".metrics.jsonl.{os.getpid()}"
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+    return sorted(steps)
 
 
 def _mean(xs: list[float]) -> float:
