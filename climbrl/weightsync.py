@@ -345,6 +345,27 @@ def write_shm(path: Path, tensors: list[torch.Tensor]) -> list[int]:
     return offs
 
 
+def remove_orphan_files(shm_dir: Path) -> list[Path]:
+    """Delete weights files (``climbrl-[learner-]PID-*.weights``, their ``.tmp`` and
+    ``.rollback``) of processes that are gone:
+    one killed with -9 cannot clean up, and under /dev/shm its files hold memory."""
+    removed = []
+    for f in Path(shm_dir).glob("climbrl-*"):
+        if not f.name.endswith((".weights", ".weights.tmp", ".rollback")):
+            continue
+        pid = next((int(x) for x in f.name.split(".")[0].split("-")[1:] if x.isdigit()), None)
+        if pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+        except PermissionError:
+            continue  # another user's live process
+    return removed
+
+
 def map_shm(path: str, tensors: list[TensorMeta], offsets: list[int]) -> list[torch.Tensor]:
     """Zero-copy, read-only-in-effect views of a file written by ``write_shm`` (private
     mapping: pages are shared with the file until written, and nothing here writes them)."""

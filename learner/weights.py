@@ -37,7 +37,15 @@ from typing import Any
 import torch
 
 from climbrl.config import LearnerCfg
-from climbrl.weightsync import checkpoint_names, encode_change, merge, metas, nbytes, same_bits
+from climbrl.weightsync import (
+    checkpoint_names,
+    encode_change,
+    merge,
+    metas,
+    nbytes,
+    remove_orphan_files,
+    same_bits,
+)
 from climbrl.wire import WeightManifest
 
 _ADAPTER = "default"
@@ -160,7 +168,7 @@ class WeightPublisher:
         self._files: list[Path] = []
         self._seq = 0
         if self.shm_dir is not None:
-            _remove_orphans(self.shm_dir)
+            remove_orphan_files(self.shm_dir)
 
     def join(self, server: str, hostname: str) -> None:
         """A server (re)connected from ``hostname``: its next update is a full sync, through
@@ -274,14 +282,3 @@ class WeightPublisher:
                 self.ref[n] = t.clone()
         return frames
 
-
-def _remove_orphans(shm_dir: Path) -> None:
-    """Weights files of learners that died without cleaning up (kill -9) hold memory."""
-    for f in shm_dir.glob("climbrl-learner-*.weights*"):
-        try:
-            pid = int(f.name.split("-")[2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            f.unlink(missing_ok=True)
-        except (ValueError, IndexError, PermissionError):
-            continue

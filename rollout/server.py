@@ -85,6 +85,9 @@ class RolloutServer:
         self.shm_path = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / (
             f"climbrl-{os.getpid()}-{server_id}.weights"
         )
+        from climbrl.weightsync import remove_orphan_files
+
+        remove_orphan_files(self.shm_path.parent)  # left by servers killed with -9
         self._stop = asyncio.Event()
         self._last_learner_msg = time.monotonic()
         self._req = 0

@@ -361,3 +361,23 @@ def test_sparse_small_steps_deflate_below_raw_sparse():
     bad["gaps_z"] = bad["gaps_z"][:-3]
     with pytest.raises(WireError):
         _decode("w", bad, old)
+
+
+def test_orphaned_weights_files_are_removed(tmp_path):
+    """Files of processes killed with -9 (learner or rollout server) are deleted; live ones stay."""
+    import os
+    import subprocess
+
+    from climbrl.weightsync import remove_orphan_files
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = [tmp_path / f"climbrl-{dead.pid}-r0.weights", tmp_path / f"climbrl-learner-{dead.pid}-3.weights",
+            tmp_path / f"climbrl-{dead.pid}-r0.rollback"]
+    live = [tmp_path / f"climbrl-{os.getppid()}-r1.weights", tmp_path / "climbrl-learner-x.weights",
+            tmp_path / "other.weights"]
+    for f in gone + live:
+        f.write_bytes(b"w")
+    removed = remove_orphan_files(tmp_path)
+    assert sorted(removed) == sorted(gone)
+    assert all(f.exists() for f in live)
