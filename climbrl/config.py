@@ -318,6 +318,12 @@ class WireCfg(_Cfg):
         "decode, stage, pause, reload, resume); past it the update fails, the engine stays on "
         "its previous weights and the ack reports the error.",
     )
+    curve: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="ZeroMQ CURVE encryption and authentication with keys generated per run "
+        "(climbrl/wirekeys.py): peers without the run's key are refused. 'auto': on whenever "
+        "wire.host is not loopback; plain on loopback.",
+    )
     weight_transport: Literal["auto", "zmq"] = Field(
         "auto",
         description="How full weight syncs reach rollout servers. 'auto': servers on the "

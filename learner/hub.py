@@ -36,9 +36,15 @@ class ServerState:
 
 
 class LearnerHub:
-    def __init__(self, host: str, port: int, heartbeat_s: float = 1.0, run_id: str = ""):
+    def __init__(self, host: str, port: int, heartbeat_s: float = 1.0, run_id: str = "",
+                 keys: Any = None):
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
+        self._auth = None
+        if keys is not None:  # CURVE: only peers holding the run's client key get through
+            from climbrl.wirekeys import secure_server
+
+            self._auth = secure_server(self.ctx, self.router, keys)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a restarted rollout server reconnects under its old id: the new connection takes it
@@ -78,6 +84,8 @@ class LearnerHub:
         self._stop.set()
         self._thread.join(timeout=5)
         self._push.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
 
     # ----------------------------------------------------------- training-thread API

@@ -137,7 +137,10 @@ class Learner:
             if discarded:
                 log.info("metrics of steps %s (after the checkpoint) moved to "
                          "metrics.discarded.jsonl", discarded)
-        self.hub = LearnerHub(cfg.wire.host, cfg.wire.port, cfg.wire.heartbeat_s, self.run_id)
+        from climbrl.wirekeys import learner_keys
+
+        self.hub = LearnerHub(cfg.wire.host, cfg.wire.port, cfg.wire.heartbeat_s, self.run_id,
+                              keys=learner_keys(cfg.wire, self.out))
         self.metrics = MetricsWriter(self.out, resume=resume)
         if resume:
             self.metrics.write({"step": self.step, "resumed_from": ckpt.name if ckpt else None,

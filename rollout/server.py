@@ -128,6 +128,11 @@ class RolloutServer:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.server_id.encode())
+        from climbrl.wirekeys import rollout_keys, secure_client
+
+        keys = rollout_keys(self.cfg.wire, Path(self.cfg.run.output_dir))
+        if keys is not None:
+            secure_client(self.sock, keys)
         self.sock.connect(self.endpoint)
         self._last_learner_msg = time.monotonic()
         await self._send(
