@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the RL-sized step")
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--no-modes", action="store_true",
+                    help="only the full-sync transports against the floor (faster)")
     a = ap.parse_args()
 
     import torch
@@ -258,7 +260,7 @@ def main() -> None:
                         sync.append(t1 - t0)
                         first.append(t2 - t0)
                         phases.append(ack.phases)
-            modes = sync_modes(server, mdir, a)
+            modes = {} if a.no_modes else sync_modes(server, mdir, a)
         finally:
             server.close()
             shm_pub.close()
@@ -272,13 +274,14 @@ def main() -> None:
                 f"{pre}ratio": round(sync[best] / fl, 2),
                 f"{pre}phases": {k: round(x, 4) for k, x in phases[best].items()},
             })
-        results[size] = {
-            **row,
-            "modes": modes,
-            "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
-            "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),
-            "delta_bf16": bf16_delta(mdir, a),
-        }
+        results[size] = row
+        if modes:
+            results[size].update({
+                "modes": modes,
+                "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
+                "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),
+                "delta_bf16": bf16_delta(mdir, a),
+            })
         del model, sd, tensors
     print(json.dumps({"benchmark": "weight_sync", **results}))
 
