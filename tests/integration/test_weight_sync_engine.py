@@ -157,6 +157,7 @@ def test_run_with_weight_sync(mode, tiny_model, tmp_path):
         learner={"total_steps": 3, "batch_groups": 2, "group_size": 4, "max_staleness": 0,
                  "eval_size": 4, "weight_sync": mode, "lr": 5e-3, "lora_r": 4},
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.25},
+        wire={"curve": "on"},  # CURVE with the run's keys, as across machines
     )
     log = tmp_path / "launcher.log"
     proc = subprocess.Popen([sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
@@ -180,3 +181,4 @@ def test_run_with_weight_sync(mode, tiny_model, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(str(ckpt))
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() == (mode == "lora")
+    assert ((out / "wire_keys.json").stat().st_mode & 0o777) == 0o600
