@@ -150,6 +150,7 @@ class Env(ABC):
 
 BUILTIN_ENVS: dict[str, str] = {
     "copy_first": "climbrl.envs.tasks:CopyFirstEnv",
+    "synthetic": "climbrl.envs.synthetic:SyntheticTaskEnv",
     "math": "climbrl.envs.math:MathEnv",
     "code": "climbrl.envs.code:CodeEnv",
     "tool_use": "climbrl.envs.tool_use:ToolUseEnv",

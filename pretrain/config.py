@@ -193,6 +193,11 @@ class TrainConfig(_Strict):
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Autocast: 'auto' = bf16 on CUDA, fp32 on CPU."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the forward + loss (inductor; fuses the norm, RoPE, SwiGLU "
+        "and loss elementwise work). Costs a one-off compilation (tens of seconds on CPU).",
+    )
     seed: int = Field(0, description="Seed for init, data order and everything else.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default.")
     log_every: int = Field(10, gt=0, description="Steps between log lines.")

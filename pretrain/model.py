@@ -244,13 +244,55 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
 
 
 def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * active matmul params + causal attention (PaLM appendix B)."""
+    """Training FLOPs per token for unpacked rows of `seq_len`: 6 * active matmul params +
+    causal attention (PaLM appendix B). Packed rows with document masking do less attention
+    work: `train_flops` counts that exactly."""
     cfg = model.config
     _, active = matmul_params(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     # QK^T and AV: 2 matmuls * 2 FLOPs * heads*head_dim * seq, x3 for fwd+bwd, /2 for causal.
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg) * seq_len
     return 6.0 * active + attn
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def attention_pairs(positions: Any) -> int:
+    """Query-key pairs of a document-masked causal attention over packed rows.
+
+    `positions` restart at 0 at every document, so the token at position p sees p + 1 keys and
+    a document of n tokens costs n(n+1)/2 pairs, not the row's causal triangle.
+    """
+    import numpy as np
+
+    return int((np.asarray(positions, dtype=np.int64) + 1).sum())
+
+
+def train_flops_counter(model: nn.Module) -> Any:
+    """``count(positions) -> FLOPs``: useful training FLOPs of one forward + backward over
+    packed rows with these positions.
+
+    6 * active matmul params per token, plus attention: QK^T and AV, 2 FLOPs per multiply-add,
+    per head_dim, head, layer and query-key pair (`attention_pairs`), x3 for the backward.
+    Padding counts as tokens (it goes through the matmuls).
+    """
+    import numpy as np
+
+    cfg = model.config
+    _, active = matmul_params(model)
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg)
+
+    def count(positions: Any) -> float:
+        n_tokens = int(np.asarray(positions).size)
+        return 6.0 * active * n_tokens + float(attn) * attention_pairs(positions)
+
+    return count
+
+
+def train_flops(model: nn.Module, positions: Any) -> float:
+    """Useful training FLOPs over packed rows with these positions (`train_flops_counter`)."""
+    return train_flops_counter(model)(positions)
 
 
 def count_params_from_config(cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,63 @@ def loss_terms(
     return ce, zl
 
 
+class TrainStep:
+    """One optimizer step of the loop: `micro` (forward, loss, backward) per micro-batch, then
+    `finish` (clip, optimizer steps, zero grads). `step(ids, pos, labels)` does both for a
+    single micro-batch (what benchmarks/pretrain.py times).
+
+    With ``tc.compile`` the forward and the loss go through ``torch.compile`` (fixed shapes:
+    rows are packed to one length, so one graph serves every step).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        opts: list[torch.optim.Optimizer],
+        tc: TrainConfig,
+        device: str,
+        balance: Any = None,
+        aux_coef: float = 0.0,
+    ) -> None:
+        self.model, self.opts, self.tc = model, opts, tc
+        self.amp = autocast_ctx(tc, device)
+        self.amp_dtype = getattr(self.amp, "fast_dtype", None)
+        self.balance = balance  # () -> MoE balance loss or None, read after each forward
+        self.aux_coef = aux_coef
+        self._loss = loss_terms
+        if tc.compile and M.routers(model):
+            warnings.warn("train.compile is for dense models; this MoE runs eagerly", stacklevel=2)
+        elif tc.compile:
+            self._loss = torch.compile(loss_terms, dynamic=False)
+
+    def micro(
+        self, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        with self.amp:
+            ce, zl = self._loss(self.model, ids, pos, labels, self.tc.z_loss)
+            aux = self.balance() if self.balance is not None else None
+        loss = ce + self.tc.z_loss * zl
+        if aux is not None:
+            loss = loss + self.aux_coef * aux
+        (loss * scale).backward()
+        return ce.detach(), zl.detach(), aux.detach() if aux is not None else None
+
+    def finish(self) -> torch.Tensor:
+        tc = self.tc
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        )
+        for o in self.opts:
+            o.step()
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        return gnorm
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> None:
+        self.micro(ids, pos, labels)
+        self.finish()
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -263,8 +321,17 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
     plan = tc.model_copy()
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, plan)) for o in opts]
     amp = autocast_ctx(tc, device)
+
+    stepper = TrainStep(
+        model,
+        opts,
+        tc,
+        device,
+        balance=lambda: M.balance_loss(model, cfg.model),
+        aux_coef=cfg.model.aux_loss_coef,
+    )
     seq_len = data.train.tokens.shape[1]
-    flops_tok = M.train_flops_per_token(model, seq_len)
+    count_flops = M.train_flops_counter(model)
     peak = peak_flops(tc, device)
     n_replay = round(tc.batch_size * cfg.init.replay_ratio) if data.replay is not None else 0
     main_rows = RowSampler(len(data.train.tokens), tc.seed)
@@ -328,7 +395,8 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
         f"({n_active / 1e6:.2f}M active in matmuls), {len(data.train.tokens):,} train rows x {seq_len}"
     )
     t_loop = time.perf_counter()
-    t_int, tok_int = time.perf_counter(), 0
+    step0 = step
+    t_int, tok_int, flops_int, flops_total = time.perf_counter(), 0, 0.0, 0.0
     last_nll: float | None = None
     stopped_early = False
     while step < plan.steps:
@@ -343,22 +411,13 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
                 toks = np.concatenate([toks, data.replay.tokens[r]])
                 poss = np.concatenate([poss, data.replay.positions[r]])
             ids, pos, labels = batch_tensors(toks, poss, tok.pad_token_id, device)
-            with amp:
-                ce, zl = loss_terms(model, ids, pos, labels, tc.z_loss)
-                aux = M.balance_loss(model, cfg.model)
-            loss = ce + tc.z_loss * zl + (cfg.model.aux_loss_coef * aux if aux is not None else 0.0)
-            (loss / tc.grad_accum).backward()
+            ce, zl, aux = stepper.micro(ids, pos, labels, 1.0 / tc.grad_accum)
             ce_sum += ce.item() / tc.grad_accum
             z_sum += zl.item() / tc.grad_accum
             aux_sum += aux.item() / tc.grad_accum if aux is not None else 0.0
             tok_int += ids.numel()
-        gnorm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        )
-        for o in opts:
-            o.step()
-        for o in opts:
-            o.zero_grad(set_to_none=True)
+            flops_int += count_flops(poss)
+        gnorm = stepper.finish()
         for s in scheds:
             s.step()
         moe_stats = M.end_step_balance(model, cfg.model)
@@ -382,7 +441,7 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
                 "lr": scheds[0].get_last_lr()[0],
                 "grad_norm": float(gnorm),
                 "tokens_per_s": tps,
-                "flops_per_s": tps * flops_tok,
+                "flops_per_s": flops_int / dt,
                 **moe_stats,
             }
             if peak:
@@ -393,7 +452,8 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
                 f"{tps:,.0f} tok/s {rec['flops_per_s'] / 1e9:.2f} GFLOP/s"
                 + (f" mfu {rec['mfu']:.1%}" if peak else "")
             )
-            t_int, tok_int = time.perf_counter(), 0
+            flops_total += flops_int
+            t_int, tok_int, flops_int = time.perf_counter(), 0, 0.0
         if step % tc.eval_every == 0 and len(data.eval.tokens):
             last_nll = heldout_nll(
                 model,
@@ -441,10 +501,14 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
         "eval_nll": last_nll,
         "params": sum(p.numel() for p in model.parameters()),
         "matmul_params_active": n_active,
-        "train_flops_per_token": flops_tok,
         "model_dir": str(export_dir),
     }
-    summary["flops_per_s"] = summary["tokens_per_s"] * flops_tok
+    # Useful FLOPs (document-masked attention) of the steps this process ran; a resumed run
+    # counts only its own part.
+    flops_total += flops_int
+    run_tokens = max(1, (step - step0) * tc.batch_size * tc.grad_accum * seq_len)
+    summary["train_flops_per_token"] = flops_total / run_tokens
+    summary["flops_per_s"] = flops_total / max(train_seconds - elapsed_before, 1e-9)
     if cfg.data.source == "synthetic" and cfg.eval_task_examples:
         acc = task_accuracy(
             model, tok, get_task(cfg.data.task), cfg.eval_task_examples, seed=tc.seed + 7

@@ -154,6 +154,24 @@ def test_flops_per_token() -> None:
     assert M.train_flops_per_token(m, 16) == 6 * total + 6 * 2 * 4 * 8 * 16
 
 
+def test_train_flops_count_document_masked_attention() -> None:
+    import numpy as np
+
+    m = tiny(ModelConfig(**TINY))
+    _, active = M.matmul_params(m)
+    per_pair = 12 * 2 * 4 * 8  # (QK^T + AV) x 2 FLOPs x 3 (fwd+bwd), x layers*heads*head_dim
+    # One row of 16 = one document: the causal triangle, 16*17/2 pairs.
+    one_doc = np.arange(16)[None]
+    assert M.attention_pairs(one_doc) == 136
+    assert M.train_flops(m, one_doc) == 6 * active * 16 + per_pair * 136
+    # The same row as documents of 10 and 6 tokens: 55 + 21 pairs.
+    two_docs = np.concatenate([np.arange(10), np.arange(6)])[None]
+    assert M.attention_pairs(two_docs) == 76
+    assert M.train_flops(m, two_docs) == 6 * active * 16 + per_pair * 76
+    # The per-token formula is the unpacked row's count, up to the diagonal (n^2/2 vs n(n+1)/2).
+    assert M.train_flops_per_token(m, 16) * 16 == 6 * active * 16 + per_pair * 16 * 16 / 2
+
+
 def test_config_overrides_presets_and_validation(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text(

@@ -44,3 +44,39 @@ def test_bad_input() -> None:
         get_task("nope")
     with pytest.raises(ValueError, match="split"):
         get_task("add").sample("test", 3)  # type: ignore[arg-type]
+
+
+def test_rl_env_is_the_pretraining_task() -> None:
+    """The demo's RL env (``synthetic``) asks the corpus's own prompts; its test split is the
+    held-out split the base is scored on, and its reward is the exact answer."""
+    import asyncio
+
+    from climbrl.envs.base import make_env
+
+    env = make_env("synthetic", {"task": "add", "num_train": 300, "num_test": 50})
+    task = get_task("add")
+    train = [env.get_task("train", i) for i in range(env.num_tasks("train"))]
+    test = [env.get_task("test", i) for i in range(env.num_tasks("test"))]
+    corpus = set(task.corpus(300, seed=0))
+    assert {t.prompt + t.answer for t in train} <= corpus
+    assert all(task.split_of(_ex(t)) == "heldout" for t in test)
+    assert all(task.split_of(_ex(t)) == "train" for t in train)
+
+    async def play(t, text):  # type: ignore[no-untyped-def]
+        await env.reset(t)
+        return await env.step(text)
+
+    t = test[0]
+    right = asyncio.run(play(t, t.answer))
+    wrong = asyncio.run(play(t, t.answer + "1"))
+    assert (right.reward, right.info["correct"]) == (1.0, 1.0)
+    assert (wrong.reward, wrong.info["correct"]) == (0.0, 0.0)
+    partial = make_env("synthetic", {"partial_credit": 0.5, "num_train": 10, "num_test": 10})
+    assert partial.score("4x2", "432") == (0.5 * 2 / 3, False)
+    assert partial.score("432", "432") == (1.0, True)
+
+
+def _ex(t):  # type: ignore[no-untyped-def]
+    from climbrl.pretrain.synthetic import Example
+
+    return Example(t.prompt, t.answer)

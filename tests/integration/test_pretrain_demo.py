@@ -1,0 +1,37 @@
+"""`climbrl demo` end to end: pretrain the base (the real 5-minute recipe), then RL raises its
+held-out accuracy through the real learner + vLLM rollout server. About 10 minutes on 2 cores,
+so it is `slow`; the pieces are covered by the default suite (test_pretrain_vllm: a base loads
+and generates in vLLM; test_run_e2e: the RL run; unit/test_pretrain_demo: base caching).
+
+    pytest -m slow tests/integration/test_pretrain_demo.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_demo_pretrains_a_base_and_rl_raises_it(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    out = tmp_path / "demo"
+    res = subprocess.run(
+        [sys.executable, "-m", "climbrl.cli", "demo", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    s = json.loads((out / "demo_summary.json").read_text())
+    # The base is measurable but imperfect, and RL raises it.
+    assert 0.05 < s["base_heldout_accuracy"] < 0.8, s
+    assert 0.05 < s["accuracy_before"] < 0.8, s
+    assert s["accuracy_after"] > s["accuracy_before"], s
+    assert (out / "reward_curve.png").stat().st_size > 0
+    assert "held-out accuracy after RL" in res.stdout
