@@ -84,8 +84,7 @@ def encode_change(name: str, old: torch.Tensor, new: torch.Tensor,
                 (f"{name}#sparse_val", new.detach().reshape(-1)[idx.long()].contiguous())]
         size = nnz * (4 + esize)
     if compress and nnz * 8 > new.numel():  # dense change: try the compressed xor
-        planes = (ob ^ nb).view(torch.uint8).view(-1, esize).t().contiguous()
-        z = zlib.compress(planes.numpy().tobytes(), 1)
+        z = _deflate_planes((ob ^ nb).reshape(-1), esize)
         if len(z) < size:
             best = [(f"{name}#xor", torch.frombuffer(bytearray(z), dtype=torch.uint8))]
             size = len(z)
@@ -278,17 +277,11 @@ def _decode(name: str, p: dict[str, torch.Tensor], old: torch.Tensor) -> torch.T
         out[idx] = out[idx] ^ x
         return out.view(old.dtype).view(old.shape)
     if "xor" in p:
-        try:
-            raw = zlib.decompress(p["xor"].numpy().tobytes())
-        except zlib.error as e:
-            raise WireError(f"xor delta for {name!r} is corrupt: {e}") from None
-        es = old.element_size()
-        if len(raw) != old.numel() * es:
-            raise WireError(f"xor delta for {name!r}: {len(raw)} bytes, expected "
-                            f"{old.numel() * es}")
-        planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(es, -1)
-        x = planes.t().contiguous().view(_INT_OF[es]).view(old.shape)
-        return (_bits(old) ^ x).view(old.dtype)
+        x = _inflate_planes(name, p["xor"], old.element_size())
+        if x.numel() != old.numel():
+            raise WireError(f"xor delta for {name!r}: {x.numel()} values, expected "
+                            f"{old.numel()}")
+        return (_bits(old) ^ x.view(old.shape)).view(old.dtype)
     raise WireError(f"delta for {name!r} has no known encoding ({sorted(p)})")
 
 
