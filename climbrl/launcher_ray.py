@@ -298,14 +298,17 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         env = forwarded_env()
         files = {str(cfg_path): cfg_text}
 
+        rollout_env: dict[str, str] = {}
+
         def place(i: int, name: str, argv: list[str], log_path: Path) -> RayChild:
             """Start ``argv`` in an actor on bundle ``i`` (also used to restart a server)."""
             b = need[i]
+            actor_env = env if i == 0 else {**env, **rollout_env}
             actor = Actor.options(
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=i),
-            ).remote(name, str(log_path), os.getcwd(), env)
+            ).remote(name, str(log_path), os.getcwd(), actor_env)
             info = ray.get(actor.start.remote(argv, files), timeout=cfg.ray.start_timeout_s)
             print(f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']})",
                   file=sys.stderr, flush=True)
@@ -333,6 +336,7 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
             else:
                 time.sleep(0.2)
         print(f"climbrl: learner endpoint {endpoint}", file=sys.stderr, flush=True)
+        rollout_env.update(_rollout_keys_env(cfg, learner, out))
         for i in range(cfg.rollout.num_servers):
             argv = py + ["rollout", "--config", str(cfg_path), "--endpoint", endpoint,
                          "--server-id", f"r{i}"]
@@ -355,6 +359,24 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return rc
+
+
+def _rollout_keys_env(cfg: Config, learner: RayChild, out: Path) -> dict[str, str]:
+    """With CURVE on, the run's client keys for the rollout servers, read from the learner's
+    node (it writes them before its endpoint): servers on other machines do not see its output
+    folder. They travel to the actors through Ray (the cluster's own channel) in
+    ``CLIMBRL_WIRE_KEYS``, without the learner's secret key."""
+    import ray
+
+    from climbrl.wirekeys import ENV_VAR, FILE_NAME, RunKeys, curve_enabled
+
+    if not curve_enabled(cfg.wire):
+        return {}
+    path = out / FILE_NAME
+    text = ray.get(learner.actor.read_file.remote(str(path)), timeout=60)
+    if not text:
+        raise RuntimeError(f"wire.curve is on but the learner wrote no keys to {path}")
+    return {ENV_VAR: RunKeys.parse(text, str(path)).client_json()}
 
 
 def _supervise(cfg: Config, children: list[RayChild], learner: RayChild, stopping: dict,

@@ -4,8 +4,9 @@
 machines); ``"on"`` / ``"off"`` force it. The learner generates two key pairs for the run, its
 own (server) and one for the run's rollout servers (client), and writes them to
 ``OUTPUT_DIR/wire_keys.json`` (mode 0600) before it publishes its endpoint; a resumed run keeps
-them. A rollout server reads ``CLIMBRL_WIRE_KEYS`` (the file's JSON, for launchers that place
-processes on other machines) or that file. The learner's ROUTER is a CURVE server whose ZAP
+them. A rollout server reads ``CLIMBRL_WIRE_KEYS`` (``RunKeys.client_json``: the learner's
+public key and the client pair, never the learner's secret; the Ray launcher passes it to
+servers it places on other machines) or that file. The learner's ROUTER is a CURVE server whose ZAP
 handler (pyzmq's authenticator thread) accepts only the run's client key, so a peer with no
 key, or another run's key, never gets a message through.
 """
@@ -48,15 +49,29 @@ class RunKeys:
             json.dump(asdict(self), f)
         os.replace(tmp, path)
 
+    def client_json(self) -> str:
+        """What a rollout server needs, without the learner's secret: the value a launcher
+        that places servers on other machines passes in ``CLIMBRL_WIRE_KEYS``."""
+        return json.dumps({"server_public": self.server_public,
+                           "client_public": self.client_public,
+                           "client_secret": self.client_secret})
+
     @classmethod
-    def parse(cls, text: str, where: str) -> RunKeys:
+    def parse(cls, text: str, where: str, client_only: bool = False) -> RunKeys:
+        """The learner's full key file, or (``client_only``) also the client view, whose
+        ``server_secret`` is left empty."""
+        fields = list(cls.__dataclass_fields__)
         try:
             d = json.loads(text)
-            keys = cls(**{k: str(d[k]) for k in cls.__dataclass_fields__})
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
+            if client_only and "server_secret" not in d:
+                d = {**d, "server_secret": ""}
+            keys = cls(**{k: str(d[k]) for k in fields})
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{where}: not a climbrl wire key file ({e})") from None
         for k, v in asdict(keys).items():
-            if len(v) != 40:
+            if len(v) != 40 and not (client_only and k == "server_secret" and v == ""):
                 raise ValueError(f"{where}: {k} is not a Z85 CURVE key (40 characters)")
         return keys
 
@@ -94,12 +109,12 @@ def rollout_keys(wire: Any, out: Path) -> RunKeys | None:
         return None
     text = os.environ.get(ENV_VAR)
     if text:
-        return RunKeys.parse(text, ENV_VAR)
+        return RunKeys.parse(text, ENV_VAR, client_only=True)
     path = Path(out) / FILE_NAME
     if not path.is_file():
         raise RuntimeError(f"wire.curve is on but {path} does not exist and {ENV_VAR} is not set: "
                            "start the learner first, or pass the run's keys")
-    return RunKeys.parse(path.read_text(), str(path))
+    return RunKeys.parse(path.read_text(), str(path), client_only=True)
 
 
 class _AllowRunKey:

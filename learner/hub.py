@@ -45,6 +45,7 @@ class LearnerHub:
             from climbrl.wirekeys import secure_server
 
             self._auth = secure_server(self.ctx, self.router, keys)
+            log.info("wire: CURVE on, only peers with this run's client key are admitted")
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a restarted rollout server reconnects under its old id: the new connection takes it

@@ -210,9 +210,10 @@ def _check_trained(out: Path, steps: int) -> None:
         assert (ckpts / f"step_{s}" / "model.safetensors").is_file()
 
 
-def _run_to_end(tmp_path: Path, model: Path, cluster: dict, servers: int, steps: int) -> None:
+def _run_to_end(tmp_path: Path, model: Path, cluster: dict, servers: int, steps: int,
+                **extra) -> None:
     out = tmp_path / "run"
-    cfg = _config(tmp_path, model, out, servers, steps)
+    cfg = _config(tmp_path, model, out, servers, steps, **extra)
     proc = _launch(cfg, tmp_path / "launcher.log", cluster)
     try:
         seen, sids = _watch(proc, out / "config.resolved.toml")
@@ -250,8 +251,15 @@ def test_ray_launcher_trains_one_server(tiny_model, tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_ray_launcher_trains_two_servers(tiny_model, tmp_path, ray_cluster):
-    _run_to_end(tmp_path, tiny_model, ray_cluster, servers=2, steps=3)
+def test_ray_launcher_trains_two_servers_over_curve(tiny_model, tmp_path, ray_cluster):
+    """Two servers, with the run's CURVE keys forced on (as across machines): the servers get
+    the client keys through Ray, not from the learner's folder."""
+    _run_to_end(tmp_path, tiny_model, ray_cluster, servers=2, steps=3, wire={"curve": "on"})
+    out = tmp_path / "run"
+    assert "CURVE on" in (out / "logs" / "learner.log").read_text()
+    for i in range(2):
+        assert "CURVE client" in (log := (out / "logs" / f"rollout-{i}.log").read_text())
+        assert "from CLIMBRL_WIRE_KEYS" in log
 
 
 @pytest.mark.slow

@@ -43,8 +43,15 @@ def test_keys_are_generated_once_per_run_private_and_shared_with_rollouts(tmp_pa
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert rollout_keys(_wire("0.0.0.0"), tmp_path) == k
     other = RunKeys.generate()
-    monkeypatch.setenv(ENV_VAR, json.dumps(other.__dict__))
-    assert rollout_keys(_wire("0.0.0.0"), tmp_path) == other  # placed elsewhere: from the env
+    monkeypatch.setenv(ENV_VAR, other.client_json())  # placed elsewhere: from the env,
+    got = rollout_keys(_wire("0.0.0.0"), tmp_path)   # without the learner's secret
+    assert "server_secret" not in json.loads(other.client_json()) and got.server_secret == ""
+    assert (got.server_public, got.client_public, got.client_secret) == (
+        other.server_public, other.client_public, other.client_secret)
+    monkeypatch.setenv(ENV_VAR, json.dumps(other.__dict__))  # the whole file works too
+    assert rollout_keys(_wire("0.0.0.0"), tmp_path) == other
+    with pytest.raises(ValueError, match="wire key file .*server_secret"):  # only a server
+        RunKeys.parse(other.client_json(), "keys")                        # needs its secret
     monkeypatch.setenv(ENV_VAR, '{"server_public": "x"}')
     with pytest.raises(ValueError, match="not a climbrl wire key file"):
         rollout_keys(_wire("0.0.0.0"), tmp_path)
@@ -74,7 +81,8 @@ def test_hub_refuses_peers_without_the_run_key():
         peers = [_peer(ctx, hub, "plain"),  # no key at all
                  _peer(ctx, hub, "stranger", RunKeys.generate(), keys.server_public)]  # other run
         assert hub.recv(3.0) is None  # neither got a message through
-        peers.append(_peer(ctx, hub, "r0", keys))
+        client = RunKeys.parse(keys.client_json(), "env", client_only=True)
+        peers.append(_peer(ctx, hub, "r0", client))  # the client view is enough
         item = hub.recv(10.0)
         assert item is not None and item[0] == "r0" and isinstance(item[1], Hello)
         assert hub.alive_servers() == ["r0"]
