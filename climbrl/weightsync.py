@@ -338,6 +338,74 @@ def write_shm(path: Path, tensors: list[torch.Tensor]) -> list[int]:
     return offs
 
 
+class ShmRing:
+    """Weights files under shm_dir that the learner rewrites in place, for full syncs.
+
+    ``write_shm`` makes a new file per sync: under /dev/shm the kernel allocates and zeroes
+    every page of it first, which costs more than the copy itself (about 0.4 s of a 0.6 s sync
+    at 50M parameters on this machine). A ring file is mapped once (``MAP_SHARED``) and
+    rewritten with a plain copy into pages that already exist.
+
+    A file is rewritten only when no server can still read it: each server's engine keeps
+    zero-copy views of the file it last loaded (``EngineWeights.base``, used for rollback), so a
+    slot sent to a server stays taken until that server acks a newer version (``acked``). A
+    server that never acks (dead, failing, pinned) pins its slots; with every slot taken
+    ``write`` returns None and the caller writes a new file as before. Only for the ``full``
+    mode: a delta or LoRA engine keeps views of its first full file for good.
+    """
+
+    def __init__(self, shm_dir: Path, prefix: str, slots: int = 3):
+        self.shm_dir, self.prefix, self.n = Path(shm_dir), prefix, slots
+        self.slots: list[tuple[Path, int, torch.Tensor]] = []  # path, size, shared mapping
+        self.refs: dict[str, dict[int, int]] = {}  # server -> {version sent: slot index}
+
+    def _free(self, size: int) -> int | None:
+        taken = {k for r in self.refs.values() for k in r.values()}
+        for k, (_, sz, _) in enumerate(self.slots):
+            if k not in taken and sz == size:
+                return k
+        if len(self.slots) < self.n:
+            path = self.shm_dir / f"{self.prefix}-slot{len(self.slots)}.weights"
+            with open(path, "wb") as f:
+                f.truncate(size)
+            blob = (torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+                    if size else torch.empty(0, dtype=torch.uint8))
+            self.slots.append((path, size, blob))
+            return len(self.slots) - 1
+        return None
+
+    def write(self, version: int, servers: list[str], tensors: list[torch.Tensor]
+              ) -> tuple[str, list[int]] | None:
+        """Copy ``tensors`` into a free slot for ``servers``; None when every slot is taken."""
+        from climbrl.wire import tensor_meta
+
+        offs, total = shm_offsets([tensor_meta("", t) for t in tensors])
+        k = self._free(total)
+        if k is None:
+            return None
+        path, _, blob = self.slots[k]
+        with torch.no_grad():
+            for t, off in zip(tensors, offs):
+                n = t.numel() * t.element_size()
+                if n:
+                    blob[off : off + n].view(t.dtype).view(t.shape).copy_(t)
+        for s in servers:
+            self.refs.setdefault(s, {})[version] = k
+        return str(path), offs
+
+    def acked(self, server: str, version: int) -> None:
+        """``server`` runs ``version`` now: the files of older versions are free of it."""
+        r = self.refs.get(server)
+        if r:
+            for v in [v for v in r if v < version]:
+                del r[v]
+
+    def close(self) -> None:
+        self.slots.clear()  # the mappings go with the tensors
+        for p in self.shm_dir.glob(f"{self.prefix}-slot*.weights"):
+            p.unlink(missing_ok=True)
+
+
 def remove_orphan_files(shm_dir: Path) -> list[Path]:
     """Delete weights files (``climbrl-[learner-]PID-*.weights``, their ``.tmp`` and
     ``.rollback``) of processes that are gone:

@@ -404,6 +404,7 @@ class Learner:
             log.error("weight update on %s failed, it stays on version %d%s: %s", sid,
                       ack.version, " (rolled back)" if ack.rolled_back else "", ack.error)
             return
+        self.weights.acked(sid, ack.version)  # its older weights files may be rewritten
         if pend is not None and pend[0] == ack.version:
             self.sync_times.append(arrived - pend[1])
             self.sync_phases = ack.phases

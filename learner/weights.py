@@ -167,8 +167,13 @@ class WeightPublisher:
         self.local: set[str] = set()
         self._files: list[Path] = []
         self._seq = 0
+        self.ring = None  # full mode: files rewritten in place (climbrl.weightsync.ShmRing)
         if self.shm_dir is not None:
             remove_orphan_files(self.shm_dir)
+            if mode == "full":
+                from climbrl.weightsync import ShmRing
+
+                self.ring = ShmRing(self.shm_dir, f"climbrl-learner-{os.getpid()}")
 
     def join(self, server: str, hostname: str) -> None:
         """A server (re)connected from ``hostname``: its next update is a full sync, through
@@ -188,16 +193,29 @@ class WeightPublisher:
         if "shm" in error:
             self.local.discard(server)
 
+    def acked(self, server: str, version: int) -> None:
+        """``server`` acked ``version`` (ok): the weights files of older versions are free."""
+        if self.ring is not None:
+            self.ring.acked(server, version)
+
     def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
         for f in self._files:
             f.unlink(missing_ok=True)
         self._files.clear()
 
-    def _shm_file(self, tensors: list[torch.Tensor]) -> tuple[str, list[int]]:
-        """Write a new weights file (never one a server may still map); keep the last two."""
+    def _shm_file(self, tensors: list[torch.Tensor], version: int = -1,
+                  servers: list[str] | None = None) -> tuple[str, list[int]]:
+        """A ring file no server reads any more, rewritten in place; else a new weights file
+        (never one a server may still map), keeping the last two."""
         from climbrl.weightsync import write_shm
 
         assert self.shm_dir is not None
+        if self.ring is not None and servers:
+            got = self.ring.write(version, servers, tensors)
+            if got is not None:
+                return got
         self._seq += 1
         path = self.shm_dir / f"climbrl-learner-{os.getpid()}-{self._seq}.weights"
         offs = write_shm(path, tensors)
@@ -240,7 +258,7 @@ class WeightPublisher:
             frames = list(state.items()) + adapter
             tensors = [t for _, t in frames]
         if local:
-            path, offs = self._shm_file(tensors)
+            path, offs = self._shm_file(tensors, version, local)
             out.append((local, WeightManifest(version=version, tensors=metas(frames),
                                               kind="full", shm_path=path, shm_offsets=offs,
                                               **extra), []))

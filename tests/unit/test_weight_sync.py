@@ -328,13 +328,33 @@ def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
             p.add_(1.0)
     assert all(torch.equal(a.load[n], snap[n]) for n in snap)
     first = m_loc.shm_path
-    for v in (2, 3):
+    # Nobody acked: no file a server may read is rewritten. The ring's 3 files (rewritten in
+    # place once free) are taken by versions 1-3, then each sync gets a new file; the last two
+    # of those are kept.
+    paths = []
+    for v in (2, 3, 4, 5, 6):
         pub.forget("a")
-        pub.messages(v, ["a"])
-    assert not Path(first).exists() and len(list(tmp_path.glob("*.weights"))) == 2
-    assert all(torch.equal(a.load[n], snap[n]) for n in snap)  # still mapped after unlink
+        paths.append(pub.messages(v, ["a"])[0][1].shm_path)
+    assert len({first, *paths}) == 6 and [Path(p).exists() for p in paths] == [
+        True, True, False, True, True]
+    assert all(torch.equal(a.load[n], snap[n]) for n in snap)  # version 1's file untouched
     with pytest.raises(WireError, match="shm weights file not readable"):
-        map_shm(first, m_loc.tensors, m_loc.shm_offsets)
+        map_shm(paths[2], m_loc.tensors, m_loc.shm_offsets)
+    gone = EngineWeights(0).prepare(m_loc, [], map_shm(paths[3], m_loc.tensors, m_loc.shm_offsets))
+    # "a" acks version 6: the ring files of its versions 2 and 3 are free and rewritten in
+    # place; "b" still runs version 1, so that file is not
+    pub.acked("a", 6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    pub.forget("a")
+    (_, m7, _), = pub.messages(7, ["a"])
+    assert m7.shm_path == paths[0]
+    got = EngineWeights(0).prepare(m7, [], map_shm(m7.shm_path, m7.tensors, m7.shm_offsets))
+    sd = model.state_dict()
+    assert all(torch.equal(got.load[n], sd[n]) for n in got.load)
+    assert all(torch.equal(a.load[n], snap[n]) for n in snap)  # "b"'s file still untouched
+    assert any(not torch.equal(gone.load[n], got.load[n]) for n in got.load)
     with pytest.raises(WireError, match="offsets"):
         map_shm(str(tmp_path / "x"), m_loc.tensors, [o + 1 for o in m_loc.shm_offsets])
     pub.forget("a", error="WireError: shm weights file not readable on this host")
