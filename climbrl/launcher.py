@@ -124,8 +124,13 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rc = 1
     try:
-        learner_argv = _py() + ["learn", "--config", str(cfg_path), "--endpoint-file",
-                                str(ep_file)] + (["--resume"] if resume else [])
+        from climbrl.learner.fsdp import learner_argv as fsdp_argv
+
+        # one process, or learner.fsdp: torchrun starts learner.world_size ranks (rank 0 binds
+        # the endpoint and writes the file)
+        learner_argv = fsdp_argv(cfg, _py() + ["learn", "--config", str(cfg_path),
+                                               "--endpoint-file", str(ep_file)]
+                                 + (["--resume"] if resume else []))
         learner = Child("learner", learner_argv, out / "logs" / "learner.log")
         children.append(learner)
         deadline = time.monotonic() + 300

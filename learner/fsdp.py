@@ -26,6 +26,16 @@ gradients and AdamW state. Per optimizer step:
 
 Publishing weights and checkpoints gather the full state with ``full_state_dict`` (a
 collective: every rank calls it; rank 0 gets the tensors, on CPU).
+
+In the learner (learner/learner.py): ``train`` calls ``setup``; rank 0 runs the ``Learner`` as
+the coordinator (hub, cursor, metrics, checkpoints) and, before each collective it starts,
+tells the followers what comes with ``broadcast_step``: ``"train@<version>"`` (+ the groups),
+``"publish"``, ``"checkpoint"``, ``"stop"``. The other ranks run ``Learner.follow``: the same
+model, optimizer and ``train_step``, no sockets. The policy's forward runs inside the root
+module's call (``root_forward``) so that FSDP2 gathers the embeddings and the LM head that
+``completion_logprobs`` reads. Checkpoints stay the single-process format
+(``checkpoint_views``: the full HF weights, ``optimizer.pt`` keyed by parameter index, written
+by rank 0), so a run resumes with any world size (``load_optimizer_state``).
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -103,7 +115,11 @@ def setup(cfg: Any) -> DistState:
     else:
         device, backend, kind = torch.device("cpu"), "gloo", "cpu"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        # followers wait in a broadcast while the coordinator collects rollouts, evaluates or
+        # waits for servers: far longer than the default 10-30 min. A rank that dies ends
+        # them sooner: torchrun stops the whole group.
+        timeout = float(os.environ.get("CLIMBRL_DIST_TIMEOUT_S", 24 * 3600))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     mesh = init_device_mesh(kind, (world,))
     return DistState(rank=dist.get_rank(), world_size=world, local_rank=local_rank,
                      device=device, mesh=mesh)
@@ -220,15 +236,114 @@ def clip_grad_norm(params: Any, max_norm: float) -> float:
     return float(norm)
 
 
+def root_forward(model: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` run as the forward of ``model``: for an FSDP2 root, its hooks then gather the
+    root's parameters (embeddings, final norm, LM head) around ``fn`` and reduce-scatter their
+    gradients in backward. ``completion_logprobs`` calls ``model.model`` and reads the LM head
+    weight directly, which outside the root's forward are shards. A plain call otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return fn(*args, **kwargs)
+    # the instance attribute shadows the class's forward for this one call; the arguments
+    # stay out of FSDP's input handling
+    model.forward = lambda: fn(*args, **kwargs)
+    try:
+        return model()
+    finally:
+        del model.forward
+
+
 def full_state_dict(model: nn.Module, ds: DistState) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU: a collective (every rank calls it); rank 0 gets the
-    tensors, the other ranks an empty dict. Plain ``state_dict()`` for one process."""
+    tensors, the other ranks an empty dict. Plain ``state_dict()`` for one process. Tied
+    parameters (an LM head tied to the embeddings) come out as one tensor under both names,
+    as in ``state_dict()``, so ``save_pretrained`` writes the tied copy once, the same way."""
     if not ds.distributed:
         return {k: v.detach() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(
+    sd = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        other = first.setdefault(id(p), name)
+        if other != name and other in sd and name in sd:
+            sd[name] = sd[other]
+    return sd
+
+
+def _opt_param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Name of each of ``opt``'s parameters, in the order ``opt.state_dict()`` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+class FullModelView:
+    """Stands in for the sharded model in ``save_checkpoint``: rank 0 writes the full weights
+    (``full_state_dict``) as the HF folder the single-process learner writes."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        self.model, self.state = model, state
+
+    def save_pretrained(self, folder: str, **kw: Any) -> None:
+        self.model.save_pretrained(folder, state_dict=self.state, **kw)  # type: ignore[operator]
+
+
+class FullOptimizerView:
+    """Stands in for the optimizer in ``save_checkpoint``: ``state_dict()`` is the full
+    optimizer state keyed by parameter index, as ``torch.optim.Optimizer.state_dict()``."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+def checkpoint_views(model: nn.Module, opt: torch.optim.Optimizer, ds: DistState
+                     ) -> tuple[FullModelView, FullOptimizerView]:
+    """Gather the full weights and optimizer state (a collective: every rank calls it; only
+    rank 0's views hold anything) in the single-process checkpoint format."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    state = full_state_dict(model, ds)
+    osd = get_optimizer_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ds.is_coordinator:
+        return FullModelView(model, {}), FullOptimizerView({})
+    index = {n: i for i, n in enumerate(_opt_param_names(model, opt))}
+    out = {"state": {index[n]: v for n, v in osd["state"].items()},
+           "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                            for g in osd["param_groups"]]}
+    return FullModelView(model, state), FullOptimizerView(out)
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any],
+                         ds: DistState) -> None:
+    """Load a single-process ``optimizer.pt`` (keyed by parameter index) into the sharded
+    optimizer (every rank calls it with the same full state and keeps its shard)."""
+    if not ds.distributed:
+        opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    names = _opt_param_names(model, opt)
+    fqn = {"state": {names[int(i)]: v for i, v in sd["state"].items()},
+           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                            for g in sd["param_groups"]]}
+    tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in opt.param_groups]
+    set_optimizer_state_dict(model, opt, fqn, options=StateDictOptions(full_state_dict=True))
+    for g, keys in zip(opt.param_groups, tuples):  # it hands back betas=(b1, b2) as a list
+        for k in keys:
+            if isinstance(g.get(k), list):
+                g[k] = tuple(g[k])
 
 
 def full_grads(model: nn.Module, ds: DistState) -> dict[str, torch.Tensor]:

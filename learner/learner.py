@@ -19,6 +19,12 @@ processes or, from a server that outlived the learner, are dropped by run id. On
 ``metrics.discarded.jsonl``; every step record lists its ``trained_seqs``. A (re)started
 rollout server that says Hello gets the current weights and its old orders are reassigned.
 
+Multi-process (``learner.fsdp``, ``learner.world_size = N``; learner/fsdp.py): torchrun starts
+N processes of this command. Rank 0 is the learner described here; before every step,
+weight publish, checkpoint and at shutdown it tells the other ranks (``Learner.follow``) what
+to do, so that all run the same collectives in the same order. Checkpoints keep the
+single-process format, so a run resumes with any world size.
+
 ``CLIMBRL_FAULT_KILL_AT_STEP=N`` (fault injection for tests) makes the learner SIGKILL itself
 after step N, once a trajectory of the next batch has arrived.
 """
@@ -36,6 +42,7 @@ from typing import Any
 
 import torch
 from climbrl.envs.base import make_env
+from climbrl.learner import fsdp
 from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from climbrl.learner.data import DataCursor
 from climbrl.learner.hub import LearnerHub
@@ -64,7 +71,12 @@ class LearnerError(RuntimeError):
 
 def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -> dict[str, Any]:
     """Run GRPO to ``learner.total_steps``; returns the final summary (also in summary.json)."""
-    L = Learner(cfg, resume=resume)
+    ds = fsdp.setup(cfg)
+    if not ds.is_coordinator:  # an FSDP rank > 0: follows rank 0's commands
+        Learner(cfg, resume=resume, ds=ds).follow()
+        fsdp.cleanup(ds)
+        return {}
+    L = Learner(cfg, resume=resume, ds=ds)
     try:
         if endpoint_file:
             Path(endpoint_file).write_text(L.hub.endpoint)
@@ -90,10 +102,15 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
 
 
 class Learner:
-    def __init__(self, cfg: Config, resume: bool = False):
+    ds: fsdp.DistState = fsdp.DistState()  # one process unless train() passes a torchrun rank
+    _mid_collective = False  # rank 0 told the other ranks a command and has not finished it
+
+    def __init__(self, cfg: Config, resume: bool = False, ds: fsdp.DistState | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
+        if ds is not None:
+            self.ds = ds
         lc = cfg.learner
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +126,10 @@ class Learner:
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
         if lc.weight_sync == "lora":
             self.model = setup_lora(self.model, lc, ckpt)
+        self.model = fsdp.shard_model(self.model, cfg, self.ds)  # no-op for one process
         shm = "/dev/shm" if cfg.wire.weight_transport == "auto" and os.path.isdir("/dev/shm") else None
+        if not self.ds.is_coordinator:
+            shm = None  # only rank 0 publishes (and cleans up weights files)
         self.weights = WeightPublisher(self.model, lc.weight_sync, cfg.model.path, shm_dir=shm)
         self.model.train()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -122,16 +142,19 @@ class Learner:
                 lc.ref_model_path or cfg.model.path, dtype=dtype
             ).eval()
             self.ref.requires_grad_(False)
+            self.ref = fsdp.shard_model(self.ref, cfg, self.ds)
         self.obj = ObjectiveStep(cfg, self.model, self.env.reward_range[1])
         self.cursor = DataCursor(self.env.num_tasks("train"), seed=cfg.run.seed)
         self.step = self.version = 0
         if ckpt:
-            st = load_state(ckpt, self.opt)
+            st = load_state(ckpt, self.opt) if not self.ds.distributed else self._load_sharded(ckpt)
             self.step, self.version = st["step"], st["version"]
             self.cursor = DataCursor.from_state(st["cursor"])
             self.obj.load_state(st.get("objective", {}), ckpt)
             log.info("resumed from %s at step %d; replaying sequences %s, then from %d", ckpt,
                      self.step, st["cursor"]["pending"], st["cursor"]["next_seq"])
+        if not self.ds.is_coordinator:
+            return  # a follower: no sockets, metrics or bookkeeping of orders
         if resume:
             discarded = _truncate_metrics(self.out, self.step if ckpt else -1)
             if discarded:
@@ -159,6 +182,37 @@ class Learner:
         self.t_start = time.time()
         self.tokens_generated = 0
         self._no_server_since: float | None = None
+
+    def _load_sharded(self, ckpt: Path) -> dict[str, Any]:
+        """``load_state`` for an FSDP rank: the single-process optimizer file, sharded."""
+        sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        fsdp.load_optimizer_state(self.model, self.opt, sd, self.ds)
+        return json.loads((ckpt / "learner_state.json").read_text())
+
+    # ------------------------------------------------------------------ ranks (FSDP)
+
+    def _command(self, cmd: str, groups: list[Trajectory] | None = None) -> None:
+        """Rank 0: tell the other ranks the collective that follows (nothing for one process)."""
+        if self.ds.distributed and self.ds.is_coordinator:
+            self._mid_collective = True
+            fsdp.broadcast_step(cmd, groups, self.ds)
+
+    def follow(self) -> None:
+        """An FSDP rank > 0: run rank 0's commands until it says stop."""
+        while True:
+            cmd, groups = fsdp.broadcast_step(None, None, self.ds)
+            name, _, arg = cmd.partition("@")
+            if name == "train":
+                self.version = int(arg)
+                self.train_step(groups)
+            elif name == "publish":
+                fsdp.full_state_dict(self.model, self.ds)
+            elif name == "checkpoint":
+                fsdp.checkpoint_views(self.model, self.opt, self.ds)
+            elif name == "stop":
+                return
+            else:
+                raise LearnerError(f"rank {self.ds.rank}: unknown command {cmd!r} from rank 0")
 
     # ------------------------------------------------------------------ servers
 
@@ -338,34 +392,53 @@ class Learner:
 
     def train_step(self, groups: list[Trajectory]) -> dict[str, Any]:
         """One optimizer step of ``learner.objective`` (learner/objectives_step.py)."""
-        lc = self.cfg.learner
+        lc, ds = self.cfg.learner, self.ds
         t0 = time.perf_counter()
+        self._command(f"train@{self.version}", groups)  # FSDP: every rank trains this batch
         batch = self.obj.prepare(groups, self.version)  # shaped rewards, advantages, norms
         samples = batch.samples
         self.opt.zero_grad(set_to_none=True)
         self.obj.zero_grad()
         if self.obj.critic is not None:
             self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
-        for i in range(0, len(samples), lc.micro_batch_size):
+        # FSDP: this rank's share of the micro-batches (padded so every rank runs as many),
+        # each loss times a scale that makes FSDP's gradient mean over ranks the sum
+        micro = (fsdp.rank_microbatches(len(samples), lc.micro_batch_size, ds) if ds.distributed
+                 else [(i, 1.0) for i in range(0, len(samples), lc.micro_batch_size)])
+        for i, scale in micro:
             mb = samples[i : i + lc.micro_batch_size]
+            acc = dict(batch.acc) if scale == 0.0 else None  # a padding pass (FSDP)
             with self.obj.capture_hidden(self.model):  # value head reads the same forward
-                b = completion_logprobs(
-                    self.model, mb, temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
+                b = fsdp.root_forward(
+                    self.model, completion_logprobs, self.model, mb,
+                    temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
                     fp32_head=lc.fp32_lm_head,
                 )
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref = completion_logprobs(self.ref, mb, self.cfg.rollout.temperature,
-                                              fp32_head=lc.fp32_lm_head)["logp"]
-            self.obj.micro_loss(batch, i, b, ref).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
+                    ref = fsdp.root_forward(
+                        self.ref, completion_logprobs, self.ref, mb,
+                        self.cfg.rollout.temperature, fp32_head=lc.fp32_lm_head,
+                    )["logp"]
+            loss = self.obj.micro_loss(batch, i, b, ref)
+            if ds.distributed:
+                loss = loss * scale
+            if acc is not None:  # the padding pass ran for the collectives, not the statistics
+                batch.acc = acc
+            loss.backward()
+        if ds.distributed:
+            batch.acc = fsdp.reduce_stats(batch.acc, ds)  # sums over ranks (max for *_max)
+            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), lc.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
         self.opt.step()
         critic_grad_norm = self.obj.step_critic()
-        seqs = [self.seq_of.pop(g.order_id) for g in groups]
+        seqs = [self.seq_of.pop(g.order_id) for g in groups] if ds.is_coordinator else []
         for seq in seqs:
             self.cursor.done(seq)
         stats: dict[str, Any] = self.obj.finish(batch)  # also steps the clip-high controller
+        self._mid_collective = False
         stats["trained_seqs"] = seqs
         stats["grad_norm"] = float(grad_norm)
         if self.obj.critic is not None:
@@ -382,8 +455,16 @@ class Learner:
 
     def _publish_to(self, servers: list[str]) -> None:
         """Full sync to servers at an unknown version, delta/adapters to the others
-        (``learner.weight_sync``; learner/weights.py)."""
-        for sids, manifest, tensors in self.weights.messages(self.version, servers):
+        (``learner.weight_sync``; learner/weights.py). FSDP: the full weights are gathered
+        from every rank first."""
+        if self.ds.distributed:
+            self._command("publish")
+            state = fsdp.full_state_dict(self.model, self.ds)
+            self._mid_collective = False
+            msgs = self.weights.messages(self.version, servers, state=state)
+        else:
+            msgs = self.weights.messages(self.version, servers)
+        for sids, manifest, tensors in msgs:
             size = self.weights.last[manifest.kind]
             for sid in sids:
                 self.pending_acks[sid] = (self.version, time.monotonic())
@@ -448,8 +529,12 @@ class Learner:
     def checkpoint(self) -> Path:
         state = {"step": self.step, "version": self.version, "cursor": self.cursor.state(),
                  "objective": self.obj.state()}
-        return save_checkpoint(self.out, self.step, self.weights.checkpoint_model(),
-                               self.tokenizer, self.opt, state,
+        model, opt = self.weights.checkpoint_model(), self.opt
+        if self.ds.distributed:  # the full weights and optimizer state, gathered on rank 0
+            self._command("checkpoint")
+            model, opt = fsdp.checkpoint_views(self.model, self.opt, self.ds)
+            self._mid_collective = False
+        return save_checkpoint(self.out, self.step, model, self.tokenizer, opt, state,
                                extra=self.obj.save)
 
     def finish(self, before: float | None, after: float) -> dict[str, Any]:
@@ -467,6 +552,11 @@ class Learner:
         self.hub.close()
         self.weights.close()
         self.metrics.close()
+        if self.ds.distributed and not self._mid_collective:
+            # (after an error inside a collective the other ranks are stuck in it: rank 0
+            # exits and torchrun stops them)
+            self._command("stop")
+            fsdp.cleanup(self.ds)
 
 
 def _fault_kill_at() -> int:

@@ -84,6 +84,10 @@ def completion_logprobs(
         mask[b, :c] = torch.tensor(s.completion_mask, dtype=torch.float32)
         old[b, :c] = torch.tensor(s.logprobs, dtype=torch.float32)
     keep_BT = keep_counts_BT(samples, Tc) if replay_mask else None
+    dev = model.get_input_embeddings().weight.device  # a GPU learner (FSDP on CUDA)
+    if dev.type != "cpu":
+        ids, attn, pos, tgt, mask, old = (t.to(dev) for t in (ids, attn, pos, tgt, mask, old))
+        keep_BT = None if keep_BT is None else keep_BT.to(dev)
     route: contextlib.AbstractContextManager = contextlib.nullcontext()
     if replay_routing and any(getattr(s, "routing", None) is not None for s in samples):
         shape = model_moe_shape(model)
@@ -105,7 +109,7 @@ def completion_logprobs(
     miss = (mask > 0) & ~torch.isfinite(logp.detach())
     if bool(miss.any()):
         mask = mask * (~miss).float()
-    zero = torch.zeros((), dtype=logp.dtype)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     return {
         "logp": torch.where(mask.bool(), logp, zero),
         "entropy": torch.where(torch.isfinite(ent.detach()), ent, zero),

@@ -211,8 +211,9 @@ class ObjectiveStep:
         logp, rollout = b["logp"], b["old_logp"]
         n, Tc = logp.shape
         mb = batch.samples[i : i + n]
-        mask = b["mask"] * batch.keep_B[i : i + n].to(b["mask"].dtype).unsqueeze(1)
-        lag = batch.lag_B[i : i + n].unsqueeze(1)
+        dev = logp.device  # the batch's tensors live on the CPU; the model may be on a GPU
+        mask = b["mask"] * batch.keep_B[i : i + n].to(b["mask"]).unsqueeze(1)
+        lag = batch.lag_B[i : i + n].to(dev).unsqueeze(1)
         old, w = rollout, None
         if lc.offpolicy_correction != "none":
             # decoupled: clip against the learner's current policy, correct the engine's
@@ -228,6 +229,7 @@ class ObjectiveStep:
             old = torch.where(stale, logp.detach(), rollout)
             acc["op_changed"] += float((changed & stale).sum())
         adv = batch.adv_B[i : i + n] if batch.adv_B is not None else batch.adv_BT[i : i + n, :Tc]
+        adv = adv.to(dev)
         loss, st = self.loss(
             logp, old, adv, mask, batch.norm, is_weight_BT=w, ref_logp_BT=ref_logp_BT,
             entropy_BT=b["entropy"] if self.loss.entropy_coef else None,

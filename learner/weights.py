@@ -230,10 +230,14 @@ class WeightPublisher:
     def checkpoint_model(self) -> Any:
         return LoraCheckpoint(self.model, self.base_path) if self.lora else self.model
 
-    def messages(self, version: int, servers: list[str]
+    def messages(self, version: int, servers: list[str],
+                 state: dict[str, torch.Tensor] | None = None,
                  ) -> list[tuple[list[str], WeightManifest, list[torch.Tensor]]]:
-        """(servers, manifest, frames) for every kind of message this publish needs."""
-        if self.lora is not None:
+        """(servers, manifest, frames) for every kind of message this publish needs.
+        ``state``: the model's full weights when the model itself holds shards (FSDP)."""
+        if state is not None:
+            state = dict(state)
+        elif self.lora is not None:
             state = self.lora.base_state()  # frozen: never changes, so never in a delta
         else:
             state = {n: t.detach() for n, t in self.model.state_dict().items()}
