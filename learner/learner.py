@@ -199,6 +199,8 @@ class Learner:
 
     def follow(self) -> None:
         """An FSDP rank > 0: run rank 0's commands until it says stop."""
+        log.info("rank %d/%d (FSDP, %s) follows rank 0", self.ds.rank, self.ds.world_size,
+                 self.ds.device)
         while True:
             cmd, groups = fsdp.broadcast_step(None, None, self.ds)
             name, _, arg = cmd.partition("@")
