@@ -96,7 +96,7 @@ def completion_logprobs(
                              "router; is the learner loading the rollout's model?")
         experts = routing_BLNK(samples, L, *shape)
         if experts is not None:
-            route = forced_routing(model, experts)
+            route = forced_routing(model, experts if dev.type == "cpu" else experts.to(dev))
     with route:
         hidden_BLH = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
     hidden_BTH = hidden_BLH.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden_BLH.shape[-1]))
