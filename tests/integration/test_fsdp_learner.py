@@ -259,7 +259,8 @@ def test_fsdp_learner_nccl_two_gpus_matches_one_process(tiny_model, tmp_path):
 def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
     """``climbrl run`` end to end (real vLLM rollout server, ZeroMQ) with learner.fsdp and
     world_size = 2: torchrun starts the learner, rank 0 serves the rollout server, every rank
-    trains, weights reach the engine, the checkpoint resumes in one process."""
+    trains, weights reach the engine; then ``--resume`` goes on in one process from its
+    checkpoint."""
     from tests.conftest import kill_tree, write_config
 
     out = tmp_path / "run"
@@ -271,15 +272,21 @@ def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
     )
     log = tmp_path / "launcher.log"
-    proc = subprocess.Popen([sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "CLIMBRL_LOG": "INFO"})
-    try:
-        rc = proc.wait(timeout=900)
-    finally:
-        kill_tree(proc)
-    llog = (out / "logs" / "learner.log").read_text()
-    assert rc == 0, log.read_text()[-3000:] + llog[-6000:]
+
+    def run(*extra: str) -> str:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live", *extra],
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "CLIMBRL_LOG": "INFO"})
+        try:
+            rc = proc.wait(timeout=900)
+        finally:
+            kill_tree(proc)
+        llog = (out / "logs" / "learner.log").read_text()
+        assert rc == 0, log.read_text()[-3000:] + llog[-6000:]
+        return llog
+
+    llog = run()
     assert "rank 1/2 (FSDP, cpu) follows rank 0" in llog
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "reward" in r]
@@ -295,6 +302,16 @@ def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(ckpt))
+
+    # the same run goes on in one process from the FSDP checkpoint
+    llog = run("--resume", "--set", "learner.fsdp=false", "--set", "learner.world_size=1",
+               "--set", "learner.total_steps=3")
+    assert "resumed from" in llog and "step_2 at step 2" in llog
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[2]["trained_seqs"] == [6, 7, 8]  # nothing trained twice, nothing skipped
+    assert steps[2]["mismatch_mean"] < 1e-4  # the engine got the checkpoint's weights
 
 
 if __name__ == "__main__":
