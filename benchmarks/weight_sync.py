@@ -245,10 +245,12 @@ def main() -> None:
                     else:
                         shm_pub.forget("r0")
                         (_, m, frames), = shm_pub.messages(v, ["r0"])
+                        t_pub = time.perf_counter() - t0  # writing the weights file
                         server.hub.send("r0", m, frames)
                     _, ack, _, t_ack = server.wait_for(WeightAck, lambda x, v=v: x.version == v)
                     assert ack.ok, ack.error
                     t1 = time.perf_counter()
+                    shm_pub.acked("r0", v)  # as the learner does: older ring files are free
                     server.hub.send("r0", WorkOrder(order_id=f"w{v}", policy_version=v,
                                                     env="copy_first", task_index=0, group_size=1,
                                                     sampling=SamplingSpec(max_tokens=1)))
@@ -259,7 +261,8 @@ def main() -> None:
                         sync, first, phases = runs[transport]
                         sync.append(t1 - t0)
                         first.append(t2 - t0)
-                        phases.append(ack.phases)
+                        phases.append({"publish": t_pub if transport == "shm" else 0.0,
+                                       **ack.phases})
             modes = {} if a.no_modes else sync_modes(server, mdir, a)
         finally:
             server.close()

@@ -291,13 +291,28 @@ def stage(path: Path, tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, 
     from climbrl.wire import dtype_name, tensor_buffer
 
     layout, off = [], 0
-    with open(path, "wb") as f:
+    # Rewritten in place, not truncated: the pages of the last update's file are reused
+    # instead of freed and allocated (and zeroed) again. The engine reads the file only
+    # during the reload, which has finished before the next update is staged.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
         for name, t in tensors.items():
             buf = tensor_buffer(t)
-            f.write(buf)
+            _pwrite_all(fd, buf, off)
             layout.append((name, dtype_name(t), list(t.shape), off))
             off += buf.nbytes
+        if os.fstat(fd).st_size != off:
+            os.ftruncate(fd, off)
+    finally:
+        os.close(fd)
     return layout
+
+
+def _pwrite_all(fd: int, buf: memoryview, off: int) -> None:
+    mv = buf.cast("B") if buf.ndim != 1 or buf.format != "B" else buf
+    while len(mv):
+        n = os.pwrite(fd, mv, off)
+        mv, off = mv[n:], off + n
 
 
 # ------------------------------------------------------------------ same-host transport
@@ -377,18 +392,20 @@ class ShmRing:
     def write(self, version: int, servers: list[str], tensors: list[torch.Tensor]
               ) -> tuple[str, list[int]] | None:
         """Copy ``tensors`` into a free slot for ``servers``; None when every slot is taken."""
-        from climbrl.wire import tensor_meta
+        from climbrl.wire import tensor_buffer, tensor_meta
 
         offs, total = shm_offsets([tensor_meta("", t) for t in tensors])
         k = self._free(total)
         if k is None:
             return None
         path, _, blob = self.slots[k]
-        with torch.no_grad():
-            for t, off in zip(tensors, offs):
-                n = t.numel() * t.element_size()
-                if n:
-                    blob[off : off + n].view(t.dtype).view(t.shape).copy_(t)
+        for t, off in zip(tensors, offs):
+            src = tensor_buffer(t)
+            if src.nbytes:
+                # a plain single-threaded memcpy: torch's copy_ splits it over OpenMP threads
+                # that spin at a barrier, and with the engine busy on the same cores that made
+                # a 20 MB copy take 0.25 s instead of 3 ms
+                memoryview(blob[off : off + src.nbytes].numpy())[:] = src.cast("B")
         for s in servers:
             self.refs.setdefault(s, {})[version] = k
         return str(path), offs
