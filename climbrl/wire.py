@@ -109,6 +109,7 @@ class WeightAck(_Msg, kw_only=True):
     error: str = ""
     deferred: bool = False  # pinned: kept, applied when the pin is lifted
     rolled_back: bool = False  # failed midway; the previous weights were reloaded
+    shm_unreadable: bool = False  # the learner's /dev/shm file could not be read: send frames
 
 
 class Error(_Msg, kw_only=True):

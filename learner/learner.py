@@ -477,7 +477,7 @@ class Learner:
     def _on_ack(self, sid: str, ack: WeightAck, arrived: float) -> None:
         pend = self.pending_acks.pop(sid, None)
         if ack.deferred or not ack.ok:
-            self.weights.forget(sid, ack.error)  # pinned or failed: next update is a full sync
+            self.weights.forget(sid, ack.shm_unreadable)  # pinned or failed: next is a full sync
         if ack.deferred:
             log.info("%s is pinned at version %d for serving; it will take version %s when "
                      "unpinned", sid, ack.version, pend[0] if pend else "?")

@@ -186,11 +186,12 @@ class WeightPublisher:
         else:
             self.local.discard(server)
 
-    def forget(self, server: str, error: str = "") -> None:
+    def forget(self, server: str, shm_unreadable: bool = False) -> None:
         """This server's weights are not known any more (new, failed, pinned): next is full.
-        A server that could not read a shared-memory file gets frames from now on."""
+        A server that could not read a shared-memory file (``WeightAck.shm_unreadable``) gets
+        frames from now on."""
         self.sent.pop(server, None)
-        if "shm" in error:
+        if shm_unreadable:
             self.local.discard(server)
 
     def acked(self, server: str, version: int) -> None:

@@ -567,7 +567,10 @@ class RolloutServer:
                     ws.load_initial, self.model_path, self.cfg.model.dtype))
             path, layout = str(self.shm_path), None
             if m.shm_path:  # same host: the learner's file is mapped, not copied
-                mapped = map_shm(m.shm_path, m.tensors, m.shm_offsets)
+                try:
+                    mapped = map_shm(m.shm_path, m.tensors, m.shm_offsets)
+                except WireError as e:
+                    raise _ShmUnreadable(str(e)) from None
                 upd = await phase("decode", asyncio.to_thread(ws.prepare, m, [], mapped))
                 views = {meta.name: (meta, t, off)
                          for meta, t, off in zip(m.tensors, mapped, m.shm_offsets)}
@@ -602,7 +605,8 @@ class RolloutServer:
                           m.version, self.version)
             return WeightAck(server_id=self.server_id, version=self.version, ok=False,
                              phases=phases, error=f"{type(e).__name__}: {e}",
-                             rolled_back=rolled_back)
+                             rolled_back=rolled_back,
+                             shm_unreadable=isinstance(e, _ShmUnreadable))
 
     async def _roll_back(self, restore: dict[str, Any] | None, phase: Any) -> bool:
         """Reload the previous values of the modules a failed reload touched."""
@@ -624,6 +628,10 @@ class RolloutServer:
             return False
         finally:
             path.unlink(missing_ok=True)
+
+
+class _ShmUnreadable(Exception):
+    """The learner's same-host weights file could not be mapped here."""
 
 
 async def _pause_keep(engine: Any) -> None:

@@ -141,7 +141,8 @@ def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
     rs["hub"].send(rs["server_id"], m, [])
     ack = _wait(rs["hub"], WeightAck, lambda a: a.version == 132 or not a.ok)
     assert not ack.ok and ack.version == 131 and "shm weights file not readable" in ack.error
-    pub.forget(rs["server_id"], ack.error)
+    assert ack.shm_unreadable
+    pub.forget(rs["server_id"], ack.shm_unreadable)
     assert _parity(rs, model, 131) < PARITY_TOL
     pub.close()
     assert _send(rs, WeightPublisher(_hf(rs), "full"), 133)[1].ok  # original weights back

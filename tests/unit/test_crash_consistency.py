@@ -51,7 +51,7 @@ class FakeWeights:
     def __init__(self):
         self.forgotten: list[str] = []
 
-    def forget(self, sid: str, error: str = "") -> None:
+    def forget(self, sid: str, shm_unreadable: bool = False) -> None:
         self.forgotten.append(sid)
 
     def join(self, sid: str, hostname: str = "") -> None:  # a (re)joined engine: full sync next
