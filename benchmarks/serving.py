@@ -1,10 +1,11 @@
 """`climbrl serve` against vLLM's own OpenAI server: same model, same load, one run.
 
-    python benchmarks/serving.py [--model DIR] [--concurrency 1,4,16] [--requests 48] [--rounds 2]
+    python benchmarks/serving.py [--model DIR] [--concurrency 1,4,16] [--requests 48] [--rounds 5]
 
 A load generator (the official `openai` async client) sends chat completions with a fixed
-output length (``ignore_eos``) at each concurrency level. The servers run one at a time, in
-alternating order per round (A B, B A, ...) so drift on a noisy machine hits both alike. Per
+output length (``ignore_eos``) at each concurrency level. Both servers are up for the whole run
+and the load alternates between them, level by level, in A B / B A order per round, so drift on
+a noisy machine hits both alike. Per
 level it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM,
 paired per round, median over rounds (best-of ratios alongside). Goal (issue 4): throughput >= 0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line.
 """
@@ -110,7 +111,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-bench-serving-"))
     model = a.model
@@ -124,15 +125,22 @@ def main() -> None:
     levels = [int(c) for c in a.concurrency.split(",")]
     res: dict[str, dict[int, list[dict[str, float]]]] = {
         k: {c: [] for c in levels} for k in ("vllm", "climbrl")}
-    for r in range(a.rounds):
-        order = ("vllm", "climbrl") if r % 2 == 0 else ("climbrl", "vllm")
-        for kind in order:
-            proc, url = start(kind, model, tmp / f"{kind}-{r}.log")
-            try:
-                for c in levels:
+    # Both servers stay up (an idle engine waits on its queue and takes no CPU); the load
+    # alternates between them level by level, in A B / B A order per round, so each pair of
+    # measurements is seconds apart and drift on a noisy machine hits both alike.
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for kind in ("vllm", "climbrl"):
+            servers[kind] = start(kind, model, tmp / f"{kind}.log")
+        for r in range(a.rounds):
+            order = ("vllm", "climbrl") if r % 2 == 0 else ("climbrl", "vllm")
+            for c in levels:
+                for kind in order:
+                    url = servers[kind][1]
                     res[kind][c].append(asyncio.run(load(url, c, a.requests, a.max_tokens)))
-            finally:
-                stop(proc)
+    finally:
+        for proc, _ in servers.values():
+            stop(proc)
 
     def best(kind: str, c: int, key: str, hi: bool) -> float:
         vals = [x[key] for x in res[kind][c]]
