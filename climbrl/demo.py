@@ -107,6 +107,10 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | N
     print(f"held-out accuracy before RL: {summary['accuracy_before']:.3f}  (vLLM, greedy)")
     print(f"held-out accuracy after RL:  {summary['accuracy_after']:.3f}  "
           f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)")
+    change = summary.get("heldout_change")
+    if change:
+        print(f"held-out tasks fixed by RL: {change['fixed']}, broken: {change['broken']} "
+              f"(of {change['tasks']}; exact McNemar p = {change['mcnemar_p']:.3g})")
     print(f"reward curve: {out / 'reward_curve.png'}   total {wall:.0f}s")
     (out / "demo_summary.json").write_text(json.dumps({
         "base_heldout_accuracy": base["heldout_accuracy"],
@@ -114,6 +118,7 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | N
         "base_seconds": t_base,
         "accuracy_before": summary["accuracy_before"],
         "accuracy_after": summary["accuracy_after"],
+        "heldout_change": change,
         "rl_steps": summary["steps"],
         "wall_seconds": wall,
     }, indent=2))

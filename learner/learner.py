@@ -52,7 +52,7 @@ from climbrl.learner.objectives_step import ObjectiveStep
 from climbrl.learner.weights import WeightPublisher, setup_lora
 
 from climbrl.config import Config
-from climbrl.metrics import MetricsWriter
+from climbrl.metrics import MetricsWriter, paired_change
 from climbrl.wire import (
     Error,
     Hello,
@@ -82,6 +82,7 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
             Path(endpoint_file).write_text(L.hub.endpoint)
         L.wait_for_servers()
         before = L.evaluate("test") if L.step == 0 else None
+        before_outcomes = L.eval_outcomes.get("test")
         while L.step < cfg.learner.total_steps:
             L.dispatch()  # keep orders queued, at most (max_staleness + 1) batches ahead
             groups = L.collect(cfg.learner.batch_groups)  # fresh-enough groups, stale counted
@@ -96,7 +97,7 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
         after = L.evaluate("test")
         if not (cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0):
             L.checkpoint()  # (the loop saved this step already)
-        return L.finish(before, after)
+        return L.finish(before, after, before_outcomes)
     finally:
         L.shutdown()
 
@@ -172,6 +173,7 @@ class Learner:
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
         self.eval_results: dict[str, Trajectory] = {}
+        self.eval_outcomes: dict[str, list[float]] = {}  # split -> correctness per task, last eval
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
                              weight_syncs_delta=0, weight_syncs_failed=0)
@@ -508,12 +510,19 @@ class Learner:
         self.eval_results.clear()
         for i in range(n):
             self._send_order(i, i, split, True)
-        while len(self.eval_results) < n:
+
+        def task_of(order_id: str) -> int:  # an eval order's id is eval-<task index>-<nonce>
+            return int(order_id.split("-")[1])
+
+        while len({task_of(o) for o in self.eval_results}) < n:  # (a re-sent order counts once)
             self._pump(0.5)
-        samples = [s for t in self.eval_results.values() for s in t.samples]
-        vals = [s.metrics.get("correct", float(s.reward >= self.env.reward_range[1]))
-                for s in samples]
-        acc = sum(vals) / len(vals)
+        outcomes = [0.0] * n
+        for t in self.eval_results.values():
+            vals = [s.metrics.get("correct", float(s.reward >= self.env.reward_range[1]))
+                    for s in t.samples]
+            outcomes[task_of(t.order_id)] = sum(vals) / max(len(vals), 1)
+        self.eval_outcomes[split] = outcomes
+        acc = sum(outcomes) / n
         self.metrics.write({"step": self.step, f"eval/{split}_accuracy": acc})
         log.info("eval %s accuracy at step %d: %.3f", split, self.step, acc)
         return acc
@@ -539,9 +548,14 @@ class Learner:
         return save_checkpoint(self.out, self.step, model, self.tokenizer, opt, state,
                                extra=self.obj.save)
 
-    def finish(self, before: float | None, after: float) -> dict[str, Any]:
+    def finish(self, before: float | None, after: float,
+               before_outcomes: list[float] | None = None) -> dict[str, Any]:
         summary = {"steps": self.step, "accuracy_before": before, "accuracy_after": after,
                    "elapsed_s": time.time() - self.t_start, **self.counters}
+        after_outcomes = self.eval_outcomes.get("test")
+        if before_outcomes is not None and after_outcomes is not None:
+            # the same tasks, greedy, before and after: which ones the run fixed and broke
+            summary["heldout_change"] = paired_change(before_outcomes, after_outcomes)
         self.metrics.summary(summary)
         return summary
 

@@ -33,5 +33,7 @@ def test_demo_pretrains_a_base_and_rl_raises_it(tmp_path: Path) -> None:
     assert 0.05 < s["base_heldout_accuracy"] < 0.8, s
     assert 0.05 < s["accuracy_before"] < 0.8, s
     assert s["accuracy_after"] > s["accuracy_before"], s
+    change = s["heldout_change"]  # the same held-out tasks, greedy, before and after
+    assert change["fixed"] > change["broken"], change
     assert (out / "reward_curve.png").stat().st_size > 0
     assert "held-out accuracy after RL" in res.stdout
