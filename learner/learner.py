@@ -173,6 +173,7 @@ class Learner:
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
         self.eval_results: dict[str, Trajectory] = {}
+        self._corrected: set[str] = set()  # order ids counted in stale_corrected
         self.eval_outcomes: dict[str, list[float]] = {}  # split -> correctness per task, last eval
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
@@ -369,7 +370,9 @@ class Learner:
                         self.counters["stale_dropped"] += 1
                         self.cursor.requeue(self.seq_of.pop(tr.order_id))
                         continue
-                    self.counters["stale_corrected"] += 1
+                    if tr.order_id not in self._corrected:  # collect() re-scans `ready`
+                        self._corrected.add(tr.order_id)
+                        self.counters["stale_corrected"] += 1
                 if filtering and budget > 0:
                     rate = pass_rate(tr.samples, self.env.reward_range[1])
                     if not keep_group(rate, lc.dynamic_sampling, tuple(lc.pass_rate_band)):
@@ -384,6 +387,7 @@ class Learner:
             self.ready = keep
             if len(self.ready) >= n:
                 batch, self.ready = self.ready[:n], self.ready[n:]
+                self._corrected.difference_update(t.order_id for t in batch)
                 return sorted(batch, key=lambda t: self.seq_of[t.order_id])  # arrival-independent
             self.dispatch()
             self._pump(0.5)

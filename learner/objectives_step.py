@@ -160,7 +160,8 @@ class ObjectiveStep:
                 rew_GS, std_norm=lc.adv_std_norm, valid_GS=valid_GS if env_errors else None
             ).flatten()[idx]
         batch.acc = dict(loss=0.0, entropy=0.0, clipped=0.0, kl=0.0, mm_abs=0.0, mm_max=0.0,
-                         mm_kl=0.0, mm_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0)
+                         mm_kl=0.0, mm_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0,
+                         replay_miss=0.0)
         return batch
 
     def prepare_values(self, policy: nn.Module, batch: StepBatch) -> None:
@@ -254,6 +255,8 @@ class ObjectiveStep:
             acc["mm_kl"] += mm["kl_sum"]
             acc["mm_n"] += mm["n"]
             acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
+            if "replay_miss" in b:  # sampled tokens outside the replayed kept set (not trained)
+                acc["replay_miss"] += float(b["replay_miss"].sum())
             acc["loss"] += float(loss)
             acc["entropy"] += float(b["entropy"][m].sum())
             acc["clipped"] += st["clipped"]
@@ -289,6 +292,7 @@ class ObjectiveStep:
             "mismatch_max": acc["mm_max"],
             "mismatch_kl": acc["mm_kl"] / max(acc["mm_n"], 1.0),
             "mismatch_tokens": acc["mm_n"],
+            "replay_miss_tokens": acc["replay_miss"],
             "offpolicy_masked_frac": acc["op_changed"] / n_tok,
             "truncated_masked_frac": float(1.0 - batch.keep_B.mean()),
             "completion_len": sum(sum(s.completion_mask) for s in batch.samples) / len(batch.samples),

@@ -51,6 +51,7 @@ def _learner(tiny_model: Path, tmp_path: Path, cfg_file: str | None, overrides: 
     L.cursor = DataCursor(1000)
     L.seq_of, L.ready = {}, []
     L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)
+    L._corrected = set()
     return L
 
 
@@ -93,6 +94,7 @@ def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
         if step == 0:
             assert st["mismatch_mean"] == pytest.approx(SHIFT, abs=1e-5)
             assert st["mismatch_max"] == pytest.approx(SHIFT, abs=1e-5)
+            assert st["replay_miss_tokens"] == 0  # no kept sets recorded: nothing to miss
             # k3 with d = log pi_train - log mu = SHIFT
             assert st["mismatch_kl"] == pytest.approx(math.exp(SHIFT) - SHIFT - 1, rel=1e-3)
     assert any(not torch.equal(before[k], v) for k, v in L.model.state_dict().items())
@@ -168,6 +170,7 @@ def _collector(overrides: list[str], group_rewards: list[list[float]]) -> Learne
     L.cfg = load_config(None, ["model.path=m", "learner.group_size=4", *overrides])
     L.env = types.SimpleNamespace(reward_range=(0.0, 1.0))
     L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)
+    L._corrected = set()
     L.cursor = DataCursor(100)
     L.version, L.ready, L.seq_of = 0, [], {}
     for rw in group_rewards:
