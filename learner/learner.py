@@ -178,7 +178,9 @@ class Learner:
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
                              weight_syncs_delta=0, weight_syncs_failed=0)
-        self.pending_acks: dict[str, tuple[int, float]] = {}
+        # sid -> {version: publish time}: every update not yet acked (with publish_every=1 the
+        # next version is often sent before the last one's ack arrives)
+        self.pending_acks: dict[str, dict[int, float]] = {}
         self.sync_times: list[float] = []
         self.sync_phases: dict[str, float] = {}
         self._last_log = (time.time(), 0)
@@ -342,12 +344,13 @@ class Learner:
         elif now - self._no_server_since > self.cfg.wire.connect_timeout_s:
             raise LearnerError(f"no rollout server has been alive for "
                                f"{self.cfg.wire.connect_timeout_s:.0f}s; see their logs")
-        for sid, (ver, t0) in list(self.pending_acks.items()):
-            if now - t0 > self.cfg.wire.weight_sync_timeout_s:
-                del self.pending_acks[sid]
+        for sid, pend in list(self.pending_acks.items()):
+            late = [v for v, t0 in pend.items() if now - t0 > self.cfg.wire.weight_sync_timeout_s]
+            if late:
+                del self.pending_acks[sid]  # the newer ones wait behind it: all are lost
                 self.weights.forget(sid)
                 self.counters["weight_syncs_failed"] += 1
-                log.error("weight sync to %s (version %d) timed out", sid, ver)
+                log.error("weight sync to %s (version %d) timed out", sid, min(late))
 
     def _reassign(self, pred: Any) -> None:
         for oid, o in list(self.orders.items()):
@@ -475,18 +478,21 @@ class Learner:
         for sids, manifest, tensors in msgs:
             size = self.weights.last[manifest.kind]
             for sid in sids:
-                self.pending_acks[sid] = (self.version, time.monotonic())
+                self.pending_acks.setdefault(sid, {})[self.version] = time.monotonic()
                 self.hub.send(sid, manifest, tensors)
                 self.counters["weight_bytes_sent"] += size
                 self.counters[f"weight_syncs_{manifest.kind}"] += 1
 
     def _on_ack(self, sid: str, ack: WeightAck, arrived: float) -> None:
-        pend = self.pending_acks.pop(sid, None)
+        pend = self.pending_acks.get(sid, {})
         if ack.deferred or not ack.ok:
+            # the server takes updates in order: this answers the oldest one outstanding
+            if pend:
+                del pend[min(pend)]
             self.weights.forget(sid, ack.shm_unreadable)  # pinned or failed: next is a full sync
         if ack.deferred:
-            log.info("%s is pinned at version %d for serving; it will take version %s when "
-                     "unpinned", sid, ack.version, pend[0] if pend else "?")
+            log.info("%s is pinned at version %d for serving; it will take the latest version "
+                     "when unpinned", sid, ack.version)
             return
         if not ack.ok:
             self.counters["weight_syncs_failed"] += 1
@@ -494,13 +500,16 @@ class Learner:
                       ack.version, " (rolled back)" if ack.rolled_back else "", ack.error)
             return
         self.weights.acked(sid, ack.version)  # its older weights files may be rewritten
-        if pend is not None and pend[0] == ack.version:
-            self.sync_times.append(arrived - pend[1])
+        t0 = pend.get(ack.version)
+        for v in [v for v in pend if v <= ack.version]:
+            del pend[v]  # acked, or superseded by a newer version that was
+        if t0 is not None:
+            self.sync_times.append(arrived - t0)
             self.sync_phases = ack.phases
 
     def wait_weight_acks(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.pending_acks and time.monotonic() < deadline:
+        while any(self.pending_acks.values()) and time.monotonic() < deadline:
             self._pump(0.1)
 
     # ------------------------------------------------------------------ eval, logs, state

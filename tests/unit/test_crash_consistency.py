@@ -17,7 +17,7 @@ from climbrl.learner.hub import LearnerHub
 from climbrl.learner.learner import Learner, LearnerError, _truncate_metrics
 
 from climbrl.config import load_config
-from climbrl.wire import Codec, Error, Hello, Sample, Trajectory, WorkOrder
+from climbrl.wire import Codec, Error, Hello, Sample, Trajectory, WeightAck, WorkOrder
 
 
 class FakeHub:
@@ -57,6 +57,9 @@ class FakeWeights:
     def join(self, sid: str, hostname: str = "") -> None:  # a (re)joined engine: full sync next
         self.forgotten.append(sid)
 
+    def acked(self, sid: str, version: int) -> None:
+        pass
+
     def messages(self, version: int, servers: list[str]):
         yield servers, SimpleNamespace(kind="full", version=version), []
 
@@ -73,7 +76,8 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L.cursor = DataCursor(100)
     L.orders, L.ready, L.seq_of, L.eval_results = {}, [], {}, {}
     L.pending_acks, L.sync_times = {}, []
-    L.counters = dict(order_failures=0, servers_dead=0, weight_bytes_sent=0, weight_syncs_full=0)
+    L.counters = dict(order_failures=0, servers_dead=0, weight_bytes_sent=0, weight_syncs_full=0,
+                      weight_syncs_failed=0)
     L._corrected = set()
     L.tokens_generated = 0
     L._no_server_since = None
@@ -318,3 +322,32 @@ def test_latest_pointer_to_an_incomplete_folder_falls_back(tmp_path):
     (tmp_path / "checkpoints" / "step_6" / "learner_state.json").unlink()
     assert latest_checkpoint(tmp_path).name == "step_3"
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_every_published_version_waits_for_its_own_ack():
+    """publish_every=1: version 4 goes out before version 3's ack arrives. Each ack times its
+    own version, and none is lost from the sync timeout's watch."""
+    L = _learner(["r0"])
+    L.publish_weights()  # version 3
+    t3 = L.pending_acks["r0"][3]
+    L.version = 4
+    L.publish_weights()
+    assert sorted(L.pending_acks["r0"]) == [3, 4]
+    L._on_ack("r0", WeightAck(server_id="r0", version=3, ok=True), t3 + 0.5)
+    assert L.sync_times == [pytest.approx(0.5)] and sorted(L.pending_acks["r0"]) == [4]
+    t4 = L.pending_acks["r0"][4]
+    L._on_ack("r0", WeightAck(server_id="r0", version=4, ok=True), t4 + 0.25)
+    assert L.sync_times[-1] == pytest.approx(0.25) and not L.pending_acks["r0"]
+
+
+def test_a_failed_update_answers_the_oldest_and_a_late_one_times_out():
+    L = _learner(["r0"])
+    L.publish_weights()
+    L.version = 4
+    L.publish_weights()
+    L._on_ack("r0", WeightAck(server_id="r0", version=2, ok=False, error="boom"), time.monotonic())
+    assert sorted(L.pending_acks["r0"]) == [4] and L.counters["weight_syncs_failed"] == 1
+    assert "r0" in L.weights.forgotten  # the next update is a full sync
+    L.pending_acks["r0"][4] -= L.cfg.wire.weight_sync_timeout_s + 1  # published long ago
+    L._pump(0)
+    assert "r0" not in L.pending_acks and L.counters["weight_syncs_failed"] == 2
