@@ -34,6 +34,7 @@ Finding an environment (``[env] name`` in the run config), first match wins:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import re
@@ -161,7 +162,16 @@ BUILTIN_ENVS: dict[str, str] = {
 
 
 def entry_point_envs() -> dict[str, str]:
-    """Envs that installed packages register in the ``climbrl.envs`` entry point group."""
+    """Envs that installed packages register in the ``climbrl.envs`` entry point group. Read
+    once per ``sys.path``: the scan reads every installed distribution's metadata (~6 ms here),
+    and a rollout server resolves its env for every order and episode, on its event loop."""
+    import sys
+
+    return dict(_entry_point_envs(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=16)
+def _entry_point_envs(path: tuple[str, ...]) -> dict[str, str]:
     return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 

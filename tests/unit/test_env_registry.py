@@ -108,3 +108,20 @@ async def test_text_protocol_envs_work_through_respond():
     t = cf.get_task("train", 0)
     await cf.reset(t)
     assert (await cf.respond(Turn(text=t.answer * 4, content=""))).reward == 1.0
+
+
+def test_entry_points_are_read_once_per_sys_path(plugin, monkeypatch):
+    """A rollout server resolves its env per order and per episode on its event loop: the
+    metadata scan (every installed distribution) must not run each time."""
+    import importlib.metadata
+
+    calls = []
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: calls.append(kw) or real(**kw))
+    monkeypatch.syspath_prepend(str(plugin / "elsewhere"))  # a sys.path not scanned yet
+    for _ in range(5):
+        assert resolve_env("plug").name == "plug"
+    assert len(calls) == 1
+    monkeypatch.syspath_prepend(str(plugin / "another"))  # new path: new packages may be on it
+    assert resolve_env("plug").name == "plug" and len(calls) == 2
