@@ -197,6 +197,7 @@ class RolloutServer:
             if not await self.sock.poll(timeout=int(poll_s * 1000)):
                 continue  # timeout: the heartbeat loop decides whether the learner is dead
             frames = await self.sock.recv_multipart(copy=False)
+            arrived = time.time()
             self._last_learner_msg = time.monotonic()
             try:
                 msg, tensor_frames = self.codec.decode(frames)
@@ -209,7 +210,7 @@ class RolloutServer:
             if isinstance(msg, WorkOrder):
                 self._spawn(self._run_order(msg))
             elif isinstance(msg, WeightManifest):
-                self._spawn(self._apply_weights(msg, tensor_frames))
+                self._spawn(self._apply_weights(msg, tensor_frames, arrived))
             elif isinstance(msg, Control):
                 if msg.command == "shutdown":
                     log.info("shutdown requested by the learner")
@@ -465,7 +466,7 @@ class RolloutServer:
         if self._deferred is not None:
             m, frames = self._deferred
             self._deferred = None
-            await self._apply_weights(m, frames)
+            await self._apply_weights(m, frames, time.time())
 
     async def _agent_episode(self, order: WorkOrder, env: Any, task: Any, index: int) -> Sample:
         """One black-box agent episode: a session on this engine's endpoint (envs.agent)."""
@@ -523,8 +524,10 @@ class RolloutServer:
 
     # ------------------------------------------------------------------ weights
 
-    async def _apply_weights(self, m: WeightManifest, frames: list[Any]) -> None:
-        phases: dict[str, float] = {"recv": max(0.0, time.time() - m.sent_at)}
+    async def _apply_weights(self, m: WeightManifest, frames: list[Any], arrived: float) -> None:
+        # recv: learner's send -> this socket; queue: -> this update's turn (task start, and
+        # the wait behind an update still being applied)
+        phases: dict[str, float] = {"recv": max(0.0, arrived - m.sent_at)}
         if self.control is not None and self.control.pinned is not None:
             self._deferred = (m, frames)  # only the newest is kept; applied on unpin
             log.info("pinned at version %d: update to version %d deferred", self.version,
@@ -533,6 +536,7 @@ class RolloutServer:
                                        phases=phases, deferred=True))
             return
         async with self.weight_lock:
+            phases["queue"] = max(0.0, time.time() - arrived)
             ack = await self._apply_locked(m, frames, phases)
         await self._send(ack)
 
