@@ -172,8 +172,7 @@ class Learner:
         self.orders: dict[str, dict[str, Any]] = {}  # order_id -> {seq, server, sent, eval}
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
-        self.eval_results: dict[str, Trajectory] = {}
-        self._corrected: set[str] = set()  # order ids counted in stale_corrected
+        self.eval_results: dict[int, Trajectory] = {}  # task index -> its greedy trajectory
         self.eval_outcomes: dict[str, list[float]] = {}  # split -> correctness per task, last eval
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
@@ -303,7 +302,7 @@ class Learner:
                 if o is None:
                     log.warning("trajectory for unknown order %s dropped", msg.order_id)
                 elif o["eval"]:
-                    self.eval_results[msg.order_id] = msg
+                    self.eval_results[o["task"]] = msg
                 else:
                     self.seq_of[msg.order_id] = o["seq"]  # cursor sequence of the group
                     self.tokens_generated += msg.num_generated_tokens
@@ -373,9 +372,6 @@ class Learner:
                         self.counters["stale_dropped"] += 1
                         self.cursor.requeue(self.seq_of.pop(tr.order_id))
                         continue
-                    if tr.order_id not in self._corrected:  # collect() re-scans `ready`
-                        self._corrected.add(tr.order_id)
-                        self.counters["stale_corrected"] += 1
                 if filtering and budget > 0:
                     rate = pass_rate(tr.samples, self.env.reward_range[1])
                     if not keep_group(rate, lc.dynamic_sampling, tuple(lc.pass_rate_band)):
@@ -390,7 +386,9 @@ class Learner:
             self.ready = keep
             if len(self.ready) >= n:
                 batch, self.ready = self.ready[:n], self.ready[n:]
-                self._corrected.difference_update(t.order_id for t in batch)
+                # counted here, not in the scan above: collect() re-scans `ready` per receive
+                self.counters["stale_corrected"] += sum(
+                    self.version - t.policy_version > lc.max_staleness for t in batch)
                 return sorted(batch, key=lambda t: self.seq_of[t.order_id])  # arrival-independent
             self.dispatch()
             self._pump(0.5)
@@ -523,17 +521,13 @@ class Learner:
         self.eval_results.clear()
         for i in range(n):
             self._send_order(i, i, split, True)
-
-        def task_of(order_id: str) -> int:  # an eval order's id is eval-<task index>-<nonce>
-            return int(order_id.split("-")[1])
-
-        while len({task_of(o) for o in self.eval_results}) < n:  # (a re-sent order counts once)
+        while len(self.eval_results) < n:
             self._pump(0.5)
         outcomes = [0.0] * n
-        for t in self.eval_results.values():
+        for task, t in self.eval_results.items():
             vals = [s.metrics.get("correct", float(s.reward >= self.env.reward_range[1]))
                     for s in t.samples]
-            outcomes[task_of(t.order_id)] = sum(vals) / max(len(vals), 1)
+            outcomes[task] = sum(vals) / max(len(vals), 1)
         self.eval_outcomes[split] = outcomes
         acc = sum(outcomes) / n
         self.metrics.write({"step": self.step, f"eval/{split}_accuracy": acc})

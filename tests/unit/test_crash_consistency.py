@@ -78,7 +78,6 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L.pending_acks, L.sync_times = {}, []
     L.counters = dict(order_failures=0, servers_dead=0, weight_bytes_sent=0, weight_syncs_full=0,
                       weight_syncs_failed=0)
-    L._corrected = set()
     L.tokens_generated = 0
     L._no_server_since = None
     return L

@@ -51,7 +51,6 @@ def _learner(tiny_model: Path, tmp_path: Path, cfg_file: str | None, overrides: 
     L.cursor = DataCursor(1000)
     L.seq_of, L.ready = {}, []
     L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)
-    L._corrected = set()
     return L
 
 
@@ -170,7 +169,6 @@ def _collector(overrides: list[str], group_rewards: list[list[float]]) -> Learne
     L.cfg = load_config(None, ["model.path=m", "learner.group_size=4", *overrides])
     L.env = types.SimpleNamespace(reward_range=(0.0, 1.0))
     L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)
-    L._corrected = set()
     L.cursor = DataCursor(100)
     L.version, L.ready, L.seq_of = 0, [], {}
     for rw in group_rewards:

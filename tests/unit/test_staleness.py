@@ -22,7 +22,6 @@ def _learner(policy: str) -> Learner:
     L.cfg = load_config(None, ["model.path=m", "learner.max_staleness=1",
                                f"learner.stale_policy={policy}"])
     L.counters = dict(stale_dropped=0, stale_corrected=0)
-    L._corrected = set()
     L.cursor = DataCursor(100)
     for _ in range(4):
         L.cursor.take()
@@ -76,4 +75,3 @@ def test_correct_counts_a_group_once_while_collect_waits_for_more():
     L._pump = pump
     batch = L.collect(5)
     assert len(batch) == 5 and L.counters["stale_corrected"] == 2
-    assert L._corrected == set()  # forgotten once trained
