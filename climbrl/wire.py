@@ -49,6 +49,9 @@ class Heartbeat(_Msg, kw_only=True):
     policy_version: int
     inflight: int
     accepting_orders: bool = True  # False while the served weights are pinned
+    # The longest the server's event loop was blocked since the previous heartbeat (seconds):
+    # env code doing synchronous work there stalls generation and weight updates alike.
+    loop_lag_max_s: float = 0.0
 
 
 class Routing(msgspec.Struct, array_like=True):

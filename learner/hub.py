@@ -33,6 +33,7 @@ class ServerState:
     alive: bool = True
     accepting_orders: bool = True
     inflight_orders: set[str] = field(default_factory=set)
+    loop_lag_max_s: float = 0.0  # worst event-loop lag reported since take_loop_lag()
 
 
 class LearnerHub:
@@ -108,6 +109,14 @@ class LearnerHub:
     def alive_servers(self) -> list[str]:
         with self.lock:
             return [s for s, st in self.servers.items() if st.alive]
+
+    def take_loop_lag(self) -> dict[str, float]:
+        """Each live server's worst event-loop lag (seconds) since the previous call."""
+        with self.lock:
+            out = {s: st.loop_lag_max_s for s, st in self.servers.items() if st.alive}
+            for st in self.servers.values():
+                st.loop_lag_max_s = 0.0
+        return out
 
     def order_servers(self) -> list[str]:
         """Live servers that take work orders (a server pinned for serving does not)."""
@@ -187,6 +196,7 @@ class LearnerHub:
                 if isinstance(msg, Heartbeat):
                     st.version = msg.policy_version
                     st.accepting_orders = msg.accepting_orders
+                    st.loop_lag_max_s = max(st.loop_lag_max_s, msg.loop_lag_max_s)
                 elif isinstance(msg, WeightAck) and msg.ok:
                     st.version = msg.version
         if st is None and not isinstance(msg, Hello):

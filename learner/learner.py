@@ -63,6 +63,8 @@ from climbrl.wire import (
 )
 
 log = logging.getLogger("climbrl.learner")
+# A rollout server whose event loop was blocked longer than this in a step is reported.
+LOOP_LAG_WARN_S = 0.5
 
 
 class LearnerError(RuntimeError):
@@ -542,6 +544,14 @@ class Learner:
                "tokens_per_s": (self.tokens_generated - tok_prev) / max(now - t_prev, 1e-9),
                "step_s": now - t_prev, "elapsed_s": now - self.t_start,
                **{f"sync_{k}_s": v for k, v in self.sync_phases.items()}}
+        lag = self.hub.take_loop_lag()
+        if lag:
+            rec["rollout_loop_lag_max_s"] = worst = max(lag.values())
+            if worst > LOOP_LAG_WARN_S:
+                log.warning(
+                    "rollout server %s: its event loop was blocked for %.2fs since the last "
+                    "step; generation and weight updates wait meanwhile (an env doing "
+                    "synchronous work in an async method?)", max(lag, key=lag.get), worst)
         self.metrics.write(rec)
 
     def checkpoint(self) -> Path:

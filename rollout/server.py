@@ -99,6 +99,7 @@ class RolloutServer:
         from climbrl.weightsync import EngineWeights
 
         self.wstate = EngineWeights(initial_version)  # the engine's weights, for delta/rollback
+        self._lag_max = 0.0  # worst event-loop lag since the last heartbeat (_lag_loop)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,7 +153,7 @@ class RolloutServer:
         )
         log.info("rollout %s up, connected to %s", self.server_id, self.endpoint)
         try:
-            await asyncio.gather(self._recv_loop(), self._heartbeat_loop())
+            await asyncio.gather(self._recv_loop(), self._heartbeat_loop(), self._lag_loop())
         finally:
             for t in list(self.inflight):
                 t.cancel()
@@ -180,8 +181,10 @@ class RolloutServer:
                     policy_version=self.version,
                     inflight=len(self.inflight),
                     accepting_orders=self.control is None or self.control.pinned is None,
+                    loop_lag_max_s=self._lag_max,
                 )
             )
+            self._lag_max = 0.0
             if time.monotonic() - self._last_learner_msg > w.dead_after_s:
                 log.error("learner silent for %.0fs: shutting down", w.dead_after_s)
                 self._stop.set()
@@ -190,6 +193,16 @@ class RolloutServer:
                 await asyncio.wait_for(self._stop.wait(), timeout=w.heartbeat_s)
             except TimeoutError:
                 pass
+
+    async def _lag_loop(self, period: float = 0.05) -> None:
+        """Event-loop lag: how late a ``period`` sleep wakes up. Orders, episodes, weight
+        updates and HTTP requests share this loop, so anything that blocks it (an env doing
+        synchronous work in an async method, say) delays them all; the heartbeat reports the
+        worst lag since the previous one."""
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(period)
+            self._lag_max = max(self._lag_max, time.perf_counter() - t - period)
 
     async def _recv_loop(self) -> None:
         poll_s = self.cfg.wire.heartbeat_s
@@ -589,8 +602,11 @@ class RolloutServer:
             try:
                 await phase("pause", _pause_keep(self.engine))
                 try:
-                    await phase("reload", self.engine.collective_rpc(
+                    took = await phase("reload", self.engine.collective_rpc(
                         "climbrl_load_weights", args=(path, layout)))
+                    # inside the worker (vLLM's reload_weights); the rest of "reload" is the
+                    # round trip through the engine core
+                    phases["reload_worker"] = max(took)
                 except Exception:
                     rolled_back = await self._roll_back(upd.restore, phase)
                     raise

@@ -112,7 +112,8 @@ def test_weight_update_changes_generations_and_versions(rollout_server):
             p.add_(torch.randn_like(p) * 0.5)
     ack = _publish(rs, model, version=7)
     assert ack.ok, ack.error
-    assert {"stage", "pause", "reload", "resume"} <= set(ack.phases)
+    assert {"stage", "pause", "reload", "reload_worker", "resume"} <= set(ack.phases)
+    assert 0 < ack.phases["reload_worker"] <= ack.phases["reload"]
     after = _run(rs, _order(3, **greedy, version=7))
     assert after.samples[0].completion_ids != before.samples[0].completion_ids
     assert all(v == 7 for s in after.samples for v in s.versions)
