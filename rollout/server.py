@@ -100,6 +100,7 @@ class RolloutServer:
 
         self.wstate = EngineWeights(initial_version)  # the engine's weights, for delta/rollback
         self._lag_max = 0.0  # worst event-loop lag since the last heartbeat (_lag_loop)
+        self._logged_full_path = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -602,11 +603,16 @@ class RolloutServer:
             try:
                 await phase("pause", _pause_keep(self.engine))
                 try:
+                    full = m.kind == "full" and set(upd.load) == set(upd.base)
                     took = await phase("reload", self.engine.collective_rpc(
-                        "climbrl_load_weights", args=(path, layout)))
-                    # inside the worker (vLLM's reload_weights); the rest of "reload" is the
-                    # round trip through the engine core
-                    phases["reload_worker"] = max(took)
+                        "climbrl_load_weights", args=(path, layout, full)))
+                    # inside the worker; the rest of "reload" is the round trip through the
+                    # engine core
+                    phases["reload_worker"] = max(t for t, _ in took)
+                    if full and took[0][1] == "cpu_full" and not self._logged_full_path:
+                        self._logged_full_path = True
+                        log.info("full weight updates load by the short CPU path "
+                                 "(climbrl.rollout.worker_ext._full_reload_cpu)")
                 except Exception:
                     rolled_back = await self._roll_back(upd.restore, phase)
                     raise

@@ -23,8 +23,11 @@ Enabled with ``AsyncEngineArgs(worker_extension_cls="climbrl.rollout.worker_ext.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
+
+log = logging.getLogger("climbrl.rollout.worker_ext")
 
 _DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
@@ -32,8 +35,12 @@ _DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 class WeightReceiver:
     """Mixed into vLLM's worker class; methods are called through ``collective_rpc``."""
 
-    def climbrl_load_weights(self, path: str, layout: list[tuple[str, str, list[int], int]]) -> float:
-        """Reload from ``path``; ``layout`` is (name, dtype, shape, byte offset) per tensor."""
+    def climbrl_load_weights(self, path: str, layout: list[tuple[str, str, list[int], int]],
+                             full: bool = False) -> tuple[float, str]:
+        """Reload from ``path``; ``layout`` is (name, dtype, shape, byte offset) per tensor.
+        ``full``: the layout holds every tensor of the checkpoint (a full sync), which a dense
+        model on CPU loads by the short path (``_full_reload_cpu``). Returns the seconds taken
+        and the path taken: "cpu_full", or "vllm" for vLLM's ``reload_weights``."""
         import torch
 
         t0 = time.perf_counter()
@@ -52,6 +59,15 @@ class WeightReceiver:
                     n *= s
                 yield name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)
 
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        if full and _full_reload_cpu_supported(model):
+            try:
+                _full_reload_cpu(model, weights())
+                return time.perf_counter() - t0, "cpu_full"
+            except _UnfitForShortPath as e:  # this model's loader does not fit: vLLM's way
+                log.warning("short CPU reload does not fit this model (%s); full updates go "
+                            "through vLLM's reload_weights from now on", e)
+                model._climbrl_full_reload_ok = False
         quiet = _QuietPartialReload()
         try:
             self.model_runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
@@ -60,7 +76,7 @@ class WeightReceiver:
             raise
         finally:
             quiet.close()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, "vllm"
 
     def climbrl_param_checksum(self) -> float:
         """Sum of all parameters, for tests that check an update reached the engine."""
@@ -103,6 +119,88 @@ class _QuietPartialReload:
 
         for name in self._LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
+
+
+class _UnfitForShortPath(Exception):
+    """The model does not fit ``_full_reload_cpu`` (its loader names or metadata differ from
+    what it expects): the worker falls back to vLLM's reload for this update and the next."""
+
+
+def _full_reload_cpu_supported(model: Any) -> bool:
+    """A dense, unquantized model on the CPU platform: every module with a quant method is a
+    plain linear or embedding (no MoE, no quantization), so ``_full_reload_cpu`` covers it."""
+    cached = getattr(model, "_climbrl_full_reload_ok", None)
+    if cached is not None:
+        return bool(cached)
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    from vllm.platforms import current_platform
+
+    ok = current_platform.is_cpu() and all(
+        type(qm) in (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
+        for m in model.modules()
+        if (qm := getattr(m, "quant_method", None)) is not None
+    )
+    model._climbrl_full_reload_ok = ok
+    return ok
+
+
+def _full_reload_cpu(model: Any, weights: Any) -> None:
+    """Load a complete checkpoint into a dense model on CPU, without vLLM's layer-by-layer
+    reload (restore every module on the meta device, buffer and count each load under a
+    dispatch mode, materialise, process, copy back), which at 5M-50M parameters costs more
+    than the copies and the oneDNN repack together.
+
+    vLLM's CPU GEMM dispatch replaces the weight of each linear layer by an empty tensor once
+    it is packed for oneDNN. Those layers get a model-format weight back (built from the
+    metadata vLLM recorded at load for its own reloads), the model's ``load_weights`` maps and
+    copies every tensor (stacked qkv/gate_up, tied embeddings: vLLM's own loaders; the other
+    parameters are written in place), and each linear or embedding is dispatched again, which
+    repacks it. Raises ``_UnfitForShortPath`` if a linear layer got no weight (the loader's
+    names differ from the modules'); any other error propagates and the server rolls back.
+    Either way the layers not yet repacked are put back in the packed format first."""
+    import torch
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+    gemm = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear")}
+    rebuilt: list[str] = []
+    try:
+        for name, m in gemm.items():
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and w.numel() == 0:
+                info = get_layerwise_info(m)
+                meta = info.restore_metadata[0].get("weight")
+                if meta is None:
+                    raise _UnfitForShortPath(f"{name}: no recorded weight metadata")
+                with info.restore_device:
+                    m.weight = restore_layer_refs(materialize_meta_tensor(meta), m)
+                rebuilt.append(name)
+        for prm in model.parameters():
+            # vLLM's reload wraps the loaders of the metadata it restores from, and leaves
+            # them wrapped there: a wrapped loader only buffers for layer-by-layer processing
+            loader = getattr(prm, "weight_loader", None)
+            while getattr(loader, "__name__", "") == "online_process_loader":
+                loader = loader.__wrapped__
+            if loader is not None:
+                prm.weight_loader = loader
+        loaded = model.load_weights(weights) or set()
+        missing = [n for n in rebuilt if f"{n}.weight" not in loaded]
+        if missing:
+            raise _UnfitForShortPath(f"{len(missing)} linear layers got no weight, e.g. "
+                                     f"{missing[:3]}")
+        for m in gemm.values():
+            m.quant_method.process_weights_after_loading(m)
+    except BaseException:
+        # Back to the packed format (empty weight, previous oneDNN handler) for the layers not
+        # repacked yet, so vLLM's own reload can load (or roll back) every module.
+        for name in rebuilt:
+            w = gemm[name].weight
+            if w.numel():
+                gemm[name].weight = torch.nn.Parameter(
+                    torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+        raise
 
 
 def _abandon_layerwise_reload(model_runner: Any) -> None:
