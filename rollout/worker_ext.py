@@ -136,6 +136,15 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
     from vllm.platforms import current_platform
 
+    try:  # the reload internals the short path builds on (vLLM 0.32)
+        from vllm.model_executor.model_loader.reload import layerwise, meta, sanitize
+
+        _ = (layerwise.get_layerwise_info, meta.materialize_meta_tensor,
+             sanitize.restore_layer_refs)
+    except (ImportError, AttributeError) as e:
+        log.warning("short CPU reload unavailable with this vLLM (%s): vLLM's reload_weights", e)
+        model._climbrl_full_reload_ok = False
+        return False
     ok = current_platform.is_cpu() and all(
         type(qm) in (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)
         for m in model.modules()
