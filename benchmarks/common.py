@@ -10,6 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+# vLLM's engine-core and worker processes spin (sched_yield) on their shared-memory queue for
+# 1 s after their last message, so an engine that just finished takes CPU from whatever is timed
+# next: measured here, the second engine of each rollout_overhead pair ran about 25% slower.
+SETTLE_S = 2.0
+
+
+def settle() -> None:
+    """Wait until the engines measured just before have gone quiet."""
+    time.sleep(SETTLE_S)
+
 
 def write_cfg(path: Path, model: Path, **sections: dict[str, Any]) -> Path:
     from climbrl.config import dump_toml, load_config

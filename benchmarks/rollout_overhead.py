@@ -29,12 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-# vLLM's engine-core and worker processes spin (sched_yield) on their shared-memory queue for
-# 1 s after their last message, so an engine that just finished a round takes CPU from the next
-# one: without a pause, the second engine of each pair measured about 25% slower here.
-SETTLE_S = 2.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tasks", type=int, default=32)
@@ -47,7 +41,7 @@ def main() -> None:
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.rollout.engine import build_engine
 
-    from benchmarks.common import RolloutProc, write_cfg
+    from benchmarks.common import RolloutProc, settle, write_cfg
     from climbrl.tinymodel import make_tiny_model
     from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
 
@@ -107,11 +101,11 @@ def main() -> None:
         climbrl_round(-1)
 
         def run_raw(r: int) -> None:
-            time.sleep(SETTLE_S)
+            settle()
             raw.append(loop.run_until_complete(raw_round(r)))
 
         def run_ours(r: int) -> None:
-            time.sleep(SETTLE_S)
+            settle()
             ours.append(climbrl_round(r))
 
         for r in range(a.rounds):

@@ -35,14 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import settle  # noqa: E402
+
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
             "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-# vLLM's engine-core and worker processes spin (sched_yield) on their shared-memory queue for
-# 1 s after their last message: each measurement waits until the server measured before it
-# has gone quiet.
-SETTLE_S = 2.0
 
 
 def free_port() -> int:
@@ -183,7 +180,7 @@ def main() -> None:
             for c in levels:
                 for kind in order:
                     url = servers[kind][1]
-                    time.sleep(SETTLE_S)
+                    settle()
                     res[kind][c].append(asyncio.run(load(url, c, a.requests, a.max_tokens)))
     finally:
         for proc, _ in servers.values():

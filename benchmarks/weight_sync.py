@@ -61,12 +61,6 @@ while True:
 """
 
 
-# vLLM's engine-core and worker processes spin (sched_yield) on their shared-memory queue for
-# 1 s after their last message (here: the previous update's first token); each update waits
-# until they are quiet, as the floor is timed with no engine running.
-SETTLE_S = 1.5
-
-
 def floor_seconds(tensors: list, repeats: int) -> float:
     """Send every tensor as a zero-copy frame to another process over loopback TCP."""
     import zmq
@@ -203,7 +197,7 @@ def main() -> None:
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.learner.weights import WeightPublisher
 
-    from benchmarks.common import RolloutProc, write_cfg
+    from benchmarks.common import RolloutProc, settle, write_cfg
     from climbrl.tinymodel import make_tiny_model
     from climbrl.wire import (
         SamplingSpec,
@@ -244,7 +238,7 @@ def main() -> None:
                     with torch.no_grad():
                         for p in model.parameters():
                             p.mul_(0.999)  # "the optimizer step"
-                    time.sleep(SETTLE_S)  # the floor is timed on a quiet machine too
+                    settle()  # after the previous first token: the floor is timed quiet
                     t0 = time.perf_counter()  # step end
                     if transport == "zmq":
                         m = WeightManifest(version=v, tensors=[tensor_meta(n, sd[n]) for n in names])

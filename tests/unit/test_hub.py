@@ -85,14 +85,14 @@ def test_heartbeats_carry_the_worst_event_loop_lag_until_taken():
         d = _dealer(ctx, hub, "r0")
         d.send_multipart(_hello("r0"))
         _next(hub)
-        for lag in (0.3, 0.7, 0.1):
-            d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=0,
+        # in order on one socket; the last one's version tells when all have been read
+        for version, lag in enumerate((0.3, 0.7, 0.1), start=1):
+            d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=version,
                                                     inflight=0, loop_lag_max_s=lag)))
         deadline = time.monotonic() + 5
-        while hub.servers["r0"].loop_lag_max_s < 0.7 and time.monotonic() < deadline:
+        while hub.servers["r0"].version != 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.1)  # the 0.1 after the 0.7 must not lower it
-        assert hub.take_loop_lag() == {"r0": 0.7}
+        assert hub.take_loop_lag() == {"r0": 0.7}  # the 0.1 after it does not lower it
         assert hub.take_loop_lag() == {"r0": 0.0}
         d.close()
     finally:
@@ -109,9 +109,9 @@ async def test_rollout_server_lag_loop_sees_a_blocked_event_loop():
     s = SimpleNamespace(_stop=asyncio.Event(), _lag_max=0.0)
     task = asyncio.create_task(RolloutServer._lag_loop(s, 0.01))
     await asyncio.sleep(0.05)
-    assert s._lag_max < 0.2
     time.sleep(0.3)  # synchronous work on the loop, as a blocking env would do
     await asyncio.sleep(0.05)
     s._stop.set()
     await asyncio.wait_for(task, 1)
-    assert s._lag_max >= 0.25
+    # the sampler's 10 ms sleep could not wake before the 0.3 s block ended
+    assert s._lag_max >= 0.29
