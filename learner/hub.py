@@ -94,9 +94,13 @@ class LearnerHub:
 
     def send(self, server_id: str, msg: Any, tensors: list[Any] | None = None) -> None:
         msg.run_id = self.run_id
-        frames = [server_id.encode()] + Codec.encode(msg, tensors)
+        self.send_frames(server_id, Codec.encode(msg, tensors))
+
+    def send_frames(self, server_id: str, frames: list[Any]) -> None:
+        """Queue already-encoded frames for ``server_id``. Only the hub thread touches the
+        ROUTER (ZeroMQ sockets are not thread-safe), so every send goes through the outbox."""
         with self._push_lock:
-            self._push.send_multipart(frames, copy=False)
+            self._push.send_multipart([server_id.encode(), *frames], copy=False)
 
     def recv(self, timeout: float) -> tuple[str, Any, list[Any], float] | None:
         """Next (server_id, message, tensor frames, arrival time.monotonic()), or None after

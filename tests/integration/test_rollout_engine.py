@@ -155,11 +155,11 @@ def test_update_while_requests_in_flight(rollout_server):
 def test_malformed_message_is_rejected_and_server_keeps_serving(rollout_server):
     rs = rollout_server
     hub = rs["hub"]
-    # raw frames straight onto the ROUTER: a foreign kind, and a garbage body
-    hub._route([b"r0", b"not-a-kind", b"\x00\x01"])
+    # raw frames, not encoded by the codec: a foreign kind, and a garbage body
+    hub.send_frames("r0", [b"not-a-kind", b"\x00\x01"])
     err = _wait(hub, Error, lambda e: e.code == "bad_message")
     assert "not accepted" in err.message
-    hub._route([b"r0", b"work", b"\xc1\xc1garbage"])
+    hub.send_frames("r0", [b"work", b"\xc1\xc1garbage"])
     err = _wait(hub, Error, lambda e: e.code == "bad_message")
     assert "bad work body" in err.message
     # bad env in a well-formed order costs that order only
