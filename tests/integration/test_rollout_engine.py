@@ -57,9 +57,9 @@ def _run(rs, order: WorkOrder) -> Trajectory:
     return _wait(rs["hub"], Trajectory, lambda t: t.order_id == order.order_id)
 
 
-def _publish(rs, model, version: int) -> WeightAck:
+def _publish(rs, model, version: int, reverse: bool = False) -> WeightAck:
     sd = model.state_dict()
-    names = list(sd)
+    names = list(sd)[::-1] if reverse else list(sd)
     m = WeightManifest(version=version, tensors=[tensor_meta(n, sd[n]) for n in names])
     rs["hub"].send(rs["server_id"], m, [sd[n] for n in names])
     return _wait(rs["hub"], WeightAck, lambda a: a.version == version or not a.ok)
@@ -122,8 +122,11 @@ def test_weight_update_changes_generations_and_versions(rollout_server):
     # the engine now computes exactly what the updated learner model computes
     tr = _run(rs, _order(4, group=8, version=7))
     assert _mismatch(model, tr.samples) < PARITY_TOL
-    # restore the original weights for the other tests
-    assert _publish(rs, _hf(rs), version=8).ok
+    # restore the original weights for the other tests, tensors in reverse order: the engine
+    # packs stacked layers (qkv, gate_up) from parts that are not adjacent in its file now
+    assert _publish(rs, _hf(rs), version=8, reverse=True).ok
+    tr = _run(rs, _order(4, group=8, version=8))
+    assert _mismatch(_hf(rs), tr.samples) < PARITY_TOL
 
 
 def test_update_while_requests_in_flight(rollout_server):
