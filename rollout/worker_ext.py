@@ -51,7 +51,7 @@ class WeightReceiver:
             for s in shape:
                 n *= s
             total = max(total, off + n)
-        blob = torch.from_file(path, shared=False, size=total, dtype=torch.uint8)
+        blob = _mapped(path, total)
 
         def weights() -> Any:
             for name, dtype, shape, off in layout:
@@ -98,6 +98,32 @@ class WeightReceiver:
         from climbrl.rollout.replay import take_record
 
         return take_record(key)
+
+
+_MAPS: dict[str, tuple[tuple[int, int, int], Any]] = {}  # path -> ((dev, inode, size), blob)
+
+
+def _mapped(path: str, size: int) -> Any:
+    """The first ``size`` bytes of the file at ``path``, mapped (read only by the worker).
+
+    A mapping is kept for the next reload from the same file: the learner rewrites its ring
+    files in place and the server its staging file, so the pages stay mapped from one update
+    to the next instead of being faulted in and unmapped each time. A file replaced, resized
+    or gone gets a new mapping or none."""
+    import os
+
+    import torch
+
+    for p in [p for p in _MAPS if p != path and not os.path.exists(p)]:
+        del _MAPS[p]  # deleted files: do not keep their memory alive
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, size)
+    hit = _MAPS.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    blob = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
+    _MAPS[path] = (key, blob)
+    return blob
 
 
 class _QuietPartialReload:
