@@ -117,6 +117,8 @@ def _mapped(path: str, size: int) -> Any:
     for p in [p for p in _MAPS if p != path and not os.path.exists(p)]:
         del _MAPS[p]  # deleted files: do not keep their memory alive
     st = os.stat(path)
+    if st.st_size < size:  # reading a mapping past the end of the file kills the process
+        raise ValueError(f"weights file {path} has {st.st_size} bytes, the layout needs {size}")
     key = (st.st_dev, st.st_ino, size)
     hit = _MAPS.get(path)
     if hit is not None and hit[0] == key:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from climbrl.rollout import worker_ext
 
@@ -45,3 +46,13 @@ def test_replaced_or_deleted_files_are_not_kept(tmp_path):
     q.unlink()
     worker_ext._mapped(str(p), 8)
     assert str(q) not in worker_ext._MAPS  # its memory is not held by a mapping
+
+
+def test_a_file_shorter_than_the_layout_is_an_error_not_a_crash(tmp_path):
+    worker_ext._MAPS.clear()
+    p = tmp_path / "short.weights"
+    _write(p, [1.0, 2.0, 3.0, 4.0], "wb")
+    worker_ext._mapped(str(p), 16)
+    os.truncate(p, 8)  # the same file, cut short: its kept mapping must not be read past 8
+    with pytest.raises(ValueError, match="has 8 bytes"):
+        worker_ext._mapped(str(p), 16)
