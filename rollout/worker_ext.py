@@ -24,6 +24,7 @@ Enabled with ``AsyncEngineArgs(worker_extension_cls="climbrl.rollout.worker_ext.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -280,31 +281,27 @@ def _repack_direct(layers: list[tuple[Any, Any]]) -> None:
         helper.result()
 
 
-_HELPER: list[Any] = []  # [executor or None], decided once per worker process
-
-
+@functools.cache
 def _repack_helper() -> Any:
     """A one-thread executor placed on the CPUs the worker's parent may use and the worker
     may not, when the worker computes on a single thread (vLLM on a machine with few cores);
-    else None."""
-    if not _HELPER:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
+    else None. Decided once per worker process."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
 
-        import torch
+    import torch
 
-        spare: set[int] = set()
-        if torch.get_num_threads() == 1 and hasattr(os, "sched_getaffinity"):
-            try:
-                spare = os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0)
-            except OSError:
-                spare = set()
-        _HELPER.append(ThreadPoolExecutor(1, thread_name_prefix="climbrl-repack",
-                                          initializer=os.sched_setaffinity,
-                                          initargs=(0, spare)) if spare else None)
-        if spare:
-            log.info("weight repack: a helper thread on CPUs %s", sorted(spare))
-    return _HELPER[0]
+    spare: set[int] = set()
+    if torch.get_num_threads() == 1 and hasattr(os, "sched_getaffinity"):
+        try:
+            spare = os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0)
+        except OSError:
+            spare = set()
+    if not spare:
+        return None
+    log.info("weight repack: a helper thread on CPUs %s", sorted(spare))
+    return ThreadPoolExecutor(1, thread_name_prefix="climbrl-repack",
+                              initializer=os.sched_setaffinity, initargs=(0, spare))
 
 
 def _direct_gemm_weights(model: Any, layers: dict[str, Any],
