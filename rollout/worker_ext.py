@@ -5,7 +5,11 @@ The rollout server receives weight frames over ZeroMQ and writes them into one f
 cannot carry tensors on CPU. The worker maps the file and feeds views of it to vLLM's
 ``reload_weights(weights_iterator=...)``: mutating parameters directly does nothing on CPU
 because weights are repacked after load. A full update of a dense model on CPU takes a shorter
-path (``_full_reload_cpu``): each linear layer is repacked straight from the file.
+path (``_full_reload_cpu``): each linear layer is repacked straight from the file. When the file
+stays unchanged until the next reload (the learner's own weights file, ``defer``) and the worker
+has a spare CPU, that repacking is finished in the background: the engine resumes at once with
+the new weights, each linear layer computing from its view of the file until its oneDNN
+packing is swapped in (``_repack_later``).
 
 A reload may carry a subset of the checkpoint tensors (delta and LoRA sync,
 ``climbrl.weightsync``). vLLM 0.32 reloads layer by layer: each vLLM module is re-processed (CPU
@@ -38,14 +42,17 @@ class WeightReceiver:
     """Mixed into vLLM's worker class; methods are called through ``collective_rpc``."""
 
     def climbrl_load_weights(self, path: str, layout: list[tuple[str, str, list[int], int]],
-                             full: bool = False) -> tuple[float, str]:
+                             full: bool = False, defer: bool = False) -> tuple[float, str]:
         """Reload from ``path``; ``layout`` is (name, dtype, shape, byte offset) per tensor.
         ``full``: the layout holds every tensor of the checkpoint (a full sync), which a dense
-        model on CPU loads by the short path (``_full_reload_cpu``). Returns the seconds taken
-        and the path taken: "cpu_full", or "vllm" for vLLM's ``reload_weights``."""
+        model on CPU loads by the short path (``_full_reload_cpu``). ``defer``: the caller
+        leaves the file unchanged until its next call here, so that path may finish packing
+        in the background. Returns the seconds taken and the path taken: "cpu_full", or
+        "vllm" for vLLM's ``reload_weights``."""
         import torch
 
         t0 = time.perf_counter()
+        _settle_repack()  # the last update's background packing reads the last file
         total = 0
         for _, dtype, shape, off in layout:
             n = _DTYPE_SIZES[dtype]
@@ -64,12 +71,13 @@ class WeightReceiver:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if full and _full_reload_cpu_supported(model):
             try:
-                _full_reload_cpu(model, list(weights()))
+                _full_reload_cpu(model, list(weights()), defer)
                 return time.perf_counter() - t0, "cpu_full"
             except _UnfitForShortPath as e:  # this model's loader does not fit: vLLM's way
                 log.warning("short CPU reload does not fit this model (%s); full updates go "
                             "through vLLM's reload_weights from now on", e)
                 model._climbrl_full_reload_ok = False
+        model.__dict__.pop("_climbrl_plans", None)  # vLLM's reload may make new parameters
         quiet = _QuietPartialReload()
         try:
             self.model_runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
@@ -84,6 +92,7 @@ class WeightReceiver:
         """Sum of all parameters, for tests that check an update reached the engine."""
         import torch
 
+        _settle_repack()
         with torch.no_grad():
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
             return float(sum(p.double().sum() for p in model.parameters()))
@@ -184,7 +193,7 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     return ok
 
 
-def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]]) -> None:
+def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool = False) -> None:
     """Load a complete checkpoint into a dense model on CPU, without vLLM's layer-by-layer
     reload (restore every module on the meta device, buffer and count each load under a
     dispatch mode, materialise, process, copy back), which at 5M-50M parameters costs more
@@ -200,19 +209,33 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]]) -> None:
     place), and each of those linear or embedding layers is dispatched again, which repacks
     it. Raises ``_UnfitForShortPath`` if a linear layer got no weight (the loader's names
     differ from the modules'); any other error propagates and the server rolls back. Either
-    way the layers not yet repacked are put back in the packed format first."""
+    way the layers not yet repacked are put back in the packed format first. ``defer``: the
+    file stays unchanged until the next reload, so the packing may be finished in the
+    background (``_repack_later``)."""
     import torch
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
     from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-    gemm = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear")}
+    key = tuple((n, t.dtype, tuple(t.shape), t.storage_offset()) for n, t in weights)
+    plans = model.__dict__.setdefault("_climbrl_plans", {})
+    plan = plans.get(key)
+    if plan is None:
+        gemm = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear")}
+    else:
+        gemm = plan.gemm
     packed = {name for name, m in gemm.items()
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() == 0}
-    direct, used = _direct_gemm_weights(model, {n: gemm[n] for n in packed}, weights)
+    if plan is not None and plan.packed == packed:
+        direct = {name: _whole(weights[i][1], shape) for name, (i, shape) in plan.direct.items()}
+        used = plan.used
+    else:
+        plan = None
+        direct, used = _direct_gemm_weights(model, {n: gemm[n] for n in packed}, weights)
     rebuilt: list[str] = list(direct)
     try:
-        _repack_direct([(gemm[name], w) for name, w in direct.items()])
+        if not defer:
+            _repack([(gemm[name], w) for name, w in direct.items()])
         for name in packed - direct.keys():
             m = gemm[name]
             meta = get_layerwise_info(m).restore_metadata[0].get("weight")
@@ -221,22 +244,29 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]]) -> None:
             with get_layerwise_info(m).restore_device:
                 m.weight = restore_layer_refs(materialize_meta_tensor(meta), m)
             rebuilt.append(name)
-        for prm in model.parameters():
-            # vLLM's reload wraps the loaders of the metadata it restores from, and leaves
-            # them wrapped there: a wrapped loader only buffers for layer-by-layer processing
-            loader = getattr(prm, "weight_loader", None)
-            while getattr(loader, "__name__", "") == "online_process_loader":
-                loader = loader.__wrapped__
-            if loader is not None:
-                prm.weight_loader = loader
-        loaded = model.load_weights(iter([(n, t) for n, t in weights if n not in used])) or set()
-        missing = [n for n in packed - direct.keys() if f"{n}.weight" not in loaded]
-        if missing:
-            raise _UnfitForShortPath(f"{len(missing)} linear layers got no weight, e.g. "
-                                     f"{missing[:3]}")
-        for name, m in gemm.items():
-            if name not in direct:
-                m.quant_method.process_weights_after_loading(m)
+        rest = [(n, t) for n, t in weights if n not in used]
+        if plan is not None:
+            for n, t in rest:
+                for prm, loader in plan.loads.get(n, ()):
+                    loader(prm, t)
+        else:
+            for prm in model.parameters():
+                # vLLM's reload wraps the loaders of the metadata it restores from, and leaves
+                # them wrapped there: a wrapped loader only buffers for layer-by-layer processing
+                loader = getattr(prm, "weight_loader", None)
+                while getattr(loader, "__name__", "") == "online_process_loader":
+                    loader = loader.__wrapped__
+                if loader is not None:
+                    prm.weight_loader = loader
+            loaded, loads = _load_recorded(model, rest)
+            missing = [n for n in packed - direct.keys() if f"{n}.weight" not in loaded]
+            if missing:
+                raise _UnfitForShortPath(f"{len(missing)} linear layers got no weight, e.g. "
+                                         f"{missing[:3]}")
+            _remember_plan(model, key, gemm, packed, direct, weights, used, loads)
+        others = [(m, None) for name, m in gemm.items() if name not in direct]
+        if not (defer and _repack_later([(gemm[n], w) for n, w in direct.items()] + others)):
+            _repack(([(gemm[n], w) for n, w in direct.items()] if defer else []) + others)
     except BaseException:
         # Back to the packed format (empty weight, previous oneDNN handler) for the layers not
         # repacked yet, so vLLM's own reload can load (or roll back) every module.
@@ -248,60 +278,259 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]]) -> None:
         raise
 
 
-def _repack_direct(layers: list[tuple[Any, Any]]) -> None:
-    """Pack each layer's weight from its file view (oneDNN copies it into its own layout).
+class _Plan:
+    """What a full reload did with a weights layout, for the next reload of the same layout
+    (the learner sends the same tensors at the same offsets every time): the layers packed
+    straight from the file, as (index of their first part in the layout, whole shape), and
+    the loader calls the model's ``load_weights`` made for the other tensors."""
 
-    The packing is memory-bound and, on a small machine, vLLM gives the worker one thread on
-    one CPU and leaves the others to the frontend, which waits while the engine is paused for
-    this reload. Then about half the bytes are packed on a helper thread placed on those other
-    CPUs (the parent process's placement minus the worker's); the op releases the GIL."""
+    def __init__(self, key: Any, gemm: dict[str, Any], packed: set[str],
+                 direct: dict[str, tuple[int, tuple[int, ...]]], used: set[str],
+                 loads: dict[str, list[tuple[Any, Any]]]) -> None:
+        self.key, self.gemm, self.packed, self.direct = key, gemm, packed, direct
+        self.used, self.loads = used, loads
+
+
+def _remember_plan(model: Any, key: Any, gemm: dict[str, Any], packed: set[str],
+                   direct: dict[str, Any], weights: list[tuple[str, Any]], used: set[str],
+                   loads: dict[str, list[tuple[Any, Any]]] | None) -> None:
+    """Keep a ``_Plan`` when this reload can be replayed: every linear layer was packed
+    straight from one run of the file (no concatenation, no rebuilt weight) and every other
+    tensor went through recorded loader calls. A few layouts are kept (the learner's file and
+    the server's staging file order the tensors differently)."""
+    plans = model.__dict__.setdefault("_climbrl_plans", {})
+    plans.pop(key, None)
+    if loads is None or packed - direct.keys():
+        return
+    first: dict[int, int] = {}
+    for i, (_, t) in enumerate(weights):
+        first.setdefault(t.data_ptr(), i)
+    index = {}
+    for name, w in direct.items():
+        i = first.get(w.data_ptr())
+        if i is None:
+            return  # a concatenation: not a view of the file
+        index[name] = (i, tuple(w.shape))
+    while len(plans) >= 4:
+        del plans[next(iter(plans))]
+    plans[key] = _Plan(key, gemm, packed, index, used, loads)
+
+
+def _whole(part: Any, shape: tuple[int, ...]) -> Any:
+    """The view of ``shape`` that starts where ``part`` starts in its file."""
     import torch
 
-    def run(part: list[tuple[Any, Any]]) -> None:
-        for m, w in part:
-            m.weight = torch.nn.Parameter(w, requires_grad=False)
-            m.quant_method.process_weights_after_loading(m)
-            if m.weight.numel():  # this layer kept its weight (no oneDNN): own the memory
-                m.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    if tuple(part.shape) == shape:
+        return part
+    return torch.empty(0, dtype=part.dtype).set_(part.untyped_storage(), part.storage_offset(),
+                                                 shape)
 
+
+def _load_recorded(model: Any, rest: list[tuple[str, Any]]
+                   ) -> tuple[set[str], dict[str, list[tuple[Any, Any]]] | None]:
+    """``model.load_weights(rest)``, recording the loader calls it makes: the names it
+    loaded, and {checkpoint name: [(parameter, loader)]} when every call was
+    ``loader(parameter, that very tensor)`` and every parameter it reports loaded got such a
+    call (else None: the next reload calls ``load_weights`` again)."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    names = {id(t): n for n, t in rest}
+    loads: dict[str, list[tuple[Any, Any]]] = {}
+    plain = [True]
+    saved: list[tuple[Any, Any]] = []
+
+    def recorder(orig: Any) -> Any:
+        def rec(param: Any, loaded: Any, *args: Any, **kwargs: Any) -> Any:
+            n = names.get(id(loaded))
+            if n is None or args or kwargs:
+                plain[0] = False
+            else:
+                loads.setdefault(n, []).append((param, orig or default_weight_loader))
+            return (orig or default_weight_loader)(param, loaded, *args, **kwargs)
+        return rec
+
+    try:
+        for prm in model.parameters():
+            orig = getattr(prm, "weight_loader", None)
+            prm.weight_loader = recorder(orig)
+            saved.append((prm, orig))
+    except (AttributeError, TypeError):  # a loader that cannot be replaced: no recording
+        plain[0] = False
+    try:
+        loaded = model.load_weights(iter(rest)) or set()
+    finally:
+        for prm, orig in saved:
+            if orig is None:
+                del prm.weight_loader
+            else:
+                prm.weight_loader = orig
+    pname = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    got = {pname.get(id(p)) for calls in loads.values() for p, _ in calls}
+    if not plain[0] or not set(loaded) <= got:
+        return set(loaded), None
+    return set(loaded), loads
+
+
+def _repack(layers: list[tuple[Any, Any]]) -> None:
+    """Dispatch each (linear or embedding layer, weight) for vLLM's CPU GEMM (``_pack``), the
+    engine paused. The packing is memory-bound and, on a small machine, vLLM gives the
+    worker one thread on one CPU and leaves the others to the frontend, which waits for this
+    reload (``_spare_cpus``): there a helper thread on those CPUs packs about half the bytes
+    (the oneDNN op releases the GIL)."""
     pool = _repack_helper() if len(layers) > 1 else None
     if pool is None:
-        run(layers)
+        _Packing(layers).run()
         return
     halves: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]] = ([], [])
     load = [0, 0]
-    for m, w in sorted(layers, key=lambda x: -x[1].nbytes):  # greedy halves by bytes
+    for m, w in sorted(layers, key=lambda x: -_nbytes(*x)):  # greedy halves by bytes
         k = 0 if load[0] <= load[1] else 1
         halves[k].append((m, w))
-        load[k] += w.nbytes
-    helper = pool.submit(run, halves[1])
+        load[k] += _nbytes(m, w)
+    helper = pool.submit(_Packing(halves[1]).run)
     try:
-        run(halves[0])
+        _Packing(halves[0]).run()
     finally:
         helper.result()
 
 
+def _repack_later(layers: list[tuple[Any, Any]]) -> bool:
+    """Leave the packing of ``layers`` to a helper thread at idle priority on the spare CPUs,
+    which yields them to the frontend and engine core; False where there is none. Until its
+    packing is swapped in, a layer computes ``F.linear`` on its new weight (a file view, or
+    its own), so the engine generates with the new weights at once, up to about 2x slower
+    per layer for that while. The next reload first packs whatever is still left itself
+    (``_settle_repack``)."""
+    global _PENDING
+
+    pool = _repack_helper(idle=True)
+    if pool is None:
+        return False
+    for m, w in layers:
+        m.cpu_linear = (_torch_linear() if w is None else functools.partial(_file_linear, w))
+    job = _Packing(layers, background=True)
+    _PENDING = (job, pool.submit(job.run))
+    return True
+
+
+def _torch_linear() -> Any:
+    import torch
+
+    return torch.nn.functional.linear
+
+
+def _nbytes(m: Any, w: Any) -> int:
+    return int((m.weight if w is None else w).nbytes)
+
+
+class _Packing:
+    """(layer, weight) pairs to pack, taken one at a time by whichever thread runs ``run``."""
+
+    def __init__(self, layers: list[tuple[Any, Any]], background: bool = False) -> None:
+        import threading
+
+        self.todo, self.background, self.lock = list(layers), background, threading.Lock()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                if not self.todo:
+                    return
+                m, w = self.todo.pop()
+            _pack(m, w, self.background)
+
+
+def _pack(m: Any, w: Any, background: bool = False) -> None:
+    """vLLM's CPU GEMM dispatch of layer ``m``, on weight ``w`` (a file view) or, if None, on
+    its own weight. A layer that had its weight removed ends up owning its memory: oneDNN's
+    packed copy, or a copy of ``w`` if it keeps a weight. In the background (the engine
+    already runs on the new weight) a failure is logged and the layer keeps torch's linear;
+    in the foreground it fails the reload."""
+    import torch
+
+    try:
+        if w is not None:
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
+        m.quant_method.process_weights_after_loading(m)
+    except Exception:
+        if not background:  # the reload fails and the server rolls back
+            raise
+        log.exception("packing a layer in the background failed: it keeps torch's linear")
+        if w is None:
+            m.cpu_linear = _torch_linear()
+        else:
+            m.cpu_linear = functools.partial(_file_linear, w.clone())
+            m.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+        return
+    if w is not None and m.weight.numel():  # kept its weight (no oneDNN): own the memory
+        m.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+
+
+def _file_linear(w: Any, x: Any, weight: Any, bias: Any) -> Any:
+    """A layer's GEMM on ``w`` until its packing is done (vLLM calls ``cpu_linear(x, weight,
+    bias)``; a packed layer's ``weight`` is empty)."""
+    import torch
+
+    return torch.nn.functional.linear(x, w, bias)
+
+
+_PENDING: Any = None  # the last deferred packing: (_Packing, Future of its helper)
+
+
+def _settle_repack() -> None:
+    """Finish the last deferred packing (pack what the helper has not taken yet here, wait for
+    the layer it is on): after it no layer reads the file it came from."""
+    global _PENDING
+
+    if _PENDING is not None:
+        job, helper = _PENDING
+        try:
+            job.run()
+            helper.result()
+        finally:
+            _PENDING = None
+
+
 @functools.cache
-def _repack_helper() -> Any:
-    """A one-thread executor placed on the CPUs the worker's parent may use and the worker
-    may not, when the worker computes on a single thread (vLLM on a machine with few cores);
-    else None. Decided once per worker process."""
+def _spare_cpus() -> frozenset[int]:
+    """The CPUs the worker's parent may use and the worker may not, when the worker computes
+    on a single thread (vLLM on a machine with few cores); else none."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    spare: set[int] = set()
     if torch.get_num_threads() == 1 and hasattr(os, "sched_getaffinity"):
         try:
-            spare = os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0)
+            return frozenset(os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0))
         except OSError:
-            spare = set()
+            pass
+    return frozenset()
+
+
+@functools.cache
+def _repack_helper(idle: bool = False) -> Any:
+    """A one-thread executor placed on ``_spare_cpus`` (None without any). ``idle``: its
+    thread runs at idle priority (``SCHED_IDLE``), so that it only takes CPU time nothing else
+    wants."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    spare = _spare_cpus()
     if not spare:
         return None
-    log.info("weight repack: a helper thread on CPUs %s", sorted(spare))
-    return ThreadPoolExecutor(1, thread_name_prefix="climbrl-repack",
-                              initializer=os.sched_setaffinity, initargs=(0, spare))
+
+    def init() -> None:
+        os.sched_setaffinity(0, spare)
+        if idle:
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except (AttributeError, OSError):
+                log.warning("weight repack helper: no idle priority here; it runs at normal "
+                            "priority")
+
+    log.info("weight repack: a helper thread on CPUs %s%s", sorted(spare),
+             " at idle priority" if idle else "")
+    return ThreadPoolExecutor(1, thread_name_prefix="climbrl-repack", initializer=init)
 
 
 def _direct_gemm_weights(model: Any, layers: dict[str, Any],
