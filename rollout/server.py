@@ -602,12 +602,23 @@ class RolloutServer:
                 upd = await phase("decode", asyncio.to_thread(ws.prepare, m, frames))
             if layout is None:
                 layout = await phase("stage", asyncio.to_thread(stage, self.shm_path, upd.load))
+            full = m.kind == "full" and set(upd.load) == set(upd.base)
+            # the learner's file stays as it is until this server acks a newer version
+            # (weightsync.ShmRing), so the engine may go on reading it after this reload;
+            # this server's staging file is rewritten by the next update
+            defer = path == m.shm_path
+            # pause, reload and prefix-cache reset go out together, then version and resume:
+            # the engine core handles them in order and runs no step while paused, so each
+            # waits for its predecessor there instead of for a round trip each
+            paused = asyncio.ensure_future(_pause_keep(self.engine))
+            reload = asyncio.ensure_future(self.engine.collective_rpc(
+                "climbrl_load_weights", args=(path, layout, full, defer)))
+            reset = asyncio.ensure_future(self.engine.reset_prefix_cache())
+            ok = False
             try:
-                await phase("pause", _pause_keep(self.engine))
                 try:
-                    full = m.kind == "full" and set(upd.load) == set(upd.base)
-                    took = await phase("reload", self.engine.collective_rpc(
-                        "climbrl_load_weights", args=(path, layout, full)))
+                    await phase("pause", paused)
+                    took = await phase("reload", reload)
                     # inside the worker; the rest of "reload" is the round trip through the
                     # engine core
                     phases["reload_worker"] = max(t for t, _ in took)
@@ -616,11 +627,14 @@ class RolloutServer:
                         log.info("full weight updates load by the short CPU path "
                                  "(climbrl.rollout.worker_ext._full_reload_cpu)")
                 except Exception:
+                    await asyncio.wait([reload, reset], timeout=pt)  # done with the file
                     rolled_back = await self._roll_back(upd.restore, phase)
                     raise
                 t_finish = time.perf_counter()
-                await self.engine.reset_prefix_cache()
-                await self.engine.update_weight_version(str(m.version))
+                version = asyncio.ensure_future(self.engine.update_weight_version(str(m.version)))
+                resumed = asyncio.ensure_future(self.engine.resume_generation())
+                await reset
+                await version
                 ws.commit(upd)
                 # the previous weights, kept for a rollback that is not needed now: freed once
                 # the ack is out (freeing the frames of a 500M update takes 0.1 s)
@@ -629,8 +643,11 @@ class RolloutServer:
                 self.version = m.version
                 if self.control is not None:
                     self.control.version = m.version
+                ok = True
             finally:
-                await phase("resume", self.engine.resume_generation())
+                if not ok:
+                    resumed = asyncio.ensure_future(self.engine.resume_generation())
+                await phase("resume", resumed)
             return WeightAck(server_id=self.server_id, version=m.version, ok=True,
                              phases=phases)
         except Exception as e:
