@@ -49,8 +49,6 @@ class WeightReceiver:
         leaves the file unchanged until its next call here, so that path may finish packing
         in the background. Returns the seconds taken and the path taken: "cpu_full", or
         "vllm" for vLLM's ``reload_weights``."""
-        import torch
-
         t0 = time.perf_counter()
         _settle_repack()  # the last update's background packing reads the last file
         total = 0
@@ -60,18 +58,13 @@ class WeightReceiver:
                 n *= s
             total = max(total, off + n)
         blob = _mapped(path, total)
-
-        def weights() -> Any:
-            for name, dtype, shape, off in layout:
-                n = _DTYPE_SIZES[dtype]
-                for s in shape:
-                    n *= s
-                yield name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)
+        key = tuple((name, dtype, tuple(shape), off) for name, dtype, shape, off in layout)
+        weights = _views(path, blob, key)
 
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         if full and _full_reload_cpu_supported(model):
             try:
-                _full_reload_cpu(model, list(weights()), defer)
+                _full_reload_cpu(model, weights, defer, key)
                 return time.perf_counter() - t0, "cpu_full"
             except _UnfitForShortPath as e:  # this model's loader does not fit: vLLM's way
                 log.warning("short CPU reload does not fit this model (%s); full updates go "
@@ -80,7 +73,7 @@ class WeightReceiver:
         model.__dict__.pop("_climbrl_plans", None)  # vLLM's reload may make new parameters
         quiet = _QuietPartialReload()
         try:
-            self.model_runner.reload_weights(weights_iterator=weights())  # type: ignore[attr-defined]
+            self.model_runner.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
         except BaseException:
             _abandon_layerwise_reload(self.model_runner)
             raise
@@ -126,6 +119,7 @@ def _mapped(path: str, size: int) -> Any:
 
     for p in [p for p in _MAPS if p != path and not os.path.exists(p)]:
         del _MAPS[p]  # deleted files: do not keep their memory alive
+        _VIEWS.pop(p, None)
     st = os.stat(path)
     if st.st_size < size:  # reading a mapping past the end of the file kills the process
         raise ValueError(f"weights file {path} has {st.st_size} bytes, the layout needs {size}")
@@ -136,6 +130,32 @@ def _mapped(path: str, size: int) -> Any:
     blob = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)
     _MAPS[path] = (key, blob)
     return blob
+
+
+_VIEWS: dict[str, tuple[Any, dict[Any, list[tuple[str, Any]]]]] = {}  # path -> (blob, views)
+
+
+def _views(path: str, blob: Any, layout: tuple[tuple[str, str, tuple[int, ...], int], ...]
+           ) -> list[tuple[str, Any]]:
+    """(name, tensor view of ``blob``) per layout entry, kept with the mapping for the next
+    reload of the same layout (the learner sends the same one every time)."""
+    import torch
+
+    kept = _VIEWS.get(path)
+    if kept is None or kept[0] is not blob:
+        kept = _VIEWS[path] = (blob, {})
+    views = kept[1].get(layout)
+    if views is None:
+        views = []
+        for name, dtype, shape, off in layout:
+            n = _DTYPE_SIZES[dtype]
+            for d in shape:
+                n *= d
+            views.append((name, blob[off : off + n].view(getattr(torch, dtype)).view(shape)))
+        if len(kept[1]) >= 2:
+            kept[1].clear()
+        kept[1][layout] = views
+    return views
 
 
 class _QuietPartialReload:
@@ -193,7 +213,8 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     return ok
 
 
-def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool = False) -> None:
+def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool = False,
+                     key: Any = None) -> None:
     """Load a complete checkpoint into a dense model on CPU, without vLLM's layer-by-layer
     reload (restore every module on the meta device, buffer and count each load under a
     dispatch mode, materialise, process, copy back), which at 5M-50M parameters costs more
@@ -211,13 +232,15 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool = F
     differ from the modules'); any other error propagates and the server rolls back. Either
     way the layers not yet repacked are put back in the packed format first. ``defer``: the
     file stays unchanged until the next reload, so the packing may be finished in the
-    background (``_repack_later``)."""
+    background (``_repack_later``). ``key`` names the layout, for replaying what this reload
+    did on the next one of the same layout (``_Plan``)."""
     import torch
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
     from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-    key = tuple((n, t.dtype, tuple(t.shape), t.storage_offset()) for n, t in weights)
+    if key is None:
+        key = tuple((n, t.dtype, tuple(t.shape), t.storage_offset()) for n, t in weights)
     plans = model.__dict__.setdefault("_climbrl_plans", {})
     plan = plans.get(key)
     if plan is None:
@@ -395,28 +418,40 @@ def _repack(layers: list[tuple[Any, Any]]) -> None:
 
 
 def _repack_later(layers: list[tuple[Any, Any]]) -> bool:
-    """Leave the packing of ``layers`` to a helper thread at idle priority on the spare CPUs,
-    which yields them to the frontend and engine core; False where there is none. Until its
-    packing is swapped in, a layer computes ``F.linear`` on its new weight (a file view, or
-    its own), so the engine generates with the new weights at once, up to about 2x slower
-    per layer for that while. The next reload first packs whatever is still left itself
-    (``_settle_repack``)."""
+    """Leave the packing of ``layers`` (layer, file view or None for its own weight) to
+    whichever thread gets to each first, so the engine resumes at once with the new weights:
+    a helper thread at idle priority on the spare CPUs (it yields them to the frontend, the
+    engine core and a learner), or the worker itself the first time the layer computes
+    (``_Unpacked``). False where there is no helper. The next reload first packs whatever is
+    still left (``_settle_repack``)."""
     global _PENDING
 
     pool = _repack_helper(idle=True)
     if pool is None:
         return False
-    for m, w in layers:
-        m.cpu_linear = (_torch_linear() if w is None else functools.partial(_file_linear, w))
     job = _Packing(layers, background=True)
+    for m, w in layers:
+        m.cpu_linear = _Unpacked(job, m, w)
     _PENDING = (job, pool.submit(job.run))
     return True
 
 
-def _torch_linear() -> Any:
-    import torch
+class _Unpacked:
+    """``cpu_linear`` of a layer whose packing is left for later: the first call packs it
+    here, unless another thread took it, in which case this call computes ``F.linear`` on
+    the new weight (the file view, which stays unchanged, or the layer's own tensor)."""
 
-    return torch.nn.functional.linear
+    def __init__(self, job: _Packing, m: Any, w: Any) -> None:
+        self.job, self.m, self.w = job, m, w
+        self.compute = (m.weight if w is None else w).detach()
+
+    def __call__(self, x: Any, weight: Any, bias: Any) -> Any:
+        import torch
+
+        if self.job.take(self.m):
+            _pack(self.m, self.w, background=True)
+            return self.m.cpu_linear(x, self.m.weight, bias)
+        return torch.nn.functional.linear(x, self.compute, bias)
 
 
 def _nbytes(m: Any, w: Any) -> int:
@@ -424,19 +459,25 @@ def _nbytes(m: Any, w: Any) -> int:
 
 
 class _Packing:
-    """(layer, weight) pairs to pack, taken one at a time by whichever thread runs ``run``."""
+    """(layer, weight) pairs to pack, each taken once by whichever thread gets to it."""
 
     def __init__(self, layers: list[tuple[Any, Any]], background: bool = False) -> None:
         import threading
 
-        self.todo, self.background, self.lock = list(layers), background, threading.Lock()
+        self.todo = {id(m): (m, w) for m, w in layers}
+        self.background, self.lock = background, threading.Lock()
+
+    def take(self, m: Any) -> bool:
+        with self.lock:
+            return self.todo.pop(id(m), None) is not None
 
     def run(self) -> None:
+        """Pack what is left, last layer first."""
         while True:
             with self.lock:
                 if not self.todo:
                     return
-                m, w = self.todo.pop()
+                m, w = self.todo.popitem()[1]
             _pack(m, w, self.background)
 
 
@@ -457,18 +498,18 @@ def _pack(m: Any, w: Any, background: bool = False) -> None:
             raise
         log.exception("packing a layer in the background failed: it keeps torch's linear")
         if w is None:
-            m.cpu_linear = _torch_linear()
+            m.cpu_linear = torch.nn.functional.linear
         else:
-            m.cpu_linear = functools.partial(_file_linear, w.clone())
+            m.cpu_linear = functools.partial(_linear_on, w.clone())
             m.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return
     if w is not None and m.weight.numel():  # kept its weight (no oneDNN): own the memory
         m.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
 
 
-def _file_linear(w: Any, x: Any, weight: Any, bias: Any) -> Any:
-    """A layer's GEMM on ``w`` until its packing is done (vLLM calls ``cpu_linear(x, weight,
-    bias)``; a packed layer's ``weight`` is empty)."""
+def _linear_on(w: Any, x: Any, weight: Any, bias: Any) -> Any:
+    """``cpu_linear`` on ``w`` (vLLM calls ``cpu_linear(x, weight, bias)``, and a packed
+    layer's ``weight`` is empty)."""
     import torch
 
     return torch.nn.functional.linear(x, w, bias)

@@ -57,10 +57,10 @@ def helper(monkeypatch):
     pool.shutdown()
 
 
-def test_deferred_layers_compute_on_new_weights_and_settle_packs_the_rest(helper):
+def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_there(helper):
     started, gate = threading.Event(), threading.Event()
-    # the helper takes the last layer first, and is held there until the main thread has
-    # packed the others in _settle_repack
+    # the helper takes the last layer first, and is held there until the worker thread has
+    # packed the first one
     methods = [_Method(done=gate), _Method(), _Method(started=started, wait=gate)]
     layers = [_Layer(m) for m in methods]
     file = torch.randn(3, 4, 5)  # the weights file: three 4x5 weights
@@ -68,12 +68,15 @@ def test_deferred_layers_compute_on_new_weights_and_settle_packs_the_rest(helper
     x = torch.randn(2, 5)
     assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
     assert started.wait(10)
-    for i, m in enumerate(layers):  # the new weights at once, before any packing is done
-        assert torch.equal(m(x), F.linear(x, want[i]))
-    worker_ext._settle_repack()
+    # the layer the helper is packing computes on its file view meanwhile
+    assert torch.equal(layers[2](x), F.linear(x, want[2]))
+    assert methods[2].by is None
+    # the others are packed by the worker the first time they compute
+    assert torch.equal(layers[1](x), F.linear(x, want[1]))
+    assert methods[1].by == "MainThread" and methods[0].by is None
+    worker_ext._settle_repack()  # packs layer 0 here, which lets the helper finish layer 2
     assert worker_ext._PENDING is None
-    assert [m.by for m in methods] == ["MainThread", "MainThread", methods[2].by]
-    assert methods[2].by.startswith("helper")
+    assert methods[0].by == "MainThread" and methods[2].by.startswith("helper")
     file.mul_(2)  # the learner rewrites its file: no layer reads it any more
     for i, m in enumerate(layers):
         assert torch.equal(m(x), F.linear(x, want[i]))
