@@ -4,8 +4,11 @@
 
 For each model size (Qwen3, float32) it starts a real rollout server and publishes the
 learner's state dict over ZeroMQ, timing from the publish call to the server's ack (weights
-reloaded, prefix cache reset, version set, generation resumed) and to the first token generated
-under the new version. The floor is the time to move the same bytes through a loopback ZeroMQ
+reloaded, prefix cache reset, version set, generation resumed with the new weights; on CPU,
+with the same-host file, vLLM's oneDNN packing may still be under way then, each layer
+computing ``F.linear`` on the file until it is packed: ``rollout/worker_ext.py``) and to the
+first token of a new work order generated under the new version (``first_token_s``: an order
+round trip, and the packing left to the first forward pass, on top). The floor is the time to move the same bytes through a loopback ZeroMQ
 socket to another process, measured in the same run, before the server starts and after it
 stops (the faster of the two). Prints one JSON line; ``ratio`` =
 sync seconds / floor seconds (goal <= 2) for the transport a run uses on one host
