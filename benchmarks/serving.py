@@ -5,10 +5,13 @@
 
 A load generator (the official `openai` async client) sends chat completions with a fixed
 output length (``ignore_eos``) at each concurrency level. Both servers are up for the whole run
-and the load alternates between them, level by level, in A B / B A order per round, so drift on
-a noisy machine hits both alike. Per
-level it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM,
-paired per round, median over rounds (best-of ratios alongside). Goal (issue 4): throughput >= 0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line.
+and the load alternates between them wave by wave (a wave: ``concurrency`` requests at once; A B A
+B ..., A first in even rounds and B in odd ones), so each pair of waves is under a second apart and a slow spell of a noisy machine hits
+both alike. (Until session 9 it alternated per level, a whole 48-request measurement of one
+server, up to 14 s, then the other's: single rounds then ranged 0.70-1.57x.) Per level and
+round it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM,
+paired per round, median over rounds (best-of ratios alongside). Goal (issue 4): throughput >=
+0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line.
 
 CPU placement (``--cpus``) is the same for both servers and is printed with the result. On a
 machine with 2 CPUs or fewer, ``auto`` runs both servers' process trees (API process, engine
@@ -111,33 +114,44 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def load(url: str, concurrency: int, n: int, max_tokens: int) -> dict[str, float]:
+async def load(urls: dict[str, str], concurrency: int, n: int, max_tokens: int
+               ) -> dict[str, dict[str, float]]:
+    """``n`` requests to each server at ``concurrency``, in waves of ``concurrency`` requests
+    that alternate between the servers (A B A B ...): each pair of waves is under a second
+    apart, so a slow spell of the machine lands on both alike, and every wave follows one of
+    the other server (in A B B A order, half of each server's waves followed its own, on
+    caches it had just warmed, and its median latency swung between the two halves). Per
+    server: output tokens/s over its own waves, p50 and p99 request latency."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
-    sem = asyncio.Semaphore(concurrency)
-    lat: list[float] = []
-    toks = 0
+    clients = {k: AsyncOpenAI(base_url=u + "/v1", api_key="x", max_retries=0, timeout=600)
+               for k, u in urls.items()}
+    lat: dict[str, list[float]] = {k: [] for k in urls}
+    toks = dict.fromkeys(urls, 0)
+    wall = dict.fromkeys(urls, 0.0)
 
-    async def one(i: int) -> None:
-        nonlocal toks
-        async with sem:
-            t = time.perf_counter()
-            r = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": f"abcd{i % 7}="}],
-                max_tokens=max_tokens, temperature=1.0, extra_body={"ignore_eos": True})
-            lat.append(time.perf_counter() - t)
-            toks += r.usage.completion_tokens
+    async def one(kind: str, i: int) -> None:
+        t = time.perf_counter()
+        r = await clients[kind].chat.completions.create(
+            model="m", messages=[{"role": "user", "content": f"abcd{i % 7}="}],
+            max_tokens=max_tokens, temperature=1.0, extra_body={"ignore_eos": True})
+        lat[kind].append(time.perf_counter() - t)
+        toks[kind] += r.usage.completion_tokens
 
-    await asyncio.gather(*(one(i) for i in range(2)))  # warm-up
-    lat.clear()
-    toks = 0
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    wall = time.perf_counter() - t0
-    await client.close()
-    q = statistics.quantiles(lat, n=100)
-    return {"tok_s": toks / wall, "p50": statistics.median(lat), "p99": q[98]}
+    order = list(urls)
+    for kind in order:  # warm-up
+        await asyncio.gather(*(one(kind, i) for i in range(2)))
+        lat[kind].clear()
+        toks[kind] = 0
+    for w in range(max(1, n // concurrency)):
+        for kind in order:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(kind, w * concurrency + j) for j in range(concurrency)))
+            wall[kind] += time.perf_counter() - t0
+    for c in clients.values():
+        await c.close()
+    return {k: {"tok_s": toks[k] / wall[k], "p50": statistics.median(lat[k]),
+                "p99": statistics.quantiles(lat[k], n=100)[98]} for k in urls}
 
 
 def main() -> None:
@@ -166,8 +180,7 @@ def main() -> None:
     res: dict[str, dict[int, list[dict[str, float]]]] = {
         k: {c: [] for c in levels} for k in ("vllm", "climbrl")}
     # Both servers stay up (an idle engine waits on its queue and takes no CPU); the load
-    # alternates between them level by level, in A B / B A order per round, so each pair of
-    # measurements is seconds apart and drift on a noisy machine hits both alike.
+    # alternates between them wave by wave (``load``), starting with the other one each round.
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         for kind in ("vllm", "climbrl"):
@@ -178,10 +191,11 @@ def main() -> None:
         for r in range(a.rounds):
             order = ("vllm", "climbrl") if r % 2 == 0 else ("climbrl", "vllm")
             for c in levels:
+                settle()
+                got = asyncio.run(load({k: servers[k][1] for k in order}, c, a.requests,
+                                       a.max_tokens))
                 for kind in order:
-                    url = servers[kind][1]
-                    settle()
-                    res[kind][c].append(asyncio.run(load(url, c, a.requests, a.max_tokens)))
+                    res[kind][c].append(got[kind])
     finally:
         for proc, _ in servers.values():
             stop(proc)
