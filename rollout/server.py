@@ -609,7 +609,9 @@ class RolloutServer:
             defer = path == m.shm_path
             # pause, reload and prefix-cache reset go out together, then version and resume:
             # the engine core handles them in order and runs no step while paused, so each
-            # waits for its predecessor there instead of for a round trip each
+            # waits for its predecessor there instead of for a round trip each. "pause" and
+            # "reload" are both timed from this send.
+            t_sent = time.perf_counter()
             paused = asyncio.ensure_future(_pause_keep(self.engine))
             reload = asyncio.ensure_future(self.engine.collective_rpc(
                 "climbrl_load_weights", args=(path, layout, full, defer)))
@@ -619,6 +621,7 @@ class RolloutServer:
                 try:
                     await phase("pause", paused)
                     took = await phase("reload", reload)
+                    phases["reload"] = time.perf_counter() - t_sent
                     # inside the worker; the rest of "reload" is the round trip through the
                     # engine core
                     phases["reload_worker"] = max(t for t, _ in took)
