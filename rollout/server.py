@@ -616,7 +616,7 @@ class RolloutServer:
             reload = asyncio.ensure_future(self.engine.collective_rpc(
                 "climbrl_load_weights", args=(path, layout, full, defer)))
             reset = asyncio.ensure_future(self.engine.reset_prefix_cache())
-            ok = False
+            resumed = None
             try:
                 try:
                     await phase("pause", paused)
@@ -646,9 +646,8 @@ class RolloutServer:
                 self.version = m.version
                 if self.control is not None:
                     self.control.version = m.version
-                ok = True
             finally:
-                if not ok:
+                if resumed is None:  # failed before the resume went out
                     resumed = asyncio.ensure_future(self.engine.resume_generation())
                 await phase("resume", resumed)
             return WeightAck(server_id=self.server_id, version=m.version, ok=True,

@@ -213,8 +213,8 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     return ok
 
 
-def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool = False,
-                     key: Any = None) -> None:
+def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool,
+                     key: Any) -> None:
     """Load a complete checkpoint into a dense model on CPU, without vLLM's layer-by-layer
     reload (restore every module on the meta device, buffer and count each load under a
     dispatch mode, materialise, process, copy back), which at 5M-50M parameters costs more
@@ -232,15 +232,13 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool = F
     differ from the modules'); any other error propagates and the server rolls back. Either
     way the layers not yet repacked are put back in the packed format first. ``defer``: the
     file stays unchanged until the next reload, so the packing may be finished in the
-    background (``_repack_later``). ``key`` names the layout, for replaying what this reload
-    did on the next one of the same layout (``_Plan``)."""
+    background (``_repack_later``). ``key`` names the layout (hashable), for replaying what
+    this reload did on the next one of the same layout (``_Plan``)."""
     import torch
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
     from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
     from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 
-    if key is None:
-        key = tuple((n, t.dtype, tuple(t.shape), t.storage_offset()) for n, t in weights)
     plans = model.__dict__.setdefault("_climbrl_plans", {})
     plan = plans.get(key)
     if plan is None:
@@ -307,11 +305,11 @@ class _Plan:
     straight from the file, as (index of their first part in the layout, whole shape), and
     the loader calls the model's ``load_weights`` made for the other tensors."""
 
-    def __init__(self, key: Any, gemm: dict[str, Any], packed: set[str],
+    def __init__(self, gemm: dict[str, Any], packed: set[str],
                  direct: dict[str, tuple[int, tuple[int, ...]]], used: set[str],
                  loads: dict[str, list[tuple[Any, Any]]]) -> None:
-        self.key, self.gemm, self.packed, self.direct = key, gemm, packed, direct
-        self.used, self.loads = used, loads
+        self.gemm, self.packed, self.direct, self.used, self.loads = (
+            gemm, packed, direct, used, loads)
 
 
 def _remember_plan(model: Any, key: Any, gemm: dict[str, Any], packed: set[str],
@@ -336,7 +334,7 @@ def _remember_plan(model: Any, key: Any, gemm: dict[str, Any], packed: set[str],
         index[name] = (i, tuple(w.shape))
     while len(plans) >= 4:
         del plans[next(iter(plans))]
-    plans[key] = _Plan(key, gemm, packed, index, used, loads)
+    plans[key] = _Plan(gemm, packed, index, used, loads)
 
 
 def _whole(part: Any, shape: tuple[int, ...]) -> Any:
@@ -442,16 +440,17 @@ class _Unpacked:
     the new weight (the file view, which stays unchanged, or the layer's own tensor)."""
 
     def __init__(self, job: _Packing, m: Any, w: Any) -> None:
-        self.job, self.m, self.w = job, m, w
-        self.compute = (m.weight if w is None else w).detach()
-
-    def __call__(self, x: Any, weight: Any, bias: Any) -> Any:
         import torch
 
+        self.job, self.m, self.w = job, m, w
+        self.compute = (m.weight if w is None else w).detach()
+        self.linear = torch.nn.functional.linear
+
+    def __call__(self, x: Any, weight: Any, bias: Any) -> Any:
         if self.job.take(self.m):
             _pack(self.m, self.w, background=True)
             return self.m.cpu_linear(x, self.m.weight, bias)
-        return torch.nn.functional.linear(x, self.compute, bias)
+        return self.linear(x, self.compute, bias)
 
 
 def _nbytes(m: Any, w: Any) -> int:
