@@ -324,13 +324,22 @@ def shm_offsets(tensors: list[TensorMeta]) -> tuple[list[int], int]:
     """Byte offset of each tensor in a weights file, and the file's size."""
     from climbrl.wire import _DTYPES
 
-    offs, off = [], 0
+    sizes = []
     for m in tensors:
         if m.dtype not in _DTYPES:
             raise WireError(f"tensor {m.name!r}: unsupported dtype {m.dtype!r}")
         n = _DTYPES[m.dtype]
         for d in m.shape:
             n *= d
+        sizes.append(n)
+    return _aligned(sizes)
+
+
+def _aligned(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of blocks of ``sizes`` bytes laid end to end, each at a multiple of SHM_ALIGN,
+    and the total size."""
+    offs, off = [], 0
+    for n in sizes:
         offs.append(off)
         off += -(-n // SHM_ALIGN) * SHM_ALIGN
     return offs, off
@@ -371,7 +380,7 @@ class ShmRing:
 
     def __init__(self, shm_dir: Path, prefix: str, slots: int = 3):
         self.shm_dir, self.prefix, self.n = Path(shm_dir), prefix, slots
-        self.slots: list[tuple[Path, int, torch.Tensor]] = []  # path, size, shared mapping
+        self.slots: list[tuple[Path, int, memoryview]] = []  # path, size, shared mapping
         self.refs: dict[str, dict[int, int]] = {}  # server -> {version sent: slot index}
 
     def _free(self, size: int) -> int | None:
@@ -385,27 +394,30 @@ class ShmRing:
                 f.truncate(size)
             blob = (torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
                     if size else torch.empty(0, dtype=torch.uint8))
-            self.slots.append((path, size, blob))
+            self.slots.append((path, size, memoryview(blob.numpy())))  # holds the mapping
             return len(self.slots) - 1
         return None
 
     def write(self, version: int, servers: list[str], tensors: list[torch.Tensor]
               ) -> tuple[str, list[int]] | None:
         """Copy ``tensors`` into a free slot for ``servers``; None when every slot is taken."""
-        from climbrl.wire import tensor_buffer, tensor_meta
+        from climbrl.wire import _DTYPES, dtype_name, tensor_buffer
 
-        offs, total = shm_offsets([tensor_meta("", t) for t in tensors])
+        for t in tensors:
+            if dtype_name(t) not in _DTYPES:
+                raise WireError(f"unsupported dtype {dtype_name(t)!r}")
+        srcs = [tensor_buffer(t) for t in tensors]
+        offs, total = _aligned([s.nbytes for s in srcs])
         k = self._free(total)
         if k is None:
             return None
-        path, _, blob = self.slots[k]
-        for t, off in zip(tensors, offs):
-            src = tensor_buffer(t)
+        path, _, dst = self.slots[k]
+        for src, off in zip(srcs, offs):
             if src.nbytes:
                 # a plain single-threaded memcpy: torch's copy_ splits it over OpenMP threads
                 # that spin at a barrier, and with the engine busy on the same cores that made
                 # a 20 MB copy take 0.25 s instead of 3 ms
-                memoryview(blob[off : off + src.nbytes].numpy())[:] = src.cast("B")
+                dst[off : off + src.nbytes] = src.cast("B") if src.ndim != 1 else src
         for s in servers:
             self.refs.setdefault(s, {})[version] = k
         return str(path), offs
