@@ -67,6 +67,8 @@ def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_t
     want = file.clone()
     x = torch.randn(2, 5)
     assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
+    assert worker_ext._PENDING[1] is None  # the helper waits for the server's ack
+    worker_ext._start_repack()
     assert started.wait(10)
     # the layer the helper is packing computes on its file view meanwhile
     assert torch.equal(layers[2](x), F.linear(x, want[2]))
@@ -90,11 +92,39 @@ def test_a_layer_that_fails_to_pack_in_the_background_keeps_its_weights(helper, 
     x = torch.randn(3, 5)
     with caplog.at_level(logging.ERROR, logger="climbrl.rollout.worker_ext"):
         assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
+        worker_ext._start_repack()
         worker_ext._settle_repack()
     assert "packing a layer in the background failed" in caplog.text
     file.zero_()
     for i, m in enumerate(layers):
         assert torch.equal(m(x), F.linear(x, want[i]))
+
+
+def test_the_helper_packs_nothing_until_started(helper):
+    """The server starts it after its ack; a next reload before that packs it all itself."""
+    methods = [_Method(), _Method()]
+    layers = [_Layer(m) for m in methods]
+    file = torch.randn(2, 4, 5)
+    assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
+    helper.submit(lambda: None).result()  # the helper has had its turn
+    assert [m.by for m in methods] == [None, None]
+    worker_ext._settle_repack()
+    assert [m.by for m in methods] == ["MainThread", "MainThread"]
+    worker_ext._start_repack()  # nothing left: a no-op
+    assert worker_ext._PENDING is None
+
+
+def test_the_first_layer_used_starts_the_helper(helper):
+    started, gate = threading.Event(), threading.Event()
+    methods = [_Method(done=gate), _Method(started=started, wait=gate)]
+    layers = [_Layer(m) for m in methods]
+    file = torch.randn(2, 4, 5)
+    x = torch.randn(3, 5)
+    assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
+    assert torch.equal(layers[0](x), F.linear(x, file[0]))  # packs layer 0 here...
+    assert started.wait(10)  # ...and the helper has taken layer 1 meanwhile
+    worker_ext._settle_repack()
+    assert methods[0].by == "MainThread" and methods[1].by.startswith("helper")
 
 
 def test_a_layer_that_fails_to_pack_in_the_foreground_fails_the_reload(monkeypatch):
