@@ -47,6 +47,8 @@ from climbrl.wire import (
 )
 
 log = logging.getLogger("climbrl.rollout")
+# a full update's background packing starts this long after its ack (_apply_weights)
+REPACK_AFTER_ACK_S = 0.005
 
 
 class EnvFailure(Exception):
@@ -102,6 +104,8 @@ class RolloutServer:
         self._lag_max = 0.0  # worst event-loop lag since the last heartbeat (_lag_loop)
         self._logged_full_path = False
         self._retired: dict[str, Any] | None = None  # see _apply_locked
+        self._repack_pending = False  # see _apply_weights
+        self._repack_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -539,6 +543,18 @@ class RolloutServer:
 
     # ------------------------------------------------------------------ weights
 
+    async def _resume_after(self, paused: asyncio.Future, phase: Any = None) -> None:
+        """Resume the engine once ``paused`` (the pause of an update that failed before its
+        reload went out) is done; a failure here is logged, the update's is what is reported."""
+        await asyncio.wait([paused], timeout=self.cfg.wire.weight_phase_timeout_s)
+        if paused.done() and not paused.cancelled():
+            paused.exception()  # retrieved
+        try:
+            resumed = self.engine.resume_generation()
+            await (resumed if phase is None else phase("resume", resumed))
+        except Exception:
+            log.exception("resuming the engine after a weight update failed")
+
     async def _apply_weights(self, m: WeightManifest, frames: list[Any], arrived: float) -> None:
         # recv: learner's send -> this socket; queue: -> this update's turn (task start, and
         # the wait behind an update still being applied)
@@ -553,8 +569,22 @@ class RolloutServer:
         async with self.weight_lock:
             phases["queue"] = max(0.0, time.time() - arrived)
             ack = await self._apply_locked(m, frames, phases)
-        await self._send(ack)
-        self._retired = None
+            await self._send(ack)
+            self._retired = None
+            if self._repack_pending:
+                self._repack_pending = False
+                # shortly after the ack: begun at once, the packing slowed the ack's way to
+                # the learner (ZeroMQ's I/O threads, the learner's hub) by up to 2 ms on a
+                # 2-CPU machine, idle priority or not (two hyperthreads of one core, and one
+                # memory bus). A next update cancels it: its reload packs what is left.
+                self._repack_timer = asyncio.get_running_loop().call_later(
+                    REPACK_AFTER_ACK_S, lambda: self._spawn(self._start_repack()))
+
+    async def _start_repack(self) -> None:
+        try:
+            await self.engine.collective_rpc("climbrl_start_repack")
+        except Exception:  # the next reload packs what is left itself
+            log.exception("starting the background packing of the new weights failed")
 
     async def _apply_locked(self, m: WeightManifest, frames: list[Any],
                             phases: dict[str, float]) -> WeightAck:
@@ -576,7 +606,12 @@ class RolloutServer:
             finally:
                 phases[name] = time.perf_counter() - t
 
+        if self._repack_timer is not None:  # the last update's packing: this reload does it
+            self._repack_timer.cancel()
+            self._repack_timer = None
         rolled_back = False
+        resumed = None
+        paused, t_pause = None, 0.0
         try:
             if phases["recv"] > pt:
                 raise TimeoutError(f"weight sync phase 'recv': the update arrived "
@@ -587,11 +622,21 @@ class RolloutServer:
                     ws.load_initial, self.model_path, self.cfg.model.dtype))
             path, layout = str(self.shm_path), None
             if m.shm_path:  # same host: the learner's file is mapped, not copied
+                if not m.adapters:
+                    # nothing to copy or merge here, so the engine pauses at once, while the
+                    # file is mapped and the manifest checked ("pause" is timed from this send)
+                    t_pause = time.perf_counter()
+                    paused = asyncio.ensure_future(_pause_keep(self.engine))
                 try:
                     mapped = map_shm(m.shm_path, m.tensors, m.shm_offsets)
                 except WireError as e:
                     raise _ShmUnreadable(str(e)) from None
-                upd = await phase("decode", asyncio.to_thread(ws.prepare, m, [], mapped))
+                if m.adapters:  # LoRA factors: merged on top of the base, off the loop
+                    upd = await phase("decode", asyncio.to_thread(ws.prepare, m, [], mapped))
+                else:  # no bytes are touched: a few dicts, not worth a thread hop
+                    t_decode = time.perf_counter()
+                    upd = ws.prepare(m, [], mapped)
+                    phases["decode"] = time.perf_counter() - t_decode
                 views = {meta.name: (meta, t, off)
                          for meta, t, off in zip(m.tensors, mapped, m.shm_offsets)}
                 if all(views.get(n, (None, None))[1] is t for n, t in upd.load.items()):
@@ -607,24 +652,28 @@ class RolloutServer:
             # (weightsync.ShmRing), so the engine may go on reading it after this reload;
             # this server's staging file is rewritten by the next update
             defer = path == m.shm_path
-            # pause, reload and prefix-cache reset go out together, then version and resume:
-            # the engine core handles them in order and runs no step while paused, so each
-            # waits for its predecessor there instead of for a round trip each. "pause" and
-            # "reload" are both timed from this send.
+            # pause (unless already sent), reload and prefix-cache reset go out together, then
+            # version and resume: the engine core handles them in order and runs no step while
+            # paused, so each waits for its predecessor there instead of for a round trip
+            # each. "reload" is timed from this send.
             t_sent = time.perf_counter()
-            paused = asyncio.ensure_future(_pause_keep(self.engine))
+            if paused is None:
+                t_pause = t_sent
+                paused = asyncio.ensure_future(_pause_keep(self.engine))
             reload = asyncio.ensure_future(self.engine.collective_rpc(
                 "climbrl_load_weights", args=(path, layout, full, defer)))
             reset = asyncio.ensure_future(self.engine.reset_prefix_cache())
-            resumed = None
             try:
                 try:
                     await phase("pause", paused)
+                    phases["pause"] = time.perf_counter() - t_pause
                     took = await phase("reload", reload)
                     phases["reload"] = time.perf_counter() - t_sent
                     # inside the worker; the rest of "reload" is the round trip through the
                     # engine core
                     phases["reload_worker"] = max(t for t, _ in took)
+                    # a deferred packing waits for this server's ack (_apply_weights)
+                    self._repack_pending = defer and took[0][1] == "cpu_full"
                     if full and took[0][1] == "cpu_full" and not self._logged_full_path:
                         self._logged_full_path = True
                         log.info("full weight updates load by the short CPU path "
@@ -659,6 +708,9 @@ class RolloutServer:
                              phases=phases, error=f"{type(e).__name__}: {e}",
                              rolled_back=rolled_back,
                              shm_unreadable=isinstance(e, _ShmUnreadable))
+        finally:
+            if paused is not None and resumed is None:  # failed before its reload went out
+                await self._resume_after(paused, phase)
 
     async def _roll_back(self, restore: dict[str, Any] | None, phase: Any) -> bool:
         """Reload the previous values of the modules a failed reload touched."""

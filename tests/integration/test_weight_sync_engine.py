@@ -142,6 +142,7 @@ def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
     ack = _wait(rs["hub"], WeightAck, lambda a: a.version == 132 or not a.ok)
     assert not ack.ok and ack.version == 131 and "shm weights file not readable" in ack.error
     assert ack.shm_unreadable
+    assert "resume" in ack.phases  # the engine, paused as the update arrived, resumed
     pub.forget(rs["server_id"], ack.shm_unreadable)
     assert _parity(rs, model, 131) < PARITY_TOL
     pub.close()
