@@ -11,8 +11,9 @@ first token of a new work order generated under the new version (``first_token_s
 round trip, and the packing left to the first forward pass, on top). The floor is the time to
 move the same bytes through a loopback ZeroMQ socket to another process, measured in the same
 run, before the server starts and after it stops (the faster of the two), each send right
-after the same ``settle()`` (a 2 s pause) and stand-in optimizer step as each timed sync. Prints one JSON line; ``ratio`` = sync
-seconds / floor seconds (goal <= 2) for the transport a run uses on one host
+after the same ``settle()`` (a 2 s pause) and stand-in optimizer step as each timed sync.
+Prints one JSON line; ``ratio`` = sync seconds / floor seconds (goal <= 2) for the transport a
+run uses on one host
 (``wire.weight_transport = "auto"``: the learner writes one file under /dev/shm that the engine
 reloads from, the time to write it included), ``zmq_ratio`` for frames over the socket (what
 servers on other hosts get). The two are interleaved, update by update.
