@@ -58,6 +58,14 @@ def rig(tmp_path):
     pub.close()
 
 
+async def _started(engine, deadline_s=10.0):
+    """Wait for the server's timed packing start to reach the engine."""
+    t = time.monotonic()
+    while "climbrl_start_repack" not in engine.calls:
+        assert time.monotonic() - t < deadline_s, engine.calls
+        await asyncio.sleep(0.01)
+
+
 def _update(pub, version):
     (_, m, frames), = pub.messages(version, ["r0"])
     assert m.shm_path and frames == []
@@ -69,16 +77,18 @@ async def test_same_host_update_calls_the_engine_in_order_and_packs_after_the_ac
     await srv._apply_weights(_update(pub, 1), [], time.time())
     assert srv.engine.calls == ["pause", "climbrl_load_weights", "reset", "version 1", "resume",
                                 "ack 1 ok"]
-    await asyncio.sleep(server_mod.REPACK_AFTER_ACK_S + 0.05)
+    await _started(srv.engine)
     assert srv.engine.calls[6:] == ["climbrl_start_repack"]
 
 
-async def test_a_next_update_takes_over_the_packing_not_started_yet(rig):
+async def test_a_next_update_takes_over_the_packing_not_started_yet(rig, monkeypatch):
     srv, pub = rig
+    monkeypatch.setattr(server_mod, "REPACK_AFTER_ACK_S", 0.5)  # the next update comes first
     await srv._apply_weights(_update(pub, 1), [], time.time())
     pub.acked("r0", 1)
     await srv._apply_weights(_update(pub, 2), [], time.time())
-    await asyncio.sleep(server_mod.REPACK_AFTER_ACK_S + 0.05)
+    await _started(srv.engine)
+    await asyncio.sleep(server_mod.REPACK_AFTER_ACK_S + 0.05)  # the first one's, had it stayed
     calls = srv.engine.calls
     assert calls.count("climbrl_start_repack") == 1  # the first one's was cancelled
     assert calls.index("climbrl_start_repack") > calls.index("ack 2 ok")
