@@ -25,6 +25,20 @@ def prepare_vllm_env(kv_cache_gb: float = 1.0) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def chunked_prefill_default() -> bool:
+    """Whether the engine may prefill a prompt over several scheduler steps: not on CPU.
+
+    When a step prefills only part of a prompt, vLLM 0.32 discards that row's sampled token and
+    rewinds its seeded generator with ``Generator.set_offset``, which a CPU ``torch.Generator``
+    does not have (``RuntimeError: CPU Generator does not use offset``): the engine dies. Every
+    climbrl request is seeded, so on CPU each prompt is prefilled in one step; the token budget
+    per step is then at least ``max_model_len`` (vLLM's own rule without chunking), and a
+    prompt that does not fit in what is left of a step waits for the next one."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
 def engine_args(
     model: str,
     *,
@@ -56,6 +70,7 @@ def engine_args(
         enforce_eager=enforce_eager,
         kv_cache_memory_bytes=int(kv_cache_gb * (1 << 30)),
         enable_prefix_caching=True,
+        enable_chunked_prefill=chunked_prefill_default(),
         # vLLM's own head_dtype switch: F.linear(h.float(), W.float()) on CPU, an fp32-output
         # matmul on CUDA. A no-op for float32 models; the sampler is float32 either way.
         hf_overrides={"head_dtype": "float32" if fp32_lm_head else "model"},

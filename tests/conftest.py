@@ -102,7 +102,7 @@ def rollout_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
     d = tmp_path_factory.mktemp("rollout")
     cfg = write_config(d / "cfg.toml", tiny_model, d / "out",
-                       rollout={"max_model_len": 128, "kv_cache_gb": 0.5},
+                       rollout={"max_model_len": 256, "kv_cache_gb": 0.5},
                        wire={"dead_after_s": 60.0})
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")

