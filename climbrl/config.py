@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Cfg(BaseModel):
@@ -105,8 +105,12 @@ class LearnerCfg(_Cfg):
     clip_high: float = Field(0.28, ge=0, description="PPO ratio clip above: 1 + clip_high (DAPO).")
     adv_std_norm: bool = Field(True, description="Divide advantages by the group std (GRPO).")
     kl_coef: float = Field(0.0, ge=0, description="KL-to-reference coefficient (0 = off).")
-    kl_estimator: Literal["off", "k1", "k3"] = Field(
-        "k3", description="KL-to-reference estimator when kl_coef > 0 (off, k1 or k3)."
+    kl_estimator: Literal["off", "k3"] = Field(
+        "k3",
+        description="KL-to-reference loss term when kl_coef > 0: 'k3' = exp(d) - d - 1 with "
+        "d = log pi_ref - log pi on the sampled tokens (its value estimates KL(pi || pi_ref), its "
+        "gradient is that of KL(pi_ref || pi)), or 'off'. k1 is refused: its expected gradient "
+        "is 0.",
     )
     max_staleness: int = Field(
         1, ge=0, description="Max policy versions between a token's weights and training."
@@ -252,6 +256,16 @@ class LearnerCfg(_Cfg):
         "all-gather in backward)."
     )
 
+    @field_validator("kl_estimator", mode="before")
+    @classmethod
+    def _no_k1(cls, v: Any) -> Any:
+        # as a loss term k1 = log pi - log pi_ref has expected gradient E_pi[grad log pi] = 0
+        if v == "k1":
+            raise ValueError("learner.kl_estimator = 'k1' applies no KL pressure as a loss term "
+                             "(its expected gradient, E_pi[grad log pi], is 0): use "
+                             "kl_estimator = 'k3'")
+        return v
+
     @model_validator(mode="after")
     def _check_objective(self) -> LearnerCfg:
         if self.group_size < 2 and self.objective != "ppo":
@@ -268,8 +282,8 @@ class LearnerCfg(_Cfg):
             raise ValueError(f"learner.pass_rate_band must be [lo, hi] with 0 <= lo <= hi <= 1, "
                              f"got {list(self.pass_rate_band)}")
         if self.kl_coef > 0 and self.kl_estimator == "off":
-            raise ValueError("learner.kl_coef > 0 with kl_estimator = 'off': pick k1 or k3, or "
-                             "set kl_coef = 0")
+            raise ValueError("learner.kl_coef > 0 with kl_estimator = 'off': use "
+                             "kl_estimator = 'k3', or set kl_coef = 0")
         if self.ratio_cap > 0:
             if self.objective == "cispo":
                 raise ValueError("learner.ratio_cap applies to the clipped objectives (grpo, "
@@ -332,6 +346,12 @@ class WireCfg(_Cfg):
         "frames; a server that cannot read the file falls back to frames. 'zmq': frames always.",
     )
     order_timeout_s: float = Field(600.0, gt=0, description="Deadline for one work order.")
+    max_order_failures: int = Field(
+        16, ge=1,
+        description="Work orders a rollout server may fail in a row (no trajectory in between) "
+        "before the learner stops sending it orders; once no server is left to take them the "
+        "run ends with the last error. A server whose engine died takes no orders at once.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> WireCfg:

@@ -46,7 +46,7 @@ from climbrl.learner import fsdp
 from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from climbrl.learner.data import DataCursor
 from climbrl.learner.hub import LearnerHub
-from climbrl.learner.logprobs import completion_logprobs
+from climbrl.learner.logprobs import completion_logprobs, reference_logprobs
 from climbrl.learner.objectives_shaping import keep_group, pass_rate
 from climbrl.learner.objectives_step import ObjectiveStep
 from climbrl.learner.weights import WeightPublisher, setup_lora
@@ -188,6 +188,10 @@ class Learner:
         self.t_start = time.time()
         self.tokens_generated = 0
         self._no_server_since: float | None = None
+        # servers that take no orders: sid -> why (an engine death, or order failures in a
+        # row); cleared when the server says Hello again (a restarted process)
+        self.benched: dict[str, str] = {}
+        self.failures_in_a_row: dict[str, int] = {}  # sid -> failed orders since its last trajectory
 
     def _load_sharded(self, ckpt: Path) -> dict[str, Any]:
         """``load_state`` for an FSDP rank: the single-process optimizer file, sharded."""
@@ -238,13 +242,20 @@ class Learner:
         # weights by _pump (the same path brings a restarted server to the current version)
         log.info("%d rollout servers connected", n)
 
+    def _usable(self, servers: list[str]) -> list[str]:
+        return [s for s in servers if s not in self.benched]
+
     def _pick_server(self) -> str | None:
-        alive = self.hub.order_servers()
+        alive = self._usable(self.hub.order_servers())
         if not alive:  # every live server is pinned for serving: its data is judged by staleness
-            alive = self.hub.alive_servers()
+            alive = self._usable(self.hub.alive_servers())
         if not alive:
-            if self.cfg.run.on_child_death == "restart":
+            died = {s: why for s, why in self.benched.items() if why.startswith("vLLM engine")}
+            if self.cfg.run.on_child_death == "restart" and (died or not self.benched):
                 return None  # the launcher restarts it; the order waits for a Hello (_pump)
+            if self.benched:
+                sid, why = next(reversed(self.benched.items()))
+                raise LearnerError(f"no rollout server can take work orders; {sid}: {why}")
             raise LearnerError("no rollout server is alive; see their logs for the cause")
         load = {s: 0 for s in alive}
         for o in self.orders.values():
@@ -300,6 +311,7 @@ class Learner:
                 log.warning("trajectory %s from another learner run (%s) dropped", msg.order_id,
                             msg.run_id)
             elif isinstance(msg, Trajectory):
+                self.failures_in_a_row[sid] = 0
                 o = self.orders.pop(msg.order_id, None)
                 if o is None:
                     log.warning("trajectory for unknown order %s dropped", msg.order_id)
@@ -311,6 +323,14 @@ class Learner:
                     self.ready.append(msg)
             elif isinstance(msg, WeightAck):
                 self._on_ack(sid, msg, arrived)
+            elif isinstance(msg, Error) and msg.code == "engine_dead":
+                # the server's engine is gone: its orders (this one included) go elsewhere or
+                # wait for its restart, and lose nothing
+                if sid not in self.benched:
+                    self.counters["servers_dead"] += 1
+                    log.error("rollout %s: %s; it gets no more work orders", sid, msg.message)
+                self.benched[sid] = msg.message
+                self._reassign(lambda o, s=sid: o["server"] == s)
             elif isinstance(msg, Error):
                 self.counters["order_failures"] += 1
                 log.error("rollout %s: %s: %s (order %s)", sid, msg.code, msg.message, msg.ref_id)
@@ -319,11 +339,19 @@ class Learner:
                     del self.orders[msg.ref_id]
                     if not o["eval"]:
                         self.cursor.done(o["seq"])  # a failing task costs its episode, not the run
+                    n = self.failures_in_a_row[sid] = self.failures_in_a_row.get(sid, 0) + 1
+                    if n >= self.cfg.wire.max_order_failures and sid not in self.benched:
+                        self.benched[sid] = (f"its last {n} work orders failed "
+                                             f"(wire.max_order_failures); the last: {msg.message}")
+                        log.error("rollout %s gets no more work orders: %s", sid,
+                                  self.benched[sid])
             elif isinstance(msg, Hello):
                 log.info("rollout %s (pid %d) connected at version %d", sid, msg.pid,
                          msg.policy_version)
                 self.weights.join(sid, msg.hostname)  # a (re)joined engine: a full sync
                 self.pending_acks.pop(sid, None)
+                self.benched.pop(sid, None)  # a new process: it may take orders again
+                self.failures_in_a_row[sid] = 0
                 if msg.policy_version != self.version:
                     log.info("sending %s the weights of version %d", sid, self.version)
                     self._publish_to([sid])
@@ -337,7 +365,7 @@ class Learner:
             self._reassign(lambda o, s=sid: o["server"] == s)
         now = time.monotonic()
         self._reassign(lambda o: now - o["sent"] > self.cfg.wire.order_timeout_s)
-        if self.hub.alive_servers():
+        if self._usable(self.hub.alive_servers()):
             self._no_server_since = None
             self._reassign(lambda o: o["server"] is None)  # orders that waited for a server
         elif self._no_server_since is None:
@@ -428,10 +456,11 @@ class Learner:
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref = fsdp.root_forward(
-                        self.ref, completion_logprobs, self.ref, mb,
-                        self.cfg.rollout.temperature, fp32_head=lc.fp32_lm_head,
-                    )["logp"]
+                    ref = fsdp.root_forward(  # its own full distribution: no replay
+                        self.ref, reference_logprobs, self.ref, mb,
+                        self.cfg.rollout.temperature, impl=lc.logprob_impl,
+                        fp32_head=lc.fp32_lm_head,
+                    )
             loss = self.obj.micro_loss(batch, i, b, ref)
             if ds.distributed:
                 loss = loss * scale

@@ -287,3 +287,52 @@ def test_rollout_server_kill9_run_finishes_on_the_other_server(tiny_model, tmp_p
     _assert_each_sequence_once(steps, 8)
     assert steps[-1]["servers_dead"] == 1
     assert all(r["staleness_max"] <= 0 for r in steps)
+
+
+def _engine_core_pid(rollout_pid: int) -> int:
+    """The pid of vLLM's engine-core process under a rollout server (its title names it)."""
+    import psutil
+
+    for p in psutil.Process(rollout_pid).children(recursive=True):
+        try:
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                return p.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no EngineCore process under {rollout_pid}")
+
+
+@pytest.mark.slow
+def test_engine_core_kill9_is_reported_and_the_server_restarted(tiny_model, tmp_path):
+    """vLLM's engine-core process of the only server is killed: the server sees its engine
+    dead, tells the learner (which holds the server's orders for the restart) and exits with
+    ENGINE_DEAD_EXIT, naming the death in its last log line; the launcher restarts it and the
+    run finishes with every prompt trained once, on-policy."""
+    from climbrl.rollout.server import ENGINE_DEAD_EXIT
+
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, tiny_model, out, steps=5, run={"on_child_death": "restart"},
+                  learner={"checkpoint_every": 0})
+    proc = _launch(cfg, tmp_path / "launcher.log")
+    try:
+        _wait_for_step(proc, out / "metrics.jsonl", 2, tmp_path, out)
+        server = _rollout_pids(proc.pid)["r0"]
+        os.kill(_engine_core_pid(server), signal.SIGKILL)
+        step_at_kill = max(r["step"] for r in _steps(out / "metrics.jsonl"))
+        rc = proc.wait(timeout=400)
+    finally:
+        kill_tree(proc)
+    logs = _logs(tmp_path, out)
+    assert rc == 0, logs
+    assert step_at_kill < 5, "the run ended before the kill; nothing was tested"
+    launcher = (tmp_path / "launcher.log").read_text()
+    assert f"rollout-0 (pid {server}) died with {ENGINE_DEAD_EXIT}" in launcher, logs
+    assert "restarted rollout-0" in launcher, logs
+    ours = [ln for ln in (out / "logs" / "rollout-0.log").read_text().splitlines()
+            if " climbrl.rollout[" in ln]
+    first_life = ours[: [i for i, ln in enumerate(ours) if " up, connected to " in ln][1]]
+    assert "vLLM engine died: MPClient: engine core exited unexpectedly" in first_life[-1], logs
+    assert "vLLM engine died" in (out / "logs" / "learner.log").read_text(), logs
+    steps = _steps(out / "metrics.jsonl")
+    _assert_each_sequence_once(steps, 5)
+    assert all(r["staleness_max"] <= 0 and r["mismatch_mean"] < 1e-4 for r in steps)

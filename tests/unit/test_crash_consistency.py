@@ -80,6 +80,7 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
                       weight_syncs_failed=0)
     L.tokens_generated = 0
     L._no_server_since = None
+    L.benched, L.failures_in_a_row = {}, {}
     return L
 
 
@@ -350,3 +351,76 @@ def test_a_failed_update_answers_the_oldest_and_a_late_one_times_out():
     L.pending_acks["r0"][4] -= L.cfg.wire.weight_sync_timeout_s + 1  # published long ago
     L._pump(0)
     assert "r0" not in L.pending_acks and L.counters["weight_syncs_failed"] == 2
+
+
+def _error(sid: str, code: str, message: str, ref_id: str = "") -> tuple:
+    return (sid, Error(origin=sid, code=code, message=message, ref_id=ref_id), [],
+            time.monotonic())
+
+
+DEAD = "vLLM engine died: RuntimeError: CPU Generator does not use offset"
+
+
+def test_engine_death_moves_every_order_to_the_survivor_and_loses_none():
+    L = _learner(["r0", "r1"])
+    L.dispatch()
+    on = {oid: o["server"] for oid, o in L.orders.items()}
+    L.hub.sent.clear()
+    failed = next(oid for oid, s in on.items() if s == "r0")
+    L.hub.inbox.append(_error("r0", "engine_dead", DEAD, failed))
+    L._pump(0)
+    assert {o["server"] for o in L.orders.values()} == {"r1"}
+    assert sorted(L.orders) == sorted(on)  # the same sequences: nothing skipped or marked done
+    assert L.cursor.state()["pending"] == sorted(o["seq"] for o in L.orders.values())
+    assert L.counters["servers_dead"] == 1 and L.counters["order_failures"] == 0
+    L.hub.sent.clear()
+    for _ in range(3):  # a later order never goes to r0
+        L._send_order(*L.cursor.take(), "train", False)
+    assert {s for s, _ in L.hub.sent} == {"r1"}
+
+
+@pytest.mark.parametrize("policy", ["stop", "continue"])
+def test_engine_death_of_the_last_server_ends_the_run_quoting_the_cause(policy):
+    L = _learner(["r0"], on_child_death=policy)
+    L.dispatch()
+    L.hub.inbox.append(_error("r0", "engine_dead", DEAD, "train-0"))
+    with pytest.raises(LearnerError, match="CPU Generator does not use offset"):
+        L._pump(0)
+
+
+def test_engine_death_with_restart_waits_for_the_new_process():
+    L = _learner(["r0"], on_child_death="restart")
+    L.dispatch()
+    L.hub.inbox.append(_error("r0", "engine_dead", DEAD, "train-0"))
+    L._pump(0)
+    assert {o["server"] for o in L.orders.values()} == {None}  # waiting, not failing
+    L.hub.sent.clear()
+    L.hub.inbox.append(_hello("r0"))
+    L._pump(0)
+    assert sorted(m.order_id for _, m in L.hub.sent if isinstance(m, WorkOrder)) == [
+        "train-0", "train-1"]
+    assert "r0" not in L.benched
+
+
+def test_a_server_whose_orders_all_fail_stops_the_run_instead_of_spinning():
+    L = _learner(["r0"])
+    L.cfg.wire.max_order_failures = 4
+    with pytest.raises(LearnerError, match="last 4 work orders failed.*boom"):
+        for _ in range(100):  # the learner's loop: refill, then handle one message
+            L.dispatch()
+            sent = [m for _, m in L.hub.sent if isinstance(m, WorkOrder)]
+            L.hub.sent.clear()
+            for m in sent:
+                L.hub.inbox.append(_error("r0", "order_failed", "ValueError: boom", m.order_id))
+            L._pump(0)
+    assert L.counters["order_failures"] == 4
+
+
+def test_a_trajectory_resets_the_failure_count():
+    L = _learner(["r0"])
+    L.cfg.wire.max_order_failures = 2
+    L.dispatch()
+    L.hub.inbox += [_error("r0", "order_failed", "x", "train-0"), _traj("train-1", "run-a")]
+    L._pump(0)
+    L._pump(0)
+    assert L.failures_in_a_row["r0"] == 0 and not L.benched
