@@ -12,6 +12,9 @@ vLLM's CPU sampler works in float32). Train = inference replay (``climbrl.learne
 Each applies only when the samples carry the record. Only completion positions are projected
 through the LM head, by default through ``climbrl.kernels`` (chunked, never the full
 [tokens x vocab] logits); ``impl="naive"`` is the plain-torch path.
+
+The reference model of the KL term replays neither (``reference_logprobs``): both records
+describe the policy that sampled, and pi_ref is the reference's own full distribution.
 """
 
 from __future__ import annotations
@@ -117,3 +120,22 @@ def completion_logprobs(
         "mask": mask,
         "replay_miss": miss.float(),
     }
+
+
+def reference_logprobs(
+    ref: Any, samples: list[Any], temperature: float, impl: str = "auto", *,
+    fp32_head: bool = True,
+) -> Tensor:
+    """[B, Tc] log pi_ref(y_t) of the sampled tokens under the reference model's own full
+    distribution, log softmax(logits / T), with neither the rollout's top-p/top-k kept set nor
+    its MoE routing replayed; 0 on non-trainable positions.
+
+    The kept set is the sampling policy's: applied to the reference, a token the policy kept
+    but the reference ranks outside that many would be a replay miss, log-prob 0 (probability
+    1), and k3 = exp(d) - d - 1 with d = 0 - log pi(y_t) a number that does not depend on
+    pi_ref (large where pi(y_t) is small). The full support keeps KL(pi || pi_ref) finite,
+    since every token pi can sample has pi_ref > 0."""
+    return completion_logprobs(
+        ref, samples, temperature, impl, replay_mask=False, replay_routing=False,
+        fp32_head=fp32_head,
+    )["logp"]

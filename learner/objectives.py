@@ -164,9 +164,21 @@ def cispo_surrogate(
 
 
 def kl_estimate(logp_BT: Tensor, ref_logp_BT: Tensor, kind: str) -> Tensor:
-    """Per-token estimators of KL(pi || pi_ref) on samples from pi (Schulman 2020), d = ref - logp:
+    """Per-token estimators on tokens y ~ pi (Schulman 2020), d = log pi_ref(y) - log pi(y):
 
-        k1 = -d        k3 = exp(d) - d - 1      (k3: unbiased, always >= 0; GRPO's choice)
+        k1 = -d                   k3 = exp(d) - d - 1      (k3 >= 0; GRPO's KL term)
+
+    Both values are unbiased for KL(pi || pi_ref). As loss terms, with pi the (detached)
+    sampling weight, their expected gradients are
+
+        E_pi[grad k1] = E_pi[grad log pi] = sum_y grad pi(y) = 0
+        E_pi[grad k3] = sum_y (pi(y) - pi_ref(y)) grad log pi(y) = grad KL(pi_ref || pi)
+
+    so k1 applies no KL pressure (the config refuses it; it serves as a value only), and k3
+    pulls pi along the reverse KL, KL(pi_ref || pi), not along the KL(pi || pi_ref) its value
+    estimates (tests/unit/test_kl_reference.py checks both by exact sums over a vocabulary).
+    ``ref_logp_BT`` is the reference's own full distribution (``reference_logprobs``), never its
+    log-prob under the rollout's top-p/top-k kept set.
     """
     d_BT = ref_logp_BT - logp_BT
     if kind == "k1":
@@ -277,8 +289,9 @@ class PolicyLoss:
 
     L = aggregate( w_t * l_t(objective) + beta * KL_t ) - c_H * mean_t H_t
 
-    where w_t is the off-policy weight (1 when off), and the entropy bonus is the token mean
-    over the whole batch (TRL's convention, independent of the aggregation).
+    where w_t is the off-policy weight (1 when off), KL_t is ``kl_estimate`` (k3: its gradient
+    is that of KL(pi_ref || pi)), and the entropy bonus is the token mean over the whole batch
+    (TRL's convention, independent of the aggregation).
     """
 
     objective: Objective = "grpo"
