@@ -76,3 +76,28 @@ class RolloutProc:
         self.proc.wait()
         self.hub.close()
         self._log.close()
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write a benchmark's result with the date, machine and command under
+    ``benchmarks/results/NAME-<UTC time>.json``; returns the path."""
+    import datetime
+    import json
+    import platform
+
+    import psutil
+
+    now = datetime.datetime.now(datetime.UTC)
+    record = {
+        "date": now.isoformat(timespec="seconds"),
+        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "result": result,
+    }
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}-{now:%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
