@@ -9,25 +9,35 @@ and, for MoE models, the experts every input position was routed to in every lay
 - ``routing_BLNK`` decodes ``Sample.routing`` into a [B, L, layers, top_k] long tensor
   (-1 = not recorded: that position keeps the learner's own routing);
 - ``forced_routing(model, experts_BLNK)`` is a context manager under which the HF
-  transformers MoE routers (Qwen3-MoE's ``Qwen3MoeTopKRouter`` and the routers shaped like
-  it) pick exactly those experts. Their weights are still the learner's own softmax over the
-  router logits, gathered at the forced experts and renormalised like the original
-  (``norm_topk_prob``), so gradients reach the router as usual.
+  transformers MoE routers pick exactly those experts. Their weights are still the learner's
+  own, computed from its router logits at the forced experts the way the router's family
+  computes them, so gradients reach the router as usual:
 
-Tests: ``pytest tests/unit/test_replay_learner.py``.
+  - Qwen3-MoE, Qwen2-MoE (``Qwen3MoeTopKRouter``, ``Qwen2MoeTopKRouter``): softmax,
+    renormalised when ``norm_topk_prob``; Mixtral (``MixtralTopKRouter``): softmax, always
+    renormalised;
+  - DeepSeek-V3 (``DeepseekV3TopkRouter``): sigmoid scores, renormalised when
+    ``norm_topk_prob``, times ``routed_scaling_factor``. Its ``e_score_correction_bias`` and
+    group-limited top-k only select experts, which the recorded routing replaces.
+
+  Routers of any other class are refused (``moe_routers`` raises): set
+  ``rollout.replay_routing=false`` for those models.
+
+Tests: ``pytest tests/unit/test_replay_learner.py tests/unit/test_replay_routers.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import Module
 
 _UNSET = {"uint8": 255, "int16": -1}
 
@@ -107,43 +117,92 @@ def routing_BLNK(samples: Sequence[Any], L: int, num_layers: int, top_k: int) ->
 
 
 def moe_routers(model: Any) -> list[tuple[int, Any]]:
-    """(decoder layer index, router module) for every MoE layer of an HF causal LM."""
+    """(decoder layer index, router module) for every MoE layer of an HF causal LM.
+
+    A layer is MoE when one of its blocks holds ``experts`` (every transformers MoE block
+    does). Its router must be one of the classes whose routing ``forced_routing`` rebuilds
+    exactly (``_router_weights``); any other router is refused here, by class, so an unknown
+    family never gets another family's weights."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no .model.layers; cannot find MoE routers")
+    table = _router_weights()
     found = []
     for i, layer in enumerate(layers):
-        gate = getattr(getattr(layer, "mlp", None), "gate", None)
-        if gate is not None and _is_topk_router(gate):
-            found.append((i, gate))
+        blocks = [b for b in layer.children() if isinstance(getattr(b, "experts", None), Module)]
+        if not blocks:
+            continue  # a dense layer
+        router = getattr(blocks[0], "gate", getattr(blocks[0], "router", None))
+        if type(router) not in table:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            what = type(blocks[0] if router is None else router).__name__
+            raise ValueError(
+                f"{model_type or type(model).__name__}: MoE routing replay does not support "
+                f"layer {i}'s router ({what}); it replays "
+                f"{', '.join(sorted(c.__name__ for c in table))}. Set "
+                "rollout.replay_routing=false to train this model without routing replay."
+            )
+        found.append((i, router))
     return found
 
 
-def _is_topk_router(m: Any) -> bool:
-    return all(hasattr(m, a) for a in ("top_k", "weight", "norm_topk_prob")) and isinstance(
-        getattr(m, "weight", None), torch.nn.Parameter
-    )
+@functools.cache
+def _router_weights() -> dict[type, Callable[[Any, Tensor, Tensor], Tensor]]:
+    """Router class -> its expert weights at given experts, from its router logits. Each entry
+    is checked against its class's forward (``tests/unit/test_replay_routers.py``)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    return {
+        Qwen3MoeTopKRouter: _qwen_weights,
+        Qwen2MoeTopKRouter: _qwen_weights,
+        MixtralTopKRouter: _mixtral_weights,
+        DeepseekV3TopkRouter: _deepseek_v3_weights,
+    }
+
+
+def _qwen_weights(router: Any, logits_NE: Tensor, idx_NK: Tensor) -> Tensor:
+    # Qwen3MoeTopKRouter / Qwen2MoeTopKRouter: softmax in float32, renormalised when
+    # norm_topk_prob, cast back to the logits' dtype.
+    w_NK = torch.softmax(logits_NE, dtype=torch.float, dim=-1).gather(1, idx_NK)
+    if router.norm_topk_prob:
+        w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
+    return w_NK.to(logits_NE.dtype)
+
+
+def _mixtral_weights(router: Any, logits_NE: Tensor, idx_NK: Tensor) -> Tensor:
+    # MixtralTopKRouter: softmax in float32, always renormalised, left in float32.
+    w_NK = torch.softmax(logits_NE.float(), dim=-1).gather(1, idx_NK)
+    return w_NK / w_NK.sum(dim=-1, keepdim=True)
+
+
+def _deepseek_v3_weights(router: Any, logits_NE: Tensor, idx_NK: Tensor) -> Tensor:
+    # DeepseekV3TopkRouter: sigmoid scores of the float32 logits. e_score_correction_bias and
+    # the group limit (n_group, topk_group) only select experts, so with the experts given
+    # they play no part; renormalised when norm_topk_prob, then times routed_scaling_factor.
+    w_NK = logits_NE.sigmoid().gather(1, idx_NK)
+    if router.norm_topk_prob:
+        w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20)
+    return w_NK * router.routed_scaling_factor
 
 
 def _forced_forward(self: Any, hidden_states: Tensor, *, forced_NK: Tensor) -> tuple[Tensor, ...]:
-    # Mirrors Qwen3MoeTopKRouter.forward with the top-k indices replaced where recorded.
-    h_NH = hidden_states.reshape(-1, self.weight.shape[1])
-    if h_NH.shape[0] != forced_NK.shape[0]:
+    # The class's own forward gives the router logits and the natural top-k (kept for rows
+    # with a -1); the weights are then the family's, at the experts actually used.
+    n_tokens = hidden_states.numel() // self.weight.shape[1]
+    if n_tokens != forced_NK.shape[0]:
         raise ValueError(
             f"forced routing was built for {forced_NK.shape[0]} tokens, the forward has "
-            f"{h_NH.shape[0]}: use forced_routing with the [B, L] batch being run"
+            f"{n_tokens}: use forced_routing with the [B, L] batch being run"
         )
-    logits_NE = F.linear(h_NH, self.weight)
-    probs_NE = torch.softmax(logits_NE, dtype=torch.float, dim=-1)
-    _, natural_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+    logits_NE, _, natural_NK = type(self).forward(self, hidden_states)
     forced_NK = forced_NK.to(natural_NK.device)
     use_N1 = (forced_NK >= 0).all(dim=-1, keepdim=True)
     idx_NK = torch.where(use_N1, forced_NK, natural_NK)
-    w_NK = probs_NE.gather(1, idx_NK)
-    if self.norm_topk_prob:
-        w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
-    return logits_NE, w_NK.to(logits_NE.dtype), idx_NK
+    return logits_NE, _router_weights()[type(self)](self, logits_NE, idx_NK), idx_NK
 
 
 @contextlib.contextmanager
@@ -153,8 +212,8 @@ def forced_routing(model: Any, experts_BLNK: Tensor) -> Iterator[None]:
     routers = moe_routers(model)
     if not routers:
         raise ValueError(
-            f"{type(model).__name__} has no MoE router shaped like Qwen3MoeTopKRouter; routing "
-            "replay needs an MoE model (set rollout.replay_routing=false for dense models)"
+            f"{type(model).__name__} has no MoE router; routing replay needs an MoE model (set "
+            "rollout.replay_routing=false for dense models)"
         )
     B, L, N, K = experts_BLNK.shape
     for i, r in routers:

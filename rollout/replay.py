@@ -169,7 +169,10 @@ def _is_moe_checkpoint(model: str) -> bool:
         return False
     c = json.loads(cfg.read_text())
     c = c.get("text_config", c)
-    return int(c.get("num_experts", 0) or c.get("num_local_experts", 0) or 0) > 0
+    # Qwen-MoE, Mixtral, DeepSeek-V3 names (vLLM's get_num_experts reads the same ones). Which
+    # routers the learner can replay is its own check (climbrl.learner.replay.moe_routers).
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    return max(int(c.get(k) or 0) for k in names) > 0
 
 
 # --------------------------------------------------------------------------------------------

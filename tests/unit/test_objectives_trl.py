@@ -21,7 +21,7 @@ from climbrl.learner.objectives import BatchNorm, PolicyLoss
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    trl = pytest.importorskip("trl")
+    import trl  # a hard dependency of these tests: install.sh installs it (the [rl] extra)
 
 B, P, T = 6, 3, 7
 TOL = 1e-6
