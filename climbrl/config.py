@@ -225,6 +225,14 @@ class LearnerCfg(_Cfg):
     gamma: float = Field(1.0, ge=0, le=1, description="PPO GAE discount.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO GAE lambda.")
     adv_whiten: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
+    value_clip: float = Field(
+        0.0, ge=0,
+        description="PPO value clip eps_v (0 = off): the critic's loss is max((V - R)^2, "
+        "(V_clip - R)^2) / 2 with V_clip = V_old + clip(V - V_old, -eps_v, eps_v), V_old the "
+        "values the returns were computed with. The learner takes one optimizer step per batch, "
+        "so V equals V_old up to rounding when the loss is taken: the clip binds only if "
+        "the critic is updated between computing the returns and taking the loss.",
+    )
     # --- weight sync (climbrl/weightsync.py, learner/weights.py)
     weight_sync: Literal["full", "delta", "lora"] = Field(
         "full",
@@ -307,6 +315,10 @@ class LearnerCfg(_Cfg):
         if self.fsdp and self.weight_sync == "lora":
             raise ValueError("learner.fsdp with weight_sync = 'lora' is not supported: the "
                              "adapters are small, train them in one process (fsdp = false)")
+        if self.value_clip > 0 and self.objective != "ppo":
+            raise ValueError(f"learner.value_clip clips the PPO critic's update; objective = "
+                             f"{self.objective!r} has no critic: set value_clip = 0 or "
+                             "objective = 'ppo'")
         if self.fsdp and self.objective == "ppo":
             raise ValueError("learner.fsdp with objective = 'ppo' is not supported yet (the "
                              "critic is not sharded); use grpo/gspo/cispo or fsdp = false")

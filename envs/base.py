@@ -15,7 +15,11 @@ Two ways to write a turn handler; implement one:
   on, or ``done=True`` to end. ``tools()`` lists the JSON schemas the chat template renders.
 
 The reward is per episode: ``StepResult.reward`` of the final step. ``step_reward`` on any step
-is an optional per-step reward, recorded beside it. Tasks carry their id and split.
+is an optional reward of that step alone, recorded beside it: group objectives (GRPO and its
+kin) train on the episode reward only, while PPO's returns add each step's ``step_reward`` at
+that turn's last generated token to the episode reward at the last one, so an env whose episode
+reward already sums its step rewards should not also report them as ``step_reward``. Tasks
+carry their id and split.
 
     class MyEnv(Env):
         def num_tasks(self, split): ...

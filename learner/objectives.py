@@ -66,15 +66,24 @@ def terminal_rewards(reward_B: Tensor, mask_BT: Tensor) -> Tensor:
 
 
 def gae(
-    rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, gamma: float, lam: float
+    rewards_BT: Tensor,
+    values_BT: Tensor,
+    mask_BT: Tensor,
+    gamma: float,
+    lam: float,
+    bootstrap_B: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over each sample's trainable
-    tokens, which are the agent's time steps (env/tool tokens with mask 0 are skipped, and the
-    value after the last trainable token is 0: the episode ends there):
+    tokens, which are the agent's time steps (env/tool tokens with mask 0 are skipped):
 
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)
         A_t     = sum_l (gamma * lam)^l * delta_{t+l}
         R_t     = A_t + V(s_t)                       (the critic's regression target)
+
+    After the last trainable token T-1 the next value is V(s_T) = ``bootstrap_B``: the critic's
+    value of the state after the last token for an episode cut off by the token budget (it did
+    not end, so its return goes on past T), 0 for one that terminated. ``bootstrap_B=None`` is
+    0 for every sample.
 
     Samples of different lengths and one rollout per prompt need nothing special: every row is
     its own trajectory. Returns (advantages_BT, returns_BT), zero on masked tokens.
@@ -84,6 +93,8 @@ def gae(
     values_BT = values_BT.detach()
     adv_BT = torch.zeros_like(values_BT)
     next_v_B = torch.zeros(B, dtype=values_BT.dtype, device=values_BT.device)
+    if bootstrap_B is not None:
+        next_v_B = bootstrap_B.detach().to(next_v_B).clone()
     run_B = torch.zeros_like(next_v_B)
     for t in range(T - 1, -1, -1):
         delta_B = rewards_BT[:, t] + gamma * next_v_B - values_BT[:, t]
@@ -352,7 +363,33 @@ class PolicyLoss:
         return loss, {"clipped": clipped_n, "kl_sum": kl_sum}
 
 
-def value_loss(values_BT: Tensor, returns_BT: Tensor, mask_BT: Tensor, norm: BatchNorm) -> Tensor:
-    """Critic regression (PPO): L_V = 1/2 * mean_t (V(s_t) - R_t)^2 over the batch's tokens."""
+def value_loss(
+    values_BT: Tensor,
+    returns_BT: Tensor,
+    mask_BT: Tensor,
+    norm: BatchNorm,
+    old_values_BT: Tensor | None = None,
+    clip: float = 0.0,
+) -> Tensor:
+    """Critic regression (PPO, Schulman et al. 2017) over the batch's tokens:
+
+        L_V = 1/2 * mean_t (V(s_t) - R_t)^2
+
+    With ``clip = eps_v > 0`` the value update is clipped around the values V_old the returns
+    were computed with (``old_values_BT``; the clipped value loss of OpenAI baselines' PPO2):
+
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        L_V    = 1/2 * mean_t max( (V - R_t)^2, (V_clip - R_t)^2 )
+
+    The mean is over the whole batch's trainable tokens (``norm.tokens``), as the policy loss.
+    """
     m = mask_BT.to(values_BT.dtype)
-    return 0.5 * (((values_BT - returns_BT) ** 2) * m).sum() / max(norm.tokens, 1.0)
+    sq_BT = (values_BT - returns_BT) ** 2
+    if clip > 0:
+        if old_values_BT is None:
+            raise ValueError("value_loss with clip > 0 needs old_values_BT (the values the "
+                             "returns were computed with)")
+        old_BT = old_values_BT.detach().to(values_BT.dtype)
+        v_clip_BT = old_BT + torch.clamp(values_BT - old_BT, -clip, clip)
+        sq_BT = torch.maximum(sq_BT, (v_clip_BT - returns_BT) ** 2)
+    return 0.5 * (sq_BT * m).sum() / max(norm.tokens, 1.0)

@@ -1,7 +1,7 @@
 """One optimizer step of the configured objective, as the learner drives it.
 
     batch = step.prepare(groups, version)           # shaped rewards, advantages, masks, norms
-    step.prepare_values(model, batch)               # PPO only: V(s_t), GAE(gamma, lambda)
+    step.prepare_values(model, batch)               # PPO only: V(s_t), V(s_T), GAE(gamma, lambda)
     for each micro-batch:
         with step.capture_hidden(model): b = completion_logprobs(model, mb, ...)
         step.micro_loss(batch, i, b, ref_logp).backward()
@@ -40,16 +40,30 @@ from climbrl.learner.objectives_shaping import (
     sample_correct,
     truncated_mask,
 )
+from climbrl.learner.replay import forced_routing, model_moe_shape, routing_BLNK
 from torch import Tensor, nn
 
 from climbrl.wire import ENV_ERROR
+
+# Finish reasons of an episode cut off before it ended: the token budget ("length") or the
+# context window ("context", rollout/server.py). GAE bootstraps these from V(s_T).
+TRUNCATED = ("length", "context")
 
 
 class Critic(nn.Module):
     """V(s_t) at completion positions. ``kind='head'``: a linear value head on the policy's
     last hidden state (shared backbone; the value loss also trains the backbone, weighted by
     ``vf_coef``). ``kind='model'``: a separate value model (the policy's backbone, initialised
-    from ``path``) with its own head; nothing is shared."""
+    from ``path``) with its own head; nothing is shared.
+
+    V(s_t) is read at the input position of the last token of s_t = prompt + completion[:t],
+    the position whose hidden state predicts completion token t (``pack_positions``).
+
+    MoE models: every backbone forward the critic runs itself (``forward_samples``,
+    ``state_values``) forces the experts the samples recorded (``Sample.routing``), as
+    ``completion_logprobs`` does for the policy, so the values and the log-probs see the same
+    routing. With ``kind='head'`` the values trained in the loss come from the policy's own
+    forward (``ObjectiveStep.capture_hidden``), which runs under that forced routing already."""
 
     def __init__(self, kind: str, hidden_size: int, path: str | None = None, dtype: Any = None):
         super().__init__()
@@ -69,11 +83,85 @@ class Critic(nn.Module):
         return self.head(h_BTH.float()).squeeze(-1)
 
     def forward_samples(self, samples: list[Any], policy: nn.Module | None = None) -> Tensor:
-        """Values for ``samples`` by a forward of the value model (or of the policy backbone)."""
-        ids, attn, pos = pack_positions(samples)
+        """[B, Tc] V(s_t), t < T, by a forward of the value model (or of the policy backbone)."""
+        ids_BL, attn_BL, pos_BT = pack_positions(samples)
+        return self.values(self._hidden(samples, policy, ids_BL, attn_BL), pos_BT)
+
+    def state_values(
+        self, samples: list[Any], policy: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """([B, Tc] V(s_t) for t < T, [B] V(s_T)) from one forward of the full sequences.
+
+        s_T is the whole sequence, prompt + every completion token; V(s_T) is read at its last
+        token, which the engine never ran through the model, so no routing was recorded for
+        that position and it keeps the backbone's own experts."""
+        _, _, pos_BT = pack_positions(samples)
+        seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
+        B, L = len(seqs), max(len(x) for x in seqs)
+        ids_BL = torch.zeros((B, L), dtype=torch.long)
+        attn_BL = torch.zeros((B, L), dtype=torch.long)
+        for b, seq in enumerate(seqs):
+            ids_BL[b, : len(seq)] = torch.tensor(seq)
+            attn_BL[b, : len(seq)] = 1
+        last_B1 = torch.tensor([[len(x) - 1] for x in seqs], dtype=torch.long)
+        v_BT1 = self.values(self._hidden(samples, policy, ids_BL, attn_BL),
+                            torch.cat([pos_BT, last_B1], dim=1))
+        return v_BT1[:, :-1], v_BT1[:, -1]
+
+    def _hidden(
+        self, samples: list[Any], policy: nn.Module | None, ids_BL: Tensor, attn_BL: Tensor
+    ) -> Tensor:
         backbone = self.backbone if self.backbone is not None else policy.base_model
-        hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state
-        return self.values(hidden, pos)
+        with replayed_routing(backbone, samples, ids_BL.shape[1]):
+            return backbone(input_ids=ids_BL, attention_mask=attn_BL).last_hidden_state
+
+
+def replayed_routing(
+    model: nn.Module, samples: list[Any], L: int
+) -> contextlib.AbstractContextManager:
+    """The experts ``samples`` recorded (``Sample.routing``), forced in ``model``'s MoE routers
+    for a [B, L] forward (``climbrl.learner.replay.forced_routing``); nothing when no sample
+    carries routing. Positions past the record keep the model's own routing."""
+    if not any(getattr(s, "routing", None) is not None for s in samples):
+        return contextlib.nullcontext()
+    shape = model_moe_shape(model)
+    if shape is None:
+        raise ValueError("samples carry MoE routing but the critic's model has no MoE router; "
+                         "is learner.critic loading the rollout's model?")
+    experts_BLNK = routing_BLNK(samples, L, *shape)
+    dev = next(model.parameters()).device
+    return forced_routing(model, experts_BLNK.to(dev))
+
+
+def turn_ends(completion_mask: list[int]) -> list[int]:
+    """Index of the last generated token of each model turn: the end of every run of 1s."""
+    m = list(completion_mask)
+    return [t for t, x in enumerate(m) if x and (t + 1 == len(m) or not m[t + 1])]
+
+
+def episode_rewards(samples: list[Any], rewards_B: Tensor, mask_BT: Tensor) -> Tensor:
+    """[B, T] per-token rewards r_t of PPO's return R_t = sum_l gamma^l r_{t+l}.
+
+    Turn k of a multi-turn episode ends on the last generated token of the k-th run of
+    ``completion_mask`` 1s (observation tokens between turns have mask 0, rollout/server.py);
+    ``Sample.step_rewards[k]`` is placed there. The episode reward ``rewards_B`` (after
+    shaping) is placed on the episode's last generated token, where it adds to the last
+    turn's step reward. A row of ``mask_BT`` with no trainable token (left out) gets none."""
+    r_BT = terminal_rewards(rewards_B, mask_BT)
+    for b, s in enumerate(samples):
+        steps = list(getattr(s, "step_rewards", None) or ())
+        if not steps or not bool((mask_BT[b] > 0).any()):
+            continue
+        ends = turn_ends(s.completion_mask)
+        if len(ends) != len(steps):
+            raise ValueError(
+                f"sample {b} ({s.task_id or 'no task id'}) has {len(steps)} step_rewards for "
+                f"{len(ends)} model turns: an environment that sets StepResult.step_reward must "
+                "set it on every step (0.0 where the step earns nothing)"
+            )
+        for t, r in zip(ends, steps):
+            r_BT[b, t] += r
+    return r_BT
 
 
 @dataclass
@@ -87,6 +175,7 @@ class StepBatch:
     adv_B: Tensor | None = None  # group-relative objectives
     adv_BT: Tensor | None = None  # PPO (GAE)
     returns_BT: Tensor | None = None
+    values_BT: Tensor | None = None  # PPO: V_old(s_t), the critic's values the returns use
     acc: dict[str, float] = field(default_factory=dict)
     env_errors: int = 0  # episodes left out because their environment failed
 
@@ -165,32 +254,49 @@ class ObjectiveStep:
         return batch
 
     def prepare_values(self, policy: nn.Module, batch: StepBatch) -> None:
-        """PPO: the critic's V(s_t) for the whole batch (no grad), then GAE and whitening."""
+        """PPO: the critic's V(s_t) for the whole batch (no grad), the per-token rewards
+        (``episode_rewards``), then GAE(gamma, lambda) and whitening. The value after the last
+        token is V(s_T) for a truncated episode (finish_reason in ``TRUNCATED``) and 0 for one
+        that terminated:
+
+            delta_{T-1} = r_{T-1} + gamma * V(s_T) - V(s_{T-1})
+        """
         assert self.critic is not None
         mb_size = self.lc.micro_batch_size
         T = max(len(s.completion_ids) for s in batch.samples)
         B = len(batch.samples)
         values_BT = torch.zeros(B, T, dtype=torch.float64)
+        last_B = torch.zeros(B, dtype=torch.float64)
         mask_BT = torch.zeros(B, T, dtype=torch.float64)
         with torch.no_grad():
             for i in range(0, B, mb_size):
                 mb = batch.samples[i : i + mb_size]
-                v = self.critic.forward_samples(mb, policy)
-                values_BT[i : i + len(mb), : v.shape[1]] = v.double()
+                v_BT, v_last_B = self.critic.state_values(mb, policy)
+                values_BT[i : i + len(mb), : v_BT.shape[1]] = v_BT.double()
+                last_B[i : i + len(mb)] = v_last_B.double()
         for b, s in enumerate(batch.samples):
             mask_BT[b, : len(s.completion_mask)] = torch.tensor(s.completion_mask, dtype=torch.float64)
         mask_BT *= batch.keep_B.double().unsqueeze(1)
-        r_BT = terminal_rewards(batch.rewards_B, mask_BT)
-        adv_BT, ret_BT = gae(r_BT, values_BT * mask_BT, mask_BT, self.lc.gamma, self.lc.gae_lambda)
+        truncated_B = torch.tensor([s.finish_reason in TRUNCATED for s in batch.samples])
+        bootstrap_B = torch.where(truncated_B, last_B, torch.zeros_like(last_B))
+        r_BT = episode_rewards(batch.samples, batch.rewards_B, mask_BT)
+        values_BT = values_BT * mask_BT
+        adv_BT, ret_BT = gae(r_BT, values_BT, mask_BT, self.lc.gamma, self.lc.gae_lambda,
+                             bootstrap_B)
         batch.adv_BT = whiten(adv_BT, mask_BT) if self.lc.adv_whiten else adv_BT
         batch.returns_BT = ret_BT
+        batch.values_BT = values_BT
 
     # ------------------------------------------------------------------ micro-batches
 
     @contextlib.contextmanager
     def capture_hidden(self, policy: nn.Module) -> Iterator[None]:
         """For a value head on the policy: keep the backbone's last hidden state of the next
-        forward (``completion_logprobs`` runs it), so the value costs no second forward."""
+        forward (``completion_logprobs`` runs it), so the value costs no second forward.
+
+        That forward is the policy's own, under the MoE routing ``completion_logprobs`` forces
+        from ``Sample.routing``: the values trained here see the experts the log-probs see, and
+        the same ones ``prepare_values`` forces in its separate forward of the backbone."""
         if self.critic is None or self.critic.kind != "head":
             yield
             return
@@ -243,9 +349,12 @@ class ObjectiveStep:
             else:
                 values = self.critic.forward_samples(mb)
             ret = batch.returns_BT[i : i + n, :Tc].to(values.dtype)
-            vl = value_loss(values, ret, mask, batch.norm)
+            old = None
+            if lc.value_clip > 0:
+                old = batch.values_BT[i : i + n, :Tc].to(values)
+            vl = value_loss(values, ret, mask, batch.norm, old, lc.value_clip)
             loss = loss + lc.vf_coef * vl
-            acc["vloss"] += float(vl)
+            acc["vloss"] += float(vl.detach())
             acc["vmean"] += float((values.detach() * mask).sum())
         with torch.no_grad():
             m = mask.bool()
