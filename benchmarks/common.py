@@ -90,7 +90,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     now = datetime.datetime.now(datetime.UTC)
     record = {
         "date": now.isoformat(timespec="seconds"),
-        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+        "machine": {"host": platform.node(), "cpu": _cpu_model(),
                     "cpus": os.cpu_count(),
                     "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -101,3 +101,15 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = out / f"{name}-{now:%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -177,6 +177,7 @@ class Learner:
         self.eval_results: dict[int, Trajectory] = {}  # task index -> its greedy trajectory
         self.eval_outcomes: dict[str, list[float]] = {}  # split -> correctness per task, last eval
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
+                             engines_dead=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
                              weight_syncs_delta=0, weight_syncs_failed=0)
         # sid -> {version: publish time}: every update not yet acked (with publish_every=1 the
@@ -327,7 +328,7 @@ class Learner:
                 # the server's engine is gone: its orders (this one included) go elsewhere or
                 # wait for its restart, and lose nothing
                 if sid not in self.benched:
-                    self.counters["servers_dead"] += 1
+                    self.counters["engines_dead"] += 1
                     log.error("rollout %s: %s; it gets no more work orders", sid, msg.message)
                 self.benched[sid] = msg.message
                 self._reassign(lambda o, s=sid: o["server"] == s)

@@ -76,7 +76,8 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L.cursor = DataCursor(100)
     L.orders, L.ready, L.seq_of, L.eval_results = {}, [], {}, {}
     L.pending_acks, L.sync_times = {}, []
-    L.counters = dict(order_failures=0, servers_dead=0, weight_bytes_sent=0, weight_syncs_full=0,
+    L.counters = dict(order_failures=0, servers_dead=0, engines_dead=0, weight_bytes_sent=0,
+                      weight_syncs_full=0,
                       weight_syncs_failed=0)
     L.tokens_generated = 0
     L._no_server_since = None
@@ -372,7 +373,7 @@ def test_engine_death_moves_every_order_to_the_survivor_and_loses_none():
     assert {o["server"] for o in L.orders.values()} == {"r1"}
     assert sorted(L.orders) == sorted(on)  # the same sequences: nothing skipped or marked done
     assert L.cursor.state()["pending"] == sorted(o["seq"] for o in L.orders.values())
-    assert L.counters["servers_dead"] == 1 and L.counters["order_failures"] == 0
+    assert L.counters["engines_dead"] == 1 and L.counters["order_failures"] == 0
     L.hub.sent.clear()
     for _ in range(3):  # a later order never goes to r0
         L._send_order(*L.cursor.take(), "train", False)
