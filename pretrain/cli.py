@@ -35,7 +35,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--demo-base", metavar="OUT_DIR", help="build the demo base model into OUT_DIR")
-    p.add_argument("--seconds", type=float, default=300.0, help="time budget for --demo-base")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)
     if not a.config and not a.demo_base:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.demo_base:
         from climbrl.pretrain.demo import build_demo_base
 
-        m = build_demo_base(a.demo_base, seconds_budget=a.seconds, quiet=a.quiet)
+        m = build_demo_base(a.demo_base, quiet=a.quiet)
         print(json.dumps({k: v for k, v in m.items() if k != "heldout_samples"}))
         return 0
     from climbrl.pretrain.config import load_config

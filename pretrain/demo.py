@@ -4,7 +4,7 @@ The corpus is `climbrl.pretrain.synthetic`'s addition task (``"347+85=" -> "432"
 1-3 digits); the held-out split shares no instance with training. The base should reach a
 measurable but imperfect greedy accuracy, which `climbrl demo` then raises with RL.
 
-    python -m climbrl.pretrain.demo OUT_DIR [--seconds 300] [--seed 0]
+    python -m climbrl.pretrain.demo OUT_DIR [--seed 0]
 
     from climbrl.pretrain.demo import build_demo_base
     metrics = build_demo_base("runs/demo-base")   # metrics["model_dir"] is the HF dir
@@ -20,7 +20,7 @@ DEMO_TASK = "add"
 
 
 def build_demo_base(
-    out_dir: str, *, seconds_budget: float = 300, seed: int = 0, quiet: bool = False
+    out_dir: str, *, seed: int = 0, quiet: bool = False
 ) -> dict[str, Any]:
     """Train the demo base into ``out_dir`` and return its metrics.
 
@@ -32,13 +32,7 @@ def build_demo_base(
     from climbrl.pretrain.presets import demo_run_config
     from climbrl.pretrain.train import train
 
-    if seconds_budget < 30:
-        raise ValueError(
-            f"seconds_budget={seconds_budget} is too small for the demo base; give at least 30"
-        )
-    cfg = PretrainConfig.model_validate(
-        resolve_presets(demo_run_config(out_dir, seconds_budget=seconds_budget, seed=seed))
-    )
+    cfg = PretrainConfig.model_validate(resolve_presets(demo_run_config(out_dir, seed=seed)))
     summary = train(cfg, quiet=quiet)
     summary["task"] = DEMO_TASK
     return summary
@@ -47,8 +41,7 @@ def build_demo_base(
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Pretrain the demo base model (addition) on CPU.")
     ap.add_argument("out_dir")
-    ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    m = build_demo_base(a.out_dir, seconds_budget=a.seconds, seed=a.seed)
+    m = build_demo_base(a.out_dir, seed=a.seed)
     print(json.dumps({k: v for k, v in m.items() if k != "heldout_samples"}))

@@ -19,8 +19,8 @@ def test_base_is_reused_only_for_the_same_recipe(
 ) -> None:
     calls: list[float] = []
 
-    def fake_build(out_dir: str, *, seconds_budget: float, seed: int) -> dict:
-        calls.append(seconds_budget)
+    def fake_build(out_dir: str, *, seed: int) -> dict:
+        calls.append(seed)
         (Path(out_dir) / "model").mkdir(parents=True)
         (Path(out_dir) / "model" / "config.json").write_text("{}")
         s = {"heldout_accuracy": 0.3, "params": 1, "steps": 5, "heldout_samples": []}
@@ -29,17 +29,17 @@ def test_base_is_reused_only_for_the_same_recipe(
 
     monkeypatch.setattr("climbrl.pretrain.demo.build_demo_base", fake_build)
     base = tmp_path / "base"
-    first = demo.pretrained_base(base, seconds_budget=300)
-    assert calls == [300] and not first.get("reused") and "heldout_samples" not in first
-    again = demo.pretrained_base(base, seconds_budget=300)
-    assert calls == [300] and again["reused"] and again["heldout_accuracy"] == 0.3
-    # Another recipe (here: another time budget) rebuilds from scratch.
-    demo.pretrained_base(base, seconds_budget=200)
-    assert calls == [300, 200]
+    first = demo.pretrained_base(base, seed=0)
+    assert calls == [0] and not first.get("reused") and "heldout_samples" not in first
+    again = demo.pretrained_base(base, seed=0)
+    assert calls == [0] and again["reused"] and again["heldout_accuracy"] == 0.3
+    # Another recipe (here: another seed) rebuilds from scratch.
+    demo.pretrained_base(base, seed=1)
+    assert calls == [0, 1]
     # So does a half-written base.
     (base / "model" / "config.json").unlink()
-    demo.pretrained_base(base, seconds_budget=200)
-    assert calls == [300, 200, 200]
+    demo.pretrained_base(base, seed=1)
+    assert calls == [0, 1, 1]
 
 
 def test_demo_base_recipe_matches_the_example_config() -> None:
@@ -51,7 +51,7 @@ def test_demo_base_recipe_matches_the_example_config() -> None:
     )
     preset = demo_run_config("x")
     assert example["data"] == preset["data"]
-    skip = {"seed", "max_seconds"}
+    skip = {"seed"}
     assert {k: v for k, v in example["train"].items() if k not in skip} == {
         k: v for k, v in preset["train"].items() if k not in skip
     }
