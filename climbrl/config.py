@@ -124,6 +124,12 @@ class LearnerCfg(_Cfg):
     publish_every: int = Field(1, ge=1, description="Publish weights every N steps.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = at end).")
     eval_size: int = Field(64, ge=0, description="Held-out tasks evaluated greedily before/after.")
+    eval_every: int = Field(
+        0, ge=0,
+        description="Also evaluate the held-out tasks every this many steps during the run "
+        "(metrics.jsonl: eval/test_accuracy at that step; the demo's plot shows them); 0 = only "
+        "before and after.",
+    )
     micro_batch_size: int = Field(64, ge=1, description="Samples per forward/backward chunk.")
     logprob_impl: Literal["auto", "naive", "chunked"] = Field(
         "auto", description="Log-prob/entropy kernel: climbrl.kernels ('auto') or plain torch."

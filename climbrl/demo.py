@@ -23,7 +23,21 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_rewards(metrics_path: Path, png: Path, title: str = "climbrl demo") -> None:
+def moving_average(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` points (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= window:
+            acc -= ys[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_rewards(metrics_path: Path, png: Path, title: str = "climbrl demo",
+                 window: int = 10) -> None:
+    """The training reward and correctness per step (faint points) with their moving
+    average, and held-out greedy accuracy wherever the run evaluated it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,16 +45,25 @@ def plot_rewards(metrics_path: Path, png: Path, title: str = "climbrl demo") -> 
 
     from climbrl.metrics import read_metrics
 
-    recs = [r for r in read_metrics(metrics_path) if "reward" in r]
+    records = read_metrics(metrics_path)
+    recs = [r for r in records if "reward" in r]
     if not recs:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["reward"] for r in recs], label="mean reward")
-    ax.plot([r["step"] for r in recs], [r.get("correct") or 0 for r in recs], label="correct")
+    evals = [(r["step"], r["eval/test_accuracy"]) for r in records if "eval/test_accuracy" in r]
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, color in (("reward", "reward", "tab:blue"),
+                              ("correct", "correct (training samples)", "tab:orange")):
+        ys = [r.get(key) or 0.0 for r in recs]
+        ax.plot(steps, ys, ".", color=color, alpha=0.25, markersize=3)
+        ax.plot(steps, moving_average(ys, window), color=color,
+                label=f"{label}, mean of {window} steps")
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:green", label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

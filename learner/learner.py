@@ -94,6 +94,9 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
             if L.step % cfg.learner.publish_every == 0:
                 stats["weight_sync_s"] = L.publish_weights()
             L.log_step(stats)
+            every = cfg.learner.eval_every
+            if every and L.step % every == 0 and L.step < cfg.learner.total_steps:
+                L.evaluate("test")  # held-out accuracy along the way
             if cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0:
                 L.checkpoint()
         after = L.evaluate("test")

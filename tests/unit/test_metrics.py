@@ -31,3 +31,25 @@ def test_paired_change_p_value_is_the_exact_binomial_tail():
 def test_paired_change_refuses_outcomes_of_different_tasks():
     with pytest.raises(ValueError, match="3 outcomes before, 2 after"):
         paired_change([1, 0, 1], [1, 0])
+
+
+def test_moving_average_is_a_trailing_mean():
+    from climbrl.demo import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([], 3) == []
+
+
+def test_reward_plot_has_the_moving_average_and_the_held_out_points(tmp_path):
+    import json
+
+    from climbrl.demo import plot_rewards
+
+    m = tmp_path / "metrics.jsonl"
+    recs = [{"step": 0, "eval/test_accuracy": 0.5}]
+    recs += [{"step": s, "reward": 0.5 + s / 100, "correct": 0.4 + s / 100} for s in range(1, 31)]
+    recs += [{"step": 30, "eval/test_accuracy": 0.6}]
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    png = tmp_path / "curve.png"
+    plot_rewards(m, png)
+    assert png.stat().st_size > 10_000
