@@ -25,7 +25,7 @@ import torch
 from climbrl.learner.logprobs import completion_logprobs
 from climbrl.learner.objectives import BatchNorm, gae, value_loss
 from climbrl.learner.objectives_step import Critic, ObjectiveStep
-from climbrl.learner.replay import encode_routing, forced_routing, moe_routers
+from climbrl.learner.replay import encode_routing, forced_routing
 from torch import Tensor, nn
 
 from climbrl.config import load_config
@@ -241,19 +241,9 @@ def test_value_clip_config():
 
 
 def _moe(seed: int = 0):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from tests.unit.test_replay_learner import _moe as tiny_qwen3_moe
 
-    torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         intermediate_size=64, moe_intermediate_size=16, num_experts=6,
-                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-                         tie_word_embeddings=False)
-    m = Qwen3MoeForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # HF leaves the router at zeros until init; make routing non-trivial
-        for _, r in moe_routers(m):
-            r.weight.normal_(0, 0.5)
-    return m
+    return tiny_qwen3_moe(seed)
 
 
 PROMPT, COMPLETION = [3, 9, 4, 7], [11, 2, 30]
