@@ -5,7 +5,13 @@ the sampler's top-p/top-k filter, with the LM head in float32 (``fp32_head``, li
 vLLM's CPU sampler works in float32). Train = inference replay (``climbrl.learner.replay``):
 
 - ``replay_mask``: the top-p/top-k kept set recorded per token (``Sample.keep_counts``) is
-  applied before the log-softmax;
+  applied before the log-softmax. The learner's kept set is its own top-n (n = the recorded
+  count) union the sampled token y, so log pi(y) = log(p_y / sum_{top-n u {y}} p) is always
+  finite. At lag 0 y is inside the top-n (the sampler's distribution is the learner's) and
+  this is exactly the engine's value; at lag >= 1 the newer weights may rank y below the
+  n-th, a replay miss: y is still trained, over the top-n and y, and counted in
+  ``replay_miss``. Dropping it instead would take it out of the loss numerator while the
+  denominators (``BatchNorm``, fixed from the token counts before the forward) still count it;
 - ``replay_routing``: for MoE models the experts recorded per position and layer
   (``Sample.routing``) are forced in the forward pass.
 
@@ -24,7 +30,13 @@ from typing import Any
 
 import torch
 from climbrl.kernels import token_logprobs_and_entropy
-from climbrl.learner.replay import forced_routing, keep_counts_BT, model_moe_shape, routing_BLNK
+from climbrl.learner.replay import (
+    forced_routing,
+    keep_counts_BT,
+    keep_mask_with_targets,
+    model_moe_shape,
+    routing_BLNK,
+)
 from torch import Tensor
 
 
@@ -73,8 +85,9 @@ def completion_logprobs(
     fp32_head: bool = True,
 ) -> dict[str, Tensor]:
     """Returns [B, Tc] tensors: logp, entropy, old_logp (the sampler's), mask (trainable),
-    and replay_miss (1 where the sampled token fell outside the learner's replayed kept set:
-    a boundary near-tie; such tokens are taken out of ``mask`` and their logp set to 0)."""
+    and replay_miss (1 on a trainable token outside the learner's own top-n: a newer policy
+    than the sampler's, or a boundary near-tie at lag 0). A missed token stays in ``mask``;
+    its logp and entropy are over the learner's top-n union the token (module docstring)."""
     B = len(samples)
     ids, attn, pos = pack_positions(samples)
     L, Tc = ids.shape[1], pos.shape[1]
@@ -108,10 +121,20 @@ def completion_logprobs(
         hidden_BTH.reshape(B * Tc, -1), W, tgt.reshape(-1), temperature, impl,
         keep_count_N=None if keep_BT is None else keep_BT.reshape(-1), fp32_head=fp32_head,
     )
-    logp, ent = logp.view(B, Tc), ent.view(B, Tc)
-    miss = (mask > 0) & ~torch.isfinite(logp.detach())
+    miss = (mask > 0) & ~torch.isfinite(logp.detach()).view(B, Tc)
     if bool(miss.any()):
-        mask = mask * (~miss).float()
+        assert keep_BT is not None, "only a replayed kept set can exclude the sampled token"
+        idx = miss.reshape(-1).nonzero().squeeze(1)
+        h_MH = hidden_BTH.reshape(B * Tc, -1)[idx]
+        keep_MV = keep_mask_with_targets(h_MH, W, tgt.reshape(-1)[idx],
+                                         keep_BT.reshape(-1)[idx], fp32_head=fp32_head)
+        logp_M, ent_M = token_logprobs_and_entropy(
+            h_MH, W, tgt.reshape(-1)[idx], temperature=temperature, keep_mask_NV=keep_MV,
+            fp32_head=fp32_head, impl=impl,
+        )
+        logp = logp.index_put((idx,), logp_M.to(logp.dtype))
+        ent = ent.index_put((idx,), ent_M.to(ent.dtype))
+    logp, ent = logp.view(B, Tc), ent.view(B, Tc)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     return {
         "logp": torch.where(mask.bool(), logp, zero),
@@ -130,11 +153,10 @@ def reference_logprobs(
     distribution, log softmax(logits / T), with neither the rollout's top-p/top-k kept set nor
     its MoE routing replayed; 0 on non-trainable positions.
 
-    The kept set is the sampling policy's: applied to the reference, a token the policy kept
-    but the reference ranks outside that many would be a replay miss, log-prob 0 (probability
-    1), and k3 = exp(d) - d - 1 with d = 0 - log pi(y_t) a number that does not depend on
-    pi_ref (large where pi(y_t) is small). The full support keeps KL(pi || pi_ref) finite,
-    since every token pi can sample has pi_ref > 0."""
+    The kept set is the sampling policy's: applied to the reference, it would score each token
+    over the reference's top-n plus that token, a support chosen by the policy's count, so
+    the KL would not be to pi_ref. The full support keeps KL(pi || pi_ref) finite, since
+    every token pi can sample has pi_ref > 0."""
     return completion_logprobs(
         ref, samples, temperature, impl, replay_mask=False, replay_routing=False,
         fp32_head=fp32_head,

@@ -364,8 +364,8 @@ class ObjectiveStep:
             acc["mm_kl"] += mm["kl_sum"]
             acc["mm_n"] += mm["n"]
             acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
-            if "replay_miss" in b:  # sampled tokens outside the replayed kept set (not trained)
-                acc["replay_miss"] += float(b["replay_miss"].sum())
+            if "replay_miss" in b:  # sampled tokens outside the learner's top-n (trained)
+                acc["replay_miss"] += float((b["replay_miss"] * mask).sum())
             acc["loss"] += float(loss)
             acc["entropy"] += float(b["entropy"][m].sum())
             acc["clipped"] += st["clipped"]
@@ -402,6 +402,7 @@ class ObjectiveStep:
             "mismatch_kl": acc["mm_kl"] / max(acc["mm_n"], 1.0),
             "mismatch_tokens": acc["mm_n"],
             "replay_miss_tokens": acc["replay_miss"],
+            "replay_miss_frac": acc["replay_miss"] / n_tok,  # of the trainable tokens
             "offpolicy_masked_frac": acc["op_changed"] / n_tok,
             "truncated_masked_frac": float(1.0 - batch.keep_B.mean()),
             "completion_len": sum(sum(s.completion_mask) for s in batch.samples) / len(batch.samples),

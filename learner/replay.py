@@ -5,7 +5,11 @@ kept set is the n highest tempered logits, ties included; see ``climbrl.rollout.
 and, for MoE models, the experts every input position was routed to in every layer. Here:
 
 - ``keep_counts_BT`` lays the counts out as the [B, Tc] ``keep_count`` tensor that
-  ``climbrl.kernels.token_logprobs_and_entropy`` masks with before its log-softmax;
+  ``climbrl.kernels.token_logprobs_and_entropy`` masks with before its log-softmax. The
+  learner's kept set for a token is its own top-n (n = the recorded count) union the sampled
+  token: at lag 0 that is the sampler's top-n, and at lag >= 1 a sampled token the newer
+  weights rank below the n-th (a replay miss) stays in the support instead of dropping out;
+- ``keep_mask_with_targets`` builds that union as a dense [N, V] mask for the rows that miss;
 - ``routing_BLNK`` decodes ``Sample.routing`` into a [B, L, layers, top_k] long tensor
   (-1 = not recorded: that position keeps the learner's own routing);
 - ``forced_routing(model, experts_BLNK)`` is a context manager under which the HF
@@ -60,6 +64,31 @@ def keep_counts_BT(samples: Sequence[Any], Tc: int) -> Tensor | None:
             raise ValueError(f"sample {b}: keep_counts must be >= 0")
         out[b, : len(kc)] = torch.tensor(kc, dtype=torch.long)
     return out
+
+
+def keep_mask_with_targets(
+    hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, keep_count_N: Tensor,
+    fp32_head: bool = True, chunk: int = 256,
+) -> Tensor:
+    """[N, V] bool kept set: the keep_count[n] highest logits of hidden @ W^T (ties at the
+    n-th kept, as in ``keep_count_threshold``) union targets[n]. Meant for the few rows whose
+    sampled token is outside the learner's top-n; built ``chunk`` rows at a time, no grad."""
+    from climbrl.kernels import keep_count_threshold
+    from climbrl.kernels.logprob import compute_dtype
+
+    cdt = compute_dtype(hidden_NH.dtype, fp32_head)
+    w_VH = weight_VH.detach().to(cdt)
+    keep_NV = torch.empty((hidden_NH.shape[0], w_VH.shape[0]), dtype=torch.bool,
+                          device=hidden_NH.device)
+    with torch.no_grad():
+        for s in range(0, hidden_NH.shape[0], chunk):
+            z_CV = hidden_NH[s : s + chunk].detach().to(cdt) @ w_VH.T
+            if z_CV.dtype not in (torch.float32, torch.float64):
+                z_CV = z_CV.float()  # the kernel's softmax dtype (fp32_head=False)
+            thr_C = keep_count_threshold(z_CV, keep_count_N[s : s + chunk])
+            keep_NV[s : s + chunk] = z_CV >= thr_C[:, None]
+        keep_NV.scatter_(1, targets_N[:, None].to(keep_NV.device), True)
+    return keep_NV
 
 
 def decode_routing(r: Any) -> np.ndarray:

@@ -97,9 +97,11 @@ def test_learner_applies_keep_counts_before_log_softmax():
         kept = z.masked_fill(z < z[order[3]], float("-inf"))
         want = torch.log_softmax(kept, -1)[tgt_in]
         assert torch.allclose(b["logp"][0, 0], want, atol=1e-5), impl
-        # outside the replayed set: flagged, dropped from the loss mask, logp zeroed
+        # outside the learner's top-n: flagged, kept in the loss, over the top-n and the token
         assert b["replay_miss"].tolist() == [[0.0], [1.0]]
-        assert b["mask"].tolist() == [[1.0], [0.0]] and float(b["logp"][1, 0]) == 0.0
+        union = z.masked_fill((z < z[order[3]]) & (torch.arange(len(z)) != tgt_out), float("-inf"))
+        assert b["mask"].tolist() == [[1.0], [1.0]]
+        assert torch.allclose(b["logp"][1, 0], torch.log_softmax(union, -1)[tgt_out], atol=1e-5)
         with torch.no_grad():
             off = completion_logprobs(m, [_sample(prompt, [tgt_in], keep=[4])], T, impl=impl,
                                       replay_mask=False)
