@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,6 +225,24 @@ def _is_learner_child(pid: int, parent: int) -> bool:
 # --------------------------------------------------------------------------- rollout servers
 
 
+def _kill_during_run(cfg: Path, tmp: Path, out: Path, pick: Any) -> tuple[int, int, int]:
+    """Launch ``cfg``, and once step 2 is logged SIGKILL the pid that ``pick(launcher pid ->
+    rollout pids by server id)`` returns; wait for the run to end. Returns (exit code, the
+    last step logged at the kill, the killed pid)."""
+    proc = _launch(cfg, tmp / "launcher.log")
+    try:
+        _wait_for_step(proc, out / "metrics.jsonl", 2, tmp, out)
+        victim = pick(_rollout_pids(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        step_at_kill = max(r["step"] for r in _steps(out / "metrics.jsonl"))
+        rc = proc.wait(timeout=400)
+    finally:
+        kill_tree(proc)
+    return rc, step_at_kill, victim
+
+
+
+
 # slow to keep the default suite near its budget (most of its 72 s is the engine restart);
 # test_run_e2e's killed-server test stays in the default suite.
 @pytest.mark.slow
@@ -235,16 +254,10 @@ def test_rollout_server_kill9_is_restarted_and_rejoins_at_the_current_weights(ti
     out = tmp_path / "run"
     cfg = _config(tmp_path, tiny_model, out, steps=5, run={"on_child_death": "restart"},
                   learner={"checkpoint_every": 0})
-    proc = _launch(cfg, tmp_path / "launcher.log")
-    try:
-        _wait_for_step(proc, out / "metrics.jsonl", 2, tmp_path, out)
-        first = _rollout_pids(proc.pid)
-        assert list(first) == ["r0"]
-        os.kill(first["r0"], signal.SIGKILL)
-        step_at_kill = max(r["step"] for r in _steps(out / "metrics.jsonl"))
-        rc = proc.wait(timeout=400)
-    finally:
-        kill_tree(proc)
+    servers: dict[str, int] = {}
+    rc, step_at_kill, killed = _kill_during_run(
+        cfg, tmp_path, out, lambda pids: servers.update(pids) or pids["r0"])
+    assert list(servers) == ["r0"]
     logs = _logs(tmp_path, out)
     assert rc == 0, logs
     learner_log = (out / "logs" / "learner.log").read_text()
@@ -261,7 +274,7 @@ def test_rollout_server_kill9_is_restarted_and_rejoins_at_the_current_weights(ti
         assert r["staleness_max"] <= 0
         assert r["mismatch_mean"] < 1e-4  # the restarted engine samples with the learner's weights
     time.sleep(1)
-    assert not pid_alive(first["r0"])
+    assert not pid_alive(killed)
 
 
 @pytest.mark.slow
@@ -269,16 +282,10 @@ def test_rollout_server_kill9_run_finishes_on_the_other_server(tiny_model, tmp_p
     out = tmp_path / "run"
     cfg = _config(tmp_path, tiny_model, out, steps=8, run={"on_child_death": "continue"},
                   rollout={"num_servers": 2}, learner={"checkpoint_every": 0})
-    proc = _launch(cfg, tmp_path / "launcher.log")
-    try:
-        _wait_for_step(proc, out / "metrics.jsonl", 2, tmp_path, out)
-        pids = _rollout_pids(proc.pid)
-        assert sorted(pids) == ["r0", "r1"]
-        os.kill(pids["r1"], signal.SIGKILL)
-        step_at_kill = max(r["step"] for r in _steps(out / "metrics.jsonl"))
-        rc = proc.wait(timeout=400)
-    finally:
-        kill_tree(proc)
+    servers: dict[str, int] = {}
+    rc, step_at_kill, _ = _kill_during_run(
+        cfg, tmp_path, out, lambda pids: servers.update(pids) or pids["r1"])
+    assert sorted(servers) == ["r0", "r1"]
     logs = _logs(tmp_path, out)
     assert rc == 0, logs
     assert step_at_kill < 8, "the run ended before the kill; nothing was tested"
@@ -313,15 +320,10 @@ def test_engine_core_kill9_is_reported_and_the_server_restarted(tiny_model, tmp_
     out = tmp_path / "run"
     cfg = _config(tmp_path, tiny_model, out, steps=5, run={"on_child_death": "restart"},
                   learner={"checkpoint_every": 0})
-    proc = _launch(cfg, tmp_path / "launcher.log")
-    try:
-        _wait_for_step(proc, out / "metrics.jsonl", 2, tmp_path, out)
-        server = _rollout_pids(proc.pid)["r0"]
-        os.kill(_engine_core_pid(server), signal.SIGKILL)
-        step_at_kill = max(r["step"] for r in _steps(out / "metrics.jsonl"))
-        rc = proc.wait(timeout=400)
-    finally:
-        kill_tree(proc)
+    servers: dict[str, int] = {}
+    rc, step_at_kill, _ = _kill_during_run(
+        cfg, tmp_path, out, lambda pids: servers.update(pids) or _engine_core_pid(pids["r0"]))
+    server = servers["r0"]
     logs = _logs(tmp_path, out)
     assert rc == 0, logs
     assert step_at_kill < 5, "the run ended before the kill; nothing was tested"

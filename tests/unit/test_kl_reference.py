@@ -13,27 +13,24 @@ import math
 
 import pytest
 import torch
-from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.objectives import kl_estimate
-from climbrl.learner.objectives_step import ObjectiveStep
 from torch import Tensor
 
 from climbrl.config import load_config
 from climbrl.wire import Sample, Trajectory
+from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
 D = torch.float64
 V, T, KEEP = 40, 0.7, 3  # vocabulary, sampling temperature, top-k kept by the rollout
 
 
 def _qwen3(seed: int) -> torch.nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return tiny_qwen3(seed, V)
 
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                      tie_word_embeddings=False)
-    return Qwen3ForCausalLM(cfg).float().eval()
+
+def _learner(policy: torch.nn.Module, ref: torch.nn.Module, overrides: list[str]) -> Learner:
+    return bare_learner(policy, T, ref=ref, overrides=overrides)
 
 
 def _next_logits(model: torch.nn.Module, prompt: list[int]) -> Tensor:
@@ -51,19 +48,6 @@ def _policy_top_not_ref_top(policy: torch.nn.Module, ref: torch.nn.Module) -> tu
         if pol_top - ref_top:
             return prompt, min(pol_top - ref_top)
     raise AssertionError("no prompt separates the two models' kept sets")
-
-
-def _learner(policy: torch.nn.Module, ref: torch.nn.Module, overrides: list[str]) -> Learner:
-    cfg = load_config(None, ["model.path=m", "learner.group_size=2", "learner.micro_batch_size=2",
-                             f"rollout.temperature={T}", "rollout.max_tokens=4",
-                             "learner.mask_truncated=false", *overrides])
-    L = object.__new__(Learner)  # the real train_step; the models are built here, no engine
-    L.cfg, L.step, L.version = cfg, 0, 0
-    L.model, L.ref = policy.train(), ref
-    L.opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    L.obj = ObjectiveStep(cfg, policy, 1.0)
-    L.cursor, L.seq_of = DataCursor(10), {}
-    return L
 
 
 def test_reference_logprob_is_its_full_distribution_under_top_k_replay():

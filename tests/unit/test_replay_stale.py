@@ -15,27 +15,23 @@ import math
 
 import pytest
 import torch
-from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.logprobs import completion_logprobs
-from climbrl.learner.objectives_step import ObjectiveStep
 from torch import Tensor
 
-from climbrl.config import load_config
 from climbrl.wire import Sample, Trajectory
+from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
 D = torch.float64
 V, T, N = 40, 0.7, 3  # vocabulary, sampling temperature, top-n kept by the sampler
 
 
 def _qwen3(seed: int) -> torch.nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return tiny_qwen3(seed, V)
 
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                      tie_word_embeddings=False)
-    return Qwen3ForCausalLM(cfg).float().eval()
+
+def _learner(policy: torch.nn.Module) -> Learner:
+    return bare_learner(policy, T, version=1)  # one version ahead of the sampler: lag 1
 
 
 def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -129,19 +125,6 @@ def test_lag1_sampled_token_outside_learner_top_n_is_trained_over_top_n_plus_it(
     grad = learner.lm_head.weight.grad.to(D)
     assert float(grad.abs().sum()) > 0
     assert torch.allclose(grad, want_grad, atol=1e-5)
-
-
-def _learner(policy: torch.nn.Module) -> Learner:
-    cfg = load_config(None, ["model.path=m", "learner.group_size=2", "learner.micro_batch_size=2",
-                             f"rollout.temperature={T}", "rollout.max_tokens=4",
-                             "learner.mask_truncated=false"])
-    L = object.__new__(Learner)  # the real train_step; the model is built here, no engine
-    L.cfg, L.step, L.version = cfg, 0, 1  # one version ahead of the sampler: lag 1
-    L.model, L.ref = policy.train(), None
-    L.opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    L.obj = ObjectiveStep(cfg, policy, 1.0)
-    L.cursor, L.seq_of = DataCursor(10), {}
-    return L
 
 
 def test_step_metrics_log_replay_miss_frac():
