@@ -113,3 +113,27 @@ def _cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+async def raw_round(engine: Any, prompts: list[list[int]], group: int, max_tokens: int,
+                    round_index: int, seeded: bool = True) -> tuple[int, float]:
+    """One round straight into a vLLM AsyncLLM: ``group`` samples of every prompt at once
+    (temperature 1, log-probs on, each request seeded from its round, prompt and sample index
+    unless ``seeded`` is False). Returns (tokens generated, seconds)."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    async def one(i: int, j: int) -> int:
+        sp = SamplingParams(temperature=1.0, max_tokens=max_tokens, logprobs=0,
+                            seed=round_index * 100_000 + i * 100 + j if seeded else None)
+        out = None
+        async for o in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,
+                                       request_id=f"raw-{time.monotonic_ns()}-{i}-{j}"):
+            out = o
+        return len(out.outputs[0].token_ids)
+
+    t = time.perf_counter()
+    n = await asyncio.gather(*(one(i, j) for i in range(len(prompts)) for j in range(group)))
+    return sum(n), time.perf_counter() - t

@@ -50,7 +50,7 @@ def main() -> None:
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.rollout.engine import build_engine
 
-    from benchmarks.common import RolloutProc, settle, write_cfg, write_result
+    from benchmarks.common import RolloutProc, raw_round, settle, write_cfg, write_result
     from climbrl.tinymodel import make_tiny_model
     from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
 
@@ -62,8 +62,6 @@ def main() -> None:
     server = RolloutProc(cfg, tmp / "rollout.log")
 
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     tok = AutoTokenizer.from_pretrained(str(model))
     env = make_env(a.env)
@@ -75,20 +73,6 @@ def main() -> None:
                        else ChatRenderer(tok).prompt_ids(p))
     engine = build_engine(str(model), dtype="float32", kv_cache_gb=1, max_model_len=max_len,
                           max_num_seqs=conc)
-
-    async def raw_round(r: int) -> tuple[int, float]:
-        async def one(i: int, j: int) -> int:
-            sp = SamplingParams(temperature=1.0, max_tokens=a.max_tokens, logprobs=0,
-                                seed=r * 100_000 + i * 100 + j)
-            out = None
-            async for o in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,
-                                           request_id=f"raw-{r}-{i}-{j}"):
-                out = o
-            return len(out.outputs[0].token_ids)
-
-        t = time.perf_counter()
-        n = await asyncio.gather(*(one(i, j) for i in range(a.tasks) for j in range(a.group)))
-        return sum(n), time.perf_counter() - t
 
     def climbrl_round(r: int) -> tuple[int, float]:
         t = time.perf_counter()
@@ -109,12 +93,12 @@ def main() -> None:
 
     raw, ours = [], []
     try:
-        loop.run_until_complete(raw_round(-1))  # warm-up both
+        loop.run_until_complete(raw_round(engine, prompts, a.group, a.max_tokens, -1))  # warm-up both
         climbrl_round(-1)
 
         def run_raw(r: int) -> None:
             settle()
-            raw.append(loop.run_until_complete(raw_round(r)))
+            raw.append(loop.run_until_complete(raw_round(engine, prompts, a.group, a.max_tokens, r)))
 
         def run_ours(r: int) -> None:
             settle()

@@ -32,7 +32,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,7 +53,7 @@ def main() -> None:
     from climbrl.envs.chat import ChatRenderer
     from climbrl.rollout.engine import engine_args, prepare_vllm_env
 
-    from benchmarks.common import settle, write_result
+    from benchmarks.common import raw_round, settle, write_result
 
     if a.model is None:
         from climbrl.envs.tasks import corpus_for_tokenizer
@@ -65,8 +64,6 @@ def main() -> None:
                                       corpus_for_tokenizer()))
     prepare_vllm_env(1.0)
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -92,18 +89,8 @@ def main() -> None:
             engines[key] = AsyncLLM.from_engine_args(dataclasses.replace(base, **overrides))
 
     async def one_round(engine: AsyncLLM, seeded: bool, r: int) -> float:
-        async def one(i: int, j: int) -> int:
-            sp = SamplingParams(temperature=1.0, max_tokens=a.max_tokens, logprobs=0,
-                                seed=r * 100_000 + i * 100 + j if seeded else None)
-            out = None
-            async for o in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,
-                                           request_id=f"{time.monotonic_ns()}-{i}-{j}"):
-                out = o
-            return len(out.outputs[0].token_ids)
-
-        t = time.perf_counter()
-        n = await asyncio.gather(*(one(i, j) for i in range(a.tasks) for j in range(a.group)))
-        return sum(n) / (time.perf_counter() - t)
+        n, secs = await raw_round(engine, prompts, a.group, a.max_tokens, r, seeded)
+        return n / secs
 
     names = list(variants)
     tps: dict[str, list[float]] = {n: [] for n in names}
