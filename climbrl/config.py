@@ -131,6 +131,15 @@ class LearnerCfg(_Cfg):
         "before and after.",
     )
     micro_batch_size: int = Field(64, ge=1, description="Samples per forward/backward chunk.")
+    minibatches: int = Field(
+        1, ge=1,
+        description="Optimizer steps per epoch over a batch (PPO-style): the batch's samples are "
+        "split into this many mini-batches, each normalised on its own. After the first "
+        "step the ratio pi_theta / pi_old moves away from 1, so the clips bind.",
+    )
+    epochs: int = Field(
+        1, ge=1, description="Passes over each batch (each pass takes `minibatches` steps)."
+    )
     logprob_impl: Literal["auto", "naive", "chunked"] = Field(
         "auto", description="Log-prob/entropy kernel: climbrl.kernels ('auto') or plain torch."
     )
@@ -213,8 +222,11 @@ class LearnerCfg(_Cfg):
         "none",
         description="Off-policy correction for async data: none (ratio against the rollout's "
         "log-probs), tis (truncated IS weight) or icepop (mask tokens whose weight leaves "
-        "[offpolicy_low, offpolicy_high]); with tis/icepop the ratio is taken against the "
-        "learner's current policy.",
+        "[offpolicy_low, offpolicy_high]). With tis/icepop the objective is decoupled "
+        "(Hilton et al. 2022; AReaL): the behaviour policy mu is the sampler's log-probs, the "
+        "proximal policy pi_prox the learner's weights when the batch is taken; the weight is "
+        "pi_prox / mu and the clip is on pi_theta / pi_prox (live from the second optimizer "
+        "step over a batch: minibatches or epochs > 1).",
     )
     offpolicy_level: Literal["token", "sequence"] = Field(
         "token", description="TIS/IcePop weight per token or per sequence (product of ratios)."
@@ -235,9 +247,8 @@ class LearnerCfg(_Cfg):
         0.0, ge=0,
         description="PPO value clip eps_v (0 = off): the critic's loss is max((V - R)^2, "
         "(V_clip - R)^2) / 2 with V_clip = V_old + clip(V - V_old, -eps_v, eps_v), V_old the "
-        "values the returns were computed with. The learner takes one optimizer step per batch, "
-        "so V equals V_old up to rounding when the loss is taken: the clip binds only if "
-        "the critic is updated between computing the returns and taking the loss.",
+        "values the returns were computed with (before the batch's first optimizer step); it "
+        "binds from the second step over a batch (minibatches or epochs > 1).",
     )
     # --- weight sync (climbrl/weightsync.py, learner/weights.py)
     weight_sync: Literal["full", "delta", "lora"] = Field(
@@ -282,6 +293,11 @@ class LearnerCfg(_Cfg):
 
     @model_validator(mode="after")
     def _check_objective(self) -> LearnerCfg:
+        if self.minibatches > self.batch_groups * self.group_size:
+            raise ValueError(
+                f"learner.minibatches = {self.minibatches} exceeds the batch's "
+                f"{self.batch_groups * self.group_size} samples (batch_groups x group_size)"
+            )
         if self.group_size < 2 and self.objective != "ppo":
             raise ValueError(
                 f"learner.group_size = 1 gives {self.objective!r} no group to compare against; "

@@ -434,61 +434,100 @@ class Learner:
     # ------------------------------------------------------------------ training
 
     def train_step(self, groups: list[Trajectory]) -> dict[str, Any]:
-        """One optimizer step of ``learner.objective`` (learner/objectives_step.py)."""
+        """``learner.epochs`` x ``learner.minibatches`` optimizer steps of ``learner.objective``
+        on one batch (learner/objectives_step.py; one step by default)."""
         lc, ds = self.cfg.learner, self.ds
         t0 = time.perf_counter()
         self._command(f"train@{self.version}", groups)  # FSDP: every rank trains this batch
         batch = self.obj.prepare(groups, self.version)  # shaped rewards, advantages, norms
-        samples = batch.samples
-        self.opt.zero_grad(set_to_none=True)
-        self.obj.zero_grad()
         if self.obj.critic is not None:
             self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
-        # FSDP: this rank's share of the micro-batches (padded so every rank runs as many),
-        # each loss times a scale that makes FSDP's gradient mean over ranks the sum
-        micro = (fsdp.rank_microbatches(len(samples), lc.micro_batch_size, ds) if ds.distributed
-                 else [(i, 1.0) for i in range(0, len(samples), lc.micro_batch_size)])
-        for i, scale in micro:
-            mb = samples[i : i + lc.micro_batch_size]
-            acc = dict(batch.acc) if scale == 0.0 else None  # a padding pass (FSDP)
-            with self.obj.capture_hidden(self.model):  # value head reads the same forward
-                b = fsdp.root_forward(
-                    self.model, completion_logprobs, self.model, mb,
-                    temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
-                    fp32_head=lc.fp32_lm_head,
-                )
-            ref = None
-            if self.ref is not None:
-                with torch.no_grad():
-                    ref = fsdp.root_forward(  # its own full distribution: no replay
-                        self.ref, reference_logprobs, self.ref, mb,
-                        self.cfg.rollout.temperature, impl=lc.logprob_impl,
-                        fp32_head=lc.fp32_lm_head,
-                    )
-            loss = self.obj.micro_loss(batch, i, b, ref)
-            if ds.distributed:
-                loss = loss * scale
-            if acc is not None:  # the padding pass ran for the collectives, not the statistics
-                batch.acc = acc
-            loss.backward()
+        plan = [(lo, hi, norm, self._micro(lo, hi)) for lo, hi, norm in self.obj.minibatches(batch)]
+        if self.obj.needs_proximal(batch):  # decoupled: log pi_prox before any update
+            batch.prox_BT = self._proximal_logprobs(batch, [m for *_, ms in plan for m in ms])
+        batch.updates = lc.epochs * len(plan)
+        grad_norms: list[float] = []
+        critic_grad_norm = float("nan")
+        for epoch in range(lc.epochs):
+            for _lo, _hi, norm, micro in plan:
+                self.opt.zero_grad(set_to_none=True)
+                self.obj.zero_grad()
+                for i, n, scale in micro:
+                    self._micro_backward(batch, i, n, scale, norm, epoch)
+                if ds.distributed:
+                    grad_norm = fsdp.clip_grad_norm(self.model.parameters(), lc.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                               lc.grad_clip)
+                self.opt.step()
+                critic_grad_norm = self.obj.step_critic()
+                batch.stepped = True
+                grad_norms.append(float(grad_norm))
         if ds.distributed:
             batch.acc = fsdp.reduce_stats(batch.acc, ds)  # sums over ranks (max for *_max)
-            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), lc.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)
-        self.opt.step()
-        critic_grad_norm = self.obj.step_critic()
         seqs = [self.seq_of.pop(g.order_id) for g in groups] if ds.is_coordinator else []
         for seq in seqs:
             self.cursor.done(seq)
         stats: dict[str, Any] = self.obj.finish(batch)  # also steps the clip-high controller
         self._mid_collective = False
         stats["trained_seqs"] = seqs
-        stats["grad_norm"] = float(grad_norm)
+        stats["grad_norm"] = grad_norms[0]  # the first step's: before the batch moved the policy
+        stats["optimizer_steps"] = float(batch.updates)
         if self.obj.critic is not None:
             stats["critic_grad_norm"] = critic_grad_norm
         stats["train_s"] = time.perf_counter() - t0
         return stats
+
+    def _micro(self, lo: int, hi: int) -> list[tuple[int, int, float]]:
+        """``(start, size, loss_scale)`` of the micro-batches of samples[lo:hi] this process
+        runs. FSDP: this rank's share (padded so every rank runs as many), each loss times a
+        scale that makes FSDP's gradient mean over ranks the sum."""
+        mbs = self.cfg.learner.micro_batch_size
+        if not self.ds.distributed:
+            return [(i, min(mbs, hi - i), 1.0) for i in range(lo, hi, mbs)]
+        return [(lo + i, min(mbs, hi - lo - i), scale)
+                for i, scale in fsdp.rank_microbatches(hi - lo, mbs, self.ds)]
+
+    def _policy_logprobs(self, mb: list[Any]) -> dict[str, torch.Tensor]:
+        lc = self.cfg.learner
+        return fsdp.root_forward(
+            self.model, completion_logprobs, self.model, mb,
+            temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
+            fp32_head=lc.fp32_lm_head,
+        )
+
+    def _proximal_logprobs(self, batch: Any, micro: list[tuple[int, int, float]]) -> torch.Tensor:
+        """[B, T] log pi_prox(y_t) of the samples this process trains, by a no-grad forward of
+        the current weights (0 at positions past a completion and in other ranks' rows)."""
+        T = max(len(s.completion_ids) for s in batch.samples)
+        out = torch.zeros(len(batch.samples), T, dtype=torch.float32)
+        with torch.no_grad():
+            for i, n, _scale in micro:
+                logp = self._policy_logprobs(batch.samples[i : i + n])["logp"]
+                out[i : i + n, : logp.shape[1]] = logp.float().cpu()
+        return out
+
+    def _micro_backward(self, batch: Any, i: int, n: int, scale: float, norm: Any,
+                        epoch: int) -> None:
+        mb = batch.samples[i : i + n]
+        acc = dict(batch.acc) if scale == 0.0 else None  # a padding pass (FSDP)
+        with self.obj.capture_hidden(self.model):  # value head reads the same forward
+            b = self._policy_logprobs(mb)
+        ref = None
+        if self.ref is not None:
+            lc = self.cfg.learner
+            with torch.no_grad():
+                ref = fsdp.root_forward(  # its own full distribution: no replay
+                    self.ref, reference_logprobs, self.ref, mb,
+                    self.cfg.rollout.temperature, impl=lc.logprob_impl,
+                    fp32_head=lc.fp32_lm_head,
+                )
+        loss = self.obj.micro_loss(batch, i, b, ref, norm, epoch)
+        if self.ds.distributed:
+            loss = loss * scale
+        if acc is not None:  # the padding pass ran for the collectives, not the statistics
+            batch.acc = acc
+        loss.backward()
 
     # ------------------------------------------------------------------ weights
 

@@ -2,10 +2,23 @@
 
     batch = step.prepare(groups, version)           # shaped rewards, advantages, masks, norms
     step.prepare_values(model, batch)               # PPO only: V(s_t), V(s_T), GAE(gamma, lambda)
-    for each micro-batch:
-        with step.capture_hidden(model): b = completion_logprobs(model, mb, ...)
-        step.micro_loss(batch, i, b, ref_logp).backward()
-    step.step_critic(); stats = step.finish(batch)
+    if step.needs_proximal(batch): batch.prox_BT = ...   # decoupled: log pi_prox before any step
+    for epoch in range(epochs):
+        for (lo, hi, norm) in step.minibatches(batch):   # one optimizer step each
+            for each micro-batch of samples[lo:hi]:
+                with step.capture_hidden(model): b = completion_logprobs(model, mb, ...)
+                step.micro_loss(batch, i, b, ref_logp, norm, epoch).backward()
+            optimizer step; step.step_critic()
+    stats = step.finish(batch)
+
+With ``minibatches = epochs = 1`` that is one optimizer step per batch. With more, the policy
+moves between the steps over one batch, so the ratio pi_theta / pi_old and every clip on it
+bind (PPO, Schulman et al. 2017). pi_old is the sampler's policy mu (the rollout's log-probs),
+except in the decoupled form (``offpolicy_correction`` tis/icepop, and the stale samples of
+``stale_policy = "correct"``), where it is the proximal policy pi_prox: the learner's weights
+when the batch is taken (Hilton et al. 2022, "Batch size-invariance for policy optimization";
+AReaL). There the importance weight pi_prox / mu corrects for the sampler, and the clip is on
+pi_theta / pi_prox.
 
 ``ObjectiveStep`` owns the objective's state: the PPO critic (a value head on the policy's last
 hidden state, or a separate value model) with its optimizer, and the clip-high controller.
@@ -176,6 +189,10 @@ class StepBatch:
     adv_BT: Tensor | None = None  # PPO (GAE)
     returns_BT: Tensor | None = None
     values_BT: Tensor | None = None  # PPO: V_old(s_t), the critic's values the returns use
+    prox_BT: Tensor | None = None  # decoupled: log pi_prox(y_t), before the batch's first step
+    epochs: int = 1
+    updates: int = 1  # optimizer steps taken over this batch
+    stepped: bool = False  # the weights moved since the batch was taken
     acc: dict[str, float] = field(default_factory=dict)
     env_errors: int = 0  # episodes left out because their environment failed
 
@@ -242,7 +259,7 @@ class ObjectiveStep:
             raw_rewards_B=raw_GS.flatten()[idx],
             lag_B=torch.tensor([version - g.policy_version for g in groups for _ in g.samples])[idx],
             keep_B=keep_B[idx], norm=BatchNorm(tokens, n_samples, self.fixed_len),
-            env_errors=env_errors,
+            env_errors=env_errors, epochs=lc.epochs,
         )
         if lc.objective != "ppo":
             batch.adv_B = group_advantages(
@@ -252,6 +269,33 @@ class ObjectiveStep:
                          mm_kl=0.0, mm_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0,
                          replay_miss=0.0)
         return batch
+
+    def minibatches(self, batch: StepBatch) -> list[tuple[int, int, BatchNorm]]:
+        """``(lo, hi, norm)`` of each optimizer step of an epoch: ``learner.minibatches``
+        contiguous slices of the batch's samples (sizes differ by at most one), each with the
+        counts of its own trainable tokens and samples, so each step's loss is the mean over
+        its mini-batch."""
+        n = len(batch.samples)
+        k = min(self.lc.minibatches, n)
+        bounds = [n * j // k for j in range(k + 1)]
+        out = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            keep = batch.keep_B[lo:hi]
+            lens = [sum(s.completion_mask) for s in batch.samples[lo:hi]]
+            tokens = float(sum(float(kk) * ln for kk, ln in zip(keep, lens)))
+            n_samples = float(sum(1 for kk, ln in zip(keep, lens) if kk > 0 and ln))
+            out.append((lo, hi, BatchNorm(tokens, n_samples, self.fixed_len)))
+        return out
+
+    def needs_proximal(self, batch: StepBatch) -> bool:
+        """Whether the decoupled objective needs log pi_prox from a separate no-grad forward:
+        only when the batch takes more than one optimizer step (with one, pi_prox is the
+        weights of the step's own forward, and its detached log-probs are pi_prox)."""
+        lc = self.lc
+        decoupled = lc.offpolicy_correction != "none" or (
+            lc.stale_policy == "correct" and bool((batch.lag_B > lc.max_staleness).any())
+        )
+        return decoupled and lc.minibatches * lc.epochs > 1
 
     def prepare_values(self, policy: nn.Module, batch: StepBatch) -> None:
         """PPO: the critic's V(s_t) for the whole batch (no grad), the per-token rewards
@@ -311,34 +355,42 @@ class ObjectiveStep:
             h.remove()
 
     def micro_loss(
-        self, batch: StepBatch, i: int, b: dict[str, Tensor], ref_logp_BT: Tensor | None
+        self, batch: StepBatch, i: int, b: dict[str, Tensor], ref_logp_BT: Tensor | None,
+        norm: BatchNorm | None = None, epoch: int = 0,
     ) -> Tensor:
-        """Loss of samples[i : i + len(b)] (already normalised over the whole batch)."""
+        """Loss of samples[i : i + len(b)], normalised over its optimizer step's samples
+        (``norm``: the mini-batch's counts; the whole batch's by default)."""
         lc, acc = self.lc, batch.acc
+        norm = norm or batch.norm
         logp, rollout = b["logp"], b["old_logp"]
         n, Tc = logp.shape
         mb = batch.samples[i : i + n]
         dev = logp.device  # the batch's tensors live on the CPU; the model may be on a GPU
         mask = b["mask"] * batch.keep_B[i : i + n].to(b["mask"]).unsqueeze(1)
         lag = batch.lag_B[i : i + n].to(dev).unsqueeze(1)
+        # pi_prox: the weights when the batch was taken (see the module docstring)
+        prox = (batch.prox_BT[i : i + n, :Tc].to(logp) if batch.prox_BT is not None
+                else logp.detach())
         old, w = rollout, None
         if lc.offpolicy_correction != "none":
-            # decoupled: clip against the learner's current policy, correct the engine's
-            # sampling distribution with the IS weight (TIS) or mask (IcePop)
-            w, changed = offpolicy_weights(logp, rollout, mask, lc.offpolicy_correction,
+            # decoupled: the clip on pi_theta / pi_prox, the sampler mu corrected by the IS
+            # weight pi_prox / mu (TIS) or mask (IcePop)
+            w, changed = offpolicy_weights(prox, rollout, mask, lc.offpolicy_correction,
                                            lc.offpolicy_level, lc.offpolicy_low, lc.offpolicy_high)
-            old = logp.detach()
-            acc["op_changed"] += float(changed.sum())
+            old = prox
+            if epoch == 0:
+                acc["op_changed"] += float(changed.sum())
         elif lc.stale_policy == "correct" and bool((lag > lc.max_staleness).any()):
             stale = (lag > lc.max_staleness).expand_as(logp)
-            w_tis, changed = offpolicy_weights(logp, rollout, mask, "tis", "token", 0.0, lc.tis_cap)
+            w_tis, changed = offpolicy_weights(prox, rollout, mask, "tis", "token", 0.0, lc.tis_cap)
             w = torch.where(stale, w_tis, torch.ones_like(w_tis))
-            old = torch.where(stale, logp.detach(), rollout)
-            acc["op_changed"] += float((changed & stale).sum())
+            old = torch.where(stale, prox, rollout)
+            if epoch == 0:
+                acc["op_changed"] += float((changed & stale).sum())
         adv = batch.adv_B[i : i + n] if batch.adv_B is not None else batch.adv_BT[i : i + n, :Tc]
         adv = adv.to(dev)
         loss, st = self.loss(
-            logp, old, adv, mask, batch.norm, is_weight_BT=w, ref_logp_BT=ref_logp_BT,
+            logp, old, adv, mask, norm, is_weight_BT=w, ref_logp_BT=ref_logp_BT,
             entropy_BT=b["entropy"] if self.loss.entropy_coef else None,
         )
         if self.critic is not None:
@@ -352,19 +404,21 @@ class ObjectiveStep:
             old = None
             if lc.value_clip > 0:
                 old = batch.values_BT[i : i + n, :Tc].to(values)
-            vl = value_loss(values, ret, mask, batch.norm, old, lc.value_clip)
+            vl = value_loss(values, ret, mask, norm, old, lc.value_clip)
             loss = loss + lc.vf_coef * vl
             acc["vloss"] += float(vl.detach())
             acc["vmean"] += float((values.detach() * mask).sum())
         with torch.no_grad():
             m = mask.bool()
-            fresh = m & (lag == 0)
-            mm = mismatch_sums(logp, rollout, fresh)
-            acc["mm_abs"] += mm["abs_sum"]
-            acc["mm_kl"] += mm["kl_sum"]
-            acc["mm_n"] += mm["n"]
-            acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
-            if "replay_miss" in b:  # sampled tokens outside the learner's top-n (trained)
+            if epoch == 0 and (batch.prox_BT is not None or not batch.stepped):
+                # engine/trainer mismatch: same weights (lag 0), before this batch's updates
+                fresh = m & (lag == 0)
+                mm = mismatch_sums(prox, rollout, fresh)
+                acc["mm_abs"] += mm["abs_sum"]
+                acc["mm_kl"] += mm["kl_sum"]
+                acc["mm_n"] += mm["n"]
+                acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
+            if "replay_miss" in b and epoch == 0:  # sampled tokens outside the learner's top-n
                 acc["replay_miss"] += float((b["replay_miss"] * mask).sum())
             acc["loss"] += float(loss)
             acc["entropy"] += float(b["entropy"][m].sum())
@@ -386,15 +440,18 @@ class ObjectiveStep:
         return float(gn)
 
     def finish(self, batch: StepBatch) -> dict[str, float]:
+        """The step's metrics. Sums over every pass of the batch are averaged: per token over
+        ``epochs`` passes of its tokens, the losses over its ``updates`` optimizer steps."""
         acc, n_tok = batch.acc, max(batch.norm.tokens, 1.0)
-        entropy = acc["entropy"] / n_tok
+        n_seen = n_tok * batch.epochs  # trainable tokens seen over all the passes
+        entropy = acc["entropy"] / n_seen
         out = {
-            "loss": acc["loss"],
+            "loss": acc["loss"] / batch.updates,
             "reward": float(batch.raw_rewards_B.mean()),
             "reward_shaped": float(batch.rewards_B.mean()),
             "correct": _nanmean([s.metrics.get("correct", float("nan")) for s in batch.samples]),
             "entropy": entropy,
-            "clip_frac": acc["clipped"] / n_tok,
+            "clip_frac": acc["clipped"] / n_seen,
             "staleness_mean": float(batch.lag_B.double().mean()),
             "staleness_max": float(batch.lag_B.max()),
             "mismatch_mean": acc["mm_abs"] / max(acc["mm_n"], 1.0),
@@ -410,10 +467,10 @@ class ObjectiveStep:
             "env_errors": float(batch.env_errors),
         }
         if self.loss.kl_coef > 0:
-            out["kl_ref"] = acc["kl"] / n_tok
+            out["kl_ref"] = acc["kl"] / n_seen
         if self.critic is not None:
-            out["value_loss"] = acc["vloss"]
-            out["value_mean"] = acc["vmean"] / n_tok
+            out["value_loss"] = acc["vloss"] / batch.updates
+            out["value_mean"] = acc["vmean"] / n_seen
         if self.controller is not None:
             self.loss.clip_high = self.controller.update(entropy)
         return out

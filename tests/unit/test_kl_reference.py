@@ -73,8 +73,8 @@ def test_reference_logprob_is_its_full_distribution_under_top_k_replay():
                     gen_seconds=0.0, num_generated_tokens=2)
     seen: list[Tensor] = []
     micro_loss = L.obj.micro_loss
-    L.obj.micro_loss = lambda batch, i, b, ref_logp: seen.append(ref_logp) or micro_loss(
-        batch, i, b, ref_logp)
+    L.obj.micro_loss = lambda batch, i, b, ref_logp, *a: seen.append(ref_logp) or micro_loss(
+        batch, i, b, ref_logp, *a)
     st = L.train_step([tr])
 
     assert len(seen) == 1 and seen[0] is not None

@@ -131,7 +131,9 @@ def test_clip_high_controller_state_is_checkpointed(tiny_model, tmp_path):
 
 
 def test_icepop_masks_the_tokens_the_engine_disagrees_on(tiny_model, tmp_path):
-    L = _learner(tiny_model, tmp_path, "cispo.toml", [])
+    L = _learner(tiny_model, tmp_path, "grpo.toml", [
+        "learner.offpolicy_correction=\"icepop\"", "learner.offpolicy_low=0.5",
+        "learner.offpolicy_high=2.0"])
     groups = _groups(L, 2, 8)
     n_tok = sum(len(s.completion_ids) for g in groups for s in g.samples)
     bad = 0
@@ -141,6 +143,87 @@ def test_icepop_masks_the_tokens_the_engine_disagrees_on(tiny_model, tmp_path):
         bad += 1
     st = L.train_step(groups)
     assert st["offpolicy_masked_frac"] == pytest.approx(bad / n_tok)
+
+
+def _stale(L: Learner, groups: list[Trajectory]) -> list[Trajectory]:
+    """The batch as a sampler one version behind would have sent it: lag 1, and log-probs
+    that differ from the learner's by e^1 (even samples) or e^-2 (odd ones) in ratio."""
+    L.version = 1
+    for g in groups:
+        g.policy_version = 0
+        for j, s in enumerate(g.samples):
+            d = -1.0 if j % 2 == 0 else 2.0  # log pi_theta - log mu after the SHIFT is undone
+            s.logprobs = [x + SHIFT - d for x in s.logprobs]
+    return groups
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_each_example_binds_its_clip_on_a_stale_batch(name, tiny_model, tmp_path):
+    """Each example trains the objective it is named after: on a stale batch (lag 1, token
+    ratios pi_theta / mu of e and e^-2) its clip (grpo, dr_grpo, dapo: token ratio in
+    [0.8, 1.2] or [0.8, 1.28]; gspo: sequence ratio in [1 - 3e-4, 1 + 4e-4]; ppo: GAE
+    advantages, [0.8, 1.2]) or its capped IS weight (cispo: weight <= 5) binds."""
+    L = _learner(tiny_model, tmp_path, f"{name}.toml", ["learner.mask_truncated=false"])
+    gs = L.cfg.learner.group_size
+    assert L.cfg.learner.minibatches >= 2  # several steps per batch: the ratio moves
+    st = L.train_step(_stale(L, _groups(L, 4 if gs > 1 else 8, gs)))
+    assert st["staleness_max"] == 1.0 and st["optimizer_steps"] == 2.0
+    assert st["clip_frac"] > 0.0, st
+    if name == "cispo":  # the ratios above 5 (e^2) are capped, the ones at e^-1 are not
+        assert L.cfg.learner.clip_low == 1.0 and L.cfg.learner.offpolicy_correction == "none"
+
+
+def _hand_logp(model: torch.nn.Module, samples: list[Sample], T: float) -> list[list[float]]:
+    """log softmax(logits / T) of each completion token, by hand from the model's logits."""
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([list(s.prompt_ids) + list(s.completion_ids)])
+            z = model(input_ids=ids).logits[0].double() / T
+            P = len(s.prompt_ids)
+            lp = torch.log_softmax(z[P - 1 : -1], dim=-1)
+            out.append([float(lp[t, y]) for t, y in enumerate(s.completion_ids)])
+    return out
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_decoupled_ratio_is_against_the_proximal_policy(minibatches, tiny_model, tmp_path):
+    """offpolicy_correction = 'tis' (decoupled PPO): pi_prox is the weights when the batch is
+    taken, computed here by hand on a copy of those weights. With one optimizer step the ratio
+    pi_theta / pi_prox is exactly 1 (no clip binds); with two, the second step's ratio moves
+    and the clip binds. The TIS weight pi_prox / mu truncates the tokens where mu is e^-1
+    below pi_prox, in every step."""
+    import copy
+
+    L = _learner(tiny_model, tmp_path, "grpo.toml", [
+        "learner.offpolicy_correction=\"tis\"", "learner.offpolicy_high=2.0",
+        f"learner.minibatches={minibatches}", "learner.loss_agg=\"token\""])
+    for gr in L.opt.param_groups:
+        gr["lr"] = 0.05  # a step large enough to move the ratio past the clip
+    groups = _groups(L, 4, 8)
+    truncated = 0
+    for g in groups:
+        for j, s in enumerate(g.samples):
+            if j % 2 == 0:  # log pi_prox - log mu = 1 > log 2: TIS truncates every token
+                s.logprobs = [x + SHIFT - 1.0 for x in s.logprobs]
+                truncated += len(s.completion_ids)
+    n_tok = sum(len(s.completion_ids) for g in groups for s in g.samples)
+    samples = [s for g in groups for s in g.samples]
+    want_prox = _hand_logp(copy.deepcopy(L.model), samples, L.cfg.rollout.temperature)
+    seen = []
+    micro_loss = L.obj.micro_loss
+    L.obj.micro_loss = lambda batch, *a: seen.append(batch.prox_BT) or micro_loss(batch, *a)
+    st = L.train_step(groups)
+    assert st["optimizer_steps"] == minibatches
+    assert st["offpolicy_masked_frac"] == pytest.approx(truncated / n_tok)
+    if minibatches == 1:
+        assert seen[0] is None  # pi_prox is this very forward's weights: its detached log-probs
+        assert st["clip_frac"] == 0.0
+        return
+    prox = seen[0]
+    for b, (s, want) in enumerate(zip(samples, want_prox)):
+        assert prox[b, : len(want)].tolist() == pytest.approx(want, abs=1e-5)
+    assert st["clip_frac"] > 0.0
 
 
 def test_truncated_completions_are_masked(tiny_model, tmp_path):
