@@ -1,8 +1,11 @@
-"""The demo base: pretrain, from scratch on CPU in ~5 minutes, a small Qwen3 that adds numbers.
+"""The demo base: pretrain, from scratch on CPU in ~3 minutes, a small Qwen3 that adds numbers.
 
 The corpus is `climbrl.pretrain.synthetic`'s addition task (``"347+85=" -> "432"``, operands of
-1-3 digits); the held-out split shares no instance with training. The base should reach a
-measurable but imperfect greedy accuracy, which `climbrl demo` then raises with RL.
+1-3 digits) in which half of the sums with a carry carry the common mistake instead (every
+carry dropped: ``"48+88=" -> "26"``); the held-out split shares no instance with training and
+its answers are true. The base reaches a measurable but imperfect greedy accuracy, often
+giving the mistake on carry sums, which `climbrl demo` then raises with RL against the true
+sums (``climbrl.pretrain.presets.demo_run_config``).
 
     python -m climbrl.pretrain.demo OUT_DIR [--seed 0]
 

@@ -72,8 +72,16 @@ def demo_run_config(out_dir: str, *, seed: int = 0) -> dict[str, Any]:
 
     The recipe is fixed (steps, seed, data), with no time budget: a machine's speed or load
     never changes the base, only how long it takes. 700 steps of 32 x 64-token rows leave the
-    model part-way up its learning curve - measurable but imperfect, with room for RL; the
-    held-out accuracy of each build is in the base's ``summary.json``.
+    model part-way up its learning curve; the held-out accuracy of each build is in the base's
+    ``summary.json``.
+
+    The corpus carries the most common addition mistake: half of the sums with a carry are
+    written with every carry dropped (``mistake_rate = 0.5``; ``48+88=26``). The base learns
+    both answers, and on many carry sums its greedy answer is the mistake while sampling also
+    finds the true sum: room that RL with a verifier turns into held-out accuracy, as RL on
+    pretrained language models selects among the behaviours their corpus taught them. On a
+    clean corpus the base's errors are missing skill (3-digit carries it cannot do), which
+    110 RL steps barely teach (benchmarks/results/demo_runs-*.json).
 
     One thread (~10k tokens/s, against ~15k for two on idle cores): on 2 cores shared with
     anything else (the rollout engine, a test run), two OpenMP threads spin against each other,
@@ -86,6 +94,7 @@ def demo_run_config(out_dir: str, *, seed: int = 0) -> dict[str, Any]:
             "source": "synthetic",
             "task": "add",
             "num_docs": 100_000,
+            "mistake_rate": 0.5,
             "vocab_size": 320,
             "split_digits": True,
             "tokenizer_train_docs": 5_000,

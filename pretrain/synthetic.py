@@ -87,9 +87,29 @@ class Task:
         """1.0 if the completion's answer equals `answer` exactly, else 0.0."""
         return 1.0 if extract_answer(completion) == answer else 0.0
 
-    def corpus(self, n: int, seed: int = 0) -> list[str]:
-        """`n` training documents (prompt + answer), for the tokenizer and for pretraining."""
-        return [ex.text for ex in self.sample("train", n, seed)]
+    def mistake(self, ex: Example) -> str | None:
+        """The task's common wrong answer to `ex` (None if the task defines none)."""
+        return None
+
+    def corpus(self, n: int, seed: int = 0, mistake_rate: float = 0.0) -> list[str]:
+        """`n` training documents (prompt + answer), for the tokenizer and for pretraining.
+
+        With `mistake_rate` > 0, that share of the documents whose `mistake` differs from the
+        true answer carry the mistake instead, as a scraped corpus carries people's errors."""
+        if not 0.0 <= mistake_rate <= 1.0:
+            raise ValueError(f"mistake_rate must be in [0, 1], got {mistake_rate}")
+        docs = self.sample("train", n, seed)
+        if mistake_rate == 0.0:
+            return [ex.text for ex in docs]
+        rng = random.Random(f"{self.name}:mistakes:{seed}")
+        out = []
+        for ex in docs:
+            wrong = self.mistake(ex)
+            if wrong is not None and wrong != ex.answer and rng.random() < mistake_rate:
+                out.append(ex.prompt + wrong)
+            else:
+                out.append(ex.text)
+        return out
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,14 @@ class AdditionTask(Task):
         b = rng.randrange(10 ** rng.randint(1, self.max_digits))
         prompt = f"{a}+{b}="
         return prompt, Example(prompt, str(a + b))
+
+    def mistake(self, ex: Example) -> str | None:
+        """The sum with every carry dropped, digit by digit: ``"48+88="`` -> ``"26"``."""
+        a, b = ex.prompt.rstrip("=").split("+")
+        width = max(len(a), len(b))
+        a, b = a.zfill(width), b.zfill(width)
+        digits = "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b))
+        return digits.lstrip("0") or "0"
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ def _build_data(cfg: PretrainConfig, out: Path, *, quiet: bool) -> None:
     d = cfg.data
     if d.source == "synthetic":
         task = get_task(d.task)
-        docs = task.corpus(d.num_docs, seed=cfg.train.seed)
+        docs = task.corpus(d.num_docs, seed=cfg.train.seed, mistake_rate=d.mistake_rate)
         eval_n = max(200, int(d.num_docs * d.eval_fraction))
         eval_docs = [e.text for e in task.sample("heldout", eval_n, seed=cfg.train.seed)]
         tok = _tokenizer_for(cfg, out, docs[: d.tokenizer_train_docs])

@@ -32,10 +32,11 @@ def test_demo_pretrains_a_base_and_rl_raises_it(tmp_path: Path) -> None:
     # The base is measurable but imperfect, and RL raises it.
     assert 0.05 < s["base_heldout_accuracy"] < 0.8, s
     assert 0.05 < s["accuracy_before"] < 0.8, s
-    assert s["accuracy_after"] > s["accuracy_before"], s
+    # the demo's promise: at least 5 points on 2000 held-out tasks, exact McNemar p < 0.01
+    assert s["accuracy_after"] - s["accuracy_before"] >= 0.05, s
     change = s["heldout_change"]  # the same held-out tasks, greedy, before and after
     assert change["fixed"] > change["broken"], change
-    # 2000 tasks: the measured gain (+3 points, ~170 fixed vs ~105 broken) has p ~ 1e-4
-    assert change["tasks"] == 2000 and change["mcnemar_p"] < 0.05, change
+    assert change["tasks"] == 2000 and change["mcnemar_p"] < 0.01, change
+    assert s["wall_seconds"] < 600, s
     assert (out / "reward_curve.png").stat().st_size > 0
     assert "held-out accuracy after RL" in res.stdout

@@ -30,6 +30,40 @@ def test_addition_answers_are_correct() -> None:
         assert ex.text == ex.prompt + ex.answer
 
 
+def test_addition_mistake_drops_every_carry() -> None:
+    from climbrl.pretrain.synthetic import Example
+
+    add = get_task("add")
+    # worked by hand, digit by digit mod 10
+    for prompt, want in [("48+88=", "26"), ("983+97=", "970"), ("5+5=", "0"),
+                         ("999+1=", "990"), ("123+456=", "579"), ("7+0=", "7")]:
+        assert add.mistake(Example(prompt, "")) == want
+
+
+def test_corpus_mistake_rate() -> None:
+    add = get_task("add")
+    clean = add.corpus(4000, seed=0)
+    assert clean == add.corpus(4000, seed=0, mistake_rate=0.0)
+    noisy = add.corpus(4000, seed=0, mistake_rate=0.5)
+    assert noisy == add.corpus(4000, seed=0, mistake_rate=0.5)  # reproducible
+    carries = changed = 0
+    for c, n in zip(clean, noisy):
+        p, ans = c.split("=")
+        a, b = p.split("+")
+        wrong = "".join(str((int(x) + int(y)) % 10)
+                        for x, y in zip(a.zfill(3), b.zfill(3))).lstrip("0") or "0"
+        if wrong == ans:  # no carry: never changed
+            assert n == c
+            continue
+        carries += 1
+        assert n in (c, f"{p}={wrong}")
+        changed += n != c
+    assert carries > 1000 and 0.45 < changed / carries < 0.55
+    with pytest.raises(ValueError, match="mistake_rate"):
+        add.corpus(10, mistake_rate=1.5)
+    assert get_task("reverse").corpus(50, mistake_rate=0.5) == get_task("reverse").corpus(50)
+
+
 def test_scorer() -> None:
     task = get_task("add")
     assert task.score("432<|endoftext|><|pad|>", "432") == 1.0
