@@ -113,6 +113,9 @@ class WeightAck(_Msg, kw_only=True):
     deferred: bool = False  # pinned: kept, applied when the pin is lifted
     rolled_back: bool = False  # failed midway; the previous weights were reloaded
     shm_unreadable: bool = False  # the learner's /dev/shm file could not be read: send frames
+    # WeightManifest.digest: sha256 of each engine parameter's bytes after the update, in the
+    # engine's own layout (equal to a fresh engine's exactly when it holds the same weights)
+    param_digests: dict[str, str] = {}
 
 
 class Error(_Msg, kw_only=True):
@@ -168,6 +171,7 @@ class WeightManifest(_Msg, kw_only=True):
     # these byte offsets (climbrl.weightsync.write_shm / map_shm).
     shm_path: str = ""
     shm_offsets: list[int] = []
+    digest: bool = False  # ack with WeightAck.param_digests (tests compare against a fresh load)
 
 
 class Control(_Msg, kw_only=True):

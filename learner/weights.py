@@ -52,10 +52,22 @@ _ADAPTER = "default"
 
 
 def setup_lora(model: Any, lc: LearnerCfg, resume_from: Path | None = None) -> Any:
-    """Inject LoRA adapters into ``model`` in place and freeze everything else."""
+    """Inject LoRA adapters into ``model`` in place and freeze everything else.
+
+    The adapters go on the ``nn.Linear`` layers whose name ends in one of ``lora_targets``,
+    listed by full name. MoE experts that transformers fuses into 3-D tensors
+    (``experts.gate_up_proj``) are not Linear layers: they keep their base weights (peft would
+    otherwise wrap them in parameter adapters, which the LoRA sync cannot merge)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    conf = LoraConfig(r=lc.lora_r, lora_alpha=lc.lora_alpha, target_modules=list(lc.lora_targets),
+    wanted = set(lc.lora_targets)
+    targets = sorted(n for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted)
+    if not targets:
+        raise ValueError(f"learner.lora_targets = {list(lc.lora_targets)} matched no Linear "
+                         "layer of the model; use the last name component of its Linear "
+                         "layers, e.g. 'q_proj', 'v_proj'")
+    conf = LoraConfig(r=lc.lora_r, lora_alpha=lc.lora_alpha, target_modules=targets,
                       lora_dropout=0.0, bias="none")
     try:
         model = inject_adapter_in_model(conf, model, adapter_name=_ADAPTER)

@@ -733,8 +733,11 @@ class RolloutServer:
                 if resumed is None:  # failed before the resume went out
                     resumed = asyncio.ensure_future(self.engine.resume_generation())
                 await phase("resume", resumed)
+            digests: dict[str, str] = {}
+            if m.digest:
+                digests = (await self.engine.collective_rpc("climbrl_param_digest"))[0]
             return WeightAck(server_id=self.server_id, version=m.version, ok=True,
-                             phases=phases)
+                             phases=phases, param_digests=digests)
         except Exception as e:
             log.exception("weight update to version %d failed; staying on version %d",
                           m.version, self.version)

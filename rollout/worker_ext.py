@@ -21,6 +21,10 @@ server expands it (``weightsync.module_key``). If a reload raises midway, the ha
 modules are put back to their previous kernel tensors here, so the server can roll back by
 reloading the previous values of every module the failed update touched.
 
+vLLM's CPU fused-MoE experts are prepacked after the first load and, in vLLM 0.32, not again
+on a reload; ``_repack_cpu_moe_on_reload`` has the reload prepack them, so an MoE engine
+holds bitwise the tensors a fresh load of the same weights gives (``climbrl_param_digest``).
+
 It also hosts climbrl's train = inference capture (``climbrl.rollout.replay``): installing the
 MoE routing capture and handing out the per-request top-p/top-k and routing records.
 
@@ -72,6 +76,7 @@ class WeightReceiver:
                             "through vLLM's reload_weights from now on", e)
                 model._climbrl_full_reload_ok = False
         model.__dict__.pop("_climbrl_plans", None)  # vLLM's reload may make new parameters
+        _repack_cpu_moe_on_reload(model)
         quiet = _QuietPartialReload()
         try:
             self.model_runner.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
@@ -90,14 +95,22 @@ class WeightReceiver:
         parameters on a 2-CPU machine."""
         _start_repack()
 
-    def climbrl_param_checksum(self) -> float:
-        """Sum of all parameters, for tests that check an update reached the engine."""
+    def climbrl_param_digest(self) -> dict[str, str]:
+        """sha256 of each parameter's bytes as the engine holds them (packed layouts
+        included), by name: two engines agree exactly when they compute with the same
+        weights (``WeightManifest.digest``; tests compare a synced engine with a fresh one)."""
+        import hashlib
+
         import torch
 
         _settle_repack()
+        out = {}
         with torch.no_grad():
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
-            return float(sum(p.double().sum() for p in model.parameters()))
+            for name, p in model.named_parameters():
+                t = p.detach().contiguous().cpu().reshape(-1)
+                out[name] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+        return out
 
     def climbrl_install_capture(self, routing: bool) -> dict[str, Any]:
         """Bind the MoE routing capture (when ``routing`` and the model is MoE)."""
@@ -110,6 +123,56 @@ class WeightReceiver:
         from climbrl.rollout.replay import take_record
 
         return take_record(key)
+
+
+def _repack_cpu_moe_on_reload(model: Any) -> None:
+    """Make vLLM's reload prepack the CPU fused-MoE experts again, as the first load does.
+
+    vLLM 0.32's CPU experts kernel prepacks w13/w2 into its grouped-GEMM layout after the first
+    load (``CPUUnquantizedExperts.process_weights_after_loading``: same shape, permuted
+    values). On a reload ``UnquantizedFusedMoEMethod._setup_kernel`` sees the kernel already
+    built, treats the call as a weight update and skips that prepack, so the layer-wise reload
+    copies the checkpoint's raw layout into the packed storage: re-publishing unchanged
+    weights moves w13/w2 by up to 0.12 and the engine's log-probs by ~0.04 nat. Here each such
+    layer's ``process_weights_after_loading`` (which the layer-wise reload calls once the
+    layer's tensors have all arrived) runs the experts' own prepack after the update, on the
+    freshly loaded raw tensors; vLLM then copies the packed result into the kernel's storage.
+
+    Internal to vLLM, so kept here and behind a flag: ``CLIMBRL_CPU_MOE_REPACK=0`` leaves
+    vLLM's own reload untouched; a vLLM whose classes moved is left untouched too, with a
+    warning."""
+    import os
+
+    if os.environ.get("CLIMBRL_CPU_MOE_REPACK", "1") == "0" or model.__dict__.get(
+        "_climbrl_moe_repack"
+    ):
+        return
+    model._climbrl_moe_repack = True
+    try:
+        from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+        from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+            UnquantizedFusedMoEMethod,
+        )
+        from vllm.model_executor.utils import is_weights_pre_processed
+    except ImportError as e:
+        log.warning("CPU MoE reload repack not installed (vLLM layout changed: %s); MoE "
+                    "weight updates go through vLLM's reload as is", e)
+        return
+    for m in model.modules():
+        qm = getattr(m, "quant_method", None)
+        if type(qm) is not UnquantizedFusedMoEMethod or getattr(
+            qm, "unquantized_backend", None
+        ) is not UnquantizedMoeBackend.CPU:
+            continue
+
+        def after_loading(layer: Any, _orig: Any = qm.process_weights_after_loading,
+                          _qm: Any = qm) -> None:
+            update = _qm.moe_kernel is not None  # _setup_kernel's own test for an update
+            _orig(layer)
+            if update and not is_weights_pre_processed():
+                _qm.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        qm.process_weights_after_loading = after_loading
 
 
 _MAPS: dict[str, tuple[tuple[int, int, int], Any]] = {}  # path -> ((dev, inode, size), blob)

@@ -299,6 +299,28 @@ def test_moe_state_is_published_under_checkpoint_names(tmp_path):
     assert all(torch.equal(sent[k], on_disk[k]) for k in on_disk)
 
 
+def test_lora_on_moe_adapts_linear_layers_and_publishes_checkpoint_names(tmp_path):
+    """MoE experts fused into 3-D tensors are not Linear layers: LoRA leaves them on their base
+    weights, and the LoRA full sync carries every checkpoint tensor under its on-disk name."""
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from climbrl.tinymodel import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "moe", corpus_for_tokenizer(), moe=True, num_experts=4)
+    cfg = load_config(None, [f'model.path="{path}"', 'learner.weight_sync="lora"',
+                             "learner.lora_r=4"])
+    model = setup_lora(AutoModelForCausalLM.from_pretrained(str(path)), cfg.learner)
+    adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert adapted and not any(".experts" in n for n in adapted)
+    assert any(n.endswith("self_attn.q_proj") for n in adapted)
+    [(_, manifest, _)] = WeightPublisher(model, "lora", str(path)).messages(1, ["r0"])
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        on_disk = set(f.keys())
+    assert {m.name for m in manifest.tensors if "#lora_" not in m.name} == on_disk
+
+
 def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
     """Local servers get a manifest naming one file (no frames) that decodes to the same
     weights as the frames remote servers get; old files are removed, a failing reader falls
