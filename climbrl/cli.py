@@ -121,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return launch(cfg, resume=a.resume, live=not a.no_live)
         if a.cmd == "learn":
-            from climbrl.learner.learner import train
+            from climbrl.launcher import LEARNER_ERROR
+            from climbrl.learner.learner import LearnerError, train
 
             cfg = load_config(a.config, a.overrides)
-            train(cfg, resume=a.resume, endpoint_file=a.endpoint_file)
+            try:
+                train(cfg, resume=a.resume, endpoint_file=a.endpoint_file)
+            except LearnerError as e:  # a run that cannot go on, and why: no traceback needed
+                print(LEARNER_ERROR + str(e), file=sys.stderr, flush=True)
+                return 1
             return 0
         if a.cmd == "rollout":
             from climbrl.rollout.server import serve

@@ -8,6 +8,7 @@ This module imports neither torch nor vLLM, so ``--help`` stays instant.
 
 from __future__ import annotations
 
+import difflib
 import json
 import tomllib
 from pathlib import Path
@@ -23,7 +24,13 @@ class _Cfg(BaseModel):
 class RunCfg(_Cfg):
     name: str = Field("climbrl-run", description="Run name, used in logs and the run id.")
     output_dir: str = Field("runs/latest", description="Where metrics, checkpoints and logs go.")
-    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    seed: int = Field(
+        0,
+        description="Seed of the learner's data order and torch initialisation, and of every "
+        "sample's sampling seed (with the order id, sample index and turn). It does not reach "
+        "the environment: an env gets its own `seed` from env.args (0 unless set there), so "
+        "its tasks, held-out ones included, stay the same whatever the run's seed.",
+    )
     on_child_death: Literal["stop", "continue", "restart"] = Field(
         "stop",
         description="Launcher: when a rollout server dies, stop everything ('stop'), let the "
@@ -46,8 +53,21 @@ class ModelCfg(_Cfg):
 
 
 class EnvCfg(_Cfg):
-    name: str = Field("copy_first", description="Built-in env name or a dotted path 'pkg.mod:Cls'.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword args for the env.")
+    name: str = Field(
+        "copy_first",
+        description="The environment, found like `climbrl env-check NAME` finds it (first match "
+        "wins): an entry point of that name in the 'climbrl.envs' group (a plugin package "
+        "declares `[project.entry-points.\"climbrl.envs\"] my_env = \"my_pkg.envs:MyEnv\"`); "
+        "a dotted path 'pkg.mod:Class' or 'pkg.mod.Class' (modules of the current folder "
+        "included); a file path 'path/to/file.py:Class' (relative to the folder `climbrl "
+        "run` starts in); or a built-in name such as copy_first or math (the keys of "
+        "climbrl.envs.base.BUILTIN_ENVS; an unknown name's error lists every one).",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword args for the env's constructor, `seed` included (run.seed does "
+        "not reach the env).",
+    )
     step_timeout_s: float = Field(
         300.0, gt=0,
         description="Limit on each environment call (reset, respond, score, close). An env that "
@@ -379,12 +399,26 @@ class WireCfg(_Cfg):
         "local server, no socket copy, a consistent snapshot of the step), others get ZeroMQ "
         "frames; a server that cannot read the file falls back to frames. 'zmq': frames always.",
     )
-    order_timeout_s: float = Field(600.0, gt=0, description="Deadline for one work order.")
+    order_timeout_s: float = Field(
+        600.0, gt=0,
+        description="Deadline for one work order: a training order past it is sent again, an "
+        "eval order past it scores 0 (summary: eval_timeouts), so evaluation always ends.",
+    )
     max_order_failures: int = Field(
         16, ge=1,
-        description="Work orders a rollout server may fail in a row (no trajectory in between) "
-        "before the learner stops sending it orders; once no server is left to take them the "
-        "run ends with the last error. A server whose engine died takes no orders at once.",
+        description="Training work orders a rollout server may fail in a row (no trajectory in "
+        "between) before the learner stops sending it orders; once no server is left to take "
+        "them the run ends with the last error. A server whose engine died takes no orders at "
+        "once. Failed eval orders do not count: they score 0 (summary: eval_env_errors).",
+    )
+    max_env_failures: int = Field(
+        64, ge=1,
+        description="Training episodes the environment may fail in a row, across all servers, "
+        "with no episode that ran in between, before the run ends with an error that quotes "
+        "the env's last one. An episode fails when the env raises or runs past "
+        "env.step_timeout_s; a work order whose episodes all failed counts its group_size. "
+        "With a single server, whichever of this and max_order_failures is reached first ends "
+        "the run; both messages quote the env's error.",
     )
 
     @model_validator(mode="after")
@@ -528,8 +562,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}{_did_you_mean(err)}"
+                 for err in e.errors()]
         raise ValueError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def _did_you_mean(err: Any) -> str:
+    """For an unknown key (pydantic's extra_forbidden): the closest field names of its section,
+    e.g. learner.bach_groups -> `batch_groups`."""
+    if err["type"] != "extra_forbidden":
+        return ""
+    *section, key = err["loc"]
+    model: Any = Config
+    for part in section:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return ""  # inside a free-form dict (env.args): any key goes
+    close = difflib.get_close_matches(str(key), list(model.model_fields), n=3, cutoff=0.6)
+    return "; did you mean " + " or ".join(f"`{c}`" for c in close) + "?" if close else ""
 
 
 def dump_toml(cfg: Config) -> str:

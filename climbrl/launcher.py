@@ -108,6 +108,89 @@ def _py() -> list[str]:
     return [sys.executable, "-m", "climbrl.cli"]
 
 
+# The metrics of a step the progress display shows; STEP_IF_NONZERO ones only where not 0.
+STEP_KEYS = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
+             "weight_sync_s", "stale_dropped"]
+STEP_IF_NONZERO = ["env_errors"]
+LEARNER_ERROR = "climbrl learn: error: "  # how `climbrl learn` prints the error that ended it
+
+
+def step_keys(recs: list[dict[str, Any]]) -> list[str]:
+    """The columns for these step records."""
+    return STEP_KEYS + [k for k in STEP_IF_NONZERO if any(r.get(k) for r in recs)]
+
+
+def step_line(r: dict[str, Any], total: int) -> str:
+    """One plain progress line for a step record of ``metrics.jsonl``."""
+    return f"step {r['step']}/{total} " + " ".join(f"{k}={_fmt(r.get(k))}"
+                                                    for k in step_keys([r]))
+
+
+def run_report(out: Path, rc: int) -> str:
+    """What ``climbrl run`` prints at its end: the held-out accuracy before and after with the
+    McNemar p of the change (when evaluation ran), the error that stopped the learner (if one
+    did), and where the run's outputs are."""
+    import json
+
+    lines = []
+    summary_path = out / "summary.json"
+    summary: dict[str, Any] = {}
+    if rc == 0 and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        lines.append(f"climbrl: run finished: {summary.get('steps')} steps in "
+                     f"{summary.get('elapsed_s', 0.0):.0f}s")
+        before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
+        change = summary.get("heldout_change")
+        if before is None and after is None:
+            lines.append("  held-out accuracy: not measured (learner.eval_size = 0)")
+        else:
+            acc = (f"{_pct(before)} before, " if before is not None else
+                   "not measured before (resumed run), ")
+            acc += f"{_pct(after)} after"
+            if change:
+                acc += (f" on {change['tasks']} tasks: {change['fixed']} fixed, "
+                        f"{change['broken']} broken, McNemar p = {change['mcnemar_p']:.3g}")
+            lines.append("  held-out accuracy: " + acc)
+        failed = {k: summary.get(k, 0) for k in ("eval_env_errors", "eval_timeouts")}
+        if any(failed.values()):
+            lines.append(f"  eval episodes that failed and scored 0: {failed['eval_env_errors']} "
+                         f"in the env, {failed['eval_timeouts']} past wire.order_timeout_s "
+                         "(logs/learner.log quotes the errors)")
+    else:
+        lines.append(f"climbrl: run failed (exit code {rc})")
+        err = _learner_error(out / "logs" / "learner.log")
+        if err:
+            lines.append(f"  the learner stopped: {err}")
+    lines.append(f"  outputs in {out}/:")
+    ckpt = out / "checkpoints" / "latest"
+    entries = [
+        ("summary.json", summary_path.is_file(), "the final summary"),
+        ("metrics.jsonl", (out / "metrics.jsonl").is_file(), "one record per step and eval"),
+        ("checkpoints/", ckpt.is_file(), "HF checkpoints" + (
+            f", latest {ckpt.read_text().strip()}" if ckpt.is_file() else "")),
+        ("logs/", (out / "logs").is_dir(), ", ".join(sorted(
+            p.name for p in (out / "logs").glob("*.log"))) if (out / "logs").is_dir() else ""),
+        ("tensorboard/", (out / "tensorboard").is_dir(),
+         f"tensorboard --logdir {out / 'tensorboard'}"),
+    ]
+    lines += [f"    {name:<15} {what}" for name, there, what in entries if there]
+    return "\n".join(lines)
+
+
+def _learner_error(log_path: Path) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+    # (anywhere in the line: torchrun prefixes a rank's output with its rank)
+    found = [x.split(LEARNER_ERROR, 1)[1] for x in text.splitlines() if LEARNER_ERROR in x]
+    return found[-1] if found else ""
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
 def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
     out = Path(cfg.run.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -152,6 +235,7 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
             c.stop()
         for s, h in old.items():
             signal.signal(s, h)
+    print(run_report(out, rc), flush=True)
     return rc
 
 
@@ -165,14 +249,13 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
     restarts: dict[str, int] = {}
     metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
     total = cfg.learner.total_steps
-    keys = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
-            "weight_sync_s", "stale_dropped"]
     last_step = -1
 
     def table() -> Table:
         recs = read_metrics(metrics_path)
         steps = [r for r in recs if "reward" in r]
         evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
+        keys = step_keys(steps[-8:])
         t = Table(title=f"climbrl run {cfg.run.name}", show_header=True)
         t.add_column("step")
         for k in keys:
@@ -227,8 +310,7 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
         for r in read_metrics(metrics_path):
             if "reward" in r and r["step"] > last_step:
                 last_step = r["step"]
-                print(f"step {r['step']}/{total} " +
-                      " ".join(f"{k}={_fmt(r.get(k))}" for k in keys), flush=True)
+                print(step_line(r, total), flush=True)
     return rc
 
 

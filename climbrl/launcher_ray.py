@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from climbrl.config import Config, dump_toml
-from climbrl.launcher import Child, _py
+from climbrl.launcher import Child, _py, run_report, step_line
 from climbrl.metrics import read_metrics
 
 log = logging.getLogger("climbrl.launcher_ray")
@@ -358,6 +358,7 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
             ray.shutdown()
         for s, h in old.items():
             signal.signal(s, h)
+    print(run_report(out, rc), flush=True)  # what this machine sees of the output folder
     return rc
 
 
@@ -394,8 +395,6 @@ def _supervise(cfg: Config, children: list[RayChild], learner: RayChild, stoppin
     max_restarts = getattr(cfg.run, "max_restarts", 3)
     restarts: dict[str, int] = {}
     metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
-    keys = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
-            "weight_sync_s", "stale_dropped"]
     last_step = -1
 
     def err(msg: str) -> None:
@@ -431,12 +430,5 @@ def _supervise(cfg: Config, children: list[RayChild], learner: RayChild, stoppin
         for r in read_metrics(metrics_path):
             if "reward" in r and r["step"] > last_step:
                 last_step = r["step"]
-                print(f"step {r['step']}/{cfg.learner.total_steps} "
-                      + " ".join(f"{k}={_fmt(r.get(k))}" for k in keys), flush=True)
+                print(step_line(r, cfg.learner.total_steps), flush=True)
         time.sleep(1.0)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)

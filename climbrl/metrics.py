@@ -37,12 +37,24 @@ class MetricsWriter:
                     self._tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
 
     def summary(self, s: dict[str, Any]) -> None:
-        (self.out / "summary.json").write_text(json.dumps(s, indent=2))
+        """``summary.json``, strict JSON: a NaN or infinite number is written as null."""
+        (self.out / "summary.json").write_text(json.dumps(_strict(s), indent=2, allow_nan=False))
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _strict(v: Any) -> Any:
+    """``v`` with every non-finite float, at any depth, replaced by None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_strict(x) for x in v]
+    return v
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

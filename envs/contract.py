@@ -6,9 +6,10 @@
 or from pytest: ``climbrl.envs.contract.assert_env_contract("my_pkg.envs:MyEnv", {...})``.
 The env is found like the run config finds it (entry point, dotted path, built-in name).
 
-What is checked, without a model (episodes are played with scripted turns: the env's own
-``reference_turns(task)`` when it has them, then empty, garbage, very long, malformed and
-unknown tool calls):
+Every check is listed as PASS, FAIL or SKIP (with the reason: it needs a check that failed,
+or the env gives it nothing to check). What is checked, without a model (episodes are played
+with scripted turns: the env's own ``reference_turns(task)`` when it has them, then empty,
+garbage, very long, malformed and unknown tool calls):
 
 - construction: a subclass of ``Env``; a finite, non-empty ``reward_range``; ``splits``;
   ``max_turns``; ``tools()`` are function schemas;
@@ -51,11 +52,21 @@ class ContractError(AssertionError):
     pass
 
 
+# Every check, in the order it runs; each is reported as passed, failed or skipped.
+CHECKS = ("resolve", "construct", "construction", "tasks_per_split", "episodes_and_shapes",
+          "reference_solves", "deterministic_under_seed", "clean_shutdown")
+
+
 @dataclass
 class CheckResult:
     name: str
-    ok: bool
-    detail: str = ""
+    ok: bool  # False only for a check that ran and failed
+    detail: str = ""  # why it failed, or why it was skipped
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "SKIP" if self.skipped else "PASS" if self.ok else "FAIL"
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -153,10 +164,19 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
             results.append(CheckResult(name, False, detail))
             return None
 
-    cls = record("resolve", lambda: resolve_env(spec))
-    env = record("construct", lambda: make_env(spec, args)) if cls else None
-    if env is None:
+    def skip_rest(reason: str) -> list[CheckResult]:
+        """Report every check that has not run as skipped, with the reason."""
+        done = {r.name for r in results}
+        results.extend(CheckResult(n, True, reason, skipped=True) for n in CHECKS
+                       if n not in done)
         return results
+
+    cls = record("resolve", lambda: resolve_env(spec))
+    if cls is None:
+        return skip_rest("the env class could not be resolved (see resolve)")
+    env = record("construct", lambda: make_env(spec, args))
+    if env is None:
+        return skip_rest("the env could not be constructed (see construct)")
 
     def construction() -> None:
         lo, hi = env.reward_range
@@ -195,7 +215,7 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
 
     by_split = record("tasks_per_split", tasks)
     if not by_split:
-        return results
+        return skip_rest("no tasks to play (see tasks_per_split)")
     sample = [t for ts in by_split.values() for t in ts[:n_tasks]]
     before = _children()
     tasks_before = set(asyncio.all_tasks())
@@ -230,8 +250,9 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
                 garbage = [r[-1] for r in played[t.task_id][1:]]
                 _check(min(garbage) < final, f"task {t.task_id}: garbage scores {garbage}, as "
                        "high as the reference: the reward does not discriminate")
-            results.append(CheckResult("reference_solves", True,
-                                       "" if refs else "skipped: no reference_turns"))
+            results.append(CheckResult("reference_solves", True, "" if refs else
+                                       "the env has no reference_turns(task) to check",
+                                       skipped=not refs))
 
         try:
             await reference()
@@ -252,6 +273,10 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
             results.append(CheckResult("deterministic_under_seed", True))
         except Exception as e:
             results.append(CheckResult("deterministic_under_seed", False, str(e)))
+    else:
+        for name in ("reference_solves", "deterministic_under_seed"):
+            results.append(CheckResult(name, True, "needs the episodes to play (see "
+                                       "episodes_and_shapes)", skipped=True))
 
     await asyncio.sleep(0)
     leftover = _children() - before
@@ -265,7 +290,9 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
 
 
 def check_env(spec: str, args: dict[str, Any] | None = None, n_tasks: int = 3) -> list[CheckResult]:
-    """Run every contract check on env ``spec`` built with ``args``; never raises."""
+    """Run every contract check on env ``spec`` built with ``args``; never raises. Returns one
+    result per name in ``CHECKS``, in that order: a check that needs one that failed is
+    skipped, with the reason."""
     return asyncio.run(_run(spec, dict(args or {}), n_tasks))
 
 
@@ -290,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = check_env(a.env, args, a.tasks)
     for r in results:
-        print(f"{'PASS' if r.ok else 'FAIL'} {r.name}" + (f": {r.detail}" if r.detail else ""))
+        print(f"{r.status} {r.name}" + (f": {r.detail}" if r.detail else ""))
     failed = sum(not r.ok for r in results)
-    print(f"{a.env}: {len(results) - failed} passed, {failed} failed")
+    skipped = sum(r.skipped for r in results)
+    print(f"{a.env}: {len(results) - failed - skipped} passed, {failed} failed, "
+          f"{skipped} skipped")
     return 1 if failed else 0
 
 

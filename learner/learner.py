@@ -25,6 +25,12 @@ weight publish, checkpoint and at shutdown it tells the other ranks (``Learner.f
 to do, so that all run the same collectives in the same order. Checkpoints keep the
 single-process format, so a run resumes with any world size.
 
+An environment that fails costs episodes, never a hang: a failed training episode is left out
+of its group, a failed eval episode scores 0 (``eval_env_errors`` in the summary; an eval order
+with no answer within ``wire.order_timeout_s`` too, ``eval_timeouts``), and
+``wire.max_env_failures`` failed training episodes in a row end the run with an error that
+quotes the env's (``EnvFailureStreak``).
+
 ``CLIMBRL_FAULT_KILL_AT_STEP=N`` (fault injection for tests) makes the learner SIGKILL itself
 after step N, once a trajectory of the next batch has arrived.
 """
@@ -33,10 +39,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +62,7 @@ from climbrl.learner.weights import WeightPublisher, setup_lora
 from climbrl.config import Config
 from climbrl.metrics import MetricsWriter, paired_change
 from climbrl.wire import (
+    ENV_ERROR,
     Error,
     Hello,
     SamplingSpec,
@@ -69,6 +78,43 @@ LOOP_LAG_WARN_S = 0.5
 
 class LearnerError(RuntimeError):
     pass
+
+
+@dataclass
+class EnvFailureStreak:
+    """Training episodes the environment failed since its last successful one, on any server.
+
+    A failed episode is a sample with finish_reason ``env_error``, or each episode of a training
+    order that came back as an ``Error`` (the server reports an order whose episodes all failed
+    that way). Any episode that ran resets the count. ``wire.max_env_failures`` in a row ends
+    the run: failed orders are replaced at once by orders for new tasks, so an env that fails
+    every task would otherwise keep the learner busy forever without a step. (Evaluation is
+    bounded by its size: a failed eval episode scores 0, see ``Learner.evaluate``.)
+    """
+
+    limit: int
+    env: str
+    env_args: dict[str, Any] = field(default_factory=dict)
+    in_a_row: int = 0
+    last_error: str = ""
+
+    def record(self, failed: int, succeeded: int, error: str = "") -> None:
+        """Count one result; raise LearnerError once ``limit`` episodes failed in a row."""
+        if error:
+            self.last_error = error
+        if succeeded:
+            self.in_a_row = 0
+            return
+        self.in_a_row += failed
+        if self.in_a_row >= self.limit:
+            check = f"climbrl env-check {self.env}" + (
+                f" --args '{json.dumps(self.env_args)}'" if self.env_args else "")
+            raise LearnerError(
+                f"the environment {self.env!r} failed {self.in_a_row} training episodes in a "
+                f"row, with none that ran in between (wire.max_env_failures = {self.limit}); "
+                f"its last error: {self.last_error or 'unknown'}. `{check}` tests the env "
+                "without a model"
+            )
 
 
 def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -> dict[str, Any]:
@@ -178,9 +224,12 @@ class Learner:
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
         self.eval_results: dict[int, Trajectory] = {}  # task index -> its greedy trajectory
+        # task index -> (why, the error) of an eval order that failed ("env") or got no
+        # answer within wire.order_timeout_s ("timeout"): it scores 0
+        self.eval_failures: dict[int, tuple[str, str]] = {}
         self.eval_outcomes: dict[str, list[float]] = {}  # split -> correctness per task, last eval
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
-                             engines_dead=0,
+                             engines_dead=0, eval_env_errors=0, eval_timeouts=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
                              weight_syncs_delta=0, weight_syncs_failed=0)
         # sid -> {version: publish time}: every update not yet acked (with publish_every=1 the
@@ -196,6 +245,8 @@ class Learner:
         # row); cleared when the server says Hello again (a restarted process)
         self.benched: dict[str, str] = {}
         self.failures_in_a_row: dict[str, int] = {}  # sid -> failed orders since its last trajectory
+        self.env_failures = EnvFailureStreak(cfg.wire.max_env_failures, cfg.env.name,
+                                             dict(cfg.env.args))
 
     def _load_sharded(self, ckpt: Path) -> dict[str, Any]:
         """``load_state`` for an FSDP rank: the single-process optimizer file, sharded."""
@@ -317,6 +368,10 @@ class Learner:
             elif isinstance(msg, Trajectory):
                 self.failures_in_a_row[sid] = 0
                 o = self.orders.pop(msg.order_id, None)
+                if o is not None and not o["eval"]:
+                    failed = [s for s in msg.samples if s.finish_reason == ENV_ERROR]
+                    self.env_failures.record(len(failed), len(msg.samples) - len(failed),
+                                             failed[0].error if failed else "")
                 if o is None:
                     log.warning("trajectory for unknown order %s dropped", msg.order_id)
                 elif o["eval"]:
@@ -341,14 +396,10 @@ class Learner:
                 o = self.orders.get(msg.ref_id)
                 if o is not None and o["server"] == sid:  # not an order reassigned since
                     del self.orders[msg.ref_id]
-                    if not o["eval"]:
-                        self.cursor.done(o["seq"])  # a failing task costs its episode, not the run
-                    n = self.failures_in_a_row[sid] = self.failures_in_a_row.get(sid, 0) + 1
-                    if n >= self.cfg.wire.max_order_failures and sid not in self.benched:
-                        self.benched[sid] = (f"its last {n} work orders failed "
-                                             f"(wire.max_order_failures); the last: {msg.message}")
-                        log.error("rollout %s gets no more work orders: %s", sid,
-                                  self.benched[sid])
+                    if o["eval"]:  # it scores 0; a held-out task says nothing of the server
+                        self.eval_failures[o["task"]] = ("env", msg.message)
+                    else:
+                        self._training_order_failed(sid, o["seq"], msg.message)
             elif isinstance(msg, Hello):
                 log.info("rollout %s (pid %d) connected at version %d", sid, msg.pid,
                          msg.policy_version)
@@ -368,7 +419,14 @@ class Learner:
                       "orders", sid, self.cfg.wire.dead_after_s)
             self._reassign(lambda o, s=sid: o["server"] == s)
         now = time.monotonic()
-        self._reassign(lambda o: now - o["sent"] > self.cfg.wire.order_timeout_s)
+        timeout = self.cfg.wire.order_timeout_s
+        for oid, o in list(self.orders.items()):
+            if o["eval"] and now - o["sent"] > timeout:  # it scores 0, evaluate() goes on
+                del self.orders[oid]
+                self.eval_failures[o["task"]] = (
+                    "timeout", f"no answer from {o['server'] or 'any server'} within "
+                    f"wire.order_timeout_s = {timeout:g}s")
+        self._reassign(lambda o: now - o["sent"] > timeout)  # a training order goes again
         if self._usable(self.hub.alive_servers()):
             self._no_server_since = None
             self._reassign(lambda o: o["server"] is None)  # orders that waited for a server
@@ -384,6 +442,18 @@ class Learner:
                 self.weights.forget(sid)
                 self.counters["weight_syncs_failed"] += 1
                 log.error("weight sync to %s (version %d) timed out", sid, min(late))
+
+    def _training_order_failed(self, sid: str, seq: int, error: str) -> None:
+        """A failing task costs its group, not the run: its sequence counts as done. A server
+        whose orders keep failing gets no more (``wire.max_order_failures``); an env that fails
+        every episode ends the run (``wire.max_env_failures``)."""
+        self.cursor.done(seq)
+        n = self.failures_in_a_row[sid] = self.failures_in_a_row.get(sid, 0) + 1
+        if n >= self.cfg.wire.max_order_failures and sid not in self.benched:
+            self.benched[sid] = (f"its last {n} work orders failed "
+                                 f"(wire.max_order_failures); the last: {error}")
+            log.error("rollout %s gets no more work orders: %s", sid, self.benched[sid])
+        self.env_failures.record(self.cfg.learner.group_size, 0, error)
 
     def _reassign(self, pred: Any) -> None:
         for oid, o in list(self.orders.items()):
@@ -587,24 +657,45 @@ class Learner:
     # ------------------------------------------------------------------ eval, logs, state
 
     def evaluate(self, split: str) -> float:
-        """Greedy accuracy on the first ``eval_size`` tasks of ``split`` (through the engines)."""
+        """Greedy accuracy on the first ``eval_size`` tasks of ``split`` (through the engines).
+        An episode that fails in the env, or gets no answer within ``wire.order_timeout_s``,
+        scores 0; they are counted and the first error is logged."""
         n = min(self.cfg.learner.eval_size, self.env.num_tasks(split))
         if n == 0:
             return float("nan")
         self.wait_weight_acks(self.cfg.wire.weight_sync_timeout_s)
         self.eval_results.clear()
+        self.eval_failures.clear()
         for i in range(n):
             self._send_order(i, i, split, True)
-        while len(self.eval_results) < n:
+        while len(self.eval_results) + len(self.eval_failures) < n:
             self._pump(0.5)
-        outcomes = [0.0] * n
+        outcomes = [0.0] * n  # a failed episode scores 0
         for task, t in self.eval_results.items():
-            vals = [s.metrics.get("correct", float(s.reward >= self.env.reward_range[1]))
-                    for s in t.samples]
+            vals = []
+            for s in t.samples:
+                if s.finish_reason == ENV_ERROR:
+                    self.eval_failures.setdefault(task, ("env", s.error))
+                    vals.append(0.0)
+                else:
+                    vals.append(s.metrics.get("correct",
+                                              float(s.reward >= self.env.reward_range[1])))
             outcomes[task] = sum(vals) / max(len(vals), 1)
         self.eval_outcomes[split] = outcomes
         acc = sum(outcomes) / n
-        self.metrics.write({"step": self.step, f"eval/{split}_accuracy": acc})
+        kinds = [why for why, _ in self.eval_failures.values()]
+        env_errors, timeouts = kinds.count("env"), kinds.count("timeout")
+        self.counters["eval_env_errors"] += env_errors
+        self.counters["eval_timeouts"] += timeouts
+        rec: dict[str, Any] = {"step": self.step, f"eval/{split}_accuracy": acc}
+        if self.eval_failures:  # (the live table's caption shows every eval/ key)
+            rec.update({f"eval/{split}_env_errors": env_errors, f"eval/{split}_timeouts": timeouts})
+        self.metrics.write(rec)
+        if self.eval_failures:
+            log.warning("eval %s at step %d: %d of %d episodes failed and score 0 (%d in the "
+                        "env, %d past wire.order_timeout_s); the first: %s", split,
+                        self.step, len(self.eval_failures), n, env_errors, timeouts,
+                        self.eval_failures[min(self.eval_failures)][1])
         log.info("eval %s accuracy at step %d: %.3f", split, self.step, acc)
         return acc
 
@@ -639,8 +730,10 @@ class Learner:
 
     def finish(self, before: float | None, after: float,
                before_outcomes: list[float] | None = None) -> dict[str, Any]:
-        summary = {"steps": self.step, "accuracy_before": before, "accuracy_after": after,
-                   "elapsed_s": time.time() - self.t_start, **self.counters}
+        # null, not NaN, where no evaluation ran (learner.eval_size = 0, or a resumed run)
+        summary = {"steps": self.step, "accuracy_before": _finite(before),
+                   "accuracy_after": _finite(after), "elapsed_s": time.time() - self.t_start,
+                   **self.counters}
         after_outcomes = self.eval_outcomes.get("test")
         if before_outcomes is not None and after_outcomes is not None:
             # the same tasks, greedy, before and after: which ones the run fixed and broke
@@ -699,3 +792,7 @@ def _truncate_metrics(out: Path, step: int) -> list[int]:
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x == x]
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

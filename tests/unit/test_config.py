@@ -51,3 +51,37 @@ def test_cli_help_does_not_import_torch():
             "print('torch' in sys.modules, 'vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False False")
+
+
+@pytest.mark.parametrize("key, hint", [
+    ("learner.bach_groups=4", "learner.bach_groups: Extra inputs are not permitted; did you "
+                              "mean `batch_groups`?"),
+    ("learnr.total_steps=3", "learnr: Extra inputs are not permitted; did you mean `learner`?"),
+    ("wire.max_env_failure=3", "did you mean `max_env_failures`"),
+])
+def test_a_mistyped_key_gets_the_closest_field(key, hint):
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["model.path=m", key])
+    assert hint in str(e.value)
+
+
+def test_no_suggestion_without_a_close_field():
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["model.path=m", "learner.zzzzzz=1"])
+    assert "Extra inputs are not permitted" in str(e.value) and "did you mean" not in str(e.value)
+    assert load_config(None, ["model.path=m", 'env.args={"sed": 1}']).env.args == {"sed": 1}
+
+
+def test_env_name_and_seed_docs_match_the_code():
+    from climbrl.envs.base import BUILTIN_ENVS, ENTRY_POINT_GROUP, resolve_env
+
+    from climbrl.config import EnvCfg, RunCfg
+
+    doc = EnvCfg.model_fields["name"].description
+    assert ENTRY_POINT_GROUP in doc and "path/to/file.py:Class" in doc and "pkg.mod:Class" in doc
+    assert "BUILTIN_ENVS" in doc and "copy_first" in BUILTIN_ENVS and "math" in BUILTIN_ENVS
+    with pytest.raises(ValueError) as e:  # "an unknown name's error lists every one"
+        resolve_env("no_such_env")
+    assert all(name in str(e.value) for name in BUILTIN_ENVS)
+    # run.seed does not reach the env: the learner and the servers build it from env.args alone
+    assert "does not reach the environment" in RunCfg.model_fields["seed"].description

@@ -14,7 +14,7 @@ import pytest
 import zmq
 from climbrl.learner.data import DataCursor
 from climbrl.learner.hub import LearnerHub
-from climbrl.learner.learner import Learner, LearnerError, _truncate_metrics
+from climbrl.learner.learner import EnvFailureStreak, Learner, LearnerError, _truncate_metrics
 
 from climbrl.config import load_config
 from climbrl.wire import Codec, Error, Hello, Sample, Trajectory, WeightAck, WorkOrder
@@ -74,7 +74,7 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L.run_id = "run-a"
     L.version = L.step = 3
     L.cursor = DataCursor(100)
-    L.orders, L.ready, L.seq_of, L.eval_results = {}, [], {}, {}
+    L.orders, L.ready, L.seq_of, L.eval_results, L.eval_failures = {}, [], {}, {}, {}
     L.pending_acks, L.sync_times = {}, []
     L.counters = dict(order_failures=0, servers_dead=0, engines_dead=0, weight_bytes_sent=0,
                       weight_syncs_full=0,
@@ -82,6 +82,7 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L.tokens_generated = 0
     L._no_server_since = None
     L.benched, L.failures_in_a_row = {}, {}
+    L.env_failures = EnvFailureStreak(L.cfg.wire.max_env_failures, L.cfg.env.name)
     return L
 
 

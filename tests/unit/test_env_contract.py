@@ -6,7 +6,7 @@ import random
 
 import pytest
 from climbrl.envs.base import BUILTIN_ENVS, Env, StepResult, Task
-from climbrl.envs.contract import assert_env_contract, check_env, main
+from climbrl.envs.contract import CHECKS, assert_env_contract, check_env, main
 
 CONTRACT_ARGS = {
     "trl": {"dataset": "climbrl.envs.adapters.trl:example_rows",
@@ -110,3 +110,36 @@ def test_env_check_command_exit_codes(capsys):
     assert main([f"{__name__}:OutOfRange"]) == 1
     assert main(["no_such_env"]) == 1
     assert "Available: " in capsys.readouterr().out
+
+
+class ResetRaises(_Base):
+    async def reset(self, task):
+        raise RuntimeError("no such table")
+
+    async def step(self, completion):
+        return StepResult(reward=0.0, done=True)
+
+
+def test_every_check_is_listed_passed_failed_or_skipped_with_the_reason(capsys):
+    res = check_env(f"{__name__}:ResetRaises")
+    assert [r.name for r in res] == list(CHECKS)
+    status = {r.name: r.status for r in res}
+    assert status["episodes_and_shapes"] == "FAIL"
+    assert status["reference_solves"] == status["deterministic_under_seed"] == "SKIP"
+    assert status["clean_shutdown"] == "PASS"
+    assert all("episodes_and_shapes" in r.detail for r in res if r.skipped)
+    assert main([f"{__name__}:ResetRaises"]) == 1
+    out = capsys.readouterr().out
+    assert "no such table" in out and "SKIP reference_solves: needs the episodes" in out
+    assert "5 passed, 1 failed, 2 skipped" in out
+
+    res = check_env("no_such_env")
+    assert [r.name for r in res] == list(CHECKS)
+    assert [r.status for r in res] == ["FAIL"] + ["SKIP"] * (len(CHECKS) - 1)
+    assert all("could not be resolved" in r.detail for r in res[1:])
+
+
+def test_an_env_without_reference_turns_skips_that_check():
+    res = {r.name: r for r in check_env(f"{__name__}:Random")}
+    assert res["reference_solves"].status == "SKIP" and res["reference_solves"].ok
+    assert "reference_turns" in res["reference_solves"].detail
