@@ -11,7 +11,8 @@ The reward is ``correct`` with ``strict_weight`` of it reserved for the strict f
 (``reward = correct * (1 - strict_weight) + strict * strict_weight``).
 
     climbrl run examples/smollm2_arith.toml
-    climbrl env-check examples.arith_chat:ArithChatEnv
+    climbrl demo --model smollm2
+    climbrl env-check arith_chat
 """
 
 from __future__ import annotations

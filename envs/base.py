@@ -156,6 +156,7 @@ class Env(ABC):
 BUILTIN_ENVS: dict[str, str] = {
     "copy_first": "climbrl.envs.tasks:CopyFirstEnv",
     "synthetic": "climbrl.envs.synthetic:SyntheticTaskEnv",
+    "arith_chat": "climbrl.envs.arith_chat:ArithChatEnv",
     "math": "climbrl.envs.math:MathEnv",
     "code": "climbrl.envs.code:CodeEnv",
     "tool_use": "climbrl.envs.tool_use:ToolUseEnv",

@@ -228,6 +228,9 @@ class Learner:
         # answer within wire.order_timeout_s ("timeout"): it scores 0
         self.eval_failures: dict[int, tuple[str, str]] = {}
         self.eval_outcomes: dict[str, list[float]] = {}  # split -> correctness per task, last eval
+        # step -> the mean of each numeric metric the env reports (Sample.metrics) on split
+        # "test", per eval: e.g. arith_chat's answer-correct and strict-format rates
+        self.eval_metrics: dict[int, dict[str, float]] = {}
         self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
                              engines_dead=0, eval_env_errors=0, eval_timeouts=0,
                              filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
@@ -671,6 +674,7 @@ class Learner:
         while len(self.eval_results) + len(self.eval_failures) < n:
             self._pump(0.5)
         outcomes = [0.0] * n  # a failed episode scores 0
+        sums: dict[str, float] = {}
         for task, t in self.eval_results.items():
             vals = []
             for s in t.samples:
@@ -680,6 +684,9 @@ class Learner:
                 else:
                     vals.append(s.metrics.get("correct",
                                               float(s.reward >= self.env.reward_range[1])))
+                    for k, v in s.metrics.items():
+                        if isinstance(v, (int, float)) and math.isfinite(v):
+                            sums[k] = sums.get(k, 0.0) + float(v) / len(t.samples)
             outcomes[task] = sum(vals) / max(len(vals), 1)
         self.eval_outcomes[split] = outcomes
         acc = sum(outcomes) / n
@@ -688,6 +695,10 @@ class Learner:
         self.counters["eval_env_errors"] += env_errors
         self.counters["eval_timeouts"] += timeouts
         rec: dict[str, Any] = {"step": self.step, f"eval/{split}_accuracy": acc}
+        means = {k: v / n for k, v in sorted(sums.items()) if k != "correct"}
+        rec.update({f"eval/{split}_{k}": v for k, v in means.items()})
+        if split == "test":
+            self.eval_metrics[self.step] = means
         if self.eval_failures:  # (the live table's caption shows every eval/ key)
             rec.update({f"eval/{split}_env_errors": env_errors, f"eval/{split}_timeouts": timeouts})
         self.metrics.write(rec)
@@ -734,6 +745,10 @@ class Learner:
         summary = {"steps": self.step, "accuracy_before": _finite(before),
                    "accuracy_after": _finite(after), "elapsed_s": time.time() - self.t_start,
                    **self.counters}
+        if self.eval_metrics:  # the env's other metrics, at the first and the last eval
+            if before is not None:
+                summary["eval_metrics_before"] = self.eval_metrics[min(self.eval_metrics)]
+            summary["eval_metrics_after"] = self.eval_metrics[max(self.eval_metrics)]
         after_outcomes = self.eval_outcomes.get("test")
         if before_outcomes is not None and after_outcomes is not None:
             # the same tasks, greedy, before and after: which ones the run fixed and broke

@@ -46,7 +46,7 @@ def _eval_learner(**wire: float) -> Learner:
     for k, v in wire.items():
         setattr(L.cfg.wire, k, v)
     L.cfg.learner.eval_size = 4
-    L.env, L.metrics, L.eval_outcomes = FakeEnv(), FakeMetrics(), {}
+    L.env, L.metrics, L.eval_outcomes, L.eval_metrics = FakeEnv(), FakeMetrics(), {}, {}
     L.counters.update(eval_env_errors=0, eval_timeouts=0)
     return L
 
@@ -162,7 +162,7 @@ def test_streak_message_names_the_env_check_command():
 
 def test_summary_json_is_strict_with_null_where_no_eval_ran(tmp_path):
     L = object.__new__(Learner)
-    L.step, L.t_start, L.eval_outcomes = 2, time.time(), {}
+    L.step, L.t_start, L.eval_outcomes, L.eval_metrics = 2, time.time(), {}, {}
     L.counters = {"eval_env_errors": 0}
     L.metrics = MetricsWriter(tmp_path)
     try:
