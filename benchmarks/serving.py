@@ -7,10 +7,8 @@ A load generator (the official `openai` async client) sends chat completions wit
 output length (``ignore_eos``) at each concurrency level. Both servers are up for the whole run
 and the load alternates between them wave by wave (a wave: ``concurrency`` requests at once;
 A B A B ..., A first in even rounds and B in odd ones), so each pair of waves is under a second
-apart and a slow spell of a noisy machine hits both alike. (Until session 9 it alternated per
-level, a whole 48-request measurement of one server, up to 14 s, then the other's: single
-rounds then ranged 0.70-1.57x.) Per level and
-round it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM,
+apart and a slow spell of a noisy machine hits both alike (a whole measurement of one server
+and then the other's would be seconds apart). Per level and round it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM,
 paired per round, median over rounds (best-of ratios alongside). Goal (issue 4): throughput >=
 0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line.
 

@@ -19,11 +19,10 @@ reloads from, the time to write it included), ``zmq_ratio`` for frames over the 
 servers on other hosts get). The two are interleaved, update by update.
 
 ``floor_back_to_back_s`` / ``ratio_back_to_back``: the floor timed with its sends back to back
-instead (the minimum of a warm loop, no step in between), as this benchmark did until session
-10, while each sync came 2 s after its step. On this 2-vCPU VM work that follows a 2 s idle runs
-slower (the learner's publish 2.8-3.2 ms against 1.8-2.0 ms back to back), so the two were not
-timed alike. Now each sync and each floor send follow a settle (so that the previous update's
-first token and background packing are done) and then the step; both ratios are reported.
+instead (the minimum of a warm loop, no step in between). Work that follows an idle spell runs
+slower on a small VM than work in a warm loop, so ``ratio`` times each sync and each floor send
+alike: after a settle (the previous update's first token and background packing done) and then
+a stand-in optimizer step. Both ratios are reported.
 
 Then, on the same model and server, bytes and seconds per update for each
 ``learner.weight_sync`` mode (``modes``), each after its own first (full) sync, with a real

@@ -90,9 +90,8 @@ class WeightReceiver:
     def climbrl_start_repack(self) -> None:
         """Start the background packing the last reload left (``_repack_later``), unless the
         engine's first use of a layer since has started it. The server calls this shortly
-        after its ack: started with the reload, the helper slowed the rest of the update (the
-        reply, the resume, the ack's way to the learner) by 1-2 ms of about 10 at 5M
-        parameters on a 2-CPU machine."""
+        after its ack: started with the reload, the helper would compete for the CPU with the
+        rest of the update (the reply, the resume, the ack's way to the learner)."""
         _start_repack()
 
     def climbrl_param_digest(self) -> dict[str, str]:
