@@ -36,7 +36,8 @@ class ResetRaises(Env):
 '''
 
 
-@pytest.mark.parametrize("eval_size", [4, 0], ids=["eval_on", "eval_off"])
+@pytest.mark.parametrize("eval_size", [4, pytest.param(0, marks=pytest.mark.slow)],
+                         ids=["eval_on", "eval_off"])  # eval_on walks both paths: eval, then training
 def test_an_env_that_always_raises_ends_the_run_with_its_error(tiny_model, tmp_path, eval_size):
     (tmp_path / "broken_env.py").write_text(BROKEN_ENV)
     out = tmp_path / "run"

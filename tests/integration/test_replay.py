@@ -432,6 +432,7 @@ def test_moe_lora_and_trained_delta_syncs_match_a_fresh_load(moe_server, tmp_pat
     assert not _differ(synced, fresh)
 
 
+@pytest.mark.slow  # the default suite has the same parity after an update, by the server alone
 def test_moe_run_stays_at_dense_parity_through_weight_updates(tie_moe, tmp_path):
     """`climbrl run` on the MoE (router and top-p/top-k replay on): 3 real training steps, each
     followed by a weight update, with every step's engine/learner mismatch at the dense

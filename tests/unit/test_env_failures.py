@@ -82,6 +82,26 @@ def test_a_failed_eval_episode_scores_zero_and_is_reported(caplog):
     assert L.env_failures.in_a_row == 0  # nor of the training episodes
 
 
+def test_eval_records_the_envs_other_metrics():
+    """The mean of each numeric Sample.metrics entry over the eval tasks (a failed episode
+    counts 0), in metrics.jsonl and, first and last eval, in summary.json."""
+    L = _eval_learner()
+
+    def s(correct: float, strict: float) -> Sample:
+        x = _sample(correct)
+        x.metrics = {"correct": correct, "strict": strict}
+        return x
+
+    _answer(L, {0: s(1.0, 0.0), 1: s(1.0, 1.0), 2: s(0.0, 0.0), 3: BOOM})
+    L.step = 0
+    L.evaluate("test")
+    _answer(L, {0: s(1.0, 1.0), 1: s(1.0, 1.0), 2: s(1.0, 1.0), 3: s(0.0, 1.0)})
+    L.step = 5
+    L.evaluate("test")
+    assert [r["eval/test_strict"] for r in L.metrics.records] == [0.25, 1.0]
+    assert L.eval_metrics == {0: {"strict": 0.25}, 5: {"strict": 1.0}}
+
+
 def test_an_eval_that_fails_every_episode_ends(caplog):
     L = _eval_learner(max_order_failures=2, max_env_failures=2)
     _answer(L, dict.fromkeys(range(4), BOOM))
