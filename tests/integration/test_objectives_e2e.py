@@ -6,14 +6,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import kill_tree
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,17 +21,11 @@ def _run(example: str, tiny_model: Path, tmp_path: Path, extra: list[str]) -> tu
     sets = [f"model.path={tiny_model}", f"run.output_dir={out}", "learner.total_steps=3",
             "learner.eval_size=4", "learner.max_staleness=0", "learner.checkpoint_every=2",
             "rollout.kv_cache_gb=0.5", *extra]
-    cmd = [sys.executable, "-m", "climbrl.cli", "run", str(ROOT / "examples" / f"{example}.toml"),
-           "--no-live"]
+    args = ["run", str(ROOT / "examples" / f"{example}.toml"), "--no-live"]
     for s in sets:
-        cmd += ["--set", s]
+        args += ["--set", s]
     log = tmp_path / f"{example}.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "CLIMBRL_LOG": "INFO"})
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        kill_tree(proc)
+    rc = run_cli(args, log, timeout=600)
     learner_log = out / "logs" / "learner.log"
     assert rc == 0, log.read_text()[-3000:] + (
         learner_log.read_text()[-3000:] if learner_log.exists() else "")

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
-from tests.conftest import kill_tree, write_config
+from tests.conftest import kill_tree, run_cli, write_config
 
 pytestmark = pytest.mark.integration
 REPLAY_TOL = 1e-4
@@ -438,7 +438,6 @@ def test_moe_run_stays_at_dense_parity_through_weight_updates(tie_moe, tmp_path)
     followed by a weight update, with every step's engine/learner mismatch at the dense
     level (``mismatch_max`` in metrics.jsonl; steps 2 and 3 sample from synced weights)."""
     import json
-    import os
 
     out = tmp_path / "run"
     cfg = write_config(
@@ -447,14 +446,8 @@ def test_moe_run_stays_at_dense_parity_through_weight_updates(tie_moe, tmp_path)
                  "group_size": 4, "lr": 1e-3},
         rollout={"temperature": TEMP, "top_p": TOP_P, "top_k": TOP_K, "max_tokens": 24,
                  "max_model_len": 128, "kv_cache_gb": 0.25})
-    cmd = [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"]
     log = tmp_path / "run.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "CLIMBRL_LOG": "INFO"})
-    try:
-        rc = proc.wait(timeout=600)
-    finally:
-        kill_tree(proc)
+    rc = run_cli(["run", str(cfg), "--no-live"], log, timeout=600)
     assert rc == 0, log.read_text()[-3000:]
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
