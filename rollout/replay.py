@@ -184,28 +184,68 @@ def keep_counts(z_RV: Tensor, top_k_R: Tensor, top_p_R: Tensor) -> tuple[Tensor,
 
     ``top_k_R`` <= 0 or >= V means no top-k; ``top_p_R`` >= 1 means no top-p. Every logit
     >= the threshold is kept, and n counts exactly those.
+
+    Never sorts a whole row: top-p reads the descending order from ``torch.topk`` of as many
+    logits as its prefix can need (``_top_p_counts``). On CPU, sorting a batch of 49k-logit rows
+    can take longer than a 135M model's forward of the same batch.
     """
     R, V = z_RV.shape
-    k_R = top_k_R.to(torch.long)
+    k_R = top_k_R.to(device=z_RV.device, dtype=torch.long)
     has_k = (k_R > 0) & (k_R < V)
-    has_p = top_p_R < 1
+    has_p = top_p_R.to(z_RV.device) < 1
     n_R = torch.where(has_k, k_R, torch.full_like(k_R, V))
     if bool(has_p.any()):
-        zs_RV = z_RV.sort(dim=-1, descending=True).values
-        col = torch.arange(V, device=z_RV.device)
-        zm_RV = zs_RV.masked_fill(col[None, :] >= n_R[:, None], float("-inf"))
-        p_RV = torch.softmax(zm_RV, dim=-1)
-        excl_RV = torch.cumsum(p_RV, dim=-1) - p_RV
-        n_p = (excl_RV < top_p_R[:, None].to(p_RV.dtype)).sum(-1).clamp(min=1)
-        n_R = torch.where(has_p, torch.minimum(n_R, n_p), n_R)
-        thr_R = zs_RV.gather(1, (n_R - 1)[:, None]).squeeze(1)
-    else:
-        kmax = int(n_R.max())
-        top_RK = torch.topk(z_RV, kmax, dim=-1, sorted=True).values
-        thr_R = top_RK.gather(1, (n_R - 1)[:, None]).squeeze(1)
-    thr_R = torch.where(n_R >= V, torch.full_like(thr_R, float("-inf")), thr_R)
+        rows = has_p.nonzero().squeeze(1)
+        n_p = _top_p_counts(z_RV.index_select(0, rows), n_R.index_select(0, rows),
+                            top_p_R.to(z_RV.device).index_select(0, rows))
+        n_R = n_R.index_copy(0, rows, torch.minimum(n_R.index_select(0, rows), n_p))
+    thr_R = torch.full((R,), float("-inf"), dtype=z_RV.dtype, device=z_RV.device)
+    cut = n_R < V
+    if bool(cut.any()):
+        rows = cut.nonzero().squeeze(1)
+        n_C = n_R.index_select(0, rows)
+        top_CK = torch.topk(z_RV.index_select(0, rows), int(n_C.max()), dim=-1).values
+        thr_R = thr_R.index_copy(0, rows, top_CK.gather(1, (n_C - 1)[:, None]).squeeze(1))
     n_R = (z_RV >= thr_R[:, None]).sum(-1)
     return n_R, thr_R
+
+
+_TOP_P_FIRST_K = 64
+
+
+def _top_p_counts(z_RV: Tensor, n_R: Tensor, top_p_R: Tensor) -> Tensor:
+    """Per row, the length of the shortest prefix of the descending order, within the first
+    ``n_R`` (top-k), whose exclusive cumulative probability under the softmax of those ``n_R``
+    logits is below ``top_p_R``; at least 1.
+
+    Rows without top-k need only their logits of probability >= (1 - p) / V: the others hold
+    less than 1 - p in all, so the prefix ends among these. ``torch.topk`` of that many (and at
+    least ``_TOP_P_FIRST_K``, or the top-k) gives the order; the loop only guards rounding.
+    """
+    R, V = z_RV.shape
+    partial = n_R < V
+    # float64 from here: a float32 cumulative sum over tens of thousands of near-equal
+    # probabilities drifts by more than one of them.
+    z64_RV = z_RV.double()
+    lse_R = torch.logsumexp(z64_RV, dim=-1)
+    eps_R = ((1 - top_p_R.double()) / V).clamp(min=1e-300)
+    need_R = (z64_RV >= (lse_R + eps_R.log())[:, None]).sum(-1)
+    del z64_RV
+    need_R = torch.where(partial, n_R, need_R + 1)
+    K = min(V, max(_TOP_P_FIRST_K, int(need_R.max())))
+    while True:
+        top_RK = torch.topk(z_RV, K, dim=-1, sorted=True).values.double()
+        col = torch.arange(K, device=z_RV.device)
+        top_RK = top_RK.masked_fill(col[None, :] >= n_R[:, None], float("-inf"))
+        if bool(partial.any()):
+            lse_R = torch.where(partial, torch.logsumexp(top_RK, dim=-1), lse_R)
+        p_RK = torch.exp(top_RK - lse_R[:, None])
+        excl_RK = torch.cumsum(p_RK, dim=-1) - p_RK
+        count_R = (excl_RK < top_p_R[:, None].double()).sum(-1)
+        # Found when the prefix ends inside the first K, or the first K hold the whole top-k set.
+        if K >= V or bool(((count_R < K) | (n_R <= K)).all()):
+            return count_R.clamp(min=1)
+        K = min(V, 4 * K)
 
 
 class _Row:

