@@ -158,16 +158,18 @@ def shard_model(model: nn.Module, cfg: Any, ds: DistState | None = None) -> nn.M
     return model
 
 
-def rank_microbatches(n: int, micro: int, ds: DistState) -> list[tuple[int, float]]:
-    """``(start, loss_scale)`` of the micro-batches this rank runs, out of ``n`` samples in
-    micro-batches of ``micro``: micro-batch k on rank k mod world, scale = world (FSDP averages
-    gradients over ranks; the batch-normalised losses must add up); padded with ``(0, 0.0)``
-    (run, but contributes nothing) so every rank runs ceil(#micro-batches / world) passes."""
-    starts = list(range(0, n, micro))
+def rank_microbatches(chunks: list[tuple[int, int]], ds: DistState
+                      ) -> list[tuple[int, int, float]]:
+    """``(start, size, loss_scale)`` of the micro-batches this rank runs out of ``chunks``
+    (``(start, size)`` each, ``micro_chunks``): chunk k on rank k mod world, scale = world
+    (FSDP averages gradients over ranks; the batch-normalised losses must add up); padded with
+    the first chunk at scale 0.0 (run, but contributes nothing) so every rank runs
+    ceil(#chunks / world) passes."""
     scale = float(ds.world_size)
-    mine = [(s, scale) for k, s in enumerate(starts) if k % ds.world_size == ds.rank]
-    per_rank = math.ceil(len(starts) / ds.world_size) if starts else 0
-    return mine + [(0, 0.0)] * (per_rank - len(mine))
+    mine = [(s, n, scale) for k, (s, n) in enumerate(chunks) if k % ds.world_size == ds.rank]
+    per_rank = math.ceil(len(chunks) / ds.world_size) if chunks else 0
+    pad = (chunks[0][0], chunks[0][1], 0.0) if chunks else (0, 0, 0.0)
+    return mine + [pad] * (per_rank - len(mine))
 
 
 def reduce_stats(acc: dict[str, float], ds: DistState) -> dict[str, float]:

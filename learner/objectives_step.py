@@ -6,7 +6,7 @@
     for epoch in range(epochs):
         for (lo, hi, norm) in step.minibatches(batch):   # one optimizer step each
             for each micro-batch of samples[lo:hi]:
-                with step.capture_hidden(model): b = completion_logprobs(model, mb, ...)
+                b = completion_logprobs(model, mb, ...)     # PPO's value head reads its hidden
                 step.micro_loss(batch, i, b, ref_logp, norm, epoch).backward()
             optimizer step; step.step_critic()
     stats = step.finish(batch)
@@ -28,7 +28,6 @@ hidden state, or a separate value model) with its optimizer, and the clip-high c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +75,7 @@ class Critic(nn.Module):
     ``state_values``) forces the experts the samples recorded (``Sample.routing``), as
     ``completion_logprobs`` does for the policy, so the values and the log-probs see the same
     routing. With ``kind='head'`` the values trained in the loss come from the policy's own
-    forward (``ObjectiveStep.capture_hidden``), which runs under that forced routing already."""
+    forward (``completion_logprobs``' ``hidden_BTH``), under that forced routing already."""
 
     def __init__(self, kind: str, hidden_size: int, path: str | None = None, dtype: Any = None):
         super().__init__()
@@ -222,7 +221,6 @@ class ObjectiveStep:
                 self.critic.parameters(), lr=lc.critic_lr, weight_decay=lc.weight_decay,
                 betas=(0.9, 0.99),
             )
-        self._hidden: Tensor | None = None
 
     # ------------------------------------------------------------------ batch
 
@@ -333,27 +331,6 @@ class ObjectiveStep:
 
     # ------------------------------------------------------------------ micro-batches
 
-    @contextlib.contextmanager
-    def capture_hidden(self, policy: nn.Module) -> Iterator[None]:
-        """For a value head on the policy: keep the backbone's last hidden state of the next
-        forward (``completion_logprobs`` runs it), so the value costs no second forward.
-
-        That forward is the policy's own, under the MoE routing ``completion_logprobs`` forces
-        from ``Sample.routing``: the values trained here see the experts the log-probs see, and
-        the same ones ``prepare_values`` forces in its separate forward of the backbone."""
-        if self.critic is None or self.critic.kind != "head":
-            yield
-            return
-
-        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            self._hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-        h = policy.base_model.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            h.remove()
-
     def micro_loss(
         self, batch: StepBatch, i: int, b: dict[str, Tensor], ref_logp_BT: Tensor | None,
         norm: BatchNorm | None = None, epoch: int = 0,
@@ -395,9 +372,10 @@ class ObjectiveStep:
         )
         if self.critic is not None:
             if self.critic.kind == "head":
-                assert self._hidden is not None, "capture_hidden() must wrap the policy forward"
-                values = self.critic.values(self._hidden, pack_positions(mb)[2])
-                self._hidden = None
+                # the policy's own forward (``b["hidden_BTH"]``), under the MoE routing
+                # ``completion_logprobs`` forces: the values trained here see the experts the
+                # log-probs see, the same ones ``prepare_values`` forces in its own forward
+                values = self.critic.head(b["hidden_BTH"].float()).squeeze(-1)
             else:
                 values = self.critic.forward_samples(mb)
             ret = batch.returns_BT[i : i + n, :Tc].to(values.dtype)

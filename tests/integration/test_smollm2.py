@@ -83,6 +83,30 @@ def test_imported_model_samples_and_the_learner_agrees(smollm2: Path):
     assert d.numel() >= 12 and float(d.max()) < PARITY_TOL
 
 
+def test_two_step_run_on_smollm2(smollm2: Path, tmp_path: Path):
+    """``climbrl run`` with the SmolLM2 demo's config, cut to two small steps: the real model
+    goes through rollout, the learner (packed, token-budget micro-batches) and a weight sync,
+    and every step logs the engine/learner log-prob mismatch."""
+    out = tmp_path / "run"
+    log = tmp_path / "run.log"
+    cfg = Path(__file__).resolve().parents[2] / "climbrl" / "configs" / "demo_smollm2.toml"
+    rc = run_cli(["run", str(cfg), "--no-live", "--set", f"model.path={smollm2}",
+                  "--set", f"run.output_dir={out}", "--set", "learner.total_steps=2",
+                  "--set", "learner.batch_groups=2", "--set", "learner.group_size=4",
+                  "--set", "learner.eval_size=4", "--set", "learner.eval_every=0",
+                  "--set", "learner.max_staleness=0", "--set", "rollout.max_tokens=8",
+                  "--set", "learner.pack_length=256", "--set", "learner.micro_batch_tokens=256"],
+                 log, timeout=900)
+    assert rc == 0, log.read_text()[-4000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 2, s
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "mismatch_mean" in m]
+    assert len(steps) == 2
+    for m in steps:  # at lag 0 the learner's log-probs are the engine's, to float32 rounding
+        assert m["mismatch_tokens"] > 0 and m["mismatch_max"] < PARITY_TOL, m
+
+
 @pytest.mark.slow
 def test_smollm2_demo_gains_ten_points(tmp_path: Path):
     """``climbrl demo --model smollm2``: at least 10 points of held-out answer-correct rate at

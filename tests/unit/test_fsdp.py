@@ -75,8 +75,9 @@ def _step(model: torch.nn.Module, ds: DistState, device: str):
     total = mask[:, 1:].sum()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
     acc = {"loss": 0.0, "rank_max": 0.0}
-    for start, scale in rank_microbatches(len(ids), MICRO, ds):
-        x, m = ids[start : start + MICRO], mask[start : start + MICRO]
+    chunks = [(i, min(MICRO, len(ids) - i)) for i in range(0, len(ids), MICRO)]
+    for start, size, scale in rank_microbatches(chunks, ds):
+        x, m = ids[start : start + size], mask[start : start + size]
         logits = model(input_ids=x).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None]).squeeze(-1)
         loss = -(logp * m[:, 1:]).sum() / total
@@ -153,12 +154,13 @@ def _check_against_single_process(sharded: dict, device: str, nproc: int) -> Non
 
 def test_rank_microbatches_cover_the_batch_once():
     for n, micro, world in [(5, 2, 2), (8, 2, 2), (7, 3, 3), (2, 4, 2), (0, 2, 2), (6, 1, 4)]:
-        per = [rank_microbatches(n, micro, DistState(rank=r, world_size=world))
+        chunks = [(i, min(micro, n - i)) for i in range(0, n, micro)]
+        per = [rank_microbatches(chunks, DistState(rank=r, world_size=world))
                for r in range(world)]
-        real = sorted(s for p in per for s, scale in p if scale == world)
-        assert real == list(range(0, n, micro))
+        real = sorted((s, k) for p in per for s, k, scale in p if scale == world)
+        assert real == chunks  # every chunk once, at the FSDP scale
         assert len({len(p) for p in per}) == 1  # same number of passes on every rank
-        assert all(s == 0 for p in per for s, scale in p if scale == 0.0)
+        assert all((s, k) == chunks[0] for p in per for s, k, scale in p if scale == 0.0)
 
 
 def test_learner_argv_uses_torchrun_only_for_several_processes(tmp_path):

@@ -207,11 +207,11 @@ def test_value_clip_in_the_ppo_micro_loss(clip):
     with torch.no_grad():
         step.critic.head.bias.fill_(0.5)
     ids = torch.tensor([[1, 2, 3]])
-    with step.capture_hidden(policy):
-        policy.base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    hidden_BTH = policy.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
+                                   ).last_hidden_state
     z = torch.zeros(1, 3)
     b = {"logp": z.clone().requires_grad_(True), "old_logp": z, "mask": torch.ones(1, 3),
-         "entropy": z}
+         "entropy": z, "hidden_BTH": hidden_BTH}
     loss = step.micro_loss(batch, 0, b, None)
     v_old, ret = [0.5, 0.2, 0.4], [0.60624, 0.792, 1.0]  # returns of the ended 3-token example
     terms = [max((vo + 0.5 - r) ** 2, (vo + clip - r) ** 2) if clip else (vo + 0.5 - r) ** 2
@@ -294,10 +294,12 @@ def test_value_head_under_replay_equals_a_forward_with_forced_routing():
     assert torch.allclose(got_last[0], want[3], atol=1e-5)
     batch = _prepared(step, model, [s])
     assert torch.allclose(batch.values_BT[0].float(), want[:3], atol=1e-5)
-    with torch.no_grad(), step.capture_hidden(model):  # the loss's values: the policy forward
-        completion_logprobs(model, [s], temperature=1.0, impl="naive")
-    trained = step.critic.values(step._hidden, torch.tensor([[3, 4, 5]]))[0]
-    assert torch.allclose(trained, want[:3], atol=1e-5), (trained, want)
+    for pack in (0, 64):  # the loss's values: the policy forward, padded or packed
+        with torch.no_grad():
+            b = completion_logprobs(model, [s, s], temperature=1.0, impl="naive",
+                                    pack_length=pack)
+        trained = step.critic.head(b["hidden_BTH"][1].float()).squeeze(-1)
+        assert torch.allclose(trained, want[:3], atol=1e-5), (pack, trained, want)
 
 
 def test_value_model_forward_replays_the_routing(tmp_path):
