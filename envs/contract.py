@@ -279,6 +279,10 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
                                        "episodes_and_shapes)", skipped=True))
 
     await asyncio.sleep(0)
+    # sandboxes started ahead belong to the process, not to the env: stop them before counting
+    from climbrl.envs._procs import close_pools
+
+    await asyncio.to_thread(close_pools)
     leftover = _children() - before
     pending = [t for t in asyncio.all_tasks() - tasks_before if not t.done()
                and t is not asyncio.current_task()]

@@ -10,16 +10,20 @@ letter, repeated. The reward composes verifiable parts and a gate:
 
 Run it (from the repository root; everything is local, nothing is downloaded):
 
-    python examples/custom_env.py make-model runs/custom_env/model   # tiny tokenizer + Qwen3
+    climbrl tiny-model runs/custom_env/model --env examples.custom_env:LastLetterEnv
     climbrl run examples/custom_env.toml                              # learner + vLLM rollout
     climbrl env-check examples.custom_env:LastLetterEnv               # the contract checks
 
+(``tiny-model --env`` trains the tokenizer on ``tokenizer_corpus()`` below, as
+``python examples/custom_env.py make-model runs/custom_env/model`` does.)
+
 ``examples/custom_env.toml`` registers it by dotted path (``[env] name =
 "examples.custom_env:LastLetterEnv"``; ``"examples/custom_env.py:LastLetterEnv"`` works too).
-A package would instead declare an entry point, then use its short name:
+A package declares an entry point instead, and configs use its short name
+(``examples/env_package/pyproject.toml``; the README's "From one file to a package"):
 
     [project.entry-points."climbrl.envs"]
-    last_letter = "my_pkg.envs:LastLetterEnv"
+    last_letter = "last_letter_env:LastLetterEnv"
 """
 
 from __future__ import annotations

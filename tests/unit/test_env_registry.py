@@ -125,3 +125,21 @@ def test_entry_points_are_read_once_per_sys_path(plugin, monkeypatch):
     assert len(calls) == 1
     monkeypatch.syspath_prepend(str(plugin / "another"))  # new path: new packages may be on it
     assert resolve_env("plug").name == "plug" and len(calls) == 2
+
+
+def test_the_readme_package_recipe_points_at_the_example_env():
+    """examples/env_package/pyproject.toml (the README's "From one file to a package") makes
+    examples/custom_env.py, copied as last_letter_env.py, the entry point `last_letter`;
+    tests/integration/test_custom_env.py installs and trains it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "examples/env_package/pyproject.toml").read_text())
+    target = project["project"]["entry-points"]["climbrl.envs"]["last_letter"]
+    module, _, cls = target.partition(":")
+    assert project["tool"]["setuptools"]["py-modules"] == [module] == ["last_letter_env"]
+    assert resolve_env(f"{root / 'examples/custom_env.py'}:{cls}").name == "last_letter"
+    readme = (root / "README.md").read_text()
+    assert f'last_letter = "{target}"' in readme
+    assert "cp examples/custom_env.py last_letter/last_letter_env.py" in readme
