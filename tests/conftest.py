@@ -45,15 +45,27 @@ def run_cli(args: list[str], log: Path, timeout: float, **popen: Any) -> int:
     """``python -m climbrl.cli ARGS`` in its own session, its output in ``log``; its exit code.
     The whole process tree (vLLM's engine processes too) is stopped by PID when it ends, or
     when ``timeout`` runs out (then ``subprocess.TimeoutExpired`` fails the test)."""
+    return wait_cli(start_cli(args, log, **popen), timeout)
+
+
+def start_cli(args: list[str], log: Path, **popen: Any) -> subprocess.Popen:
+    """``python -m climbrl.cli ARGS`` started in its own session, its output in ``log``; pair
+    it with ``wait_cli``. Tests start two runs this way to overlap their start-ups (importing
+    vLLM and starting an engine keeps one core busy at a time)."""
     env = {**os.environ, "CLIMBRL_LOG": "INFO", **popen.pop("env", {})}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "climbrl.cli", *args], stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "climbrl.cli", *args], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                 **popen)
-        try:
-            return proc.wait(timeout=timeout)
-        finally:
-            kill_tree(proc)
+
+
+def wait_cli(proc: subprocess.Popen, timeout: float) -> int:
+    """The exit code of a ``start_cli`` process; its whole process tree is stopped by PID when
+    it ends, or when ``timeout`` runs out (then ``subprocess.TimeoutExpired`` fails the test)."""
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        kill_tree(proc)
 
 
 def kill_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -112,13 +124,26 @@ def write_config(path: Path, model: Path, out: Path, **sections: dict) -> Path:
 
 
 @pytest.fixture(scope="session")
+def serve_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real `climbrl serve` process (tests/integration/test_serving.start_serve), shared by
+    test_serving and test_abuse."""
+    from tests.integration.test_serving import start_serve
+
+    tmp = tmp_path_factory.mktemp("serve")
+    proc, url = start_serve(tiny_model, tmp)
+    yield {"url": url, "proc": proc, "log": tmp / "serve.log"}
+    kill_tree(proc)
+
+
+@pytest.fixture(scope="session")
 def rollout_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real `climbrl rollout` process (real vLLM engine) connected to a LearnerHub here."""
     from climbrl.learner.hub import LearnerHub
 
     d = tmp_path_factory.mktemp("rollout")
     cfg = write_config(d / "cfg.toml", tiny_model, d / "out",
-                       rollout={"max_model_len": 256, "kv_cache_gb": 0.5},
+                       rollout={"max_model_len": 256, "kv_cache_gb": 0.5,
+                                "extra_envs": ["math"]},
                        wire={"dead_after_s": 60.0})
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")
@@ -126,6 +151,7 @@ def rollout_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
          hub.endpoint, "--server-id", "r0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **hub.client_env()},  # the hub's credentials
     )
     deadline = time.monotonic() + 300
     hello = None

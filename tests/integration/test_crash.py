@@ -1,6 +1,6 @@
 """Crash consistency of `climbrl run`: real learner and rollout processes, real vLLM, kill -9.
 
-- The learner killed with -9 after its step-3 checkpoint, then `climbrl run --resume`: every
+- The learner killed with -9 after a checkpoint, then `climbrl run --resume`: every
   prompt (cursor sequence) is trained exactly once in the final lineage, and with a fixed seed
   and max_staleness 0 the resumed steps repeat the killed run's steps (same samples, so the
   same rewards, and the same loss within floating-point tolerance).
@@ -132,34 +132,34 @@ def _compare(a: list[dict], b: list[dict]) -> dict[str, float]:
 
 def test_learner_kill9_then_resume_trains_each_prompt_once_on_the_same_curve(tiny_model,
                                                                              tmp_path):
-    """Killed (SIGKILL, by itself at a fixed point) after step 5 with step 6's orders in
-    flight; the last checkpoint is step 3. The resumed run retrains steps 4-5 and must repeat
-    them: the killed run up to step 5 *is* an uninterrupted run up to step 5."""
+    """Killed (SIGKILL, by itself at a fixed point) after step 3 with step 4's orders in
+    flight; the last checkpoint is step 2. The resumed run retrains step 3 and must repeat
+    it: the killed run up to step 3 *is* an uninterrupted run up to step 3."""
     out = tmp_path / "run"
-    cfg = _config(tmp_path, tiny_model, out, steps=6)
+    cfg = _config(tmp_path, tiny_model, out, steps=4, learner={"checkpoint_every": 2})
     rc = _wait(_launch(cfg, tmp_path / "launcher.log",
-                       env={"CLIMBRL_FAULT_KILL_AT_STEP": "5"}))
+                       env={"CLIMBRL_FAULT_KILL_AT_STEP": "3"}))
     assert rc != 0, _logs(tmp_path, out)
     learner_log = (out / "logs" / "learner.log").read_text()
-    assert "CLIMBRL_FAULT_KILL_AT_STEP=5: SIGKILL" in learner_log, _logs(tmp_path, out)
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert "CLIMBRL_FAULT_KILL_AT_STEP=3: SIGKILL" in learner_log, _logs(tmp_path, out)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
     killed = _steps(out / "metrics.jsonl")
-    assert [r["step"] for r in killed] == [1, 2, 3, 4, 5]
-    state = json.loads((out / "checkpoints" / "step_3" / "learner_state.json").read_text())
-    assert state["cursor"]["next_seq"] == 3 * BATCH and state["cursor"]["pending"] == []
+    assert [r["step"] for r in killed] == [1, 2, 3]
+    state = json.loads((out / "checkpoints" / "step_2" / "learner_state.json").read_text())
+    assert state["cursor"]["next_seq"] == 2 * BATCH and state["cursor"]["pending"] == []
 
     rc = _wait(_launch(cfg, tmp_path / "launcher.log", "--resume"))
     assert rc == 0, _logs(tmp_path, out)
     steps = _steps(out / "metrics.jsonl")
-    _assert_each_sequence_once(steps, 6)
+    _assert_each_sequence_once(steps, 4)
     resumed = [r for r in _records(out / "metrics.jsonl") if "resumed_from" in r]
-    assert resumed == [{"step": 3, "resumed_from": "step_3", "discarded_steps": [4, 5]}]
+    assert resumed == [{"step": 2, "resumed_from": "step_2", "discarded_steps": [3]}]
     discarded = _steps(out / "metrics.discarded.jsonl")
-    assert discarded == killed[3:]
-    assert steps[:3] == killed[:3]  # kept as they were
-    gaps = _compare(killed[3:], steps[3:5])  # steps 4 and 5, before the kill and after resume
+    assert discarded == killed[2:]
+    assert steps[:2] == killed[:2]  # kept as they were
+    gaps = _compare(killed[2:], steps[2:3])  # step 3, before the kill and after resume
     print(f"resumed vs uninterrupted, largest gaps (loss abs, others rel): {gaps}")
-    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
 
 @pytest.mark.slow

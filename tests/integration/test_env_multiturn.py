@@ -10,6 +10,7 @@ sequence match the engine's per token, which fails if a token or its context mov
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -101,14 +102,18 @@ def tool_server(tmp_path_factory):
     tok.chat_template = TOOL_CHAT_TEMPLATE
     tok.save_pretrained(str(model))
     cfg = write_config(d / "cfg.toml", model, d / "out",
-                       rollout={"max_model_len": 1536, "kv_cache_gb": 0.5, "max_tokens": 12},
-                       wire={"dead_after_s": 60.0}, env={"step_timeout_s": 5.0})
+                       wire={"dead_after_s": 60.0}, env={"step_timeout_s": 5.0},
+                       # the envs its work orders name (a work order names no other)
+                       rollout={"max_model_len": 1536, "kv_cache_gb": 0.5, "max_tokens": 12,
+                                "extra_envs": ["tool_use"] + [f"{__file__}:{c}" for c in (
+                                    "ScriptedToolEnv", "FlakyEnv", "RaisingEnv")]})
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
          hub.endpoint, "--server-id", "t0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **hub.client_env()},  # the hub's credentials
     )
     deadline = time.monotonic() + 300
     while hub.recv(0.5) is None:

@@ -29,7 +29,10 @@ if __name__ == "__main__":
 """
 
 
-def test_vllm_loads_pretrained_base(tmp_path: Path) -> None:
+# 20 steps in the default suite (the training loop and export are the same; fp32 greedy agrees
+# whatever the loss), 60 behind `slow`
+@pytest.mark.parametrize("steps", [pytest.param(60, marks=pytest.mark.slow), 20])
+def test_vllm_loads_pretrained_base(tmp_path: Path, steps: int) -> None:
     pytest.importorskip("vllm")
     import torch
     from climbrl.pretrain.config import load_config
@@ -47,7 +50,7 @@ def test_vllm_loads_pretrained_base(tmp_path: Path) -> None:
             "data.vocab_size=300",
             "data.tokenizer_train_docs=1000",
             "data.seq_len=64",
-            "train.steps=60",
+            f"train.steps={steps}",
             "train.warmup_steps=5",
             "train.batch_size=16",
             "train.eval_every=1000",

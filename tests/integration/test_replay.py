@@ -17,6 +17,7 @@ alone by >= 1e-3 at the worst token.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -55,8 +56,11 @@ def tie_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A real `climbrl rollout` process serving the MoE, replay on (the config defaults)."""
+def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory,
+               request: pytest.FixtureRequest):
+    """A real `climbrl rollout` process serving the MoE, replay on (the config defaults). The
+    in-process engine ``local_moe`` starts while this server boots: the two start-ups (about
+    one core each) overlap."""
     from climbrl.learner.hub import LearnerHub
 
     d = tmp_path_factory.mktemp("replay")
@@ -70,8 +74,10 @@ def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory):
         [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
          hub.endpoint, "--server-id", "moe0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **hub.client_env()},  # the hub's credentials
     )
     try:
+        request.getfixturevalue("local_moe")
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -85,6 +91,29 @@ def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory):
         kill_tree(proc)
         hub.close()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def local_moe(tie_moe: Path):
+    """An in-process engine freshly loaded from ``tie_moe``, on an event loop of its own, and
+    its parameter digests taken before anything runs on it: the fresh-load reference of the
+    MoE weight-sync test, and the engine of the prefix-cache test (one engine start for both)."""
+    from climbrl.rollout.engine import build_engine
+
+    engine = build_engine(str(tie_moe), kv_cache_gb=0.25, max_model_len=256, max_num_seqs=8)
+    loop = asyncio.new_event_loop()
+    try:
+        digests = loop.run_until_complete(engine.collective_rpc("climbrl_param_digest"))[0]
+        yield {"engine": engine, "loop": loop, "digests": digests}
+    finally:
+        engine.shutdown()
+        # let the cancelled output handler finish, so the engine is freed here and not by its
+        # __del__ at interpreter exit
+        pending = asyncio.all_tasks(loop)
+        for t in pending:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
 
 
 def _collect(rs, orders: list[WorkOrder], timeout: float = 300.0) -> list[Trajectory]:
@@ -229,19 +258,18 @@ def test_replay_parity_after_a_weight_update(after_update):
     assert on[1] < REPLAY_TOL and on[2] == 0
 
 
-def test_routing_replay_through_the_prefix_cache(tie_moe: Path):
+def test_routing_replay_through_the_prefix_cache(tie_moe: Path, local_moe):
     """Prompts longer than a KV block (128 tokens on CPU) share cached blocks: routing of the
     cached positions comes with the cached KV, and replaying it still matches the engine."""
     from climbrl.learner.logprobs import completion_logprobs
     from climbrl.learner.replay import decode_routing
     from climbrl.rollout import replay
-    from climbrl.rollout.engine import build_engine
     from transformers import AutoModelForCausalLM
     from vllm.inputs import TokensPrompt
 
     from climbrl.wire import Routing, Sample
 
-    engine = build_engine(str(tie_moe), kv_cache_gb=0.25, max_model_len=256, max_num_seqs=8)
+    engine = local_moe["engine"]
     shared = [(7 * i) % 300 + 5 for i in range(150)]
 
     async def run(i: int, prompt: list[int]) -> tuple[Sample, int]:
@@ -272,10 +300,7 @@ def test_routing_replay_through_the_prefix_cache(tie_moe: Path):
         assert (await replay.take(engine, "pc-0")) == {"keep": None, "routing": None}
         return [first, *rest]
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        engine.shutdown()
+    results = local_moe["loop"].run_until_complete(main())
     samples = [s for s, _ in results]
     assert all(cached >= 128 for _, cached in results[1:]), [c for _, c in results]
     r0 = decode_routing(samples[0].routing)
@@ -353,20 +378,28 @@ def _sample_parity(rs, model, version: int) -> tuple[float, float, int]:
     return _mismatch(model, samples)
 
 
-def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(moe_server, tmp_path):
-    """Full sync of unchanged weights, then a delta sync of one changed expert: after each,
+# reference of the delta-synced engine: a second fresh engine loaded from the changed weights
+# (slow: one more engine start), or, in the default suite, a full sync of the same weights
+# into the same engine (the full path is checked against a fresh load in the first half)
+@pytest.mark.parametrize("reference", [pytest.param("fresh_load", marks=pytest.mark.slow),
+                                       "full_sync"])
+def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(reference, moe_server,
+                                                                      local_moe, tmp_path):
+    """Full sync of unchanged weights, then a delta sync of one changed expert: after the first,
     every engine parameter (the prepacked experts included) is bitwise the one a fresh engine
-    loads from the same weights, only the changed layer's w13 moved, and the engine's
-    log-probs equal the learner's under replay."""
+    loads from the same weights; after the second, only the changed layer's w13 moved, every
+    parameter is bitwise the reference's (a fresh load, or a full sync, of the same weights),
+    and the engine's log-probs equal the learner's under replay."""
     from climbrl.learner.weights import WeightPublisher
     from transformers import AutoModelForCausalLM
 
     rs = moe_server
+    v = 301 if reference == "full_sync" else 311
     model = AutoModelForCausalLM.from_pretrained(str(rs["model"]), dtype=torch.float32)
     pub = WeightPublisher(model, "delta")
-    kind, synced = _sync(rs, pub, 301)
+    kind, synced = _sync(rs, pub, v)
     assert kind == "full"
-    fresh = _fresh_digests(rs["model"])
+    fresh = local_moe["digests"]  # a fresh engine's load of the same (unchanged) weights
     assert not _differ(synced, fresh), "full sync of unchanged weights != a fresh load"
     assert any(n.endswith("w13_weight") for n in fresh)  # the fused, prepacked experts
 
@@ -374,16 +407,20 @@ def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(moe_server
     with torch.no_grad():  # expert 3 of layer 1: its gate and up rows
         w = model.model.layers[1].mlp.experts.gate_up_proj
         w[3].add_(0.05 * torch.randn(w[3].shape, generator=g))
-    kind, after = _sync(rs, pub, 302)
+    kind, after = _sync(rs, pub, v + 1)
     assert kind == "delta"
     moved = _differ(synced, after)  # only layer 1's gate/up experts tensor
     assert len(moved) == 1 and moved[0].startswith("model.layers.1.") and moved[0].endswith(
         "w13_weight"), moved
-    fresh2 = _fresh_digests(_save(rs["model"], model.state_dict(), tmp_path / "changed"))
-    assert not _differ(after, fresh2), "delta sync != a fresh load of the same weights"
-    mean, mx, miss = _sample_parity(rs, model, 302)
+    mean, mx, miss = _sample_parity(rs, model, v + 1)
     print(f"\nafter one changed expert: replay on mean {mean:.3e} max {mx:.3e} miss {miss}")
     assert mx < REPLAY_TOL and miss == 0
+    if reference == "fresh_load":
+        ref = _fresh_digests(_save(rs["model"], model.state_dict(), tmp_path / "changed"))
+    else:
+        kind, ref = _sync(rs, WeightPublisher(model, "full"), v + 2)
+        assert kind == "full"
+    assert not _differ(after, ref), f"delta sync != a {reference} of the same weights"
 
 
 @pytest.mark.slow

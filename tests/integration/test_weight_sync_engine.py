@@ -149,9 +149,10 @@ def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
     assert _send(rs, WeightPublisher(_hf(rs), "full"), 133)[1].ok  # original weights back
 
 
-# The delta run is slow-marked: delta sync itself is checked on an engine above, and the lora
-# run goes through the same publish/ack path in the default suite.
-@pytest.mark.parametrize("mode", [pytest.param("delta", marks=pytest.mark.slow), "lora"])
+# Slow: delta sync itself is checked on an engine above, and the LoRA run (the same publish/ack
+# path, over CURVE) is test_run_e2e.py's default-suite run.
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["delta", "lora"])
 def test_run_with_weight_sync(mode, tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(
