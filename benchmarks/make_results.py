@@ -9,7 +9,8 @@ the file name before its ``-<UTC time>.json`` suffix. Sections come in name orde
 newest first; each entry gives the date, machine, command and the key figures: the result's
 numeric (and boolean) top-level fields and every field, at any depth, whose name contains
 "ratio", nested ones named by their dotted path. ``demo_runs`` entries get a table of runs
-(accuracy before and after RL, gain, tasks fixed and broken, McNemar p) instead.
+(accuracy before and after RL, gain, tasks fixed and broken, McNemar p) instead; ``vs_trl``
+entries also get a table with a row per side (TRL, climbrl).
 
 The output is a pure function of the files' contents and names (no clock, no machine lookups),
 so ``tests/unit/test_results_md.py`` can regenerate it and compare with the committed page.
@@ -96,6 +97,8 @@ def _entry(name: str, path: Path, record: dict[str, Any]) -> str:
     result = record["result"]
     if name == "demo_runs" and isinstance(result, dict) and isinstance(result.get("runs"), list):
         lines.append(_demo_table(result["runs"]))
+    if name == "vs_trl" and isinstance(result, dict):
+        lines.append(_vs_trl_table(result))
     figures = key_figures(result)
     if figures:
         lines += ["| field | value |", "|---|---|"]
@@ -175,6 +178,33 @@ def _demo_table(runs: list[Any]) -> str:
             _fmt(r.get("wall_seconds")),
         ]
         rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _vs_trl_table(result: dict[str, Any]) -> str:
+    rows = [
+        "| side | optimizer steps | steps per minute | train s | wall s | answer-correct before "
+        "-> after | strict before -> after | gain (points) | fixed / broken | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side in ("trl", "climbrl"):
+        r = result.get(side)
+        if not isinstance(r, dict):
+            continue
+        ch = r.get("heldout_change") or {}
+        gain = r.get("gain")
+        cells = [
+            side, _fmt(r.get("steps")), _fmt(r.get("steps_per_minute")), _fmt(r.get("train_s")),
+            _fmt(r.get("wall_s")),
+            f"{_fmt(r.get('accuracy_before'))} -> {_fmt(r.get('accuracy_after'))}",
+            f"{_fmt(r.get('strict_before'))} -> {_fmt(r.get('strict_after'))}",
+            _fmt(round(100 * gain, 2) if isinstance(gain, int | float) else None),
+            f"{_fmt(ch.get('fixed'))} / {_fmt(ch.get('broken'))}",
+            _fmt_p(ch.get("mcnemar_p")),
+        ]
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if result.get("ratio_note"):
+        rows += ["", f"Note: {result['ratio_note']}"]
     return "\n".join(rows) + "\n"
 
 

@@ -6,7 +6,7 @@
     climbrl run CONFIG.toml --launcher ray   # the same, placed as Ray actors on a cluster
     climbrl learn --config C --endpoint-file F     # the learner alone
     climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
-    climbrl tiny-model OUT_DIR [--moe]   # a tokenizer + random Qwen3 for tests
+    climbrl tiny-model OUT_DIR [--env NAME] [--moe]   # a tokenizer + random Qwen3 for tests
     climbrl import-gguf GGUF_OR_PACKAGE OUT_DIR [--dtype float32]   # GGUF -> HF folder
     climbrl pretrain CONFIG.toml         # pretraining (see climbrl.pretrain)
     climbrl env-check ENV [--args JSON]  # contract checks on an environment (yours too)
@@ -27,6 +27,14 @@ def _logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+# `climbrl serve` flags for the [serve] limits (climbrl/config.py ServeCfg documents them)
+_SERVE_LIMITS: dict[str, type] = {
+    "max_body_mb": float, "max_n": int, "max_tokens": int, "max_concurrent_per_key": int,
+    "max_sessions": int, "session_max_turns": int, "session_max_mb": float,
+    "session_max_age_s": float,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,8 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the number of RL steps")
     d.add_argument("--set", dest="overrides", action="append", default=[])
 
-    t = sub.add_parser("tiny-model", help="train a tokenizer and save a random Qwen3")
+    t = sub.add_parser("tiny-model", help="train a tokenizer (on an env's text with --env) "
+                       "and save a random Qwen3")
     t.add_argument("out_dir")
+    t.add_argument("--env", default=None, help="train the tokenizer on this environment's "
+                   "text (Env.tokenizer_corpus, else its prompts), so its prompts stay short")
+    t.add_argument("--env-args", default="{}", help="the env's keyword arguments as JSON")
     t.add_argument("--moe", action="store_true")
     t.add_argument("--vocab-size", type=int, default=384)
 
@@ -88,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     sv.add_argument("--dtype", default="auto")
     sv.add_argument("--ready-file", default=None, help="write {host, port} here once listening")
+    for name, typ in _SERVE_LIMITS.items():  # the [serve] limits, documented in config.py
+        sv.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                        help=f"serve.{name} (default: the config's)")
     sv.epilog = ("Options after a bare `--` go to vLLM's own server, e.g. "
                  "`-- --enable-auto-tool-choice --tool-call-parser hermes`.")
 
@@ -127,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             return launch(cfg, resume=a.resume, live=not a.no_live)
         if a.cmd == "learn":
             from climbrl.launcher import LEARNER_ERROR
+            from climbrl.learner.hub import HubError
             from climbrl.learner.learner import LearnerError, train
 
             cfg = load_config(a.config, a.overrides)
             try:
                 train(cfg, resume=a.resume, endpoint_file=a.endpoint_file)
-            except LearnerError as e:  # a run that cannot go on, and why: no traceback needed
+            except (LearnerError, HubError) as e:  # a run that cannot go on, and why
                 print(LEARNER_ERROR + str(e), file=sys.stderr, flush=True)
                 return 1
             return 0
@@ -151,16 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "serve":
             import uvloop
 
-            from climbrl.serving.app import serve_model
+            from climbrl.config import ServeCfg
+            from climbrl.serving.app import check_api_keys, serve_model
 
-            keys = a.api_key + ([os.environ["CLIMBRL_API_KEY"]]
-                                if os.environ.get("CLIMBRL_API_KEY") else [])
+            keys = a.api_key + ([os.environ["CLIMBRL_API_KEY"]]  # set but empty: an error
+                                if "CLIMBRL_API_KEY" in os.environ else [])
+            check_api_keys(keys, a.host)  # before the engine starts
+            limits = ServeCfg(**{k: getattr(a, k) for k in _SERVE_LIMITS
+                                 if getattr(a, k) is not None})
             extra = passthrough
             uvloop.run(serve_model(
                 a.model, host=a.host, port=a.port, api_keys=keys,
                 served_model_name=a.served_model_name, kv_cache_gb=a.kv_cache_gb,
                 max_model_len=a.max_model_len, dtype=a.dtype, vllm_extra=extra,
-                ready_file=a.ready_file))
+                ready_file=a.ready_file, limits=limits))
             return 0
         if a.cmd == "import-gguf":
             from climbrl.gguf_import import import_gguf
@@ -170,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "tiny-model":
             from climbrl.tinymodel import main as tiny_main
 
-            return tiny_main([a.out_dir, "--vocab-size", str(a.vocab_size)]
-                             + (["--moe"] if a.moe else []))
+            return tiny_main([a.out_dir, "--vocab-size", str(a.vocab_size),
+                              "--env-args", a.env_args]
+                             + (["--moe"] if a.moe else []) + (["--env", a.env] if a.env else []))
     except ValueError as e:
         print(f"climbrl: error: {e}", file=sys.stderr)
         return 2

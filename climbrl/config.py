@@ -79,12 +79,33 @@ class EnvCfg(_Cfg):
 class RolloutCfg(_Cfg):
     num_servers: int = Field(1, ge=1, description="Rollout server processes to start.")
     max_concurrency: int = Field(64, ge=1, description="Episodes in flight per server.")
+    extra_envs: list[str] = Field(
+        default_factory=list,
+        description="Environments besides env.name that a rollout server runs work orders for "
+        "(registry names or dotted paths, built with no args). A work order naming any other "
+        "env is refused: the wire selects among the environments the config names, it never "
+        "names code to import.",
+    )
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM KV cache size per server, GiB.")
     max_model_len: int = Field(512, ge=16, description="Max prompt+completion tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for training.")
     top_p: float = Field(1.0, gt=0, le=1, description="Top-p for training samples.")
     top_k: int = Field(-1, description="Top-k for training samples (-1 = off).")
     max_tokens: int = Field(16, ge=1, description="Max new tokens per turn.")
+    request_timeout_s: float = Field(
+        600.0, gt=0,
+        description="Deadline for one generation request once the engine has it; past it the "
+        "request is aborted in the engine and its work order fails (counted by "
+        "wire.max_order_failures), so a stuck engine cannot hold an episode forever.",
+    )
+    loop_lag_warn_s: float = Field(
+        0.5, gt=0,
+        description="The learner warns when a rollout server's event loop was blocked longer "
+        "than this (seconds) since the previous step, naming what the loop was running "
+        "(rollout_loop_lag_max_s in metrics.jsonl holds every step's worst). Env code runs on "
+        "that loop: synchronous work in an async env method stalls generation and weight "
+        "updates alike. Raise it on a busy machine where short stalls are expected.",
+    )
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start on CPU).")
     replay_sampling_mask: bool = Field(
         True,
@@ -143,6 +164,13 @@ class LearnerCfg(_Cfg):
     tis_cap: float = Field(2.0, gt=0, description="Truncation cap of the IS weight ('correct').")
     publish_every: int = Field(1, ge=1, description="Publish weights every N steps.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = at end).")
+    max_train_minutes: float = Field(
+        0.0, ge=0,
+        description="Wall-clock budget of the training loop in minutes (0 = none): no step "
+        "starts after it, even short of total_steps; the step in progress finishes, then the "
+        "run evaluates and checkpoints as usual. summary.json's train_loop_s is the loop's "
+        "time.",
+    )
     eval_size: int = Field(64, ge=0, description="Held-out tasks evaluated greedily before/after.")
     eval_every: int = Field(
         0, ge=0,
@@ -150,7 +178,34 @@ class LearnerCfg(_Cfg):
         "(metrics.jsonl: eval/test_accuracy at that step; the demo's plot shows them); 0 = only "
         "before and after.",
     )
-    micro_batch_size: int = Field(64, ge=1, description="Samples per forward/backward chunk.")
+    micro_batch_size: int = Field(
+        64, ge=1,
+        description="Samples per forward/backward chunk (when micro_batch_tokens is 0).",
+    )
+    micro_batch_tokens: int = Field(
+        0, ge=0,
+        description="Tokens (prompt + completion) per forward/backward chunk, taken in batch "
+        "order; a longer sample is a chunk of its own. 0 = chunks of micro_batch_size samples.",
+    )
+    pack_length: int = Field(
+        0, ge=0,
+        description="Pack each chunk's samples end to end into rows of up to this many tokens "
+        "(position ids restart per sample, attention stays within it; no padding) instead of "
+        "padding every sample to the longest. 0 = padded rows.",
+    )
+    share_prompts: bool = Field(
+        True,
+        description="Run a prompt the samples of a group share once per micro-batch: one row "
+        "holds the prompt and then each sample's completion, which attends to the prompt and "
+        "to itself (a 4-D mask). The log-probs are those of each sample alone; the forward "
+        "and backward skip group_size - 1 copies of the prompt. Off with MoE routing replay.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass instead "
+        "of keeping them (transformers' gradient checkpointing): less memory, about one more "
+        "forward of time.",
+    )
     minibatches: int = Field(
         1, ge=1,
         description="Optimizer steps per epoch over a batch (PPO-style): the batch's samples are "
@@ -388,9 +443,11 @@ class WireCfg(_Cfg):
     )
     curve: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="ZeroMQ CURVE encryption and authentication with keys generated per run "
-        "(climbrl/wirekeys.py): peers without the run's key are refused. 'auto': on whenever "
-        "wire.host is not loopback; plain on loopback.",
+        description="How peers authenticate to the learner (climbrl/wirekeys.py); every peer "
+        "does, with credentials generated per run, and one without them is refused. 'on': "
+        "ZeroMQ CURVE (encrypted, the run's client key); 'off': ZeroMQ PLAIN with the run's "
+        "secret (not encrypted: for loopback or a trusted network); 'auto': CURVE whenever "
+        "wire.host is not loopback, PLAIN on loopback.",
     )
     weight_transport: Literal["auto", "zmq"] = Field(
         "auto",
@@ -420,6 +477,46 @@ class WireCfg(_Cfg):
         "With a single server, whichever of this and max_order_failures is reached first ends "
         "the run; both messages quote the env's error.",
     )
+    max_order_failure_rate: float = Field(
+        0.9, gt=0, le=1,
+        description="Largest fraction of the last order_failure_window training orders, across "
+        "all servers, that may come back as errors; past it the run ends quoting the last "
+        "error. Catches a server or env that fails most orders but not enough in a row for "
+        "max_order_failures / max_env_failures. 1 = no limit.",
+    )
+    order_failure_window: int = Field(
+        64, ge=1, description="Training orders that max_order_failure_rate is measured over.",
+    )
+    progress_timeout_s: float = Field(
+        1800.0, ge=0,
+        description="Longest the learner waits, with work orders out, for any of them to come "
+        "back with a trajectory; past it the run ends with an error naming each server's state "
+        "and the last error (an engine that hangs, servers that heartbeat but never answer). "
+        "0 = no limit.",
+    )
+    send_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Longest a send may wait on a full queue (ZeroMQ's high-water mark): the "
+        "rollout server's send to a learner that stops reading, the learner's hand-off to its "
+        "socket thread. Past it the rollout server stops and the learner ends the run, each "
+        "with a clear error, instead of hanging.",
+    )
+    max_message_mb: float = Field(
+        256.0, gt=0,
+        description="Largest frame the learner accepts from a rollout server (ZMQ_MAXMSGSIZE, "
+        "MiB); a peer that sends a bigger one is disconnected. A trajectory is one frame: "
+        "raise this for very long groups with MoE routing.",
+    )
+    recv_hwm: int = Field(
+        1000, ge=1,
+        description="Messages ZeroMQ queues per peer on the learner's socket (ZMQ_RCVHWM) "
+        "before it stops reading from that peer.",
+    )
+    inbox_max: int = Field(
+        10_000, ge=1,
+        description="Messages the learner's hub holds for the training thread; when full the "
+        "hub stops reading its socket until the training thread catches up.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> WireCfg:
@@ -441,8 +538,40 @@ class ServeCfg(_Cfg):
     )
     api_keys: list[str] = Field(
         default_factory=list,
-        description="Bearer keys accepted on /v1 and /climbrl (empty = no auth). The env var "
-        "CLIMBRL_API_KEY adds one.",
+        description="Bearer keys accepted on every path but /health and /ping. Empty: each "
+        "run generates one, in OUTPUT_DIR/serving/api_key (mode 0600). The env var "
+        "CLIMBRL_API_KEY adds one. An empty key is an error.",
+    )
+    max_body_mb: float = Field(
+        16.0, gt=0, description="Largest request body accepted, MiB (larger: 413).")
+    max_n: int = Field(
+        16, ge=1, description="Largest 'n' (and 'best_of') of a request (larger: 400).")
+    max_tokens: int = Field(
+        4096, ge=1,
+        description="Largest 'max_tokens' / 'max_completion_tokens' of a request (larger: "
+        "400); a request without one is bounded by rollout.max_model_len.",
+    )
+    max_concurrent_per_key: int = Field(
+        256, ge=1,
+        description="Requests in flight per API key (more: 429). A run's black-box agents "
+        "use the first key: keep this above rollout.max_concurrency.",
+    )
+    max_sessions: int = Field(
+        1024, ge=1,
+        description="Captured sessions kept that training does not hold; past it the oldest "
+        "is evicted. Sessions a training episode holds are never evicted.",
+    )
+    session_max_turns: int = Field(
+        256, ge=1, description="Requests per captured session (more: 400).")
+    session_max_mb: float = Field(
+        8.0, gt=0,
+        description="Recorded data per captured session, MiB (tokens, log-probs, versions, "
+        "text); a request past it is refused (400).",
+    )
+    session_max_age_s: float = Field(
+        3600.0, gt=0,
+        description="A captured session that training does not hold is dropped this long "
+        "after it opened.",
     )
     follow: Literal["latest", "pinned"] = Field(
         "latest",
@@ -456,6 +585,14 @@ class ServeCfg(_Cfg):
         description="Extra vLLM serve options, e.g. ['--enable-auto-tool-choice', "
         "'--tool-call-parser', 'hermes'].",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_key(cls, v: list[str]) -> list[str]:
+        if any(not k.strip() for k in v):
+            raise ValueError("serve.api_keys has an empty key: remove it, or leave the list "
+                             "empty to have the run generate one")
+        return v
 
 
 class RayCfg(_Cfg):

@@ -363,20 +363,18 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
 
 
 def _rollout_keys_env(cfg: Config, learner: RayChild, out: Path) -> dict[str, str]:
-    """With CURVE on, the run's client keys for the rollout servers, read from the learner's
-    node (it writes them before its endpoint): servers on other machines do not see its output
-    folder. They travel to the actors through Ray (the cluster's own channel) in
+    """The run's wire credentials for the rollout servers, read from the learner's node (it
+    writes them before its endpoint): servers on other machines do not see its output folder.
+    They travel to the actors through Ray (the cluster's own channel) in
     ``CLIMBRL_WIRE_KEYS``, without the learner's secret key."""
     import ray
 
-    from climbrl.wirekeys import ENV_VAR, FILE_NAME, RunKeys, curve_enabled
+    from climbrl.wirekeys import ENV_VAR, FILE_NAME, RunKeys
 
-    if not curve_enabled(cfg.wire):
-        return {}
     path = out / FILE_NAME
     text = ray.get(learner.actor.read_file.remote(str(path)), timeout=60)
     if not text:
-        raise RuntimeError(f"wire.curve is on but the learner wrote no keys to {path}")
+        raise RuntimeError(f"the learner wrote no wire credentials to {path}")
     return {ENV_VAR: RunKeys.parse(text, str(path)).client_json()}
 
 

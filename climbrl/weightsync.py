@@ -25,8 +25,15 @@ modules, which the server reloads if the engine fails midway. Nothing here impor
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import re
+import shutil
+import signal
+import stat
+import tempfile
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +43,7 @@ import torch
 
 from climbrl.wire import TensorMeta, WeightManifest, WireError, tensor_from_frame
 
+log = logging.getLogger("climbrl.weightsync")
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # vLLM fuses these HF projections into one module (packed_modules_mapping of Llama/Qwen/Mistral)
 _PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -294,7 +302,8 @@ def stage(path: Path, tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, 
     # Rewritten in place, not truncated: the pages of the last update's file are reused
     # instead of freed and allocated (and zeroed) again. The engine reads the file only
     # during the reload, which has finished before the next update is staged.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # O_NOFOLLOW: a link planted at the path is refused instead of written through
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         for name, t in tensors.items():
             buf = tensor_buffer(t)
@@ -353,13 +362,19 @@ def write_shm(path: Path, tensors: list[torch.Tensor]) -> list[int]:
 
     offs, total = shm_offsets([tensor_meta("", t) for t in tensors])
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with os.fdopen(_create(tmp), "wb") as f:
         for t, off in zip(tensors, offs):
             f.seek(off)
             f.write(tensor_buffer(t))
         f.truncate(total)
     os.replace(tmp, path)
     return offs
+
+
+def _create(path: Path) -> int:
+    """A new file, mode 0600, for writing: never an existing file or a link planted there."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o600)
 
 
 class ShmRing:
@@ -390,8 +405,11 @@ class ShmRing:
                 return k
         if len(self.slots) < self.n:
             path = self.shm_dir / f"{self.prefix}-slot{len(self.slots)}.weights"
-            with open(path, "wb") as f:
-                f.truncate(size)
+            fd = _create(path)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
             blob = (torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
                     if size else torch.empty(0, dtype=torch.uint8))
             self.slots.append((path, size, memoryview(blob.numpy())))  # holds the mapping
@@ -435,35 +453,143 @@ class ShmRing:
             p.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------ private weights folders
+#
+# Weights files live in a folder only this user can enter (0700, a random name from mkdtemp,
+# so nobody can plant a file or a link there first), each file 0600 and created with O_EXCL and
+# O_NOFOLLOW. A reader checks the folder and the file before it maps one (``check_private``).
+# A folder is removed when its process exits, on SIGTERM too (``private_dir``), and a folder
+# of a process killed with -9 by the next climbrl process that starts (``remove_orphan_files``).
+
+_PRIVATE: dict[Path, int] = {}  # folder -> pid of the process that made it
+_PRIVATE_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def private_dir(root: Path | str, prefix: str) -> Path:
+    """A new folder under ``root`` (mode 0700, named ``PREFIX-PID-<random>``) that is removed
+    with its files at exit and on SIGTERM (``remove_private_dir`` removes it sooner)."""
+    global _HOOKED
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    with _PRIVATE_LOCK:
+        _PRIVATE[d] = os.getpid()
+        if not _HOOKED:
+            _HOOKED = True
+            atexit.register(_remove_private_dirs)
+            _hook_sigterm()
+    return d
+
+
+def remove_private_dir(d: Path | None) -> None:
+    """Remove a folder made by ``private_dir`` and everything in it."""
+    if d is None:
+        return
+    with _PRIVATE_LOCK:
+        _PRIVATE.pop(Path(d), None)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_private_dirs() -> None:
+    with _PRIVATE_LOCK:
+        mine = [d for d, pid in _PRIVATE.items() if pid == os.getpid()]  # not a fork's parent's
+        for d in mine:
+            del _PRIVATE[d]
+    for d in mine:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _hook_sigterm() -> None:
+    """On SIGTERM, remove this process's folders, then do what SIGTERM did before: call the
+    handler there was, or die of the signal (the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers are set from the main thread only; atexit still cleans up
+    prev = signal.getsignal(signal.SIGTERM)
+    if prev is signal.SIG_IGN or prev is None:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _remove_private_dirs()
+        if callable(prev):
+            prev(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def check_private(path: str | Path) -> None:
+    """Raise ``WireError`` unless ``path`` is a regular file (not a link) of this user, mode 0600
+    or stricter, in a folder (not a link) of this user that no one else may enter."""
+    p = Path(path)
+    uid = os.geteuid()
+    for what, f, is_kind, mask in (("folder", p.parent, stat.S_ISDIR, 0o077),
+                                   ("file", p, stat.S_ISREG, 0o077)):
+        try:
+            st = os.lstat(f)
+        except OSError as e:
+            raise WireError(f"shm weights file not readable on this host: {e}") from None
+        if not is_kind(st.st_mode):
+            raise WireError(f"shm weights {what} {f} is not a plain {what} (a link?): refused")
+        if st.st_uid != uid:
+            raise WireError(f"shm weights {what} {f} belongs to uid {st.st_uid}, not to this "
+                            f"process's uid {uid}: refused")
+        if st.st_mode & mask:
+            raise WireError(f"shm weights {what} {f} has mode {stat.S_IMODE(st.st_mode):o}; "
+                            "only its owner may have access: refused")
+
+
+def _pid_of(name: str) -> int | None:
+    return next((int(x) for x in name.split(".")[0].split("-")[1:] if x.isdigit()), None)
+
+
 def remove_orphan_files(shm_dir: Path) -> list[Path]:
-    """Delete weights files (``climbrl-[learner-]PID-*.weights``, their ``.tmp`` and
-    ``.rollback``) of processes that are gone:
-    one killed with -9 cannot clean up, and under /dev/shm its files hold memory."""
+    """Delete the weights folders (``climbrl-[learner-]PID-*/``) and loose weights files
+    (``climbrl-[learner-]PID-*.weights``, ``.tmp``, ``.rollback``) of processes that are gone:
+    one killed with -9 cannot clean up, and under /dev/shm its files hold memory. Only this
+    user's entries are touched, links are never followed, and an entry that cannot be removed
+    is skipped: nothing planted here stops a process from starting."""
     removed = []
+    uid = os.geteuid()
     for f in Path(shm_dir).glob("climbrl-*"):
-        if not f.name.endswith((".weights", ".weights.tmp", ".rollback")):
-            continue
-        pid = next((int(x) for x in f.name.split(".")[0].split("-")[1:] if x.isdigit()), None)
+        pid = _pid_of(f.name)
         if pid is None or pid == os.getpid():
             continue
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            f.unlink(missing_ok=True)
+            st = os.lstat(f)
+            if st.st_uid != uid:
+                continue  # another user's
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if not is_dir and not (stat.S_ISREG(st.st_mode) and f.name.endswith(
+                    (".weights", ".weights.tmp", ".rollback"))):
+                continue
+            try:
+                os.kill(pid, 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's live process
+            if is_dir:
+                shutil.rmtree(f)
+            else:
+                f.unlink()
             removed.append(f)
-        except PermissionError:
-            continue  # another user's live process
+        except OSError as e:  # gone meanwhile, or not ours to remove
+            log.warning("left %s in place: %s", f, e)
     return removed
 
 
 def map_shm(path: str, tensors: list[TensorMeta], offsets: list[int]) -> list[torch.Tensor]:
     """Zero-copy, read-only-in-effect views of a file written by ``write_shm`` (private
-    mapping: pages are shared with the file until written, and nothing here writes them)."""
+    mapping: pages are shared with the file until written, and nothing here writes them).
+    The file must pass ``check_private``."""
     if len(offsets) != len(tensors):
         raise WireError(f"shm manifest: {len(tensors)} tensors but {len(offsets)} offsets")
     want, total = shm_offsets(tensors)
     if list(offsets) != want:
         raise WireError("shm manifest: tensor offsets do not match the layout")
+    check_private(path)
     try:
         size = os.stat(path).st_size
         if size < total:

@@ -6,11 +6,20 @@ ASCII frame naming the type (so a socket picks its typed decoder before touching
 body: (name, dtype, shape) plus the bytes, sent without copies. Nothing is pickled.
 
 Each socket side accepts a fixed set of kinds (``LEARNER_ACCEPTS``, ``ROLLOUT_ACCEPTS``); anything
-else, or a body that does not decode, raises ``WireError`` which the receive loops log and skip.
+else, or a body that does not decode, raises ``WireError`` which the receive loops log (at most
+once per ``LogLimiter`` period and cause) and skip.
+
+A session on the wire: the rollout server connects with the run's credentials
+(``climbrl.wirekeys``) and repeats its ``Hello`` every heartbeat until the learner answers
+``Control("welcome")``, which carries the learner's ``run_id``; from then on both sides drop any
+message whose ``run_id`` is not the run's. The learner refuses (``Error`` code
+``hello_refused``) a ``Hello`` for a server id that is still alive.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
@@ -52,6 +61,12 @@ class Heartbeat(_Msg, kw_only=True):
     # The longest the server's event loop was blocked since the previous heartbeat (seconds):
     # env code doing synchronous work there stalls generation and weight updates alike.
     loop_lag_max_s: float = 0.0
+    # What the loop was running during that lag, innermost first ("" when not caught):
+    # "func (file:line) <- caller (file:line)" (climbrl.rollout.loop_lag).
+    loop_lag_where: str = ""
+    # Engine health: "" while the server's vLLM engine runs, else why it died (the server
+    # stops then, and the learner moves its orders at once)
+    engine_error: str = ""
 
 
 class Routing(msgspec.Struct, array_like=True):
@@ -175,7 +190,7 @@ class WeightManifest(_Msg, kw_only=True):
 
 
 class Control(_Msg, kw_only=True):
-    command: str  # "shutdown"
+    command: str  # "shutdown", "ping", "welcome" (the learner accepted this server's Hello)
 
 
 LEARNER_ACCEPTS: dict[bytes, type[_Msg]] = {
@@ -194,6 +209,49 @@ ROLLOUT_ACCEPTS: dict[bytes, type[_Msg]] = {
 KIND_OF: dict[type, bytes] = {t: k for k, t in (LEARNER_ACCEPTS | ROLLOUT_ACCEPTS).items()}
 
 _encoder = msgspec.msgpack.Encoder()
+
+HELLO_REFUSED = "hello_refused"  # Error.code: a Hello the learner did not accept (see message)
+
+
+def term_context(ctx: Any, timeout_s: float) -> bool:
+    """``ctx.term()`` (a ZeroMQ context), bounded: it blocks while any socket of the context
+    is open, e.g. one owned by a thread that did not stop. False if it had not returned after
+    ``timeout_s``; it goes on in a daemon thread and the process can still exit."""
+    t = threading.Thread(target=ctx.term, name="zmq-term", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        logging.getLogger("climbrl.wire").warning(
+            "ZeroMQ context still open after %.0fs (a socket not closed); going on", timeout_s)
+        return False
+    return True
+
+
+class LogLimiter:
+    """Logs a repeated event at most once per ``every_s`` per key, with the count of the lines
+    it held back, so a flood of bad frames cannot flood the log (or the disk)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0, max_keys: int = 1024):
+        self.logger = logger
+        self.every_s = every_s
+        self.max_keys = max_keys
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last logged, held back since)
+
+    def __call__(self, level: int, key: str, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` unless ``key`` was logged less than ``every_s`` ago; True if
+        logged."""
+        now = time.monotonic()
+        last, held = self._last.get(key, (-float("inf"), 0))
+        if now - last < self.every_s:
+            self._last[key] = (last, held + 1)
+            return False
+        if key not in self._last and len(self._last) >= self.max_keys:
+            self._last.clear()  # many distinct keys (peer ids): keep the table bounded
+        self._last[key] = (now, 0)
+        if held:
+            msg += f" ({held} more like it in the last {now - last:.0f}s not logged)"
+        self.logger.log(level, msg, *args)
+        return True
 
 
 class Codec:

@@ -6,8 +6,9 @@ checkpoint loadable. Saving a step that already has a folder moves the old one a
 (a rename) and deletes it after; if ``latest`` names a folder that is not complete (a kill in
 between), ``latest_checkpoint`` falls back to the highest complete ``step_N``. Temporary
 folders left by a killed save are removed by the next save (a folder moved aside by a killed
-re-save is still found). vLLM and transformers load a
-checkpoint folder unchanged.
+re-save is still found). Every file and folder is fsynced before the rename that makes it
+live, and the parent folder after it, so a power loss cannot leave ``latest`` naming a folder
+whose files never reached the disk. vLLM and transformers load a checkpoint folder unchanged.
 """
 
 from __future__ import annotations
@@ -45,15 +46,51 @@ def save_checkpoint(
     if extra is not None:
         extra(tmp)
     (tmp / "learner_state.json").write_text(json.dumps(state))  # last: marks it complete
+    # on disk before the renames: else a power loss after them can leave `latest` naming a
+    # folder of empty or partly written files
+    fsync_tree(tmp)
     old = root / f".old_step_{step}_{os.getpid()}"
     if final.exists():
         os.replace(final, old)  # atomic; os.replace cannot overwrite a non-empty folder
     os.replace(tmp, final)
+    fsync_dir(root)
     link_tmp = root / f".latest_{os.getpid()}"
     link_tmp.write_text(final.name)
+    fsync_file(link_tmp)
     os.replace(link_tmp, root / "latest")
+    fsync_dir(root)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (new names, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder, deepest first."""
+    dirs = []
+    for d, _, files in os.walk(folder):
+        dirs.append(Path(d))
+        for f in files:
+            p = Path(d) / f
+            if p.is_file() and not p.is_symlink():
+                fsync_file(p)
+    for d in reversed(dirs):
+        fsync_dir(d)
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -29,7 +29,13 @@ An environment that fails costs episodes, never a hang: a failed training episod
 of its group, a failed eval episode scores 0 (``eval_env_errors`` in the summary; an eval order
 with no answer within ``wire.order_timeout_s`` too, ``eval_timeouts``), and
 ``wire.max_env_failures`` failed training episodes in a row end the run with an error that
-quotes the env's (``EnvFailureStreak``).
+quotes the env's (``EnvFailureStreak``). Servers fail the same way, never a hang: one whose
+engine died (its ``engine_dead`` error or its heartbeat says so) or whose last
+``wire.max_order_failures`` orders failed takes no more orders; more than
+``wire.max_order_failure_rate`` of the last ``wire.order_failure_window`` training orders
+failing ends the run, and so do orders out for ``wire.progress_timeout_s`` with none coming
+back (servers that heartbeat but never answer), each with an error that names the last cause.
+An eval order keeps its deadline when it moves to another server, so evaluation always ends.
 
 ``CLIMBRL_FAULT_KILL_AT_STEP=N`` (fault injection for tests) makes the learner SIGKILL itself
 after step N, once a trajectory of the next batch has arrived.
@@ -44,6 +50,7 @@ import os
 import signal
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +60,8 @@ from climbrl.envs.base import make_env
 from climbrl.learner import fsdp
 from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from climbrl.learner.data import DataCursor
-from climbrl.learner.hub import LearnerHub
-from climbrl.learner.logprobs import completion_logprobs, reference_logprobs
+from climbrl.learner.hub import HubError, LearnerHub
+from climbrl.learner.logprobs import completion_logprobs, micro_chunks, reference_logprobs
 from climbrl.learner.objectives_shaping import keep_group, pass_rate
 from climbrl.learner.objectives_step import ObjectiveStep
 from climbrl.learner.weights import WeightPublisher, setup_lora
@@ -64,6 +71,7 @@ from climbrl.metrics import MetricsWriter, paired_change
 from climbrl.wire import (
     ENV_ERROR,
     Error,
+    Heartbeat,
     Hello,
     SamplingSpec,
     Trajectory,
@@ -72,8 +80,6 @@ from climbrl.wire import (
 )
 
 log = logging.getLogger("climbrl.learner")
-# A rollout server whose event loop was blocked longer than this in a step is reported.
-LOOP_LAG_WARN_S = 0.5
 
 
 class LearnerError(RuntimeError):
@@ -131,7 +137,9 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
         L.wait_for_servers()
         before = L.evaluate("test") if L.step == 0 else None
         before_outcomes = L.eval_outcomes.get("test")
-        while L.step < cfg.learner.total_steps:
+        t_train, budget_s = time.monotonic(), cfg.learner.max_train_minutes * 60
+        while L.step < cfg.learner.total_steps and not (
+                budget_s and time.monotonic() - t_train >= budget_s):
             L.dispatch()  # keep orders queued, at most (max_staleness + 1) batches ahead
             groups = L.collect(cfg.learner.batch_groups)  # fresh-enough groups, stale counted
             stats = L.train_step(groups)  # advantages -> clipped loss -> optimizer step
@@ -145,6 +153,7 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
                 L.evaluate("test")  # held-out accuracy along the way
             if cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0:
                 L.checkpoint()
+        L.train_s = time.monotonic() - t_train
         after = L.evaluate("test")
         if not (cfg.learner.checkpoint_every and L.step % cfg.learner.checkpoint_every == 0):
             L.checkpoint()  # (the loop saved this step already)
@@ -156,6 +165,13 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
 class Learner:
     ds: fsdp.DistState = fsdp.DistState()  # one process unless train() passes a torchrun rank
     _mid_collective = False  # rank 0 told the other ranks a command and has not finished it
+    # when an order last came back with a trajectory (None: no order out), for
+    # wire.progress_timeout_s; the last error a server reported; the last training orders'
+    # outcomes (True: failed), for wire.max_order_failure_rate
+    _last_progress: float | None = None
+    _last_error = ""
+    _outcomes: deque[bool] | None = None
+    train_s: float | None = None  # the training loop's wall time, set by train()
 
     def __init__(self, cfg: Config, resume: bool = False, ds: fsdp.DistState | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,6 +192,9 @@ class Learner:
         # LoRA resumes from the frozen base plus the checkpoint's adapter (its weights are merged)
         src = str(ckpt) if ckpt and lc.weight_sync != "lora" else cfg.model.path
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        if lc.activation_checkpointing:
+            self.model.config.use_cache = False
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         if lc.weight_sync == "lora":
             self.model = setup_lora(self.model, lc, ckpt)
         self.model = fsdp.shard_model(self.model, cfg, self.ds)  # no-op for one process
@@ -214,8 +233,7 @@ class Learner:
                          "metrics.discarded.jsonl", discarded)
         from climbrl.wirekeys import learner_keys
 
-        self.hub = LearnerHub(cfg.wire.host, cfg.wire.port, cfg.wire.heartbeat_s, self.run_id,
-                              keys=learner_keys(cfg.wire, self.out))
+        self.hub = LearnerHub.from_config(cfg.wire, self.run_id, learner_keys(cfg.wire, self.out))
         self.metrics = MetricsWriter(self.out, resume=resume)
         if resume:
             self.metrics.write({"step": self.step, "resumed_from": ckpt.name if ckpt else None,
@@ -321,7 +339,7 @@ class Learner:
                 load[o["server"]] += 1
         return min(alive, key=lambda s: load[s])
 
-    def _send_order(self, seq: int, task_index: int, split: str, is_eval: bool) -> None:
+    def _send_order(self, seq: int, task_index: int, split: str, is_eval: bool) -> str:
         lc, rc = self.cfg.learner, self.cfg.rollout
         # a training order's id is a function of its sequence (the server seeds samples from
         # it): a re-sent order samples the same group from the same weights
@@ -348,6 +366,7 @@ class Learner:
                                 sent=time.monotonic(), eval=is_eval)
         if server is not None:
             self.hub.send(server, order)
+        return oid
 
     def dispatch(self) -> None:
         lc = self.cfg.learner
@@ -371,10 +390,13 @@ class Learner:
             elif isinstance(msg, Trajectory):
                 self.failures_in_a_row[sid] = 0
                 o = self.orders.pop(msg.order_id, None)
+                if o is not None:
+                    self._last_progress = time.monotonic()
                 if o is not None and not o["eval"]:
                     failed = [s for s in msg.samples if s.finish_reason == ENV_ERROR]
                     self.env_failures.record(len(failed), len(msg.samples) - len(failed),
                                              failed[0].error if failed else "")
+                    self._order_outcome(False)
                 if o is None:
                     log.warning("trajectory for unknown order %s dropped", msg.order_id)
                 elif o["eval"]:
@@ -385,16 +407,20 @@ class Learner:
                     self.ready.append(msg)
             elif isinstance(msg, WeightAck):
                 self._on_ack(sid, msg, arrived)
-            elif isinstance(msg, Error) and msg.code == "engine_dead":
+            elif (isinstance(msg, Error) and msg.code == "engine_dead") or (
+                    isinstance(msg, Heartbeat) and msg.engine_error):
                 # the server's engine is gone: its orders (this one included) go elsewhere or
                 # wait for its restart, and lose nothing
+                why = msg.message if isinstance(msg, Error) else msg.engine_error
+                self._last_error = f"{sid}: {why}"
                 if sid not in self.benched:
                     self.counters["engines_dead"] += 1
-                    log.error("rollout %s: %s; it gets no more work orders", sid, msg.message)
-                self.benched[sid] = msg.message
+                    log.error("rollout %s: %s; it gets no more work orders", sid, why)
+                self.benched[sid] = why
                 self._reassign(lambda o, s=sid: o["server"] == s)
             elif isinstance(msg, Error):
                 self.counters["order_failures"] += 1
+                self._last_error = f"{sid}: {msg.code}: {msg.message}"
                 log.error("rollout %s: %s: %s (order %s)", sid, msg.code, msg.message, msg.ref_id)
                 o = self.orders.get(msg.ref_id)
                 if o is not None and o["server"] == sid:  # not an order reassigned since
@@ -438,6 +464,7 @@ class Learner:
         elif now - self._no_server_since > self.cfg.wire.connect_timeout_s:
             raise LearnerError(f"no rollout server has been alive for "
                                f"{self.cfg.wire.connect_timeout_s:.0f}s; see their logs")
+        self._check_progress(now)
         for sid, pend in list(self.pending_acks.items()):
             late = [v for v, t0 in pend.items() if now - t0 > self.cfg.wire.weight_sync_timeout_s]
             if late:
@@ -445,6 +472,39 @@ class Learner:
                 self.weights.forget(sid)
                 self.counters["weight_syncs_failed"] += 1
                 log.error("weight sync to %s (version %d) timed out", sid, min(late))
+
+    def _check_progress(self, now: float) -> None:
+        """End the run once orders are out and none came back with a trajectory for
+        ``wire.progress_timeout_s`` (servers that heartbeat but never answer, an engine that
+        hangs): re-sending orders forever would hide it."""
+        limit = self.cfg.wire.progress_timeout_s
+        if not self.orders:
+            self._last_progress = None
+        elif self._last_progress is None:
+            self._last_progress = now  # work went out: the clock starts
+        elif limit and now - self._last_progress > limit:
+            alive = self.hub.alive_servers()
+            states = "; ".join(f"{s}: {self.benched.get(s, 'takes orders')}" for s in alive)
+            raise LearnerError(
+                f"no work order came back with a trajectory for {limit:.0f}s "
+                f"(wire.progress_timeout_s) while {len(self.orders)} were out; servers: "
+                f"{states or 'none alive'}; the last error: {self._last_error or 'none'}. "
+                "The rollout logs say more: an engine that hangs, or an env that never returns?")
+
+    def _order_outcome(self, failed: bool) -> None:
+        """Count a training order's outcome; end the run once more than
+        ``wire.max_order_failure_rate`` of the last ``wire.order_failure_window`` failed."""
+        w = self.cfg.wire
+        if self._outcomes is None or self._outcomes.maxlen != w.order_failure_window:
+            self._outcomes = deque(maxlen=w.order_failure_window)
+        self._outcomes.append(failed)
+        n = sum(self._outcomes)
+        if len(self._outcomes) == w.order_failure_window and n / len(
+                self._outcomes) > w.max_order_failure_rate:
+            raise LearnerError(
+                f"{n} of the last {len(self._outcomes)} training work orders failed, more than "
+                f"wire.max_order_failure_rate = {w.max_order_failure_rate:g}; the last error: "
+                f"{self._last_error or 'none'}")
 
     def _training_order_failed(self, sid: str, seq: int, error: str) -> None:
         """A failing task costs its group, not the run: its sequence counts as done. A server
@@ -457,18 +517,22 @@ class Learner:
                                  f"(wire.max_order_failures); the last: {error}")
             log.error("rollout %s gets no more work orders: %s", sid, self.benched[sid])
         self.env_failures.record(self.cfg.learner.group_size, 0, error)
+        self._order_outcome(True)
 
     def _reassign(self, pred: Any) -> None:
         for oid, o in list(self.orders.items()):
             if pred(o):
                 del self.orders[oid]
-                self._send_order(o["seq"], o["task"], o["split"], o["eval"])
+                new = self._send_order(o["seq"], o["task"], o["split"], o["eval"])
+                if o["eval"]:  # it keeps its deadline: evaluate() ends however often it moves
+                    self.orders[new]["sent"] = o["sent"]
 
     def collect(self, n: int) -> list[Trajectory]:
         """Wait for ``n`` groups within the staleness bound; drop or correct the others.
         With dynamic sampling / a pass-rate band, groups outside it are dropped (their prompt
         counts as consumed) and new orders refill the batch, up to a drop budget per step."""
         lc = self.cfg.learner
+        self._last_progress = None  # (progress_timeout_s: the time training took is no wait)
         filtering = lc.dynamic_sampling or list(lc.pass_rate_band) != [0.0, 1.0]
         budget = lc.filter_max_dropped * n
         while True:
@@ -515,7 +579,8 @@ class Learner:
         batch = self.obj.prepare(groups, self.version)  # shaped rewards, advantages, norms
         if self.obj.critic is not None:
             self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
-        plan = [(lo, hi, norm, self._micro(lo, hi)) for lo, hi, norm in self.obj.minibatches(batch)]
+        plan = [(lo, hi, norm, self._micro(batch.samples, lo, hi))
+                for lo, hi, norm in self.obj.minibatches(batch)]
         if self.obj.needs_proximal(batch):  # decoupled: log pi_prox before any update
             batch.prox_BT = self._proximal_logprobs(batch, [m for *_, ms in plan for m in ms])
         batch.updates = lc.epochs * len(plan)
@@ -551,22 +616,24 @@ class Learner:
         stats["train_s"] = time.perf_counter() - t0
         return stats
 
-    def _micro(self, lo: int, hi: int) -> list[tuple[int, int, float]]:
+    def _micro(self, samples: list[Any], lo: int, hi: int) -> list[tuple[int, int, float]]:
         """``(start, size, loss_scale)`` of the micro-batches of samples[lo:hi] this process
         runs. FSDP: this rank's share (padded so every rank runs as many), each loss times a
         scale that makes FSDP's gradient mean over ranks the sum."""
-        mbs = self.cfg.learner.micro_batch_size
+        lc = self.cfg.learner
+        chunks = micro_chunks(samples[lo:hi], lc.micro_batch_size,
+                              lc.micro_batch_tokens)
         if not self.ds.distributed:
-            return [(i, min(mbs, hi - i), 1.0) for i in range(lo, hi, mbs)]
-        return [(lo + i, min(mbs, hi - lo - i), scale)
-                for i, scale in fsdp.rank_microbatches(hi - lo, mbs, self.ds)]
+            return [(lo + i, n, 1.0) for i, n in chunks]
+        return [(lo + i, n, scale) for i, n, scale in fsdp.rank_microbatches(chunks, self.ds)]
 
     def _policy_logprobs(self, mb: list[Any]) -> dict[str, torch.Tensor]:
         lc = self.cfg.learner
         return fsdp.root_forward(
             self.model, completion_logprobs, self.model, mb,
             temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
-            fp32_head=lc.fp32_lm_head,
+            fp32_head=lc.fp32_lm_head, pack_length=lc.pack_length,
+            share_prompts=lc.share_prompts,
         )
 
     def _proximal_logprobs(self, batch: Any, micro: list[tuple[int, int, float]]) -> torch.Tensor:
@@ -584,8 +651,7 @@ class Learner:
                         epoch: int) -> None:
         mb = batch.samples[i : i + n]
         acc = dict(batch.acc) if scale == 0.0 else None  # a padding pass (FSDP)
-        with self.obj.capture_hidden(self.model):  # value head reads the same forward
-            b = self._policy_logprobs(mb)
+        b = self._policy_logprobs(mb)  # PPO's value head reads its hidden_BTH
         ref = None
         if self.ref is not None:
             lc = self.cfg.learner
@@ -593,7 +659,8 @@ class Learner:
                 ref = fsdp.root_forward(  # its own full distribution: no replay
                     self.ref, reference_logprobs, self.ref, mb,
                     self.cfg.rollout.temperature, impl=lc.logprob_impl,
-                    fp32_head=lc.fp32_lm_head,
+                    fp32_head=lc.fp32_lm_head, pack_length=lc.pack_length,
+                    share_prompts=lc.share_prompts,
                 )
         loss = self.obj.micro_loss(batch, i, b, ref, norm, epoch)
         if self.ds.distributed:
@@ -669,6 +736,7 @@ class Learner:
         self.wait_weight_acks(self.cfg.wire.weight_sync_timeout_s)
         self.eval_results.clear()
         self.eval_failures.clear()
+        self._last_progress = None  # (wire.progress_timeout_s: from the first order out)
         for i in range(n):
             self._send_order(i, i, split, True)
         while len(self.eval_results) + len(self.eval_failures) < n:
@@ -718,14 +786,18 @@ class Learner:
                "tokens_per_s": (self.tokens_generated - tok_prev) / max(now - t_prev, 1e-9),
                "step_s": now - t_prev, "elapsed_s": now - self.t_start,
                **{f"sync_{k}_s": v for k, v in self.sync_phases.items()}}
-        lag = self.hub.take_loop_lag()
+        lag = self.hub.take_loop_lag_where()
         if lag:
-            rec["rollout_loop_lag_max_s"] = worst = max(lag.values())
-            if worst > LOOP_LAG_WARN_S:
+            server = max(lag, key=lambda s: lag[s][0])
+            worst, where = lag[server]
+            rec["rollout_loop_lag_max_s"] = worst
+            if worst > self.cfg.rollout.loop_lag_warn_s:
                 log.warning(
                     "rollout server %s: its event loop was blocked for %.2fs since the last "
-                    "step; generation and weight updates wait meanwhile (an env doing "
-                    "synchronous work in an async method?)", max(lag, key=lag.get), worst)
+                    "step, running %s; generation and weight updates wait meanwhile (an env "
+                    "doing synchronous work in an async method? rollout.loop_lag_warn_s = %g "
+                    "sets this warning's threshold)", server, worst,
+                    where or "code not caught by the sampler", self.cfg.rollout.loop_lag_warn_s)
         self.metrics.write(rec)
 
     def checkpoint(self) -> Path:
@@ -744,6 +816,7 @@ class Learner:
         # null, not NaN, where no evaluation ran (learner.eval_size = 0, or a resumed run)
         summary = {"steps": self.step, "accuracy_before": _finite(before),
                    "accuracy_after": _finite(after), "elapsed_s": time.time() - self.t_start,
+                   "train_loop_s": self.train_s,
                    **self.counters}
         if self.eval_metrics:  # the env's other metrics, at the first and the last eval
             if before is not None:
@@ -759,8 +832,11 @@ class Learner:
     def shutdown(self) -> None:
         from climbrl.wire import Control
 
-        for sid in self.hub.alive_servers():
-            self.hub.send(sid, Control(command="shutdown"))
+        try:
+            for sid in self.hub.alive_servers():
+                self.hub.send(sid, Control(command="shutdown"))
+        except HubError as e:  # the servers stop on the learner's silence (wire.dead_after_s)
+            log.error("shutdown not sent: %s", e)
         time.sleep(0.2)
         self.hub.close()
         self.weights.close()

@@ -30,7 +30,6 @@ plus ``adapter/`` (peft format: ``adapter_config.json`` + ``adapter_model.safete
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,9 @@ from climbrl.weightsync import (
     merge,
     metas,
     nbytes,
+    private_dir,
     remove_orphan_files,
+    remove_private_dir,
     same_bits,
 )
 from climbrl.wire import WeightManifest
@@ -175,17 +176,20 @@ class WeightPublisher:
         self.last: dict[str, int] = {}  # bytes of the last full / delta message
         # Same-host transport (wire.weight_transport = "auto"): a full sync to servers on this
         # host is one file under shm_dir that every such server maps, instead of frames.
-        self.shm_dir = Path(shm_dir) if shm_dir else None
+        # The files go in a folder of this process under shm_dir, 0700 with a random name
+        # (climbrl.weightsync.private_dir), removed at exit and on SIGTERM.
+        self.shm_dir: Path | None = None
         self.local: set[str] = set()
         self._files: list[Path] = []
         self._seq = 0
         self.ring = None  # full mode: files rewritten in place (climbrl.weightsync.ShmRing)
-        if self.shm_dir is not None:
-            remove_orphan_files(self.shm_dir)
+        if shm_dir:
+            remove_orphan_files(Path(shm_dir))
+            self.shm_dir = private_dir(shm_dir, "climbrl-learner")
             if mode == "full":
                 from climbrl.weightsync import ShmRing
 
-                self.ring = ShmRing(self.shm_dir, f"climbrl-learner-{os.getpid()}")
+                self.ring = ShmRing(self.shm_dir, "ring")
 
     def join(self, server: str, hostname: str) -> None:
         """A server (re)connected from ``hostname``: its next update is a full sync, through
@@ -217,6 +221,7 @@ class WeightPublisher:
         for f in self._files:
             f.unlink(missing_ok=True)
         self._files.clear()
+        remove_private_dir(self.shm_dir)
 
     def _shm_file(self, tensors: list[torch.Tensor], version: int = -1,
                   servers: list[str] | None = None) -> tuple[str, list[int]]:
@@ -230,7 +235,7 @@ class WeightPublisher:
             if got is not None:
                 return got
         self._seq += 1
-        path = self.shm_dir / f"climbrl-learner-{os.getpid()}-{self._seq}.weights"
+        path = self.shm_dir / f"{self._seq}.weights"
         offs = write_shm(path, tensors)
         self._files.append(path)
         while len(self._files) > 2:  # a server that has not read it yet fails over to frames
@@ -280,8 +285,16 @@ class WeightPublisher:
                                               kind="full", shm_path=path, shm_offsets=offs,
                                               **extra), []))
         if remote:
+            sent = tensors
+            if self.mode == "full":
+                # The frames go out zero-copy on the hub's thread while training goes on, and
+                # the next optimizer step writes the parameters in place: send a snapshot, or
+                # a server could load a mix of two versions. (delta: frames come from the
+                # private copy, whose tensors are replaced, never written; lora: the base is
+                # frozen and the factors are copies.)
+                sent = [t.detach().clone() for t in tensors]
             out.append((remote, WeightManifest(version=version, tensors=metas(frames),
-                                               kind="full", **extra), tensors))
+                                               kind="full", **extra), sent))
         if known:
             frames = delta + adapter
             out.append((known, WeightManifest(version=version, tensors=metas(frames),

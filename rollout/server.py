@@ -5,20 +5,28 @@
 It connects a DEALER socket to the learner, says hello, heartbeats, and then runs work orders
 concurrently: each order is ``group_size`` episodes of an environment, run next to the engine.
 Per generated token it records the id, the sampler's log-prob (``processed_logprobs``) and the
-weight version that produced it. New weights arrive as frames, are staged in /dev/shm and are
-loaded in place while requests are in flight: pause(keep) -> reload -> reset prefix cache ->
-version -> resume. If the learner goes silent for ``wire.dead_after_s`` the server exits.
+weight version that produced it. New weights arrive as frames, are staged in a private folder
+under /dev/shm (``climbrl.weightsync.private_dir``) and are loaded in place while requests are
+in flight: pause(keep) -> reload -> reset prefix cache -> version -> resume, each step under
+``wire.weight_phase_timeout_s``. If the learner goes silent for ``wire.dead_after_s`` the
+server exits.
 
 A dead engine (vLLM's ``EngineDeadError``, seen by a failed order or by the heartbeat's
 check) ends the process with exit code ``ENGINE_DEAD_EXIT``. Before it stops, the server
 sends the learner an ``engine_dead`` error that quotes the cause from the engine's own output
-(``rollout.output_tail``), so that the learner moves this server's orders elsewhere at once;
-the last log line names the cause too. The launcher then applies ``run.on_child_death``.
+(``rollout.output_tail``), and its heartbeats carry the same cause (``engine_error``), so that
+the learner moves this server's orders elsewhere at once; the last log line names the cause
+too. The launcher then applies ``run.on_child_death``.
+
+No wait is unbounded: a generation request past ``rollout.request_timeout_s`` is aborted and
+fails its order; a send to a learner that stopped reading (ZeroMQ's queue at its high-water
+mark) fails after ``wire.send_timeout_s``, and the server exits with ``LEARNER_STUCK_EXIT``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import json
@@ -38,12 +46,14 @@ from climbrl.envs.chat import ChatRenderer, parse_tool_calls
 from climbrl.config import Config
 from climbrl.wire import (
     ENV_ERROR,
+    HELLO_REFUSED,
     ROLLOUT_ACCEPTS,
     Codec,
     Control,
     Error,
     Heartbeat,
     Hello,
+    LogLimiter,
     Routing,
     Sample,
     Trajectory,
@@ -51,6 +61,7 @@ from climbrl.wire import (
     WeightManifest,
     WireError,
     WorkOrder,
+    term_context,
 )
 
 log = logging.getLogger("climbrl.rollout")
@@ -58,6 +69,8 @@ log = logging.getLogger("climbrl.rollout")
 REPACK_AFTER_ACK_S = 0.005
 # the exit code of a rollout server whose engine died
 ENGINE_DEAD_EXIT = 3
+# the exit code of a rollout server whose sends the learner stopped taking (wire.send_timeout_s)
+LEARNER_STUCK_EXIT = 4
 
 
 class EnvFailure(Exception):
@@ -93,12 +106,13 @@ class RolloutServer:
         self.weight_lock = asyncio.Lock()
         self.send_lock = asyncio.Lock()
         self.sem = asyncio.Semaphore(cfg.rollout.max_concurrency)
-        self.shm_path = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / (
-            f"climbrl-{os.getpid()}-{server_id}.weights"
-        )
-        from climbrl.weightsync import remove_orphan_files
+        from climbrl.weightsync import private_dir, remove_orphan_files
 
-        remove_orphan_files(self.shm_path.parent)  # left by servers killed with -9
+        shm_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
+        remove_orphan_files(shm_root)  # left by servers killed with -9
+        # staging files go in a folder of this process (0700, a random name), removed at exit
+        # and on SIGTERM (climbrl.weightsync.private_dir)
+        self.shm_path = private_dir(shm_root, "climbrl-rollout") / "staged.weights"
         self._stop = asyncio.Event()
         self._last_learner_msg = time.monotonic()
         self._req = 0
@@ -110,13 +124,29 @@ class RolloutServer:
         from climbrl.weightsync import EngineWeights
 
         self.wstate = EngineWeights(initial_version)  # the engine's weights, for delta/rollback
-        self._lag_max = 0.0  # worst event-loop lag since the last heartbeat (_lag_loop)
+        from climbrl.rollout.loop_lag import LoopLagMonitor
+
+        # worst event-loop lag since the last heartbeat, and what the loop was running then
+        self.loop_lag = LoopLagMonitor(sample_after_s=min(0.1, cfg.rollout.loop_lag_warn_s / 2))
         self._logged_full_path = False
         self._retired: dict[str, Any] | None = None  # see _apply_locked
         self._repack_pending = False  # see _apply_weights
         self._repack_timer: asyncio.TimerHandle | None = None
         self.output_tail: Any = None  # rollout.output_tail.OutputTail, set by serve()
         self.engine_dead: str | None = None  # the cause, once the engine is found dead
+        self.learner_stuck: str | None = None  # why, once a send to the learner timed out
+        # the learner's run id, from its welcome: until then this server repeats its Hello
+        # and takes no message but the welcome (climbrl.wire)
+        self.run_id = ""
+        self.welcomed = asyncio.Event()
+        self._limit = LogLimiter(log)
+
+    @functools.cached_property
+    def prefix_reset(self) -> Any:
+        """The engine's prefix-cache resets (climbrl.rollout.prefix_cache.PrefixCacheReset)."""
+        from climbrl.rollout.prefix_cache import PrefixCacheReset
+
+        return PrefixCacheReset(self.engine)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -146,37 +176,32 @@ class RolloutServer:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.server_id.encode())
-        from climbrl.wirekeys import rollout_keys, secure_client
+        self.sock.setsockopt(zmq.RCVHWM, self.cfg.wire.recv_hwm)
+        from climbrl.wirekeys import ENV_VAR, curve_enabled, rollout_keys, secure_client
 
         keys = rollout_keys(self.cfg.wire, Path(self.cfg.run.output_dir))
-        if keys is not None:
-            secure_client(self.sock, keys)
-            from climbrl.wirekeys import ENV_VAR
-
-            log.info("wire: CURVE client of the learner (key %s..., from %s)",
-                     keys.server_public[:8], ENV_VAR if os.environ.get(ENV_VAR) else "the run folder")
+        curve = curve_enabled(self.cfg.wire)
+        secure_client(self.sock, keys, curve)
+        log.info("wire: %s client of the learner (credentials from %s)",
+                 "CURVE" if curve else "PLAIN", ENV_VAR if os.environ.get(ENV_VAR)
+                 else "the run folder")
         self.sock.connect(self.endpoint)
         self._last_learner_msg = time.monotonic()
-        await self._send(
-            Hello(
-                server_id=self.server_id,
-                pid=os.getpid(),
-                hostname=socket.gethostname(),
-                policy_version=self.version,
-                model=self.model_path,
-                max_concurrency=r.max_concurrency,
-                http_url=self.http_url,
-            )
-        )
+        await self._send(self._hello())
         log.info("rollout %s up, connected to %s", self.server_id, self.endpoint)
         try:
-            await asyncio.gather(self._recv_loop(), self._heartbeat_loop(), self._lag_loop())
+            await asyncio.gather(self._recv_loop(), self._heartbeat_loop(),
+                                 self.loop_lag.run(self._stop))
+        except LearnerStuck:
+            pass  # logged once by _send; serve() exits with LEARNER_STUCK_EXIT
         finally:
             for t in list(self.inflight):
                 t.cancel()
             self.sock.close(linger=0)
-            self.ctx.term()
-            self.shm_path.unlink(missing_ok=True)
+            term_context(self.ctx, 5.0)
+            from climbrl.weightsync import remove_private_dir
+
+            remove_private_dir(self.shm_path.parent)
             if self._http is not None:
                 self._http[0].should_exit = True
                 await asyncio.wait([self._http[1]], timeout=5)
@@ -185,25 +210,55 @@ class RolloutServer:
             except Exception as e:  # vLLM's own teardown; the process exits anyway
                 log.debug("engine shutdown: %s", e)
 
+    def _hello(self) -> Hello:
+        return Hello(server_id=self.server_id, pid=os.getpid(), hostname=socket.gethostname(),
+                     policy_version=self.version, model=self.model_path,
+                     max_concurrency=self.cfg.rollout.max_concurrency, http_url=self.http_url)
+
     async def _send(self, msg: Any, tensors: list[Any] | None = None) -> None:
-        async with self.send_lock:
-            await self.sock.send_multipart(Codec.encode(msg, tensors), copy=False)
+        """Send to the learner, waiting at most ``wire.send_timeout_s`` (the wait for the
+        send lock included): a learner that stops reading fills ZeroMQ's queue up to its
+        high-water mark, and a send past it would wait forever. Past the limit the server
+        stops (``LearnerStuck``)."""
+        msg.run_id = self.run_id
+        if self.learner_stuck is not None:
+            raise LearnerStuck(self.learner_stuck)
+        frames = Codec.encode(msg, tensors)
+
+        async def locked() -> None:
+            async with self.send_lock:
+                await self.sock.send_multipart(frames, copy=False)
+
+        t = self.cfg.wire.send_timeout_s
+        try:
+            await asyncio.wait_for(locked(), timeout=t)
+        except TimeoutError:
+            if self.learner_stuck is None:
+                self.learner_stuck = (f"a send to the learner waited {t:g}s "
+                                      "(wire.send_timeout_s): it stopped reading")
+                log.error("%s; this server stops", self.learner_stuck)
+            self._stop.set()
+            raise LearnerStuck(self.learner_stuck) from None
 
     async def _heartbeat_loop(self) -> None:
         w = self.cfg.wire
         while not self._stop.is_set():
+            if self.engine.errored:  # the heartbeat carries engine health
+                await self._engine_died(None)
+            lag, lag_where = self.loop_lag.take()
             await self._send(
-                Heartbeat(
+                self._hello() if not self.welcomed.is_set() else Heartbeat(
                     server_id=self.server_id,
                     policy_version=self.version,
                     inflight=len(self.inflight),
-                    accepting_orders=self.control is None or self.control.pinned is None,
-                    loop_lag_max_s=self._lag_max,
+                    accepting_orders=self.engine_dead is None and (
+                        self.control is None or self.control.pinned is None),
+                    loop_lag_max_s=lag,
+                    loop_lag_where=lag_where,
+                    engine_error=self.engine_dead or "",
                 )
             )
-            self._lag_max = 0.0
-            if self.engine.errored:
-                await self._engine_died(None)
+            self.prefix_reset.when_idle()  # an update's reset that waited for in-flight requests
             if time.monotonic() - self._last_learner_msg > w.dead_after_s:
                 log.error("learner silent for %.0fs: shutting down", w.dead_after_s)
                 self._stop.set()
@@ -212,16 +267,6 @@ class RolloutServer:
                 await asyncio.wait_for(self._stop.wait(), timeout=w.heartbeat_s)
             except TimeoutError:
                 pass
-
-    async def _lag_loop(self, period: float = 0.05) -> None:
-        """Event-loop lag: how late a ``period`` sleep wakes up. Orders, episodes, weight
-        updates and HTTP requests share this loop, so anything that blocks it (an env doing
-        synchronous work in an async method, say) delays them all; the heartbeat reports the
-        worst lag since the previous one."""
-        while not self._stop.is_set():
-            t = time.perf_counter()
-            await asyncio.sleep(period)
-            self._lag_max = max(self._lag_max, time.perf_counter() - t - period)
 
     async def _recv_loop(self) -> None:
         poll_s = self.cfg.wire.heartbeat_s
@@ -233,11 +278,14 @@ class RolloutServer:
             self._last_learner_msg = time.monotonic()
             try:
                 msg, tensor_frames = self.codec.decode(frames)
+                msg = self._check_session(msg)
             except WireError as e:
-                log.error("rejected a message from the learner: %s", e)
+                self._limit(logging.ERROR, "bad", "rejected a message from the learner: %s", e)
                 await self._send(
                     Error(origin=self.server_id, code="bad_message", message=str(e))
                 )
+                continue
+            if msg is None:
                 continue
             if isinstance(msg, WorkOrder) and self.engine_dead is not None:
                 await self._send(Error(origin=self.server_id, code="engine_dead",
@@ -253,17 +301,64 @@ class RolloutServer:
             elif isinstance(msg, Error):
                 log.error("learner reported: %s: %s", msg.code, msg.message)
 
+    def _check_session(self, msg: Any) -> Any:
+        """The learner's welcome (its run id), and every later message of that run; None for
+        a message that needs no handling. Raises WireError for a message of another run."""
+        if isinstance(msg, Control) and msg.command == "welcome":
+            if not self.welcomed.is_set():
+                self.run_id = msg.run_id
+                self.welcomed.set()
+                log.info("rollout %s welcomed by the learner (run %s)", self.server_id,
+                         msg.run_id)
+            elif msg.run_id != self.run_id:
+                raise WireError(f"a welcome of run {msg.run_id[:64]!r}, not of this server's "
+                                f"run {self.run_id!r}")
+            return None
+        if not self.welcomed.is_set():
+            if isinstance(msg, Error) and msg.code == HELLO_REFUSED:
+                self._limit(logging.WARNING, "hello", "the learner refused this server's "
+                            "Hello: %s", msg.message)
+            else:
+                self._limit(logging.WARNING, "early", "%s before the learner's welcome "
+                            "ignored", type(msg).__name__)
+            return None
+        if msg.run_id != self.run_id:
+            raise WireError(f"{type(msg).__name__} of run {msg.run_id[:64]!r}, not of this "
+                            f"server's run {self.run_id!r}")
+        return msg
+
+    def _env_args(self, order: WorkOrder) -> dict[str, Any]:
+        """The args to build ``order.env`` with, from this server's config: a work order picks
+        one of the envs the config names (env.name, rollout.extra_envs), never code to import.
+        Raises ValueError for any other env."""
+        e = self.cfg.env
+        allowed = [e.name, *self.cfg.rollout.extra_envs]
+        if order.env not in allowed:
+            raise ValueError(f"unknown env {order.env[:200]!r} for this server: it runs work "
+                             f"orders for {allowed} only (env.name, rollout.extra_envs)")
+        args = e.args if order.env == e.name else {}
+        if order.env_args and order.env_args != args:
+            raise ValueError(f"work order env_args for {order.env!r} differ from this server's "
+                             "config: a work order cannot change how an env is built")
+        return dict(args)
+
     def _spawn(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self.inflight.add(t)
-        t.add_done_callback(self.inflight.discard)
+        t.add_done_callback(self._task_done)
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self.inflight.discard(t)
+        e = None if t.cancelled() else t.exception()
+        if e is not None and not isinstance(e, LearnerStuck):  # (that one _send logs once)
+            log.error("task %s failed", t.get_name(), exc_info=e)
 
     # ------------------------------------------------------------------ work orders
 
     async def _run_order(self, order: WorkOrder) -> None:
         t0 = time.perf_counter()
         try:
-            env_probe = make_env(order.env, order.env_args)
+            env_probe = make_env(order.env, self._env_args(order))
             task = env_probe.get_task(order.split, order.task_index)
             episode = self._agent_episode if getattr(env_probe, "black_box", False) else None
             samples = await asyncio.gather(
@@ -324,7 +419,7 @@ class RolloutServer:
         """One episode; an environment that raises, hangs (``env.step_timeout_s``) or crashes
         costs this episode only: a Sample with finish_reason ENV_ERROR and the cause."""
         try:
-            env = make_env(order.env, order.env_args)
+            env = make_env(order.env, self._env_args(order))
         except Exception as e:
             return _failed(task, f"constructing env {order.env!r}: {type(e).__name__}: {e}")
         try:
@@ -356,16 +451,33 @@ class RolloutServer:
         rid = f"{self.server_id}-{self._req}"
         replayed = replay.tag(sp, rid)
         # Salting the prefix cache by weight version keeps KV computed by old weights from
-        # being reused for new requests (vLLM refuses to reset it while requests hold blocks).
+        # being reused for new requests (vLLM resets the cache only while no request holds
+        # blocks: climbrl.rollout.prefix_cache).
         prompt = TokensPrompt(prompt_token_ids=ids, cache_salt=f"v{self.version}")
         final = None
+        limit = self.cfg.rollout.request_timeout_s
         async with self.sem:
-            async for out in self.engine.generate(prompt, sp, request_id=rid):
-                final = out
+            await self.prefix_reset.before_request()
+            try:
+                async with asyncio.timeout(limit):
+                    async for out in self.engine.generate(prompt, sp, request_id=rid):
+                        final = out
+            except TimeoutError:
+                await self._abort(rid)
+                raise TimeoutError(f"generation request {rid} ran past "
+                                   f"rollout.request_timeout_s = {limit:g}s") from None
+        self.prefix_reset.when_idle()
         record = None
         if replayed:
             record = await replay.take(self.engine, rid, final.outputs[0], len(ids))
         return final.outputs[0], record
+
+    async def _abort(self, rid: str) -> None:
+        """Abort a request in the engine (bounded: the engine may be what hangs)."""
+        try:
+            await asyncio.wait_for(self.engine.abort(rid), timeout=self.cfg.wire.heartbeat_s)
+        except Exception as e:
+            log.warning("aborting request %s: %s", rid, e or type(e).__name__)
 
     async def _episode(self, order: WorkOrder, env: Env, task: Any, index: int) -> Sample:
         from climbrl.rollout import replay
@@ -484,16 +596,22 @@ class RolloutServer:
         if not (sc.enabled or needs):
             return
         from climbrl.serving.app import (
+            API_KEY_FILE,
             ServingControl,
             bound_port,
             build_serving_app,
+            check_api_keys,
+            run_api_key,
             run_http,
             vllm_args,
         )
 
+        out = Path(self.cfg.run.output_dir) / "serving"
         keys = list(sc.api_keys) + (
-            [os.environ["CLIMBRL_API_KEY"]] if os.environ.get("CLIMBRL_API_KEY") else [])
-        self.agent_key = keys[0] if keys else "climbrl-no-key"
+            [os.environ["CLIMBRL_API_KEY"]] if "CLIMBRL_API_KEY" in os.environ else [])
+        # no key configured: one per run, next to the URL files, so the API is never open
+        keys = check_api_keys(keys or [run_api_key(out)], sc.host)
+        self.agent_key = keys[0]
         self.served_name = sc.served_model_name or self.model_path
         self.control = ServingControl()
         self.control.version = self.version
@@ -503,17 +621,17 @@ class RolloutServer:
         args = vllm_args(self.model_path, list(sc.vllm_args),
                          served_model_name=[self.served_name])
         app, self.sessions = await build_serving_app(
-            self.engine, args, self.control, self.tokenizer, keys)
+            self.engine, args, self.control, self.tokenizer, keys, limits=sc)
         index = int(self.server_id[1:]) if self.server_id[1:].isdigit() else 0
         port = sc.port + index if sc.port else 0
         self._http = await run_http(app, sc.host, port)
         self.http_url = f"http://{sc.host}:{bound_port(self._http[0])}"
         log.info("rollout %s serves the OpenAI API on %s/v1", self.server_id, self.http_url)
-        out = Path(self.cfg.run.output_dir) / "serving"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{self.server_id}.json").write_text(json.dumps(
             {"server_id": self.server_id, "url": self.http_url + "/v1",
-             "model": self.served_name, "pid": os.getpid()}))
+             "model": self.served_name, "pid": os.getpid(),
+             "api_key_file": str(out / API_KEY_FILE) if not sc.api_keys else ""}))
 
     async def _on_unpin(self) -> None:
         if self._deferred is not None:
@@ -527,7 +645,7 @@ class RolloutServer:
 
         s = order.sampling
         sid = f"{order.order_id}-{index}-{uuid.uuid4().hex[:8]}"
-        sess = self.sessions.open(sid)
+        sess = self.sessions.open(sid, held=True)  # no flood of other sessions evicts it
         sess.sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
         ctx = AgentContext(base_url=self.http_url + "/v1", api_key=self.agent_key,
                            model=self.served_name, session_id=sid)
@@ -640,6 +758,13 @@ class RolloutServer:
             finally:
                 phases[name] = time.perf_counter() - t
 
+        async def bounded(name: str, aw: Any) -> Any:  # a phase not reported on its own
+            try:
+                return await asyncio.wait_for(aw, timeout=pt)
+            except TimeoutError:
+                raise TimeoutError(f"weight sync phase {name!r} took longer than {pt:.0f}s "
+                                   "(wire.weight_phase_timeout_s)") from None
+
         if self._repack_timer is not None:  # the last update's packing: this reload does it
             self._repack_timer.cancel()
             self._repack_timer = None
@@ -696,7 +821,8 @@ class RolloutServer:
                 paused = asyncio.ensure_future(_pause_keep(self.engine))
             reload = asyncio.ensure_future(self.engine.collective_rpc(
                 "climbrl_load_weights", args=(path, layout, full, defer)))
-            reset = asyncio.ensure_future(self.engine.reset_prefix_cache())
+            # sent now if the engine is idle, else once it is (climbrl.rollout.prefix_cache)
+            reset = self.prefix_reset.after_update()
             try:
                 try:
                     await phase("pause", paused)
@@ -719,8 +845,15 @@ class RolloutServer:
                 t_finish = time.perf_counter()
                 version = asyncio.ensure_future(self.engine.update_weight_version(str(m.version)))
                 resumed = asyncio.ensure_future(self.engine.resume_generation())
-                await reset
-                await version
+                try:  # bounded: the weight lock is held meanwhile
+                    await bounded("reset", reset)
+                    await bounded("version", version)
+                except TimeoutError:
+                    # the engine runs the new weights under an unknown version label: only a
+                    # full sync brings it back to a known state (the learner sends one on the
+                    # failed ack)
+                    ws.base = None
+                    raise
                 ws.commit(upd)
                 # the previous weights, kept for a rollback that is not needed now: freed once
                 # the ack is out (freeing the frames of a 500M update takes 0.1 s)
@@ -769,6 +902,10 @@ class RolloutServer:
             return False
         finally:
             path.unlink(missing_ok=True)
+
+
+class LearnerStuck(Exception):
+    """A send to the learner waited past ``wire.send_timeout_s``: the server stops."""
 
 
 class _ShmUnreadable(Exception):
@@ -826,4 +963,7 @@ def serve(cfg: Config, endpoint: str, server_id: str, initial_version: int = 0) 
     if server.engine_dead is not None:
         log.error("rollout %s exits: %s", server_id, server.engine_dead)
         return ENGINE_DEAD_EXIT
+    if server.learner_stuck is not None:
+        log.error("rollout %s exits: %s", server_id, server.learner_stuck)
+        return LEARNER_STUCK_EXIT
     return 0

@@ -18,6 +18,12 @@ history was edited (the text no longer matches), the session starts a new segmen
 ``drift``; the trajectory is the last segment, so no token the model did not see is trained on.
 
 A reward is posted for the session (``POST /climbrl/sessions/{id}/reward``), which finishes it.
+
+The store is bounded. A session a training episode opened is *held* (``open(sid, held=True)``)
+until the episode pops it: nothing evicts it. Other sessions (any client's) count against
+``max_sessions``, the oldest evicted first, and each is dropped ``max_age_s`` after it opened.
+A session takes at most ``max_turns`` requests and records at most ``max_bytes``; a request
+past either is refused (``SessionLimitError``, a 400 for the client).
 """
 
 from __future__ import annotations
@@ -55,10 +61,20 @@ class Segment:
         return self.prompt_ids + self.completion_ids
 
 
+# recorded bytes per token: id, log-prob, version and mask, as Python objects in lists
+BYTES_PER_TOKEN = 32
+
+
+class SessionLimitError(ValueError):
+    """A request past a session's bounds (turns, bytes)."""
+
+
 @dataclass
 class Session:
     session_id: str
     created: float = field(default_factory=time.time)
+    held: bool = False  # opened by a training episode: never evicted
+    nbytes: int = 0  # what its segments record, about (BYTES_PER_TOKEN per token + text)
     segments: list[Segment] = field(default_factory=list)
     turns: int = 0
     drift: int = 0
@@ -93,28 +109,67 @@ class Session:
 
 
 class SessionStore:
-    """Sessions by id. Bounded: the oldest unfinished sessions are evicted past ``max_sessions``."""
+    """Sessions by id, bounded (module docstring): held sessions are never evicted; the others
+    number at most ``max_sessions`` and live at most ``max_age_s``."""
 
-    def __init__(self, tokenizer: Any, max_sessions: int = 10_000):
+    def __init__(self, tokenizer: Any, max_sessions: int = 1024, max_turns: int = 256,
+                 max_bytes: int = 8 << 20, max_age_s: float = 3600.0):
         self.tokenizer = tokenizer
         self.max_sessions = max_sessions
+        self.max_turns = max_turns
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
         self.sessions: dict[str, Session] = {}
+        self._unheld: dict[str, None] = {}  # ids of sessions not held, oldest first
         self.evicted = 0
 
     def get(self, sid: str) -> Session | None:
         return self.sessions.get(sid)
 
-    def open(self, sid: str) -> Session:
+    def open(self, sid: str, held: bool = False) -> Session:
+        """The session ``sid``, created if new; ``held`` (a training episode's) keeps it from
+        eviction until ``pop``."""
         s = self.sessions.get(sid)
-        if s is None:
-            while len(self.sessions) >= self.max_sessions:
-                self.sessions.pop(next(iter(self.sessions)))
-                self.evicted += 1
-            s = self.sessions[sid] = Session(sid)
+        if s is not None:
+            if held and not s.held:
+                s.held = True
+                self._unheld.pop(sid, None)
+            return s
+        if not held:
+            self._evict(time.time())
+        s = self.sessions[sid] = Session(sid, held=held)
+        if not held:
+            self._unheld[sid] = None
         return s
 
+    def _evict(self, now: float) -> None:
+        """Drop expired unheld sessions, then the oldest until one more fits."""
+        for sid in list(self._unheld):
+            if now - self.sessions[sid].created <= self.max_age_s:
+                break  # oldest first: the rest are younger
+            self._drop(sid)
+        while len(self._unheld) >= self.max_sessions:
+            self._drop(next(iter(self._unheld)))
+
+    def _drop(self, sid: str) -> None:
+        self._unheld.pop(sid, None)
+        self.sessions.pop(sid, None)
+        self.evicted += 1
+
     def pop(self, sid: str) -> Session | None:
+        self._unheld.pop(sid, None)
         return self.sessions.pop(sid, None)
+
+    def check_room(self, sess: Session, prompt_tokens: int) -> None:
+        """SessionLimitError if one more request of ``prompt_tokens`` would pass the bounds."""
+        if sess.turns >= self.max_turns:
+            raise SessionLimitError(f"session {sess.session_id!r} has had {sess.turns} "
+                                    f"requests, the most one session takes "
+                                    "(serve.session_max_turns): start a new one")
+        if sess.nbytes + prompt_tokens * BYTES_PER_TOKEN > self.max_bytes:
+            raise SessionLimitError(f"session {sess.session_id!r} would record more than "
+                                    f"{self.max_bytes} bytes (serve.session_max_mb): start a "
+                                    "new one")
 
     # ---------------------------------------------------------------- token-exact rebasing
 
@@ -186,6 +241,8 @@ class SessionStore:
         seg.mask += [1] * len(token_ids)
         seg.logprobs += logprobs
         seg.versions += versions
+        sess.nbytes = sum(len(g.tokens) for g in sess.segments) * BYTES_PER_TOKEN + len(
+            sess.text.encode()) + len(text.encode())
         sess.turns += 1
         sess.finish_reason = finish_reason
         sess.text += text
@@ -225,6 +282,7 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
                 raise ValueError(f"session {session_id!r} has a request in flight; a session "
                                  "is one conversation, send its turns one at a time")
             if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                store.check_room(sess, len(prompt["prompt_token_ids"]))
                 ids, continues = store.rebase(sess, list(prompt["prompt_token_ids"]))
                 prompt = {**prompt, "prompt_token_ids": ids}
             else:

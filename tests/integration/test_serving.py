@@ -44,7 +44,9 @@ def start_serve(model: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "serve", str(model), "--port", "0",
          "--api-key", KEY, "--served-model-name", "tiny", "--ready-file", str(ready),
-         "--kv-cache-gb", "0.5", *extra,
+         "--kv-cache-gb", "0.5",
+         # small bounds that tests/integration/test_abuse.py floods past
+         "--max-body-mb", "1", "--max-sessions", "64", *extra,
          "--", "--chat-template", str(tpl), "--enable-auto-tool-choice",
          "--tool-call-parser", "hermes",
          # compact JSON only: a random model would otherwise pad the arguments with whitespace
@@ -62,12 +64,9 @@ def start_serve(model: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, 
     return proc, f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    proc, url = start_serve(tiny_model, tmp)
-    yield {"url": url, "proc": proc, "log": tmp / "serve.log"}
-    kill_tree(proc)
+@pytest.fixture
+def server(serve_server):
+    return serve_server  # one `climbrl serve` for this module and test_abuse (conftest)
 
 
 @pytest.fixture
@@ -78,7 +77,9 @@ def client(server):
 def test_models_health_metrics(server, client):
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert httpx.get(server["url"] + "/health").status_code == 200
-    m = httpx.get(server["url"] + "/metrics")
+    assert httpx.get(server["url"] + "/ping").status_code == 200
+    assert httpx.get(server["url"] + "/metrics").status_code == 401  # deny by default
+    m = httpx.get(server["url"] + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert m.status_code == 200 and "vllm:" in m.text
     v = httpx.get(server["url"] + "/climbrl/weight_version",
                   headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -224,8 +225,11 @@ def test_sigterm_stops_server_and_engine(tiny_model, tmp_path):
 def _fuzz(server, tmp_path, examples: int, max_time: int) -> None:
     st = Path(sys.executable).with_name("st")
     report = tmp_path / "fuzz.ndjson"
+    schema = tmp_path / "openapi.json"  # behind the key, like every path but /health, /ping
+    schema.write_text(httpx.get(server["url"] + "/openapi.json",
+                                headers={"Authorization": f"Bearer {KEY}"}).text)
     r = subprocess.run(
-        [str(st), "run", server["url"] + "/openapi.json", "--checks", "not_a_server_error",
+        [str(st), "run", str(schema), "--url", server["url"], "--checks", "not_a_server_error",
          "--max-examples", str(examples), "--max-time", str(max_time), "--seed", "7",
          "--request-timeout", "60", "--workers", "1", "--no-shrink",
          "--header", f"Authorization: Bearer {KEY}", "--continue-on-failure",

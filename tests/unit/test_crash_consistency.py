@@ -220,17 +220,28 @@ def test_truncate_metrics_keeps_the_checkpointed_lineage(tmp_path):
 
 
 def test_hub_hands_a_server_id_over_to_its_restarted_process():
-    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.2)
+    """The first process never disconnects (frozen, not yet noticed): the restarted one takes
+    its id over, and its Hello, repeated, is accepted once the first counts as dead."""
+    from climbrl.wirekeys import secure_client
+
+    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.1, dead_after_s=0.5)
     ctx = zmq.Context()
     try:
         socks = []
-        for _ in range(2):  # the first one never disconnects (as if frozen, not yet noticed)
+        for pid in (1001, 1002):
             d = ctx.socket(zmq.DEALER)
             d.setsockopt(zmq.LINGER, 0)
             d.setsockopt(zmq.IDENTITY, b"r0")
+            secure_client(d, hub.keys, hub.curve)
             d.connect(hub.endpoint)
-            d.send_multipart(Codec.encode(_hello("r0")[1]))
-            assert isinstance(hub.recv(5)[1], Hello)
+            hello = _hello("r0")[1]
+            hello.pid = pid
+            item = None
+            deadline = time.monotonic() + 10
+            while item is None and time.monotonic() < deadline:
+                d.send_multipart(Codec.encode(hello))  # a server repeats it until welcomed
+                item = hub.recv(0.2)
+            assert item is not None and isinstance(item[1], Hello) and item[1].pid == pid
             socks.append(d)
         from climbrl.wire import Control
 

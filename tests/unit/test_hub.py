@@ -9,12 +9,14 @@ import zmq
 from climbrl.learner.hub import LearnerHub
 
 from climbrl.wire import ROLLOUT_ACCEPTS, Codec, Heartbeat, Hello, SamplingSpec, WorkOrder
+from climbrl.wirekeys import secure_client
 
 
 def _dealer(ctx: zmq.Context, hub: LearnerHub, sid: str) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IDENTITY, sid.encode())
+    secure_client(s, hub.keys, hub.curve)  # the hub admits only peers with the run's secret
     s.connect(hub.endpoint)
     return s
 
@@ -104,14 +106,37 @@ async def test_rollout_server_lag_loop_sees_a_blocked_event_loop():
     import asyncio
     from types import SimpleNamespace
 
-    from climbrl.rollout.server import RolloutServer
+    from climbrl.rollout.loop_lag import LoopLagMonitor
 
-    s = SimpleNamespace(_stop=asyncio.Event(), _lag_max=0.0)
-    task = asyncio.create_task(RolloutServer._lag_loop(s, 0.01))
+    s = SimpleNamespace(_stop=asyncio.Event(), loop_lag=LoopLagMonitor(period=0.01))
+    task = asyncio.create_task(s.loop_lag.run(s._stop))
     await asyncio.sleep(0.05)
     time.sleep(0.3)  # synchronous work on the loop, as a blocking env would do
     await asyncio.sleep(0.05)
     s._stop.set()
     await asyncio.wait_for(task, 1)
     # the sampler's 10 ms sleep could not wake before the 0.3 s block ended
-    assert s._lag_max >= 0.29
+    assert s.loop_lag.take()[0] >= 0.29
+
+
+def test_heartbeats_carry_what_the_loop_was_running_at_its_worst_lag():
+    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.2)
+    ctx = zmq.Context()
+    try:
+        d = _dealer(ctx, hub, "r0")
+        d.send_multipart(_hello("r0"))
+        _next(hub)
+        for version, (lag, where) in enumerate(
+                ((0.3, "a (x.py:1)"), (0.7, "b (x.py:2)"), (0.1, "c (x.py:3)")), start=1):
+            d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=version,
+                                                    inflight=0, loop_lag_max_s=lag,
+                                                    loop_lag_where=where)))
+        deadline = time.monotonic() + 5
+        while hub.servers["r0"].version != 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert hub.take_loop_lag_where() == {"r0": (0.7, "b (x.py:2)")}
+        assert hub.take_loop_lag_where() == {"r0": (0.0, "")}
+        d.close()
+    finally:
+        hub.close()
+        ctx.term()

@@ -31,8 +31,12 @@ class FakeEngine:
         self.calls.append(method)
         return [(0.001, "cpu_full")] if method == "climbrl_load_weights" else [None]
 
-    async def reset_prefix_cache(self) -> None:
+    def get_num_unfinished_requests(self) -> int:
+        return 0  # idle: an update's prefix-cache reset goes out with it
+
+    async def reset_prefix_cache(self) -> bool:
         self.calls.append("reset")
+        return True
 
     async def update_weight_version(self, version: str) -> None:
         self.calls.append(f"version {version}")

@@ -1,4 +1,5 @@
-"""CURVE keys per run: the learner's hub admits only peers holding the run's client key."""
+"""Wire credentials per run: the learner's hub admits only peers holding the run's CURVE
+client key (off loopback) or secret (PLAIN, on loopback)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def test_curve_is_on_off_loopback_and_forced_by_config():
 
 
 def test_keys_are_generated_once_per_run_private_and_shared_with_rollouts(tmp_path, monkeypatch):
-    assert learner_keys(_wire(), tmp_path) is None  # loopback: plain
-    k = learner_keys(_wire("0.0.0.0"), tmp_path)
+    k = learner_keys(_wire(), tmp_path)  # loopback too: PLAIN with the run's secret
+    assert len(k.secret) == 64
     f = tmp_path / FILE_NAME
     assert stat.S_IMODE(f.stat().st_mode) == 0o600
     assert learner_keys(_wire("0.0.0.0"), tmp_path) == k  # a resumed run keeps them
@@ -46,8 +47,8 @@ def test_keys_are_generated_once_per_run_private_and_shared_with_rollouts(tmp_pa
     monkeypatch.setenv(ENV_VAR, other.client_json())  # placed elsewhere: from the env,
     got = rollout_keys(_wire("0.0.0.0"), tmp_path)   # without the learner's secret
     assert "server_secret" not in json.loads(other.client_json()) and got.server_secret == ""
-    assert (got.server_public, got.client_public, got.client_secret) == (
-        other.server_public, other.client_public, other.client_secret)
+    assert (got.server_public, got.client_public, got.client_secret, got.secret) == (
+        other.server_public, other.client_public, other.client_secret, other.secret)
     monkeypatch.setenv(ENV_VAR, json.dumps(other.__dict__))  # the whole file works too
     assert rollout_keys(_wire("0.0.0.0"), tmp_path) == other
     with pytest.raises(ValueError, match="wire key file .*server_secret"):  # only a server
@@ -58,6 +59,8 @@ def test_keys_are_generated_once_per_run_private_and_shared_with_rollouts(tmp_pa
     monkeypatch.delenv(ENV_VAR)
     with pytest.raises(RuntimeError, match="start the learner first"):
         rollout_keys(_wire("0.0.0.0"), tmp_path / "elsewhere")
+    with pytest.raises(RuntimeError, match="start the learner first"):  # loopback too
+        rollout_keys(_wire(), tmp_path / "elsewhere")
 
 
 def _peer(ctx, hub, sid, keys=None, server_public=None):
@@ -65,7 +68,7 @@ def _peer(ctx, hub, sid, keys=None, server_public=None):
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IDENTITY, sid.encode())
     if keys is not None:
-        secure_client(s, keys)
+        secure_client(s, keys, curve=True)
         if server_public:
             s.curve_serverkey = server_public.encode()
     s.connect(hub.endpoint)
@@ -75,7 +78,7 @@ def _peer(ctx, hub, sid, keys=None, server_public=None):
 
 def test_hub_refuses_peers_without_the_run_key():
     keys = RunKeys.generate()
-    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.2, keys=keys)
+    hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.2, keys=keys, curve=True)
     ctx = zmq.Context()
     try:
         peers = [_peer(ctx, hub, "plain"),  # no key at all
