@@ -139,3 +139,15 @@ async def raw_round(engine: Any, prompts: list[list[int]], group: int, max_token
     t = time.perf_counter()
     n = await asyncio.gather(*(one(i, j) for i in range(len(prompts)) for j in range(group)))
     return sum(n), time.perf_counter() - t
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop a child started with ``start_new_session=True`` and its process group, by PID:
+    SIGTERM, then SIGKILL after ``grace_s``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

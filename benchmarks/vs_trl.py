@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import stop  # noqa: E402
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -201,13 +202,7 @@ def _run(cmd: list[str], log: Path, timeout: float) -> float:
         try:
             rc = proc.wait(timeout=timeout)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop(proc, grace_s=20)
     if rc != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{cmd[2:4]} failed (exit {rc}); the end of {log}:\n{tail}")

@@ -251,14 +251,21 @@ def _pool(key: tuple, size: int) -> _Pool:
     return pool
 
 
+def _worker_queue(current: queue.Queue | None, loop: Callable[[queue.Queue], None], name: str) -> queue.Queue:
+    """``current``, or a new queue served by ``loop`` on a daemon thread (call under
+    ``_POOLS_LOCK``)."""
+    if current is not None:
+        return current
+    jobs: queue.Queue = queue.Queue()
+    threading.Thread(target=loop, args=(jobs,), daemon=True, name=name).start()
+    _register_atexit()
+    return jobs
+
+
 def _starter() -> queue.Queue:
     global _STARTS
     with _POOLS_LOCK:
-        if _STARTS is None:
-            _STARTS = queue.Queue()
-            threading.Thread(target=_start_loop, args=(_STARTS,), daemon=True,
-                             name="climbrl-sandbox-pool").start()
-            _register_atexit()
+        _STARTS = _worker_queue(_STARTS, _start_loop, "climbrl-sandbox-pool")
         return _STARTS
 
 
@@ -309,11 +316,7 @@ def _reap(started: _Started) -> None:
     its cgroup and work folder, on a background thread: not on the run's path."""
     global _REAPS
     with _POOLS_LOCK:
-        if _REAPS is None:
-            _REAPS = queue.Queue()
-            threading.Thread(target=_reap_loop, args=(_REAPS,), daemon=True,
-                             name="climbrl-sandbox-reaper").start()
-            _register_atexit()
+        _REAPS = _worker_queue(_REAPS, _reap_loop, "climbrl-sandbox-reaper")
     _REAPS.put(started)
 
 

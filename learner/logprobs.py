@@ -57,22 +57,14 @@ def head_logprobs(
 
 
 def pack_positions(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """(input_ids_BL, attention_BL, pos_BT): right-padded prompt+completion inputs (the last
-    token dropped); ``pos_BT`` is the input position whose hidden state predicts completion
-    token t. The one packing the learner's log-probs and the PPO value head share."""
-    seqs = [list(s.prompt_ids) + list(s.completion_ids) for s in samples]
-    B, L = len(samples), max(len(x) for x in seqs) - 1
-    Tc = max(len(s.completion_ids) for s in samples)
-    ids = torch.zeros((B, L), dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    pos = torch.zeros((B, Tc), dtype=torch.long)
-    for b, (s, seq) in enumerate(zip(samples, seqs)):
-        n = len(seq) - 1
-        ids[b, :n] = torch.tensor(seq[:-1])
-        attn[b, :n] = 1
-        p0, c = len(s.prompt_ids) - 1, len(s.completion_ids)
-        pos[b, :c] = torch.arange(p0, p0 + c)
-    return ids, attn, pos
+    """(input_ids_BL, attention_BL, pos_BT) of the padded ``layout``: right-padded
+    prompt+completion inputs (the last token dropped); ``pos_BT`` is the input position whose
+    hidden state predicts completion token t (0 past a completion's end). The PPO critic's
+    own forwards use it."""
+    lay = layout(samples)
+    L = lay.ids_RL.shape[1]
+    pos = (lay.index_BT - torch.arange(len(samples)).unsqueeze(1) * L).clamp(min=0)
+    return lay.ids_RL, lay.attn_RL, pos
 
 
 @dataclass
