@@ -182,6 +182,15 @@ class LearnerCfg(_Cfg):
         64, ge=1,
         description="Samples per forward/backward chunk (when micro_batch_tokens is 0).",
     )
+    mismatch_probe_samples: int = Field(
+        8, ge=0,
+        description="Each step, up to this many samples that the last published version "
+        "generated (lag >= 1) also run a no-grad forward under that version's weights (a copy "
+        "of the trainable ones), so the engine/learner log-prob mismatch (mismatch_* in "
+        "metrics.jsonl) is measured at equal weights every step of an asynchronous run, not "
+        "only on lag-0 samples. One process only (an FSDP learner measures lag 0 only); "
+        "0 = lag 0 only.",
+    )
     micro_batch_tokens: int = Field(
         0, ge=0,
         description="Tokens (prompt + completion) per forward/backward chunk, taken in batch "

@@ -62,8 +62,10 @@ from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_check
 from climbrl.learner.data import DataCursor
 from climbrl.learner.hub import HubError, LearnerHub
 from climbrl.learner.logprobs import completion_logprobs, micro_chunks, reference_logprobs
+from climbrl.learner.objectives import mismatch_sums
 from climbrl.learner.objectives_shaping import keep_group, pass_rate
 from climbrl.learner.objectives_step import ObjectiveStep
+from climbrl.learner.snapshot import WeightSnapshot
 from climbrl.learner.weights import WeightPublisher, setup_lora
 
 from climbrl.config import Config
@@ -215,6 +217,7 @@ class Learner:
             self.ref.requires_grad_(False)
             self.ref = fsdp.shard_model(self.ref, cfg, self.ds)
         self.obj = ObjectiveStep(cfg, self.model, self.env.reward_range[1])
+        self.snapshot = WeightSnapshot()  # the last published version's trainable weights
         self.cursor = DataCursor(self.env.num_tasks("train"), seed=cfg.run.seed)
         self.step = self.version = 0
         if ckpt:
@@ -577,6 +580,11 @@ class Learner:
         t0 = time.perf_counter()
         self._command(f"train@{self.version}", groups)  # FSDP: every rank trains this batch
         batch = self.obj.prepare(groups, self.version)  # shaped rewards, advantages, norms
+        if lc.mismatch_probe_samples and not ds.distributed:
+            self._probe_mismatch(batch)  # lag >= 1 samples under the weights that made them
+            if self.snapshot.version is None or self.version % lc.publish_every == 0:
+                # the weights the servers hold from now on (version 0 and each publish)
+                self.snapshot.take(self._trainable(), self.version)
         if self.obj.critic is not None:
             self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
         plan = [(lo, hi, norm, self._micro(batch.samples, lo, hi))
@@ -615,6 +623,35 @@ class Learner:
             stats["critic_grad_norm"] = critic_grad_norm
         stats["train_s"] = time.perf_counter() - t0
         return stats
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _probe_mismatch(self, batch: Any) -> None:
+        """Add to the step's mismatch sums up to ``learner.mismatch_probe_samples`` samples the
+        snapshot's version generated, their log-probs from a no-grad forward under that
+        version's weights (``learner/snapshot.py``). The step's own forward measures the
+        lag-0 samples."""
+        lc, snap = self.cfg.learner, self.snapshot
+        if snap.version is None or snap.version >= self.version:
+            return
+        lag = self.version - snap.version
+        pick = [j for j in range(len(batch.samples))
+                if int(batch.lag_B[j]) == lag and batch.keep_B[j] > 0
+                ][: lc.mismatch_probe_samples]
+        if not pick:
+            return
+        samples = [batch.samples[j] for j in pick]
+        acc = batch.acc
+        with torch.no_grad(), snap.swapped_in(self._trainable()):
+            for i, n in micro_chunks(samples, lc.micro_batch_size, lc.micro_batch_tokens):
+                b = self._policy_logprobs(samples[i : i + n])
+                mm = mismatch_sums(b["logp"], b["old_logp"], b["mask"])
+                acc["mm_abs"] += mm["abs_sum"]
+                acc["mm_kl"] += mm["kl_sum"]
+                acc["mm_n"] += mm["n"]
+                acc["mm_probe_n"] += mm["n"]
+                acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
 
     def _micro(self, samples: list[Any], lo: int, hi: int) -> list[tuple[int, int, float]]:
         """``(start, size, loss_scale)`` of the micro-batches of samples[lo:hi] this process

@@ -264,7 +264,7 @@ class ObjectiveStep:
                 rew_GS, std_norm=lc.adv_std_norm, valid_GS=valid_GS if env_errors else None
             ).flatten()[idx]
         batch.acc = dict(loss=0.0, entropy=0.0, clipped=0.0, kl=0.0, mm_abs=0.0, mm_max=0.0,
-                         mm_kl=0.0, mm_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0,
+                         mm_kl=0.0, mm_n=0.0, mm_probe_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0,
                          replay_miss=0.0)
         return batch
 
@@ -436,6 +436,7 @@ class ObjectiveStep:
             "mismatch_max": acc["mm_max"],
             "mismatch_kl": acc["mm_kl"] / max(acc["mm_n"], 1.0),
             "mismatch_tokens": acc["mm_n"],
+            "mismatch_probe_tokens": acc["mm_probe_n"],  # of them, lag >= 1 (learner/snapshot.py)
             "replay_miss_tokens": acc["replay_miss"],
             "replay_miss_frac": acc["replay_miss"] / n_tok,  # of the trainable tokens
             "offpolicy_masked_frac": acc["op_changed"] / n_tok,

@@ -7,6 +7,7 @@ import torch
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.objectives_step import ObjectiveStep
+from climbrl.learner.snapshot import WeightSnapshot
 
 from climbrl.config import load_config
 
@@ -34,4 +35,5 @@ def bare_learner(policy: torch.nn.Module, temperature: float, *, ref: torch.nn.M
     L.opt = torch.optim.SGD(policy.parameters(), lr=0.0)
     L.obj = ObjectiveStep(cfg, policy, 1.0)
     L.cursor, L.seq_of = DataCursor(10), {}
+    L.snapshot = WeightSnapshot()
     return L
