@@ -31,18 +31,30 @@ def run_once(tmp: Path, mdir: Path, staleness: int, a: argparse.Namespace) -> di
     from benchmarks.common import write_cfg
 
     out = tmp / f"s{staleness}"
-    cfg = write_cfg(tmp / f"s{staleness}.toml", mdir,
-                    run={"output_dir": f'"{out}"', "seed": 0},
-                    learner={"total_steps": a.steps, "batch_groups": a.batch_groups,
-                             "group_size": a.group_size, "max_staleness": staleness,
-                             "eval_size": 0, "lr": 1e-3, "weight_sync": f'"{a.weight_sync}"',
-                             "threads": a.learner_threads},
-                    rollout={"max_model_len": 128, "max_tokens": a.max_tokens,
-                             "kv_cache_gb": 0.25})
+    cfg = write_cfg(
+        tmp / f"s{staleness}.toml",
+        mdir,
+        run={"output_dir": f'"{out}"', "seed": 0},
+        learner={
+            "total_steps": a.steps,
+            "batch_groups": a.batch_groups,
+            "group_size": a.group_size,
+            "max_staleness": staleness,
+            "eval_size": 0,
+            "lr": 1e-3,
+            "weight_sync": f'"{a.weight_sync}"',
+            "threads": a.learner_threads,
+        },
+        rollout={"max_model_len": 128, "max_tokens": a.max_tokens, "kv_cache_gb": 0.25},
+    )
     t0 = time.perf_counter()
     log = open(tmp / f"s{staleness}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         rc = proc.wait(timeout=a.timeout)
     finally:
@@ -56,10 +68,12 @@ def run_once(tmp: Path, mdir: Path, staleness: int, a: argparse.Namespace) -> di
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "reward" in r]
     assert [r["step"] for r in steps] == list(range(1, a.steps + 1))
-    return {"steps_s": round(steps[-1]["elapsed_s"] - steps[0]["elapsed_s"], 2),
-            "process_wall_s": round(wall, 1),
-            "staleness_max": max(r.get("staleness_max", 0) for r in steps),
-            "reward_last": round(steps[-1]["reward"], 3)}
+    return {
+        "steps_s": round(steps[-1]["elapsed_s"] - steps[0]["elapsed_s"], 2),
+        "process_wall_s": round(wall, 1),
+        "staleness_max": max(r.get("staleness_max", 0) for r in steps),
+        "reward_last": round(steps[-1]["reward"], 3),
+    }
 
 
 def main() -> None:
@@ -77,17 +91,25 @@ def main() -> None:
         raise SystemExit("--staleness must be at least 1 (0 is the synchronous baseline)")
 
     from climbrl.envs.tasks import corpus_for_tokenizer
-
     from climbrl.tinymodel import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-async-"))
     mdir = make_tiny_model(tmp / "model", corpus_for_tokenizer())
     sync = run_once(tmp, mdir, 0, a)
     asyn = run_once(tmp, mdir, a.staleness, a)
-    print(json.dumps({"benchmark": "async_speedup", "steps": a.steps,
-                      "timed_steps": a.steps - 1, "weight_sync": a.weight_sync,
-                      "sync": sync, f"async_staleness_{a.staleness}": asyn,
-                      "ratio": round(sync["steps_s"] / asyn["steps_s"], 2)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "async_speedup",
+                "steps": a.steps,
+                "timed_steps": a.steps - 1,
+                "weight_sync": a.weight_sync,
+                "sync": sync,
+                f"async_staleness_{a.staleness}": asyn,
+                "ratio": round(sync["steps_s"] / asyn["steps_s"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

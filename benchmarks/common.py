@@ -41,9 +41,21 @@ class RolloutProc:
         self.hub = LearnerHub("127.0.0.1", 0)
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg),
-             "--endpoint", self.hub.endpoint, "--server-id", "r0"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "climbrl.cli",
+                "rollout",
+                "--config",
+                str(cfg),
+                "--endpoint",
+                self.hub.endpoint,
+                "--server-id",
+                "r0",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **self.hub.client_env()},  # the hub's credentials
         )
         deadline = time.monotonic() + timeout
@@ -91,9 +103,12 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     now = datetime.datetime.now(datetime.UTC)
     record = {
         "date": now.isoformat(timespec="seconds"),
-        "machine": {"host": platform.node(), "cpu": _cpu_model(),
-                    "cpus": os.cpu_count(),
-                    "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+        "machine": {
+            "host": platform.node(),
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "result": result,
     }
@@ -116,9 +131,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-async def raw_round(engine: Any, prompts: list[list[int]], group: int, max_tokens: int,
-                    round_index: int, seeded: bool = True,
-                    temperature: float = 1.0) -> tuple[int, float]:
+async def raw_round(
+    engine: Any,
+    prompts: list[list[int]],
+    group: int,
+    max_tokens: int,
+    round_index: int,
+    seeded: bool = True,
+    temperature: float = 1.0,
+) -> tuple[int, float]:
     """One round straight into a vLLM AsyncLLM: ``group`` samples of every prompt at once
     (log-probs on, each request seeded from its round, prompt and sample index unless
     ``seeded`` is False). Returns (tokens generated, seconds)."""
@@ -128,11 +149,18 @@ async def raw_round(engine: Any, prompts: list[list[int]], group: int, max_token
     from vllm.inputs import TokensPrompt
 
     async def one(i: int, j: int) -> int:
-        sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0,
-                            seed=round_index * 100_000 + i * 100 + j if seeded else None)
+        sp = SamplingParams(
+            temperature=temperature,
+            max_tokens=max_tokens,
+            logprobs=0,
+            seed=round_index * 100_000 + i * 100 + j if seeded else None,
+        )
         out = None
-        async for o in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,
-                                       request_id=f"raw-{time.monotonic_ns()}-{i}-{j}"):
+        async for o in engine.generate(
+            TokensPrompt(prompt_token_ids=prompts[i]),
+            sp,
+            request_id=f"raw-{time.monotonic_ns()}-{i}-{j}",
+        ):
             out = o
         return len(out.outputs[0].token_ids)
 

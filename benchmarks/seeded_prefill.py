@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="HF model folder (default: a tiny Qwen3)")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
@@ -49,19 +50,20 @@ def main() -> None:
     ap.add_argument("--no-results-file", action="store_true")
     a = ap.parse_args()
 
+    from benchmarks.common import raw_round, settle, write_result
     from climbrl.envs.base import make_env
     from climbrl.envs.chat import ChatRenderer
     from climbrl.rollout.engine import engine_args, prepare_vllm_env
 
-    from benchmarks.common import raw_round, settle, write_result
-
     if a.model is None:
         from climbrl.envs.tasks import corpus_for_tokenizer
-
         from climbrl.tinymodel import make_tiny_model
 
-        a.model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="climbrl-bench-")) / "model",
-                                      corpus_for_tokenizer()))
+        a.model = str(
+            make_tiny_model(
+                Path(tempfile.mkdtemp(prefix="climbrl-bench-")) / "model", corpus_for_tokenizer()
+            )
+        )
     prepare_vllm_env(1.0)
     from transformers import AutoTokenizer
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -70,17 +72,20 @@ def main() -> None:
     env = make_env("math")
     chat = ChatRenderer(tok)
     loop = asyncio.new_event_loop()
-    prompts = [chat.prompt_ids(loop.run_until_complete(env.reset(env.get_task("train", i))))
-               for i in range(a.tasks)]
+    prompts = [
+        chat.prompt_ids(loop.run_until_complete(env.reset(env.get_task("train", i))))
+        for i in range(a.tasks)
+    ]
     conc = a.tasks * a.group
-    base = engine_args(a.model, kv_cache_gb=1.0, max_model_len=a.max_model_len,
-                       max_num_seqs=conc)
+    base = engine_args(a.model, kv_cache_gb=1.0, max_model_len=a.max_model_len, max_num_seqs=conc)
     variants = {
         "chunked_unseeded": (dict(enable_chunked_prefill=True), False),
         "unchunked_seeded": (dict(enable_chunked_prefill=False), True),
         "unchunked_unseeded": (dict(enable_chunked_prefill=False), False),
-        "big_budget_seeded": (dict(enable_chunked_prefill=True,
-                                   max_num_batched_tokens=conc * a.max_model_len), True),
+        "big_budget_seeded": (
+            dict(enable_chunked_prefill=True, max_num_batched_tokens=conc * a.max_model_len),
+            True,
+        ),
     }
     engines: dict[tuple, AsyncLLM] = {}
     for overrides, _ in variants.values():
@@ -99,11 +104,12 @@ def main() -> None:
             o, seeded = variants[n]
             loop.run_until_complete(one_round(engines[tuple(sorted(o.items()))], seeded, -1))
         for r in range(a.rounds):
-            for n in names[r % len(names):] + names[: r % len(names)]:
+            for n in names[r % len(names) :] + names[: r % len(names)]:
                 o, seeded = variants[n]
                 settle()
-                tps[n].append(loop.run_until_complete(
-                    one_round(engines[tuple(sorted(o.items()))], seeded, r)))
+                tps[n].append(
+                    loop.run_until_complete(one_round(engines[tuple(sorted(o.items()))], seeded, r))
+                )
     finally:
         for e in engines.values():
             e.shutdown()
@@ -112,12 +118,17 @@ def main() -> None:
     med = {n: statistics.median(v) for n, v in tps.items()}
     lens = [len(p) for p in prompts]
     result = {
-        "benchmark": "seeded_prefill", "model": a.model, "requests": conc,
-        "prompt_tokens": [min(lens), max(lens)], "prompt_tokens_per_round": a.group * sum(lens),
-        "max_tokens": a.max_tokens, "rounds": a.rounds,
+        "benchmark": "seeded_prefill",
+        "model": a.model,
+        "requests": conc,
+        "prompt_tokens": [min(lens), max(lens)],
+        "prompt_tokens_per_round": a.group * sum(lens),
+        "max_tokens": a.max_tokens,
+        "rounds": a.rounds,
         "tokens_per_s": {n: round(v, 1) for n, v in med.items()},
-        "ratio_vs_chunked_unseeded": {n: round(v / med["chunked_unseeded"], 3)
-                                      for n, v in med.items()},
+        "ratio_vs_chunked_unseeded": {
+            n: round(v / med["chunked_unseeded"], 3) for n, v in med.items()
+        },
         "per_round_tokens_per_s": {n: [round(x, 1) for x in v] for n, v in tps.items()},
     }
     print(json.dumps(result))

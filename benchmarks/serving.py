@@ -39,8 +39,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import settle, stop  # noqa: E402
 
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-            "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_NO_USAGE_STATS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def free_port() -> int:
@@ -63,29 +67,66 @@ def cpu_set(spec: str) -> list[int] | None:
         cpus += range(int(lo), int(hi or lo) + 1)
     bad = set(cpus) - set(allowed)
     if bad or not cpus:
-        raise SystemExit(f"--cpus {spec!r}: CPUs {sorted(bad) or spec} are not available "
-                         f"to this process (allowed: {allowed})")
+        raise SystemExit(
+            f"--cpus {spec!r}: CPUs {sorted(bad) or spec} are not available "
+            f"to this process (allowed: {allowed})"
+        )
     return cpus
 
 
-def start(kind: str, model: str, log: Path,
-          cpus: list[int] | None = None) -> tuple[subprocess.Popen, str]:
+def start(
+    kind: str, model: str, log: Path, cpus: list[int] | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     common = ["--served-model-name", "m", "--max-model-len", "512"]
     if kind == "vllm":
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-               "--logprobs-mode", "processed_logprobs", "--max-num-seqs", "64",
-               "--kv-cache-memory-bytes", str(1 << 30), "--dtype", "float32",
-               "--disable-uvicorn-access-log", *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--logprobs-mode",
+            "processed_logprobs",
+            "--max-num-seqs",
+            "64",
+            "--kv-cache-memory-bytes",
+            str(1 << 30),
+            "--dtype",
+            "float32",
+            "--disable-uvicorn-access-log",
+            *common,
+        ]
     else:
-        cmd = [sys.executable, "-m", "climbrl.cli", "serve", model, "--port", str(port),
-               "--kv-cache-gb", "1", "--dtype", "float32", *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "climbrl.cli",
+            "serve",
+            model,
+            "--port",
+            str(port),
+            "--kv-cache-gb",
+            "1",
+            "--dtype",
+            "float32",
+            *common,
+        ]
     # The affinity is set in the child before exec, so every process it spawns inherits it.
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **VLLM_ENV},
-                            preexec_fn=pin)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **VLLM_ENV},
+        preexec_fn=pin,
+    )
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -102,9 +143,9 @@ def start(kind: str, model: str, log: Path,
         time.sleep(1)
 
 
-
-async def load(urls: dict[str, str], concurrency: int, n: int, max_tokens: int
-               ) -> dict[str, dict[str, float]]:
+async def load(
+    urls: dict[str, str], concurrency: int, n: int, max_tokens: int
+) -> dict[str, dict[str, float]]:
     """``n`` requests to each server at ``concurrency``, in waves of ``concurrency`` requests
     that alternate between the servers (A B A B ...): each pair of waves is under a second
     apart, so a slow spell of the machine lands on both alike, and every wave follows one of
@@ -113,8 +154,10 @@ async def load(urls: dict[str, str], concurrency: int, n: int, max_tokens: int
     output tokens/s over its own waves, p50 and p99 request latency."""
     from openai import AsyncOpenAI
 
-    clients = {k: AsyncOpenAI(base_url=u + "/v1", api_key="x", max_retries=0, timeout=600)
-               for k, u in urls.items()}
+    clients = {
+        k: AsyncOpenAI(base_url=u + "/v1", api_key="x", max_retries=0, timeout=600)
+        for k, u in urls.items()
+    }
     lat: dict[str, list[float]] = {k: [] for k in urls}
     toks = dict.fromkeys(urls, 0)
     wall = dict.fromkeys(urls, 0.0)
@@ -122,8 +165,12 @@ async def load(urls: dict[str, str], concurrency: int, n: int, max_tokens: int
     async def one(kind: str, i: int) -> None:
         t = time.perf_counter()
         r = await clients[kind].chat.completions.create(
-            model="m", messages=[{"role": "user", "content": f"abcd{i % 7}="}],
-            max_tokens=max_tokens, temperature=1.0, extra_body={"ignore_eos": True})
+            model="m",
+            messages=[{"role": "user", "content": f"abcd{i % 7}="}],
+            max_tokens=max_tokens,
+            temperature=1.0,
+            extra_body={"ignore_eos": True},
+        )
         lat[kind].append(time.perf_counter() - t)
         toks[kind] += r.usage.completion_tokens
 
@@ -139,35 +186,52 @@ async def load(urls: dict[str, str], concurrency: int, n: int, max_tokens: int
             wall[kind] += time.perf_counter() - t0
     for c in clients.values():
         await c.close()
-    return {k: {"tok_s": toks[k] / wall[k], "p50": statistics.median(lat[k]),
-                "p99": statistics.quantiles(lat[k], n=100)[98]} for k in urls}
+    return {
+        k: {
+            "tok_s": toks[k] / wall[k],
+            "p50": statistics.median(lat[k]),
+            "p99": statistics.quantiles(lat[k], n=100)[98],
+        }
+        for k in urls
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="HF model dir (default: a tiny random Qwen3)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--cpus", default="auto",
-                   help="CPUs for both servers: auto (one CPU on machines with <= 2), all, "
-                        "or a list such as 1 or 0,2-3")
+    p.add_argument(
+        "--cpus",
+        default="auto",
+        help="CPUs for both servers: auto (one CPU on machines with <= 2), all, "
+        "or a list such as 1 or 0,2-3",
+    )
     a = p.parse_args()
     cpus = cpu_set(a.cpus)
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-bench-serving-"))
     model = a.model
     if model is None:
         from climbrl.envs.tasks import corpus_for_tokenizer
-
         from climbrl.tinymodel import make_tiny_model
 
-        model = str(make_tiny_model(tmp / "model", corpus_for_tokenizer(), hidden_size=256,
-                                    num_layers=4, intermediate_size=512))
+        model = str(
+            make_tiny_model(
+                tmp / "model",
+                corpus_for_tokenizer(),
+                hidden_size=256,
+                num_layers=4,
+                intermediate_size=512,
+            )
+        )
     levels = [int(c) for c in a.concurrency.split(",")]
     res: dict[str, dict[int, list[dict[str, float]]]] = {
-        k: {c: [] for c in levels} for k in ("vllm", "climbrl")}
+        k: {c: [] for c in levels} for k in ("vllm", "climbrl")
+    }
     # Both servers stay up (an idle engine waits on its queue and takes no CPU); the load
     # alternates between them wave by wave (``load``), starting with the other one each round.
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -181,8 +245,9 @@ def main() -> None:
             order = ("vllm", "climbrl") if r % 2 == 0 else ("climbrl", "vllm")
             for c in levels:
                 settle()
-                got = asyncio.run(load({k: servers[k][1] for k in order}, c, a.requests,
-                                       a.max_tokens))
+                got = asyncio.run(
+                    load({k: servers[k][1] for k in order}, c, a.requests, a.max_tokens)
+                )
                 for kind in order:
                     res[kind][c].append(got[kind])
     finally:
@@ -193,10 +258,16 @@ def main() -> None:
         vals = [x[key] for x in res[kind][c]]
         return max(vals) if hi else min(vals)
 
-    out: dict[str, object] = {"benchmark": "serving", "model": model, "requests": a.requests,
-                              "max_tokens": a.max_tokens, "rounds": a.rounds,
-                              "cpus": cpus or sorted(os.sched_getaffinity(0)),
-                              "pinned": cpus is not None, "levels": {}}
+    out: dict[str, object] = {
+        "benchmark": "serving",
+        "model": model,
+        "requests": a.requests,
+        "max_tokens": a.max_tokens,
+        "rounds": a.rounds,
+        "cpus": cpus or sorted(os.sched_getaffinity(0)),
+        "pinned": cpus is not None,
+        "levels": {},
+    }
     for c in levels:
         v = {k: best("vllm", c, k, k == "tok_s") for k in ("tok_s", "p50", "p99")}
         m = {k: best("climbrl", c, k, k == "tok_s") for k in ("tok_s", "p50", "p99")}
@@ -205,11 +276,15 @@ def main() -> None:
         pairs = list(zip(res["climbrl"][c], res["vllm"][c]))
         med = {k: statistics.median(a[k] / b[k] for a, b in pairs) for k in ("tok_s", "p50", "p99")}
         out["levels"][str(c)] = {
-            "vllm": v, "climbrl": m,
-            "throughput_ratio": med["tok_s"], "p50_ratio": med["p50"], "p99_ratio": med["p99"],
+            "vllm": v,
+            "climbrl": m,
+            "throughput_ratio": med["tok_s"],
+            "p50_ratio": med["p50"],
+            "p99_ratio": med["p99"],
             "throughput_ratio_best": m["tok_s"] / v["tok_s"],
             "per_round_throughput_ratios": [round(a["tok_s"] / b["tok_s"], 3) for a, b in pairs],
-            "per_round_p50_ratios": [round(a["p50"] / b["p50"], 3) for a, b in pairs]}
+            "per_round_p50_ratios": [round(a["p50"] / b["p50"], 3) for a, b in pairs],
+        }
     lv = out["levels"].values()
     out["min_throughput_ratio"] = min(x["throughput_ratio"] for x in lv)
     out["max_p50_ratio"] = max(x["p50_ratio"] for x in lv)

@@ -51,8 +51,11 @@ from benchmarks.common import stop  # noqa: E402
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 (imported once into OUT/smollm2), tiny, or an HF model folder")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (imported once into OUT/smollm2), tiny, or an HF model folder",
+    )
     p.add_argument("--minutes", type=float, default=8.0, help="training budget of each side")
     p.add_argument("--out", default="runs/vs_trl", help="work folder (models, logs, runs)")
     p.add_argument("--eval-size", type=int, default=200, help="held-out tasks evaluated")
@@ -61,8 +64,12 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16, help="completion length")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--strict-weight", type=float, default=0.5,
-                   help="arith_chat's share of the reward for an answer that is only the number")
+    p.add_argument(
+        "--strict-weight",
+        type=float,
+        default=0.5,
+        help="arith_chat's share of the reward for an answer that is only the number",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-results-file", action="store_true")
     p.add_argument("--worker", choices=["trl", "eval"], help=argparse.SUPPRESS)
@@ -86,11 +93,13 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 def _env(a: argparse.Namespace) -> Any:
     from climbrl.envs.arith_chat import ArithChatEnv
 
-    return ArithChatEnv(seed=a.seed, max_shots=0, strict_weight=a.strict_weight,
-                        num_test=max(a.eval_size, 1))
+    return ArithChatEnv(
+        seed=a.seed, max_shots=0, strict_weight=a.strict_weight, num_test=max(a.eval_size, 1)
+    )
 
 
 # ---------------------------------------------------------------- TRL (its own process)
+
 
 def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
     """GRPOTrainer on the CPU for ``a.minutes`` of training; saves the final model."""
@@ -107,8 +116,10 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
 
     env = _env(a)
     n_train = 4096  # more prompts than any budget here reaches
-    rows = [{"prompt": t.prompt, "answer": t.answer}
-            for t in (env.get_task("train", i) for i in range(n_train))]
+    rows = [
+        {"prompt": t.prompt, "answer": t.answer}
+        for t in (env.get_task("train", i) for i in range(n_train))
+    ]
 
     def reward(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
         out = []
@@ -132,17 +143,40 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
     cfg = GRPOConfig(
-        output_dir=str(Path(a.save_dir).parent / "trainer"), use_cpu=True, bf16=False,
-        max_steps=10**6, per_device_train_batch_size=a.group_size,
-        gradient_accumulation_steps=a.batch_groups, num_generations=a.group_size,
-        max_completion_length=a.max_tokens, temperature=a.temperature, top_p=1.0,
-        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
-        scale_rewards="group", logging_steps=1, save_strategy="no", report_to="none",
-        seed=a.seed, use_vllm=False)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok,
-                          callbacks=[Budget()])
+        output_dir=str(Path(a.save_dir).parent / "trainer"),
+        use_cpu=True,
+        bf16=False,
+        max_steps=10**6,
+        per_device_train_batch_size=a.group_size,
+        gradient_accumulation_steps=a.batch_groups,
+        num_generations=a.group_size,
+        max_completion_length=a.max_tokens,
+        temperature=a.temperature,
+        top_p=1.0,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        scale_rewards="group",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=a.seed,
+        use_vllm=False,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=cfg,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[Budget()],
+    )
     t_load = time.perf_counter() - t_start
     t0 = time.perf_counter()
     trainer.train()
@@ -150,13 +184,18 @@ def trl_worker(a: argparse.Namespace) -> dict[str, Any]:
     rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
     trainer.model.save_pretrained(a.save_dir, safe_serialization=True)
     tok.save_pretrained(a.save_dir)
-    return {"steps": trainer.state.global_step, "train_s": train_s, "load_s": t_load,
-            "reward_first": rewards[0] if rewards else None,
-            "reward_last": rewards[-1] if rewards else None,
-            "wall_s": time.perf_counter() - t_start}
+    return {
+        "steps": trainer.state.global_step,
+        "train_s": train_s,
+        "load_s": t_load,
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "wall_s": time.perf_counter() - t_start,
+    }
 
 
 # ---------------------------------------------------------------- the one evaluator
+
 
 def eval_worker(a: argparse.Namespace) -> dict[str, Any]:
     """Greedy held-out answers of every model in ``a.eval_dirs``, graded by the env."""
@@ -173,32 +212,45 @@ def eval_worker(a: argparse.Namespace) -> dict[str, Any]:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        texts = [tok.apply_chat_template(t.prompt, add_generation_prompt=True, tokenize=False)
-                 for t in tasks]
+        texts = [
+            tok.apply_chat_template(t.prompt, add_generation_prompt=True, tokenize=False)
+            for t in tasks
+        ]
         answers: list[str] = []
         for lo in range(0, len(texts), 50):
-            enc = tok(texts[lo:lo + 50], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
+            enc = tok(
+                texts[lo : lo + 50], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             with torch.no_grad():
-                ids = model.generate(**enc, do_sample=False, max_new_tokens=a.max_tokens,
-                                     pad_token_id=tok.pad_token_id)
-            answers += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:],
-                                        skip_special_tokens=True)
+                ids = model.generate(
+                    **enc,
+                    do_sample=False,
+                    max_new_tokens=a.max_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
+            answers += tok.batch_decode(
+                ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
         graded = [env.grade(text, t.answer) for text, t in zip(answers, tasks)]
-        out[d] = {"correct": [c for c, _ in graded], "strict": [s for _, s in graded],
-                  "samples": answers[:3]}
+        out[d] = {
+            "correct": [c for c, _ in graded],
+            "strict": [s for _, s in graded],
+            "samples": answers[:3],
+        }
     return out
 
 
 # ---------------------------------------------------------------- orchestration
+
 
 def _run(cmd: list[str], log: Path, timeout: float) -> float:
     """Run ``cmd`` in its own session with its output in ``log``; its wall seconds. The whole
     process group is stopped by PID if it fails or runs past ``timeout``."""
     t0 = time.perf_counter()
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout)
         finally:
@@ -209,11 +261,15 @@ def _run(cmd: list[str], log: Path, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
-def _worker(kind: str, a: argparse.Namespace, log: Path, timeout: float,
-            extra: list[str]) -> tuple[dict[str, Any], float]:
+def _worker(
+    kind: str, a: argparse.Namespace, log: Path, timeout: float, extra: list[str]
+) -> tuple[dict[str, Any], float]:
     argv = [x for x in sys.argv[1:] if x != "--no-results-file"]
-    wall = _run([sys.executable, str(Path(__file__).resolve()), "--worker", kind, *argv,
-                 *extra], log, timeout)
+    wall = _run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *argv, *extra],
+        log,
+        timeout,
+    )
     last = [ln for ln in log.read_text().splitlines() if ln.startswith("{")][-1]
     return json.loads(last), wall
 
@@ -231,15 +287,15 @@ def _model_dir(a: argparse.Namespace, out: Path) -> Path:
         d = out / "tiny"
         if not (d / "config.json").exists():
             from climbrl.envs.tasks import corpus_for_tokenizer
-
             from climbrl.tinymodel import make_tiny_model
 
             make_tiny_model(d, corpus_for_tokenizer())
         return d
     d = Path(a.model)
     if not (d / "config.json").exists():
-        raise SystemExit(f"--model {a.model}: not smollm2, tiny, or an HF model folder "
-                         "(no config.json there)")
+        raise SystemExit(
+            f"--model {a.model}: not smollm2, tiny, or an HF model folder (no config.json there)"
+        )
     return d.resolve()
 
 
@@ -248,26 +304,47 @@ def _climbrl(a: argparse.Namespace, model: Path, out: Path) -> tuple[dict[str, A
 
     run_dir = out / "climbrl"
     cfg_file = ROOT / "climbrl" / "configs" / "demo_smollm2.toml"
-    ov = [f'model.path="{model}"', f'run.output_dir="{run_dir}"', f"run.seed={a.seed}",
-          "run.name=\"vs-trl\"",
-          f"rollout.max_tokens={a.max_tokens}", f"rollout.temperature={a.temperature}",
-          f"learner.group_size={a.group_size}", f"learner.batch_groups={a.batch_groups}",
-          f"learner.lr={a.lr}", "learner.clip_low=0.2", "learner.clip_high=0.28",
-          "learner.kl_coef=0.0", "learner.loss_agg=\"token\"", "learner.objective=\"grpo\"",
-          "learner.total_steps=1000000", f"learner.max_train_minutes={a.minutes}",
-          "learner.eval_size=0", "learner.eval_every=0", "learner.checkpoint_every=0"]
+    ov = [
+        f'model.path="{model}"',
+        f'run.output_dir="{run_dir}"',
+        f"run.seed={a.seed}",
+        'run.name="vs-trl"',
+        f"rollout.max_tokens={a.max_tokens}",
+        f"rollout.temperature={a.temperature}",
+        f"learner.group_size={a.group_size}",
+        f"learner.batch_groups={a.batch_groups}",
+        f"learner.lr={a.lr}",
+        "learner.clip_low=0.2",
+        "learner.clip_high=0.28",
+        "learner.kl_coef=0.0",
+        'learner.loss_agg="token"',
+        'learner.objective="grpo"',
+        "learner.total_steps=1000000",
+        f"learner.max_train_minutes={a.minutes}",
+        "learner.eval_size=0",
+        "learner.eval_every=0",
+        "learner.checkpoint_every=0",
+    ]
     cfg = load_config(str(cfg_file), ov)
     cfg.env.args = {"max_shots": 0, "strict_weight": a.strict_weight, "num_test": a.eval_size}
     shutil.rmtree(run_dir, ignore_errors=True)  # a run of its own, never a resumed one
     path = out / "climbrl.toml"
     path.write_text(dump_toml(cfg))
-    wall = _run([sys.executable, "-m", "climbrl.cli", "run", str(path)], out / "climbrl.log",
-                timeout=a.minutes * 60 + 1200)
+    wall = _run(
+        [sys.executable, "-m", "climbrl.cli", "run", str(path)],
+        out / "climbrl.log",
+        timeout=a.minutes * 60 + 1200,
+    )
     return json.loads((run_dir / "summary.json").read_text()), wall
 
 
-def _side(steps: int, train_s: float, wall_s: float, before: dict[str, list[float]],
-          after: dict[str, list[float]]) -> dict[str, Any]:
+def _side(
+    steps: int,
+    train_s: float,
+    wall_s: float,
+    before: dict[str, list[float]],
+    after: dict[str, list[float]],
+) -> dict[str, Any]:
     from climbrl.metrics import paired_change
 
     def mean(xs: list[float]) -> float:
@@ -275,11 +352,16 @@ def _side(steps: int, train_s: float, wall_s: float, before: dict[str, list[floa
 
     gain = mean(after["correct"]) - mean(before["correct"])
     return {
-        "steps": steps, "train_s": round(train_s, 1), "wall_s": round(wall_s, 1),
+        "steps": steps,
+        "train_s": round(train_s, 1),
+        "wall_s": round(wall_s, 1),
         "steps_per_minute": steps / (train_s / 60),
-        "accuracy_before": mean(before["correct"]), "accuracy_after": mean(after["correct"]),
-        "strict_before": mean(before["strict"]), "strict_after": mean(after["strict"]),
-        "gain": gain, "gain_per_minute": gain / (train_s / 60),
+        "accuracy_before": mean(before["correct"]),
+        "accuracy_after": mean(after["correct"]),
+        "strict_before": mean(before["strict"]),
+        "strict_after": mean(after["strict"]),
+        "gain": gain,
+        "gain_per_minute": gain / (train_s / 60),
         "gain_per_minute_end_to_end": gain / (wall_s / 60),
         "heldout_change": paired_change(before["correct"], after["correct"]),
         "samples_after": after["samples"],
@@ -290,9 +372,11 @@ def ratio(climbrl: float, trl: float) -> tuple[float | None, str | None]:
     """climbrl's gain per minute ÷ TRL's, or None with the reason where that is undefined."""
     if trl > 0:
         return climbrl / trl, None
-    return None, (f"TRL's held-out gain is {'zero' if trl == 0 else 'negative'} "
-                  f"({trl:+.4f} per minute), so the ratio is undefined; climbrl's is "
-                  f"{climbrl:+.4f} per minute")
+    return None, (
+        f"TRL's held-out gain is {'zero' if trl == 0 else 'negative'} "
+        f"({trl:+.4f} per minute), so the ratio is undefined; climbrl's is "
+        f"{climbrl:+.4f} per minute"
+    )
 
 
 def main() -> None:
@@ -311,8 +395,9 @@ def main() -> None:
     print(f"TRL GRPOTrainer, {a.minutes} min ...", file=sys.stderr, flush=True)
     trl_dir = out / "trl" / "final"
     shutil.rmtree(trl_dir, ignore_errors=True)
-    trl, trl_wall = _worker("trl", a, out / "trl.log", budget,
-                            ["--model-dir", str(model), "--save-dir", str(trl_dir)])
+    trl, trl_wall = _worker(
+        "trl", a, out / "trl.log", budget, ["--model-dir", str(model), "--save-dir", str(trl_dir)]
+    )
     print(f"climbrl run, {a.minutes} min ...", file=sys.stderr, flush=True)
     load["after_trl"] = os.getloadavg()
     summary, cl_wall = _climbrl(a, model, out)
@@ -327,26 +412,39 @@ def main() -> None:
     base = ev[str(model)]
     sides = {
         "trl": _side(trl["steps"], trl["train_s"], trl_wall, base, ev[str(trl_dir)]),
-        "climbrl": _side(summary["steps"], summary["train_loop_s"], cl_wall, base,
-                         ev[str(cl_dir)]),
+        "climbrl": _side(summary["steps"], summary["train_loop_s"], cl_wall, base, ev[str(cl_dir)]),
     }
     sides["trl"].update(reward_first=trl["reward_first"], reward_last=trl["reward_last"])
     r, why = ratio(sides["climbrl"]["gain_per_minute"], sides["trl"]["gain_per_minute"])
-    r_e2e, _ = ratio(sides["climbrl"]["gain_per_minute_end_to_end"],
-                     sides["trl"]["gain_per_minute_end_to_end"])
+    r_e2e, _ = ratio(
+        sides["climbrl"]["gain_per_minute_end_to_end"], sides["trl"]["gain_per_minute_end_to_end"]
+    )
     result = {
-        "benchmark": "vs_trl", "model": a.model if a.model in ("smollm2", "tiny") else str(model),
-        "minutes": a.minutes, "eval_size": a.eval_size,
-        "settings": {"group_size": a.group_size, "batch_groups": a.batch_groups,
-                     "max_tokens": a.max_tokens, "lr": a.lr, "temperature": a.temperature,
-                     "strict_weight": a.strict_weight, "seed": a.seed,
-                     "evaluator": "transformers generate, greedy, float32"},
-        "base_samples": base["samples"], "loadavg_1_5_15min": load,
-        "trl": sides["trl"], "climbrl": sides["climbrl"],
-        "steps_per_minute_ratio": (sides["climbrl"]["steps_per_minute"]
-                                   / max(sides["trl"]["steps_per_minute"], 1e-9)),
-        "gain_per_minute_ratio": r, "gain_per_minute_ratio_end_to_end": r_e2e,
-        "ratio_note": why, "goal_met": r is not None and r >= 2,
+        "benchmark": "vs_trl",
+        "model": a.model if a.model in ("smollm2", "tiny") else str(model),
+        "minutes": a.minutes,
+        "eval_size": a.eval_size,
+        "settings": {
+            "group_size": a.group_size,
+            "batch_groups": a.batch_groups,
+            "max_tokens": a.max_tokens,
+            "lr": a.lr,
+            "temperature": a.temperature,
+            "strict_weight": a.strict_weight,
+            "seed": a.seed,
+            "evaluator": "transformers generate, greedy, float32",
+        },
+        "base_samples": base["samples"],
+        "loadavg_1_5_15min": load,
+        "trl": sides["trl"],
+        "climbrl": sides["climbrl"],
+        "steps_per_minute_ratio": (
+            sides["climbrl"]["steps_per_minute"] / max(sides["trl"]["steps_per_minute"], 1e-9)
+        ),
+        "gain_per_minute_ratio": r,
+        "gain_per_minute_ratio_end_to_end": r_e2e,
+        "ratio_note": why,
+        "goal_met": r is not None and r >= 2,
     }
     print(json.dumps(result))
     if not a.no_results_file:

@@ -98,8 +98,9 @@ def floor_seconds(tensors: list, repeats: int, settled: bool) -> float:
     ctx = zmq.Context()
     ack = ctx.socket(zmq.PULL)
     aport = ack.bind_to_random_port("tcp://127.0.0.1")
-    sink = subprocess.Popen([sys.executable, "-c", _SINK, f"tcp://127.0.0.1:{aport}"],
-                            stdout=subprocess.PIPE, text=True)
+    sink = subprocess.Popen(
+        [sys.executable, "-c", _SINK, f"tcp://127.0.0.1:{aport}"], stdout=subprocess.PIPE, text=True
+    )
     port = int(sink.stdout.readline())
     push = ctx.socket(zmq.PUSH)
     push.connect(f"tcp://127.0.0.1:{port}")
@@ -143,9 +144,13 @@ def repack_seconds(sd: dict, repeats: int) -> float | None:
     for n, t in sd.items():
         if t.dim() == 2 and "embed_tokens" not in n:
             key = n
-            for part, fused in ((".q_proj.", ".qkv."), (".k_proj.", ".qkv."),
-                                (".v_proj.", ".qkv."), (".gate_proj.", ".gate_up."),
-                                (".up_proj.", ".gate_up.")):
+            for part, fused in (
+                (".q_proj.", ".qkv."),
+                (".k_proj.", ".qkv."),
+                (".v_proj.", ".qkv."),
+                (".gate_proj.", ".gate_up."),
+                (".up_proj.", ".gate_up."),
+            ):
                 key = key.replace(part, fused)
             stacks.setdefault(key, []).append(t)
     ws = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in stacks.values()]
@@ -166,13 +171,14 @@ def repack_seconds(sd: dict, repeats: int) -> float | None:
 def _batches(mdir: Path, n: int) -> list:
     """Real data: the task corpus, tokenized, in batches of 8 sequences of 48 tokens."""
     import torch
-    from climbrl.envs.tasks import corpus_for_tokenizer
     from transformers import AutoTokenizer
+
+    from climbrl.envs.tasks import corpus_for_tokenizer
 
     tok = AutoTokenizer.from_pretrained(str(mdir))
     ids = [i for t in corpus_for_tokenizer() for i in tok.encode(t)]
     x = torch.tensor(ids[: (len(ids) // 48) * 48]).view(-1, 48)
-    return [x[(8 * k) % len(x):][:8] for k in range(n)]
+    return [x[(8 * k) % len(x) :][:8] for k in range(n)]
 
 
 def _step(model, opt, batch) -> None:
@@ -185,10 +191,10 @@ def _step(model, opt, batch) -> None:
 def sync_modes(server, mdir: Path, a) -> dict:
     """Bytes and seconds per update for full, delta and LoRA sync into the same engine."""
     import torch
-    from climbrl.learner.weights import WeightPublisher, setup_lora
     from transformers import AutoModelForCausalLM
 
     from climbrl.config import load_config
+    from climbrl.learner.weights import WeightPublisher, setup_lora
     from climbrl.wire import WeightAck
 
     out = {}
@@ -196,8 +202,14 @@ def sync_modes(server, mdir: Path, a) -> dict:
     for k, mode in enumerate(("full", "delta", "lora")):
         model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
         if mode == "lora":
-            cfg = load_config(None, [f'model.path="{mdir}"', 'learner.weight_sync="lora"',
-                                     f"learner.lora_r={a.lora_r}"])
+            cfg = load_config(
+                None,
+                [
+                    f'model.path="{mdir}"',
+                    'learner.weight_sync="lora"',
+                    f"learner.lora_r={a.lora_r}",
+                ],
+            )
             model = setup_lora(model, cfg.learner)
         pub = WeightPublisher(model, mode)
         opt = torch.optim.AdamW(pub.trainable(), lr=a.lr, betas=(0.9, 0.99))
@@ -207,7 +219,7 @@ def sync_modes(server, mdir: Path, a) -> dict:
                 _step(model, opt, batches[i])
             v = 1000 * (k + 1) + i
             t0 = time.perf_counter()
-            (_, m, frames), = pub.messages(v, ["r0"])
+            ((_, m, frames),) = pub.messages(v, ["r0"])
             t_enc = time.perf_counter() - t0
             server.hub.send("r0", m, frames)
             _, ack, _, _ = server.wait_for(WeightAck, lambda x, v=v: x.version == v or not x.ok)
@@ -215,9 +227,13 @@ def sync_modes(server, mdir: Path, a) -> dict:
             rows.append((pub.last[m.kind], time.perf_counter() - t0, t_enc, ack.phases))
         first, rest = rows[0], rows[1:]
         best = min(rest, key=lambda r: r[1])
-        out[mode] = {"bytes": int(sum(r[0] for r in rest) / len(rest)), "sync_s": round(best[1], 4),
-                     "encode_s": round(best[2], 4), "first_sync_bytes": first[0],
-                     "phases": {p: round(x, 4) for p, x in best[3].items()}}
+        out[mode] = {
+            "bytes": int(sum(r[0] for r in rest) / len(rest)),
+            "sync_s": round(best[1], 4),
+            "encode_s": round(best[2], 4),
+            "first_sync_bytes": first[0],
+            "phases": {p: round(x, 4) for p, x in best[3].items()},
+        }
         del model, opt, pub
     return out
 
@@ -226,9 +242,9 @@ def bf16_delta(mdir: Path, a) -> dict:
     """Delta bytes of real steps on a bfloat16 model (encoder + decoder, no engine), at the
     benchmark's lr and at a tenth of it (RL fine-tuning runs at 1e-6 and below)."""
     import torch
-    from climbrl.learner.weights import WeightPublisher
     from transformers import AutoModelForCausalLM
 
+    from climbrl.learner.weights import WeightPublisher
     from climbrl.weightsync import EngineWeights
     from climbrl.wire import tensor_buffer
 
@@ -237,22 +253,28 @@ def bf16_delta(mdir: Path, a) -> dict:
         model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.bfloat16)
         pub = WeightPublisher(model, "delta")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99))
-        (_, m, fr), = pub.messages(1, ["r0"])
+        ((_, m, fr),) = pub.messages(1, ["r0"])
         eng = EngineWeights(0)
         eng.commit(eng.prepare(m, [tensor_buffer(t) for t in fr]))
         sizes = []
         for i, b in enumerate(_batches(mdir, a.repeats), start=2):
             _step(model, opt, b)
-            (_, m, fr), = pub.messages(i, ["r0"])
+            ((_, m, fr),) = pub.messages(i, ["r0"])
             sizes.append(pub.last["delta"])
             eng.commit(eng.prepare(m, [tensor_buffer(t) for t in fr]))
         sd = model.state_dict()
-        exact = all(torch.equal(eng.base[n].view(torch.int16), t.view(torch.int16))
-                    for n, t in sd.items() if t.dtype == torch.bfloat16)
+        exact = all(
+            torch.equal(eng.base[n].view(torch.int16), t.view(torch.int16))
+            for n, t in sd.items()
+            if t.dtype == torch.bfloat16
+        )
         full = sum(t.numel() * t.element_size() for t in sd.values())
-        out[f"lr_{lr:g}"] = {"bytes": int(sum(sizes) / len(sizes)), "full_bytes": full,
-                             "bytes_ratio": round(sum(sizes) / len(sizes) / full, 4),
-                             "bit_exact": exact}
+        out[f"lr_{lr:g}"] = {
+            "bytes": int(sum(sizes) / len(sizes)),
+            "full_bytes": full,
+            "bytes_ratio": round(sum(sizes) / len(sizes) / full, 4),
+            "bit_exact": exact,
+        }
         del model, opt, pub, eng
     return out
 
@@ -263,15 +285,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW lr of the RL-sized step")
     ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--no-modes", action="store_true",
-                    help="only the full-sync transports against the floor (faster)")
+    ap.add_argument(
+        "--no-modes",
+        action="store_true",
+        help="only the full-sync transports against the floor (faster)",
+    )
     a = ap.parse_args()
 
     import torch
-    from climbrl.envs.tasks import corpus_for_tokenizer
-    from climbrl.learner.weights import WeightPublisher
 
     from benchmarks.common import RolloutProc, settle, write_cfg
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from climbrl.learner.weights import WeightPublisher
     from climbrl.tinymodel import make_tiny_model
     from climbrl.wire import (
         SamplingSpec,
@@ -286,9 +311,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="climbrl-wsync-"))
     for size in a.sizes.split(","):
         h, layers, inter, heads, kv = SIZES[size]
-        mdir = make_tiny_model(tmp / size, corpus_for_tokenizer(), hidden_size=h,
-                               num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                               intermediate_size=inter)
+        mdir = make_tiny_model(
+            tmp / size,
+            corpus_for_tokenizer(),
+            hidden_size=h,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=inter,
+        )
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32)
@@ -298,9 +329,12 @@ def main() -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         params = sum(t.numel() for t in tensors)
         floor_before = floors(tensors, max(a.repeats, 5))  # quiet: no engine yet
-        cfg = write_cfg(tmp / f"{size}.toml", mdir,
-                        rollout={"max_model_len": 64, "kv_cache_gb": 0.25},
-                        wire={"weight_sync_timeout_s": 600.0})
+        cfg = write_cfg(
+            tmp / f"{size}.toml",
+            mdir,
+            rollout={"max_model_len": 64, "kv_cache_gb": 0.25},
+            wire={"weight_sync_timeout_s": 600.0},
+        )
         server = RolloutProc(cfg, tmp / f"{size}.log")
         shm_pub = WeightPublisher(model, "full", shm_dir=str(SHM_DIR))
         shm_pub.join("r0", socket.gethostname())
@@ -314,20 +348,30 @@ def main() -> None:
                     optimizer_step(tensors)
                     t0 = time.perf_counter()  # step end
                     if transport == "zmq":
-                        m = WeightManifest(version=v, tensors=[tensor_meta(n, sd[n]) for n in names])
+                        m = WeightManifest(
+                            version=v, tensors=[tensor_meta(n, sd[n]) for n in names]
+                        )
                         server.hub.send("r0", m, tensors)
                     else:
                         shm_pub.forget("r0")
-                        (_, m, frames), = shm_pub.messages(v, ["r0"])
+                        ((_, m, frames),) = shm_pub.messages(v, ["r0"])
                         t_pub = time.perf_counter() - t0  # writing the weights file
                         server.hub.send("r0", m, frames)
                     _, ack, _, t_ack = server.wait_for(WeightAck, lambda x, v=v: x.version == v)
                     assert ack.ok, ack.error
                     t1 = time.perf_counter()
                     shm_pub.acked("r0", v)  # as the learner does: older ring files are free
-                    server.hub.send("r0", WorkOrder(order_id=f"w{v}", policy_version=v,
-                                                    env="copy_first", task_index=0, group_size=1,
-                                                    sampling=SamplingSpec(max_tokens=1)))
+                    server.hub.send(
+                        "r0",
+                        WorkOrder(
+                            order_id=f"w{v}",
+                            policy_version=v,
+                            env="copy_first",
+                            task_index=0,
+                            group_size=1,
+                            sampling=SamplingSpec(max_tokens=1),
+                        ),
+                    )
                     _, tr, _, _ = server.wait_for(Trajectory)
                     assert tr.policy_version == v
                     t2 = time.perf_counter()
@@ -335,8 +379,9 @@ def main() -> None:
                         sync, first, phases = runs[transport]
                         sync.append(t1 - t0)
                         first.append(t2 - t0)
-                        phases.append({"publish": t_pub if transport == "shm" else 0.0,
-                                       **ack.phases})
+                        phases.append(
+                            {"publish": t_pub if transport == "shm" else 0.0, **ack.phases}
+                        )
             modes = {} if a.no_modes else sync_modes(server, mdir, a)
         finally:
             server.close()
@@ -345,30 +390,38 @@ def main() -> None:
         # the faster of before and after: the stricter ratio
         fl = min(floor_before[True], floor_after[True])
         fl_b2b = min(floor_before[False], floor_after[False])
-        row = {"params": params, "bytes": nbytes, "floor_s": round(fl, 4),
-               "floor_before_after_s": [round(floor_before[True], 4),
-                                        round(floor_after[True], 4)],
-               "floor_back_to_back_s": round(fl_b2b, 4)}
+        row = {
+            "params": params,
+            "bytes": nbytes,
+            "floor_s": round(fl, 4),
+            "floor_before_after_s": [round(floor_before[True], 4), round(floor_after[True], 4)],
+            "floor_back_to_back_s": round(fl_b2b, 4),
+        }
         rp = repack_seconds(sd, a.repeats)
         if rp is not None:
             row.update({"repack_s": round(rp, 4), "repack_ratio": round(rp / fl, 2)})
         for transport, (sync, first, phases) in runs.items():
             best = min(range(len(sync)), key=lambda i: sync[i])
             pre = "" if transport == "shm" else "zmq_"
-            row.update({
-                f"{pre}sync_s": round(sync[best], 4), f"{pre}first_token_s": round(min(first), 4),
-                f"{pre}ratio": round(sync[best] / fl, 2),
-                f"{pre}ratio_back_to_back": round(sync[best] / fl_b2b, 2),
-                f"{pre}phases": {k: round(x, 4) for k, x in phases[best].items()},
-            })
+            row.update(
+                {
+                    f"{pre}sync_s": round(sync[best], 4),
+                    f"{pre}first_token_s": round(min(first), 4),
+                    f"{pre}ratio": round(sync[best] / fl, 2),
+                    f"{pre}ratio_back_to_back": round(sync[best] / fl_b2b, 2),
+                    f"{pre}phases": {k: round(x, 4) for k, x in phases[best].items()},
+                }
+            )
         results[size] = row
         if modes:
-            results[size].update({
-                "modes": modes,
-                "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
-                "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),
-                "delta_bf16": bf16_delta(mdir, a),
-            })
+            results[size].update(
+                {
+                    "modes": modes,
+                    "delta_bytes_ratio": round(modes["delta"]["bytes"] / modes["full"]["bytes"], 4),
+                    "lora_bytes_ratio": round(modes["lora"]["bytes"] / modes["full"]["bytes"], 4),
+                    "delta_bf16": bf16_delta(mdir, a),
+                }
+            )
         del model, sd, tensors
     print(json.dumps({"benchmark": "weight_sync", **results}))
 

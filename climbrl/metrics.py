@@ -26,8 +26,10 @@ class MetricsWriter:
             self._tb = None
 
     def write(self, rec: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in rec.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in rec.items()
+        }
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
         if self._tb is not None:

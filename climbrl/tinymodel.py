@@ -92,8 +92,10 @@ def make_tiny_model(
 
 def _chatml(messages: list[dict[str, Any]]) -> str:
     """Messages as the tiny tokenizer's ChatML template renders them (without tools)."""
-    return "".join(f"<|im_start|>{m.get('role', 'user')}\n{m.get('content') or ''}<|im_end|>\n"
-                   for m in messages)
+    return "".join(
+        f"<|im_start|>{m.get('role', 'user')}\n{m.get('content') or ''}<|im_end|>\n"
+        for m in messages
+    )
 
 
 def env_corpus(env: Any, max_tasks: int = CORPUS_TASKS) -> list[str]:
@@ -110,13 +112,16 @@ def env_corpus(env: Any, max_tasks: int = CORPUS_TASKS) -> list[str]:
             if isinstance(task.prompt, str):
                 corpus.append(task.prompt + "".join(ref))
             else:
-                corpus.append(_chatml(task.prompt) + "".join(
-                    _chatml([{"role": "assistant", "content": t}]) for t in ref))
+                corpus.append(
+                    _chatml(task.prompt)
+                    + "".join(_chatml([{"role": "assistant", "content": t}]) for t in ref)
+                )
     return corpus
 
 
-def prompt_lengths(tokenizer: Any, env_cls: type, env_args: dict[str, Any],
-                   max_tasks: int = MEASURE_TASKS) -> dict[str, int]:
+def prompt_lengths(
+    tokenizer: Any, env_cls: type, env_args: dict[str, Any], max_tasks: int = MEASURE_TASKS
+) -> dict[str, int]:
     """Longest first-turn prompt in tokens per split, as a rollout server renders it (a fresh
     env per episode, ``reset``'s prompt, chat prompts through the chat template)."""
     from climbrl.envs.chat import ChatRenderer
@@ -133,33 +138,48 @@ def prompt_lengths(tokenizer: Any, env_cls: type, env_args: dict[str, Any],
 
     async def run() -> dict[str, int]:
         probe = env_cls(**env_args)
-        return {split: max([await one(split, i)
-                            for i in range(min(probe.num_tasks(split), max_tasks))], default=0)
-                for split in probe.splits}
+        return {
+            split: max(
+                [await one(split, i) for i in range(min(probe.num_tasks(split), max_tasks))],
+                default=0,
+            )
+            for split in probe.splits
+        }
 
     return asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="climbrl tiny-model", description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="climbrl tiny-model",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("out_dir")
-    p.add_argument("--env", default=None,
-                   help="train the tokenizer on this environment's text (entry point name, "
-                   "dotted path pkg.mod:Class, path/to/file.py:Class or built-in name); "
-                   "default: the built-in copy_first task")
+    p.add_argument(
+        "--env",
+        default=None,
+        help="train the tokenizer on this environment's text (entry point name, "
+        "dotted path pkg.mod:Class, path/to/file.py:Class or built-in name); "
+        "default: the built-in copy_first task",
+    )
     p.add_argument("--env-args", default="{}", help="the env's keyword arguments as JSON")
     p.add_argument("--moe", action="store_true")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=384,
-                   help="260 = bytes + specials only: one token per letter (learns fastest)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=384,
+        help="260 = bytes + specials only: one token per letter (learns fastest)",
+    )
     a = p.parse_args(argv)
     try:
         env_args = json.loads(a.env_args)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--env-args is not JSON ({e}); give an object, e.g. "
-                         "'{\"length\": 4}'") from None
+        raise ValueError(
+            f"--env-args is not JSON ({e}); give an object, e.g. '{{\"length\": 4}}'"
+        ) from None
     if not isinstance(env_args, dict):
         raise ValueError(f"--env-args must be a JSON object, not {a.env_args!r}")
     if a.env is None:
@@ -172,11 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         env_cls = resolve_env(a.env)
         corpus = env_corpus(env_cls(**env_args))
         if not corpus:
-            raise ValueError(f"env {a.env!r} has no tasks and an empty tokenizer_corpus(): "
-                             "give it tasks, or return sample text from tokenizer_corpus()")
+            raise ValueError(
+                f"env {a.env!r} has no tasks and an empty tokenizer_corpus(): "
+                "give it tasks, or return sample text from tokenizer_corpus()"
+            )
     make_tiny_model(
-        a.out_dir, corpus, moe=a.moe, hidden_size=a.hidden_size,
-        num_layers=a.layers, vocab_size=a.vocab_size,
+        a.out_dir,
+        corpus,
+        moe=a.moe,
+        hidden_size=a.hidden_size,
+        num_layers=a.layers,
+        vocab_size=a.vocab_size,
     )
     if env_cls is not None:
         from transformers import AutoTokenizer
@@ -186,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the model is saved; `climbrl env-check` reports env faults
             print(f"{a.env}: prompt lengths not measured: {type(e).__name__}: {e}")
         else:
-            print(f"{a.env}: longest prompt in tokens "
-                  + ", ".join(f"{s} {n}" for s, n in longest.items())
-                  + " (of the first tasks of each split); rollout.max_model_len must hold it "
-                  "plus rollout.max_tokens per turn")
+            print(
+                f"{a.env}: longest prompt in tokens "
+                + ", ".join(f"{s} {n}" for s, n in longest.items())
+                + " (of the first tasks of each split); rollout.max_model_len must hold it "
+                "plus rollout.max_tokens per turn"
+            )
     print(a.out_dir)
     return 0
 

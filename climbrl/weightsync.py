@@ -46,8 +46,13 @@ from climbrl.wire import TensorMeta, WeightManifest, WireError, tensor_from_fram
 log = logging.getLogger("climbrl.weightsync")
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # vLLM fuses these HF projections into one module (packed_modules_mapping of Llama/Qwen/Mistral)
-_PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_PACKED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 _EXPERTS = re.compile(r"^(.*\.experts)\.\d+\.")
 
 
@@ -73,8 +78,9 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def encode_change(name: str, old: torch.Tensor, new: torch.Tensor,
-                  compress: bool = True) -> list[tuple[str, torch.Tensor]]:
+def encode_change(
+    name: str, old: torch.Tensor, new: torch.Tensor, compress: bool = True
+) -> list[tuple[str, torch.Tensor]]:
     """Frames that turn ``old`` into ``new`` bit for bit (``[]`` when nothing changed)."""
     assert old.shape == new.shape and old.dtype == new.dtype, name
     ob, nb = _bits(old), _bits(new)
@@ -88,8 +94,10 @@ def encode_change(name: str, old: torch.Tensor, new: torch.Tensor,
     if nnz * (4 + esize) < size:
         assert new.numel() < 2**31, f"{name}: too many elements for int32 indices"
         idx = diff.nonzero().squeeze(1).to(torch.int32)
-        best = [(f"{name}#sparse_idx", idx),
-                (f"{name}#sparse_val", new.detach().reshape(-1)[idx.long()].contiguous())]
+        best = [
+            (f"{name}#sparse_idx", idx),
+            (f"{name}#sparse_val", new.detach().reshape(-1)[idx.long()].contiguous()),
+        ]
         size = nnz * (4 + esize)
     if compress and nnz * 8 > new.numel():  # dense change: try the compressed xor
         z = _deflate_planes((ob ^ nb).reshape(-1), esize)
@@ -104,8 +112,10 @@ def encode_change(name: str, old: torch.Tensor, new: torch.Tensor,
         vals = (ob.flatten()[idx] ^ nb.flatten()[idx]).contiguous()
         gz, vz = _deflate_planes(gaps, 4), _deflate_planes(vals, esize)
         if len(gz) + len(vz) < size:
-            best = [(f"{name}#gaps_z", torch.frombuffer(bytearray(gz), dtype=torch.uint8)),
-                    (f"{name}#xorvals_z", torch.frombuffer(bytearray(vz), dtype=torch.uint8))]
+            best = [
+                (f"{name}#gaps_z", torch.frombuffer(bytearray(gz), dtype=torch.uint8)),
+                (f"{name}#xorvals_z", torch.frombuffer(bytearray(vz), dtype=torch.uint8)),
+            ]
     return best
 
 
@@ -161,8 +171,9 @@ class EngineWeights:
             return merge(w, a, b, self.scale)
         return w
 
-    def prepare(self, m: WeightManifest, frames: list[Any],
-                tensors: list[torch.Tensor] | None = None) -> Update:
+    def prepare(
+        self, m: WeightManifest, frames: list[Any], tensors: list[torch.Tensor] | None = None
+    ) -> Update:
         """Decode ``m`` against the current weights, from its frames or from ``tensors``
         already mapped (``map_shm``). Raises ``WireError`` for an update that cannot apply
         here (wrong base version, unknown tensor, bad sizes); changes nothing."""
@@ -190,7 +201,8 @@ class EngineWeights:
                 raise WireError(
                     f"delta on top of version {m.base_version}, but this engine is at "
                     f"{self.version}{'' if self.base is not None else ' (weights unknown)'}: "
-                    "it needs a full sync")
+                    "it needs a full sync"
+                )
             new_base = dict(self.base)
             for name, p in parts.items():
                 if set(p) <= {"lora_A", "lora_B"}:
@@ -210,18 +222,26 @@ class EngineWeights:
                         raise WireError(f"adapter for {name!r} lacks lora_A or lora_B")
                     a, b = p["lora_A"], p["lora_B"]
                     w = new_base.get(name)
-                    if w is None or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(
-                            w.shape):
-                        raise WireError(f"adapter for {name!r}: A {list(a.shape)}, B "
-                                        f"{list(b.shape)} do not fit the weight")
+                    if (
+                        w is None
+                        or a.shape[0] != b.shape[1]
+                        or (b.shape[0], a.shape[1]) != tuple(w.shape)
+                    ):
+                        raise WireError(
+                            f"adapter for {name!r}: A {list(a.shape)}, B "
+                            f"{list(b.shape)} do not fit the weight"
+                        )
                     adapters[name] = (a, b)
         # which names the engine must reload: changed effective values, expanded to modules
         if m.kind == "full" or self.base is None:
             touched = set(new_base)
         else:
             touched = {n for n in new_base if new_base[n] is not self.base[n]}
-            touched |= {n for n in set(adapters) | set(self.adapters)
-                        if adapters.get(n) is not self.adapters.get(n)}
+            touched |= {
+                n
+                for n in set(adapters) | set(self.adapters)
+                if adapters.get(n) is not self.adapters.get(n)
+            }
         keys = {module_key(n) for n in touched}
         names = [n for n in new_base if module_key(n) in keys]
         upd = Update(m.version, new_base, adapters, scale, {}, None, wire)
@@ -249,8 +269,9 @@ class EngineWeights:
         self.base = base
 
 
-def _effective(base: dict[str, torch.Tensor], adapters: dict[str, Any], scale: float,
-               name: str) -> torch.Tensor:
+def _effective(
+    base: dict[str, torch.Tensor], adapters: dict[str, Any], scale: float, name: str
+) -> torch.Tensor:
     if name in adapters:
         a, b = adapters[name]
         return merge(base[name], a, b, scale)
@@ -261,13 +282,18 @@ def _decode(name: str, p: dict[str, torch.Tensor], old: torch.Tensor) -> torch.T
     if "" in p:
         new = p[""]
         if new.shape != old.shape or new.dtype != old.dtype:
-            raise WireError(f"delta for {name!r}: {new.dtype} {list(new.shape)} does not match "
-                            f"the engine's {old.dtype} {list(old.shape)}")
+            raise WireError(
+                f"delta for {name!r}: {new.dtype} {list(new.shape)} does not match "
+                f"the engine's {old.dtype} {list(old.shape)}"
+            )
         return new
     if "sparse_idx" in p:
         idx, val = p["sparse_idx"].long(), p["sparse_val"]
-        if val.dtype != old.dtype or idx.numel() != val.numel() or (
-                idx.numel() and int(idx.max()) >= old.numel()):
+        if (
+            val.dtype != old.dtype
+            or idx.numel() != val.numel()
+            or (idx.numel() and int(idx.max()) >= old.numel())
+        ):
             raise WireError(f"sparse delta for {name!r} does not fit the engine's tensor")
         out = old.detach().clone().reshape(-1)
         out[idx] = val
@@ -277,9 +303,14 @@ def _decode(name: str, p: dict[str, torch.Tensor], old: torch.Tensor) -> torch.T
         gaps = _inflate_planes(name, p["gaps_z"], 4).long()
         x = _inflate_planes(name, p["xorvals_z"], es)
         idx = torch.cumsum(gaps, 0)
-        if idx.numel() != x.numel() or (idx.numel() and (
-                int(gaps[0]) < 0 or int(idx[-1]) >= old.numel()
-                or (gaps.numel() > 1 and int(gaps[1:].min()) < 1))):
+        if idx.numel() != x.numel() or (
+            idx.numel()
+            and (
+                int(gaps[0]) < 0
+                or int(idx[-1]) >= old.numel()
+                or (gaps.numel() > 1 and int(gaps[1:].min()) < 1)
+            )
+        ):
             raise WireError(f"sparse delta for {name!r} does not fit the engine's tensor")
         out = _bits(old).clone().reshape(-1)
         out[idx] = out[idx] ^ x
@@ -287,8 +318,7 @@ def _decode(name: str, p: dict[str, torch.Tensor], old: torch.Tensor) -> torch.T
     if "xor" in p:
         x = _inflate_planes(name, p["xor"], old.element_size())
         if x.numel() != old.numel():
-            raise WireError(f"xor delta for {name!r}: {x.numel()} values, expected "
-                            f"{old.numel()}")
+            raise WireError(f"xor delta for {name!r}: {x.numel()} values, expected {old.numel()}")
         return (_bits(old) ^ x.view(old.shape)).view(old.dtype)
     raise WireError(f"delta for {name!r} has no known encoding ({sorted(p)})")
 
@@ -373,8 +403,7 @@ def write_shm(path: Path, tensors: list[torch.Tensor]) -> list[int]:
 
 def _create(path: Path) -> int:
     """A new file, mode 0600, for writing: never an existing file or a link planted there."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o600)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 class ShmRing:
@@ -410,14 +439,18 @@ class ShmRing:
                 os.ftruncate(fd, size)
             finally:
                 os.close(fd)
-            blob = (torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
-                    if size else torch.empty(0, dtype=torch.uint8))
+            blob = (
+                torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+                if size
+                else torch.empty(0, dtype=torch.uint8)
+            )
             self.slots.append((path, size, memoryview(blob.numpy())))  # holds the mapping
             return len(self.slots) - 1
         return None
 
-    def write(self, version: int, servers: list[str], tensors: list[torch.Tensor]
-              ) -> tuple[str, list[int]] | None:
+    def write(
+        self, version: int, servers: list[str], tensors: list[torch.Tensor]
+    ) -> tuple[str, list[int]] | None:
         """Copy ``tensors`` into a free slot for ``servers``; None when every slot is taken."""
         from climbrl.wire import _DTYPES, dtype_name, tensor_buffer
 
@@ -523,8 +556,10 @@ def check_private(path: str | Path) -> None:
     or stricter, in a folder (not a link) of this user that no one else may enter."""
     p = Path(path)
     uid = os.geteuid()
-    for what, f, is_kind, mask in (("folder", p.parent, stat.S_ISDIR, 0o077),
-                                   ("file", p, stat.S_ISREG, 0o077)):
+    for what, f, is_kind, mask in (
+        ("folder", p.parent, stat.S_ISDIR, 0o077),
+        ("file", p, stat.S_ISREG, 0o077),
+    ):
         try:
             st = os.lstat(f)
         except OSError as e:
@@ -532,11 +567,15 @@ def check_private(path: str | Path) -> None:
         if not is_kind(st.st_mode):
             raise WireError(f"shm weights {what} {f} is not a plain {what} (a link?): refused")
         if st.st_uid != uid:
-            raise WireError(f"shm weights {what} {f} belongs to uid {st.st_uid}, not to this "
-                            f"process's uid {uid}: refused")
+            raise WireError(
+                f"shm weights {what} {f} belongs to uid {st.st_uid}, not to this "
+                f"process's uid {uid}: refused"
+            )
         if st.st_mode & mask:
-            raise WireError(f"shm weights {what} {f} has mode {stat.S_IMODE(st.st_mode):o}; "
-                            "only its owner may have access: refused")
+            raise WireError(
+                f"shm weights {what} {f} has mode {stat.S_IMODE(st.st_mode):o}; "
+                "only its owner may have access: refused"
+            )
 
 
 def _pid_of(name: str) -> int | None:
@@ -560,8 +599,10 @@ def remove_orphan_files(shm_dir: Path) -> list[Path]:
             if st.st_uid != uid:
                 continue  # another user's
             is_dir = stat.S_ISDIR(st.st_mode)
-            if not is_dir and not (stat.S_ISREG(st.st_mode) and f.name.endswith(
-                    (".weights", ".weights.tmp", ".rollback"))):
+            if not is_dir and not (
+                stat.S_ISREG(st.st_mode)
+                and f.name.endswith((".weights", ".weights.tmp", ".rollback"))
+            ):
                 continue
             try:
                 os.kill(pid, 0)
@@ -594,8 +635,11 @@ def map_shm(path: str, tensors: list[TensorMeta], offsets: list[int]) -> list[to
         size = os.stat(path).st_size
         if size < total:
             raise WireError(f"shm weights file {path} has {size} bytes, the manifest needs {total}")
-        blob = torch.from_file(path, shared=False, size=total, dtype=torch.uint8) if total else (
-            torch.empty(0, dtype=torch.uint8))
+        blob = (
+            torch.from_file(path, shared=False, size=total, dtype=torch.uint8)
+            if total
+            else (torch.empty(0, dtype=torch.uint8))
+        )
     except OSError as e:
         raise WireError(f"shm weights file not readable on this host: {e}") from None
     out = []
@@ -625,11 +669,11 @@ def checkpoint_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if n.endswith(".experts.gate_up_proj") and t.dim() == 3:
             half = t.shape[1] // 2
             for e in range(t.shape[0]):
-                out[f"{n[:-len('gate_up_proj')]}{e}.gate_proj.weight"] = t[e, :half].contiguous()
-                out[f"{n[:-len('gate_up_proj')]}{e}.up_proj.weight"] = t[e, half:].contiguous()
+                out[f"{n[: -len('gate_up_proj')]}{e}.gate_proj.weight"] = t[e, :half].contiguous()
+                out[f"{n[: -len('gate_up_proj')]}{e}.up_proj.weight"] = t[e, half:].contiguous()
         elif n.endswith(".experts.down_proj") and t.dim() == 3:
             for e in range(t.shape[0]):
-                out[f"{n[:-len('down_proj')]}{e}.down_proj.weight"] = t[e].contiguous()
+                out[f"{n[: -len('down_proj')]}{e}.down_proj.weight"] = t[e].contiguous()
         else:
             out[n] = t
     return out

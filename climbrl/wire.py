@@ -222,7 +222,8 @@ def term_context(ctx: Any, timeout_s: float) -> bool:
     t.join(timeout_s)
     if t.is_alive():
         logging.getLogger("climbrl.wire").warning(
-            "ZeroMQ context still open after %.0fs (a socket not closed); going on", timeout_s)
+            "ZeroMQ context still open after %.0fs (a socket not closed); going on", timeout_s
+        )
         return False
     return True
 

@@ -49,8 +49,10 @@ class RunKeys:
     @classmethod
     def generate(cls) -> RunKeys:
         if not zmq.has("curve"):
-            raise RuntimeError("this libzmq was built without CURVE: cannot secure the wire "
-                               "(install pyzmq's wheel, which bundles a libzmq with CURVE)")
+            raise RuntimeError(
+                "this libzmq was built without CURVE: cannot secure the wire "
+                "(install pyzmq's wheel, which bundles a libzmq with CURVE)"
+            )
         sp, ss = zmq.curve_keypair()
         cp, cs = zmq.curve_keypair()
         return cls(sp.decode(), ss.decode(), cp.decode(), cs.decode(), secrets.token_hex(32))
@@ -65,10 +67,14 @@ class RunKeys:
     def client_json(self) -> str:
         """What a rollout server needs, without the learner's secret key: the value a launcher
         passes in ``CLIMBRL_WIRE_KEYS``."""
-        return json.dumps({"server_public": self.server_public,
-                           "client_public": self.client_public,
-                           "client_secret": self.client_secret,
-                           "secret": self.secret})
+        return json.dumps(
+            {
+                "server_public": self.server_public,
+                "client_public": self.client_public,
+                "client_secret": self.client_secret,
+                "secret": self.secret,
+            }
+        )
 
     @classmethod
     def parse(cls, text: str, where: str, client_only: bool = False) -> RunKeys:
@@ -130,14 +136,18 @@ def rollout_keys(wire: Any, out: Path) -> RunKeys:
     else:
         path = Path(out) / FILE_NAME
         if not path.is_file():
-            raise RuntimeError(f"the learner's wire credentials are not in {path} and {ENV_VAR} "
-                               "is not set: start the learner first, or pass the run's keys in "
-                               f"{ENV_VAR}")
+            raise RuntimeError(
+                f"the learner's wire credentials are not in {path} and {ENV_VAR} "
+                "is not set: start the learner first, or pass the run's keys in "
+                f"{ENV_VAR}"
+            )
         keys = RunKeys.parse(path.read_text(), str(path), client_only=True)
         where = str(path)
     if not curve_enabled(wire) and not keys.secret:
-        raise ValueError(f"{where} has no 'secret': the learner that wrote it predates PLAIN "
-                         "authentication on loopback; restart the learner")
+        raise ValueError(
+            f"{where} has no 'secret': the learner that wrote it predates PLAIN "
+            "authentication on loopback; restart the learner"
+        )
     return keys
 
 
@@ -148,10 +158,12 @@ class _RunAuthenticator:
     client_public: bytes
     secret: bytes
 
-    def _authenticate_plain(self, domain: str, username: str, password: str
-                            ) -> tuple[bool, bytes]:
-        ok = bool(self.secret) and username == PLAIN_USER and hmac.compare_digest(
-            password.encode(), self.secret)
+    def _authenticate_plain(self, domain: str, username: str, password: str) -> tuple[bool, bytes]:
+        ok = (
+            bool(self.secret)
+            and username == PLAIN_USER
+            and hmac.compare_digest(password.encode(), self.secret)
+        )
         return ok, b"OK" if ok else b"wrong run secret"
 
     async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
@@ -177,8 +189,10 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: RunKeys, curve: bool
         sock.curve_server = True
     else:
         if not keys.secret:
-            raise ValueError("the run's wire credentials have no secret: regenerate them "
-                             f"(delete {FILE_NAME}) or set wire.curve = 'on'")
+            raise ValueError(
+                "the run's wire credentials have no secret: regenerate them "
+                f"(delete {FILE_NAME}) or set wire.curve = 'on'"
+            )
         sock.plain_server = True
     return auth
 

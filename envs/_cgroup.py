@@ -148,8 +148,9 @@ def _parents() -> tuple[int, list[str]] | None:
         candidates.append((1, [mem, pid]))
     for version, places in candidates:
         needed = ("memory.max", "pids.max") if version == 2 else ("memory.limit_in_bytes",)
-        probe = EpisodeCgroup([os.path.join(p, f"climbrl-probe-{os.getpid()}") for p in places],
-                              version)
+        probe = EpisodeCgroup(
+            [os.path.join(p, f"climbrl-probe-{os.getpid()}") for p in places], version
+        )
         try:
             for d in probe.dirs:
                 os.mkdir(d)

@@ -251,7 +251,9 @@ def _pool(key: tuple, size: int) -> _Pool:
     return pool
 
 
-def _worker_queue(current: queue.Queue | None, loop: Callable[[queue.Queue], None], name: str) -> queue.Queue:
+def _worker_queue(
+    current: queue.Queue | None, loop: Callable[[queue.Queue], None], name: str
+) -> queue.Queue:
     """``current``, or a new queue served by ``loop`` on a daemon thread (call under
     ``_POOLS_LOCK``)."""
     if current is not None:

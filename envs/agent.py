@@ -48,8 +48,13 @@ class AgentContext:
 
 
 def task_payload(task: Task) -> dict[str, Any]:
-    return {"task_id": task.task_id, "split": task.split, "prompt": task.prompt,
-            "answer": task.answer, "meta": task.meta}
+    return {
+        "task_id": task.task_id,
+        "split": task.split,
+        "prompt": task.prompt,
+        "answer": task.answer,
+        "meta": task.meta,
+    }
 
 
 class AgentEnv(Env):
@@ -71,12 +76,16 @@ class AgentEnv(Env):
     ):
         super().__init__(seed=seed, **kwargs)
         if reward not in ("agent", "env"):
-            raise ValueError("reward must be 'agent' (the agent posts it) or 'env' (the task "
-                             "env scores the last assistant message)")
+            raise ValueError(
+                "reward must be 'agent' (the agent posts it) or 'env' (the task "
+                "env scores the last assistant message)"
+            )
         if isinstance(agent, str):
             if ":" not in agent:
-                raise ValueError("agent must be 'package.module:function', "
-                                 "'path/file.py:function' or a command list")
+                raise ValueError(
+                    "agent must be 'package.module:function', "
+                    "'path/file.py:function' or a command list"
+                )
             load_function(agent)  # fail at start-up, not in the first episode
         elif not (isinstance(agent, list) and agent and all(isinstance(a, str) for a in agent)):
             raise ValueError("agent must be 'package.module:function' or a command list")
@@ -121,17 +130,31 @@ class AgentEnv(Env):
         if isinstance(self.agent, str):
             func = load_function(self.agent)
             await asyncio.wait_for(
-                func(task=task_payload(task), base_url=ctx.base_url, api_key=ctx.api_key,
-                     model=ctx.model, session_id=ctx.session_id),
+                func(
+                    task=task_payload(task),
+                    base_url=ctx.base_url,
+                    api_key=ctx.api_key,
+                    model=ctx.model,
+                    session_id=ctx.session_id,
+                ),
                 timeout=self.timeout_s,
             )
             return
-        env = {**agent_base_env(self.pass_env), "OPENAI_BASE_URL": ctx.base_url,
-               "OPENAI_API_KEY": ctx.api_key, "CLIMBRL_MODEL": ctx.model,
-               "CLIMBRL_SESSION_ID": ctx.session_id, "CLIMBRL_TASK": json.dumps(task_payload(task))}
+        env = {
+            **agent_base_env(self.pass_env),
+            "OPENAI_BASE_URL": ctx.base_url,
+            "OPENAI_API_KEY": ctx.api_key,
+            "CLIMBRL_MODEL": ctx.model,
+            "CLIMBRL_SESSION_ID": ctx.session_id,
+            "CLIMBRL_TASK": json.dumps(task_payload(task)),
+        }
         proc = await asyncio.create_subprocess_exec(
-            *self.agent, env=env, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            *self.agent,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout=self.timeout_s)
         except TimeoutError:
@@ -147,9 +170,25 @@ class AgentEnv(Env):
 # a program (PATH, the venv, locale, time zone, temp folder), never its secrets (the wire keys,
 # provider API keys, cloud credentials). ``pass_env`` adds names.
 AGENT_ENV_ALLOWLIST: tuple[str, ...] = (
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
-    "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "NO_PROXY", "no_proxy",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NO_PROXY",
+    "no_proxy",
 )
 
 

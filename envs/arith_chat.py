@@ -37,8 +37,15 @@ class ArithChatEnv(Env):
     reward_range = (0.0, 1.0)
     max_turns = 1
 
-    def __init__(self, seed: int = 0, num_train: int = 20000, num_test: int = 500,
-                 max_shots: int = 5, strict_weight: float = 0.2, **kwargs: Any):
+    def __init__(
+        self,
+        seed: int = 0,
+        num_train: int = 20000,
+        num_test: int = 500,
+        max_shots: int = 5,
+        strict_weight: float = 0.2,
+        **kwargs: Any,
+    ):
         super().__init__(seed=seed, **kwargs)
         if not 0.0 <= strict_weight <= 1.0:
             raise ValueError(f"arith_chat: strict_weight must be in [0, 1], got {strict_weight}")
@@ -67,8 +74,10 @@ class ArithChatEnv(Env):
         msgs: list[dict[str, str]] = []
         for _ in range(r.randint(0, self.max_shots)):
             x, y = r.randint(10, 99), r.randint(10, 99)
-            msgs += [{"role": "user", "content": QUESTION.format(a=x, b=y)},
-                     {"role": "assistant", "content": str(x + y)}]
+            msgs += [
+                {"role": "user", "content": QUESTION.format(a=x, b=y)},
+                {"role": "assistant", "content": str(x + y)},
+            ]
         msgs.append({"role": "user", "content": QUESTION.format(a=a, b=b)})
         return Task(task_id=f"{split}/{index}", split=split, prompt=msgs, answer=str(a + b))
 
@@ -86,8 +95,11 @@ class ArithChatEnv(Env):
         assert self._task is not None
         correct, strict = self.grade(turn.content, self._task.answer)
         w = self.strict_weight
-        return StepResult(reward=correct * (1 - w) + strict * w, done=True,
-                          info={"correct": correct, "strict": strict})
+        return StepResult(
+            reward=correct * (1 - w) + strict * w,
+            done=True,
+            info={"correct": correct, "strict": strict},
+        )
 
     def reference_turns(self, task: Task) -> list[str]:
         return [task.answer]

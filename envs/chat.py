@@ -78,8 +78,8 @@ TOOL_CHAT_TEMPLATE = (
     "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
-    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": "
-    "<function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": '
+    '<function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
     "{%- elif messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"
@@ -133,10 +133,8 @@ class ChatRenderer:
         if _MARK not in prev:
             raise TemplateError("the chat template drops assistant message content")
         # Text the template writes after an assistant message's content (ChatML: "<|im_end|>\n").
-        self.turn_end = prev[prev.rindex(_MARK) + len(_MARK):]
-        self._specials = {
-            i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids
-        }
+        self.turn_end = prev[prev.rindex(_MARK) + len(_MARK) :]
+        self._specials = {i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids}
 
     def _render(self, messages: list[Message], generation_prompt: bool) -> str:
         kw: dict[str, Any] = {"tokenize": False, "add_generation_prompt": generation_prompt}
@@ -167,7 +165,7 @@ class ChatRenderer:
                 "rendering new messages changes the text of earlier ones; this chat template "
                 "cannot be extended incrementally"
             )
-        suffix = full[len(prev):]
+        suffix = full[len(prev) :]
         head = prev[: prev.rindex(_MARK) + len(_MARK)]
         if self._encode(full) != self._encode(head) + self._encode(self.turn_end + suffix):
             raise TemplateError(
@@ -178,5 +176,5 @@ class ChatRenderer:
         if sampled and sampled[-1] in self._specials:
             stop = self._specials[sampled[-1]]
             if closer.startswith(stop):  # the model sampled the end-of-turn token itself
-                closer = closer[len(stop):]
+                closer = closer[len(stop) :]
         return self._encode(closer + suffix)

@@ -51,7 +51,9 @@ class Family:
     inputs: Any  # rng -> one tuple of arguments
 
 
-def _ints(rng: random.Random, lo: int = -50, hi: int = 50, n: tuple[int, int] = (0, 8)) -> list[int]:
+def _ints(
+    rng: random.Random, lo: int = -50, hi: int = 50, n: tuple[int, int] = (0, 8)
+) -> list[int]:
     return [rng.randint(lo, hi) for _ in range(rng.randint(*n))]
 
 
@@ -62,47 +64,74 @@ def _word(rng: random.Random) -> str:
 FAMILIES: dict[str, Family] = {
     f.fn: f
     for f in [
-        Family("sum_greater", "sum_greater(xs: list[int]) -> int",
-               "returns the sum of the elements of xs that are greater than {t}",
-               "def sum_greater(xs):\n    return sum(x for x in xs if x > {t})\n",
-               lambda r: {"t": r.randint(-10, 10)}, lambda r: (_ints(r),)),
-        Family("count_divisible", "count_divisible(xs: list[int]) -> int",
-               "returns how many elements of xs are divisible by {d}",
-               "def count_divisible(xs):\n    return sum(1 for x in xs if x % {d} == 0)\n",
-               lambda r: {"d": r.randint(2, 9)}, lambda r: (_ints(r),)),
-        Family("caesar", "caesar(s: str) -> str",
-               "shifts every ASCII letter of s forward by {k} places in the alphabet, wrapping "
-               "around and keeping case; other characters are unchanged",
-               "def caesar(s):\n    out = []\n    for c in s:\n"
-               "        if c.islower() and c.isascii():\n"
-               "            out.append(chr((ord(c) - 97 + {k}) % 26 + 97))\n"
-               "        elif c.isupper() and c.isascii():\n"
-               "            out.append(chr((ord(c) - 65 + {k}) % 26 + 65))\n"
-               "        else:\n            out.append(c)\n    return ''.join(out)\n",
-               lambda r: {"k": r.randint(1, 25)}, lambda r: (_word(r),)),
-        Family("digit_sum", "digit_sum(n: int) -> int",
-               "returns the sum of the digits of the non-negative integer n written in base {b}",
-               "def digit_sum(n):\n    s = 0\n    while n:\n        s += n % {b}\n"
-               "        n //= {b}\n    return s\n",
-               lambda r: {"b": r.randint(2, 16)}, lambda r: (r.randint(0, 10**6),)),
-        Family("running_max", "running_max(xs: list[int]) -> list[int]",
-               "returns the list whose i-th element is the largest of xs[0..i], plus {c}",
-               "def running_max(xs):\n    out, m = [], None\n    for x in xs:\n"
-               "        m = x if m is None else max(m, x)\n        out.append(m + {c})\n"
-               "    return out\n",
-               lambda r: {"c": r.randint(0, 5)}, lambda r: (_ints(r),)),
-        Family("clamp_all", "clamp_all(xs: list[int]) -> list[int]",
-               "returns xs with every element clamped into the range [{lo}, {hi}]",
-               "def clamp_all(xs):\n    return [min(max(x, {lo}), {hi}) for x in xs]\n",
-               lambda r: (lambda lo: {"lo": lo, "hi": lo + r.randint(0, 30)})(r.randint(-20, 10)),
-               lambda r: (_ints(r),)),
-        Family("dedupe", "dedupe(xs: list[int]) -> list[int]",
-               "returns xs without repeated elements, keeping first occurrences in order, and "
-               "dropping every element equal to {z}",
-               "def dedupe(xs):\n    seen, out = set(), []\n    for x in xs:\n"
-               "        if x != {z} and x not in seen:\n            seen.add(x)\n"
-               "            out.append(x)\n    return out\n",
-               lambda r: {"z": r.randint(0, 5)}, lambda r: (_ints(r, 0, 6, (0, 10)),)),
+        Family(
+            "sum_greater",
+            "sum_greater(xs: list[int]) -> int",
+            "returns the sum of the elements of xs that are greater than {t}",
+            "def sum_greater(xs):\n    return sum(x for x in xs if x > {t})\n",
+            lambda r: {"t": r.randint(-10, 10)},
+            lambda r: (_ints(r),),
+        ),
+        Family(
+            "count_divisible",
+            "count_divisible(xs: list[int]) -> int",
+            "returns how many elements of xs are divisible by {d}",
+            "def count_divisible(xs):\n    return sum(1 for x in xs if x % {d} == 0)\n",
+            lambda r: {"d": r.randint(2, 9)},
+            lambda r: (_ints(r),),
+        ),
+        Family(
+            "caesar",
+            "caesar(s: str) -> str",
+            "shifts every ASCII letter of s forward by {k} places in the alphabet, wrapping "
+            "around and keeping case; other characters are unchanged",
+            "def caesar(s):\n    out = []\n    for c in s:\n"
+            "        if c.islower() and c.isascii():\n"
+            "            out.append(chr((ord(c) - 97 + {k}) % 26 + 97))\n"
+            "        elif c.isupper() and c.isascii():\n"
+            "            out.append(chr((ord(c) - 65 + {k}) % 26 + 65))\n"
+            "        else:\n            out.append(c)\n    return ''.join(out)\n",
+            lambda r: {"k": r.randint(1, 25)},
+            lambda r: (_word(r),),
+        ),
+        Family(
+            "digit_sum",
+            "digit_sum(n: int) -> int",
+            "returns the sum of the digits of the non-negative integer n written in base {b}",
+            "def digit_sum(n):\n    s = 0\n    while n:\n        s += n % {b}\n"
+            "        n //= {b}\n    return s\n",
+            lambda r: {"b": r.randint(2, 16)},
+            lambda r: (r.randint(0, 10**6),),
+        ),
+        Family(
+            "running_max",
+            "running_max(xs: list[int]) -> list[int]",
+            "returns the list whose i-th element is the largest of xs[0..i], plus {c}",
+            "def running_max(xs):\n    out, m = [], None\n    for x in xs:\n"
+            "        m = x if m is None else max(m, x)\n        out.append(m + {c})\n"
+            "    return out\n",
+            lambda r: {"c": r.randint(0, 5)},
+            lambda r: (_ints(r),),
+        ),
+        Family(
+            "clamp_all",
+            "clamp_all(xs: list[int]) -> list[int]",
+            "returns xs with every element clamped into the range [{lo}, {hi}]",
+            "def clamp_all(xs):\n    return [min(max(x, {lo}), {hi}) for x in xs]\n",
+            lambda r: (lambda lo: {"lo": lo, "hi": lo + r.randint(0, 30)})(r.randint(-20, 10)),
+            lambda r: (_ints(r),),
+        ),
+        Family(
+            "dedupe",
+            "dedupe(xs: list[int]) -> list[int]",
+            "returns xs without repeated elements, keeping first occurrences in order, and "
+            "dropping every element equal to {z}",
+            "def dedupe(xs):\n    seen, out = set(), []\n    for x in xs:\n"
+            "        if x != {z} and x not in seen:\n            seen.add(x)\n"
+            "            out.append(x)\n    return out\n",
+            lambda r: {"z": r.randint(0, 5)},
+            lambda r: (_ints(r, 0, 6, (0, 10)),),
+        ),
     ]
 }
 
@@ -134,8 +163,9 @@ def defines_function(code: str | None, name: str) -> bool:
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return False
-    return any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name
-               for n in tree.body)
+    return any(
+        isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name for n in tree.body
+    )
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -146,20 +176,23 @@ def _rng(*parts: Any) -> random.Random:
 def _sandbox(wall_s: float, memory_mb: int, allow_unsandboxed: bool):
     from climbrl.envs.sandbox import Sandbox, SandboxLimits
 
-    return Sandbox(SandboxLimits(wall_s=wall_s, cpu_s=max(1, int(wall_s) + 1), memory_mb=memory_mb),
-                   allow_unsandboxed=allow_unsandboxed)
+    return Sandbox(
+        SandboxLimits(wall_s=wall_s, cpu_s=max(1, int(wall_s) + 1), memory_mb=memory_mb),
+        allow_unsandboxed=allow_unsandboxed,
+    )
 
 
 def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v))
 
 
-async def run_tests(sandbox: Any, code: str, fn: str, inputs: list[tuple], expected: list[Any]
-                    ) -> tuple[list[bool], Any]:
+async def run_tests(
+    sandbox: Any, code: str, fn: str, inputs: list[tuple], expected: list[Any]
+) -> tuple[list[bool], Any]:
     """Run ``code`` in the sandbox on ``inputs``; compare each output with ``expected`` here."""
     harness = _HARNESS % {"fn": fn, "inputs": json.dumps([list(a) for a in inputs]), "mark": _MARK}
     res = await sandbox.run_python(harness, files={"solution.py": code})
-    outs = [line[len(_MARK):] for line in res.stdout.splitlines() if line.startswith(_MARK)]
+    outs = [line[len(_MARK) :] for line in res.stdout.splitlines() if line.startswith(_MARK)]
     passed = []
     for i, want in enumerate(expected):
         try:
@@ -222,7 +255,9 @@ class CodeEnv(Env):
         p = fam.params(rng)
         # Test tasks draw from constants the train split never uses (a hash of them picks).
         for _ in range(1000):
-            h = int.from_bytes(hashlib.sha256(repr((fam.fn, sorted(p.items()))).encode()).digest()[:2], "little")
+            h = int.from_bytes(
+                hashlib.sha256(repr((fam.fn, sorted(p.items()))).encode()).digest()[:2], "little"
+            )
             if (h % 5 == 0) == (split == "test"):
                 break
             p = fam.params(rng)
@@ -231,11 +266,15 @@ class CodeEnv(Env):
         ns: dict[str, Any] = {}
         exec(ref, ns)  # our own reference solution, never model code
         expected = [_norm(ns[fam.fn](*a)) for a in inputs]
-        user = (f"Write a Python function `{fam.signature}` that {fam.doc.format(**p)}.")
+        user = f"Write a Python function `{fam.signature}` that {fam.doc.format(**p)}."
         prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        return Task(task_id=f"code/{split}/{index}", split=split, prompt=prompt,
-                    answer={"inputs": [list(a) for a in inputs], "expected": expected},
-                    meta={"fn": fam.fn, "family": fam.fn, "reference": ref})
+        return Task(
+            task_id=f"code/{split}/{index}",
+            split=split,
+            prompt=prompt,
+            answer={"inputs": [list(a) for a in inputs], "expected": expected},
+            meta={"fn": fam.fn, "family": fam.fn, "reference": ref},
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._task = task
@@ -249,16 +288,21 @@ class CodeEnv(Env):
         info: dict[str, float] = {}
         if defines_function(code, task.meta["fn"]):
             sb = _sandbox(self.wall_s, self.memory_mb, self.allow_unsandboxed)
-            passed, res = await run_tests(sb, code, task.meta["fn"],
-                                          [tuple(a) for a in task.answer["inputs"]],
-                                          task.answer["expected"])
+            passed, res = await run_tests(
+                sb,
+                code,
+                task.meta["fn"],
+                [tuple(a) for a in task.answer["inputs"]],
+                task.answer["expected"],
+            )
             extra["passed"] = passed
             info["sandbox_killed"] = float(res.killed_reason is not None)
             info["sandbox_s"] = res.duration_s
         ctx = RewardContext(completion=turn.content, task=task, extra=extra)
         total, parts = await CODE_REWARD.score(ctx)
-        return StepResult(reward=total, done=True,
-                          info={**parts, **info, "correct": float(total >= 1.0)})
+        return StepResult(
+            reward=total, done=True, info={**parts, **info, "correct": float(total >= 1.0)}
+        )
 
     def reference_turns(self, task: Task) -> list[str]:
         return [f"```python\n{task.meta['reference']}```"]

@@ -53,8 +53,16 @@ class ContractError(AssertionError):
 
 
 # Every check, in the order it runs; each is reported as passed, failed or skipped.
-CHECKS = ("resolve", "construct", "construction", "tasks_per_split", "episodes_and_shapes",
-          "reference_solves", "deterministic_under_seed", "clean_shutdown")
+CHECKS = (
+    "resolve",
+    "construct",
+    "construction",
+    "tasks_per_split",
+    "episodes_and_shapes",
+    "reference_solves",
+    "deterministic_under_seed",
+    "clean_shutdown",
+)
 
 
 @dataclass
@@ -79,8 +87,10 @@ def _check_prompt(p: Any, where: str) -> None:
         return
     _check(isinstance(p, list) and p, f"{where}: prompt must be a str or a non-empty message list")
     for m in p:
-        _check(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str),
-               f"{where}: bad message {m!r} (need role in {sorted(ROLES)} and str content)")
+        _check(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str),
+            f"{where}: bad message {m!r} (need role in {sorted(ROLES)} and str content)",
+        )
 
 
 def _check_result(env: Env, r: Any, chat: bool, where: str) -> None:
@@ -89,34 +99,47 @@ def _check_result(env: Env, r: Any, chat: bool, where: str) -> None:
     for name, v in (("reward", r.reward), ("step_reward", r.step_reward)):
         if v is None and name == "step_reward":
             continue
-        _check(isinstance(v, int | float) and math.isfinite(v),
-               f"{where}: {name} {v!r} is not a finite number")
+        _check(
+            isinstance(v, int | float) and math.isfinite(v),
+            f"{where}: {name} {v!r} is not a finite number",
+        )
         _check(lo <= v <= hi, f"{where}: {name} {v} outside reward_range {env.reward_range}")
     _check(isinstance(r.done, bool), f"{where}: done must be a bool")
-    _check(all(isinstance(k, str) and isinstance(v, int | float) for k, v in r.info.items()),
-           f"{where}: info must map str to numbers, got {r.info!r}")
+    _check(
+        all(isinstance(k, str) and isinstance(v, int | float) for k, v in r.info.items()),
+        f"{where}: info must map str to numbers, got {r.info!r}",
+    )
     if r.messages is not None:
         _check(chat, f"{where}: messages returned after a text prompt (use observation)")
         for m in r.messages:
-            _check(isinstance(m, dict) and m.get("role") in ("tool", "user", "system")
-                   and isinstance(m.get("content"), str),
-                   f"{where}: an env may add tool/user/system messages with str content, "
-                   f"got {m!r}")
+            _check(
+                isinstance(m, dict)
+                and m.get("role") in ("tool", "user", "system")
+                and isinstance(m.get("content"), str),
+                f"{where}: an env may add tool/user/system messages with str content, got {m!r}",
+            )
     if r.observation is not None:
         _check(isinstance(r.observation, str), f"{where}: observation must be a str")
 
 
 def _turn(text: str, index: int) -> Turn:
     content, calls, errors = parse_tool_calls(text)
-    return Turn(text=text, content=content, tool_calls=tuple(calls),
-                tool_call_errors=tuple(errors), index=index)
+    return Turn(
+        text=text,
+        content=content,
+        tool_calls=tuple(calls),
+        tool_call_errors=tuple(errors),
+        index=index,
+    )
 
 
 async def play(env: Env, task: Task, turns: list[str], where: str) -> list[float]:
     """One episode with scripted turns (the last repeats); returns every step's reward."""
     prompt = await env.reset(task)
-    _check(prompt == task.prompt or isinstance(prompt, str | list),
-           f"{where}: reset returned {type(prompt).__name__}")
+    _check(
+        prompt == task.prompt or isinstance(prompt, str | list),
+        f"{where}: reset returned {type(prompt).__name__}",
+    )
     _check_prompt(prompt, where)
     rewards = []
     try:
@@ -159,16 +182,18 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
             results.append(CheckResult(name, True))
             return out
         except Exception as e:  # every failure is reported, the rest still run
-            detail = (str(e) if isinstance(e, ContractError | ValueError)
-                      else traceback.format_exc(limit=3))
+            detail = (
+                str(e)
+                if isinstance(e, ContractError | ValueError)
+                else traceback.format_exc(limit=3)
+            )
             results.append(CheckResult(name, False, detail))
             return None
 
     def skip_rest(reason: str) -> list[CheckResult]:
         """Report every check that has not run as skipped, with the reason."""
         done = {r.name for r in results}
-        results.extend(CheckResult(n, True, reason, skipped=True) for n in CHECKS
-                       if n not in done)
+        results.extend(CheckResult(n, True, reason, skipped=True) for n in CHECKS if n not in done)
         return results
 
     cls = record("resolve", lambda: resolve_env(spec))
@@ -180,16 +205,29 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
 
     def construction() -> None:
         lo, hi = env.reward_range
-        _check(math.isfinite(lo) and math.isfinite(hi) and lo < hi,
-               f"reward_range {env.reward_range} must be finite with lo < hi")
-        _check(bool(env.splits) and all(isinstance(s, str) for s in env.splits),
-               "splits must be a non-empty tuple of names")
+        _check(
+            math.isfinite(lo) and math.isfinite(hi) and lo < hi,
+            f"reward_range {env.reward_range} must be finite with lo < hi",
+        )
+        _check(
+            bool(env.splits) and all(isinstance(s, str) for s in env.splits),
+            "splits must be a non-empty tuple of names",
+        )
         _check(isinstance(env.max_turns, int) and env.max_turns >= 1, "max_turns must be >= 1")
         tools = env.tools()
-        _check(tools is None or (isinstance(tools, list) and all(
-            isinstance(t, dict) and t.get("type") == "function"
-            and isinstance(t.get("function", {}).get("name"), str) for t in tools)),
-            "tools() must be None or a list of {'type': 'function', 'function': {...}} schemas")
+        _check(
+            tools is None
+            or (
+                isinstance(tools, list)
+                and all(
+                    isinstance(t, dict)
+                    and t.get("type") == "function"
+                    and isinstance(t.get("function", {}).get("name"), str)
+                    for t in tools
+                )
+            ),
+            "tools() must be None or a list of {'type': 'function', 'function': {...}} schemas",
+        )
 
     record("construction", construction)
 
@@ -206,8 +244,10 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
                 _check(isinstance(t, Task), f"get_task({split!r}, {i}) is not a Task")
                 _check(t.split == split, f"get_task({split!r}, {i}).split is {t.split!r}")
                 _check(isinstance(t.task_id, str) and t.task_id, "task_id must be a non-empty str")
-                _check(t.task_id not in seen, f"task id {t.task_id!r} appears in {seen.get(t.task_id)!r} "
-                       f"and {split!r}")
+                _check(
+                    t.task_id not in seen,
+                    f"task id {t.task_id!r} appears in {seen.get(t.task_id)!r} and {split!r}",
+                )
                 seen[t.task_id] = split
                 index_of[t.task_id] = i
                 _check_prompt(t.prompt, f"task {t.task_id}")
@@ -234,10 +274,16 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
         results.append(CheckResult("episodes_and_shapes", True))
     except Exception as e:
         ok = False
-        results.append(CheckResult("episodes_and_shapes", False, str(e) if isinstance(
-            e, ContractError) else traceback.format_exc(limit=4)))
+        results.append(
+            CheckResult(
+                "episodes_and_shapes",
+                False,
+                str(e) if isinstance(e, ContractError) else traceback.format_exc(limit=4),
+            )
+        )
 
     if ok:
+
         async def reference() -> None:
             refs = 0
             for t in sample:
@@ -245,14 +291,25 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
                     continue
                 refs += 1
                 final = played[t.task_id][0][-1]
-                _check(final == env.reward_range[1], f"task {t.task_id}: the env's own reference "
-                       f"turns score {final}, not the top of reward_range {env.reward_range}")
+                _check(
+                    final == env.reward_range[1],
+                    f"task {t.task_id}: the env's own reference "
+                    f"turns score {final}, not the top of reward_range {env.reward_range}",
+                )
                 garbage = [r[-1] for r in played[t.task_id][1:]]
-                _check(min(garbage) < final, f"task {t.task_id}: garbage scores {garbage}, as "
-                       "high as the reference: the reward does not discriminate")
-            results.append(CheckResult("reference_solves", True, "" if refs else
-                                       "the env has no reference_turns(task) to check",
-                                       skipped=not refs))
+                _check(
+                    min(garbage) < final,
+                    f"task {t.task_id}: garbage scores {garbage}, as "
+                    "high as the reference: the reward does not discriminate",
+                )
+            results.append(
+                CheckResult(
+                    "reference_solves",
+                    True,
+                    "" if refs else "the env has no reference_turns(task) to check",
+                    skipped=not refs,
+                )
+            )
 
         try:
             await reference()
@@ -263,20 +320,28 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
             env2 = make_env(spec, args)
             for t in sample:
                 t2 = env2.get_task(t.split, index_of[t.task_id])
-                _check((t2.task_id, t2.prompt, t2.answer) == (t.task_id, t.prompt, t.answer),
-                       f"a second instance with the same seed gives task {t2.task_id!r} for "
-                       f"{t.task_id!r}, or a different prompt/answer")
+                _check(
+                    (t2.task_id, t2.prompt, t2.answer) == (t.task_id, t.prompt, t.answer),
+                    f"a second instance with the same seed gives task {t2.task_id!r} for "
+                    f"{t.task_id!r}, or a different prompt/answer",
+                )
                 for script, rewards in zip(await scripts_for(env2, t2), played[t.task_id]):
                     again = await play(env2, t2, script, f"task {t.task_id} (replay)")
-                    _check(again == rewards, f"task {t.task_id}: rewards {rewards} then {again} "
-                           "for the same turns: not deterministic under a seed")
+                    _check(
+                        again == rewards,
+                        f"task {t.task_id}: rewards {rewards} then {again} "
+                        "for the same turns: not deterministic under a seed",
+                    )
             results.append(CheckResult("deterministic_under_seed", True))
         except Exception as e:
             results.append(CheckResult("deterministic_under_seed", False, str(e)))
     else:
         for name in ("reference_solves", "deterministic_under_seed"):
-            results.append(CheckResult(name, True, "needs the episodes to play (see "
-                                       "episodes_and_shapes)", skipped=True))
+            results.append(
+                CheckResult(
+                    name, True, "needs the episodes to play (see episodes_and_shapes)", skipped=True
+                )
+            )
 
     await asyncio.sleep(0)
     # sandboxes started ahead belong to the process, not to the env: stop them before counting
@@ -284,12 +349,20 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
 
     await asyncio.to_thread(close_pools)
     leftover = _children() - before
-    pending = [t for t in asyncio.all_tasks() - tasks_before if not t.done()
-               and t is not asyncio.current_task()]
-    results.append(CheckResult(
-        "clean_shutdown", not leftover and not pending,
-        f"left behind child pids {sorted(leftover)} and {len(pending)} asyncio tasks"
-        if leftover or pending else ""))
+    pending = [
+        t
+        for t in asyncio.all_tasks() - tasks_before
+        if not t.done() and t is not asyncio.current_task()
+    ]
+    results.append(
+        CheckResult(
+            "clean_shutdown",
+            not leftover and not pending,
+            f"left behind child pids {sorted(leftover)} and {len(pending)} asyncio tasks"
+            if leftover or pending
+            else "",
+        )
+    )
     return results
 
 
@@ -308,8 +381,11 @@ def assert_env_contract(spec: str, args: dict[str, Any] | None = None, n_tasks: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="climbrl env-check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="climbrl env-check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("env", help="entry point name, dotted path pkg.mod:Class, or built-in name")
     p.add_argument("--args", default="{}", help="env keyword arguments as JSON")
     p.add_argument("--tasks", type=int, default=3, help="tasks per split to play")
@@ -324,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.status} {r.name}" + (f": {r.detail}" if r.detail else ""))
     failed = sum(not r.ok for r in results)
     skipped = sum(r.skipped for r in results)
-    print(f"{a.env}: {len(results) - failed - skipped} passed, {failed} failed, "
-          f"{skipped} skipped")
+    print(f"{a.env}: {len(results) - failed - skipped} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 
 

@@ -59,7 +59,10 @@ def generate(kind: str, rng: random.Random) -> tuple[str, str]:
         val = eval(expr, {"__builtins__": {}})  # three literal integers and + - *
         return f"Compute {expr}.", str(val)
     if kind == "fractions":
-        a, b = Fraction(rng.randint(1, 9), rng.randint(2, 9)), Fraction(rng.randint(1, 9), rng.randint(2, 9))
+        a, b = (
+            Fraction(rng.randint(1, 9), rng.randint(2, 9)),
+            Fraction(rng.randint(1, 9), rng.randint(2, 9)),
+        )
         op = rng.choice("+-*")
         val = a + b if op == "+" else a - b if op == "-" else a * b
         return f"Compute {a} {op} {b}. Give the answer as a reduced fraction.", _latex(val)
@@ -87,7 +90,7 @@ def boxed_answers(text: str) -> list[str]:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            out.append(text[m.end(): i - 1].strip())
+            out.append(text[m.end() : i - 1].strip())
     return out
 
 
@@ -161,10 +164,17 @@ class MathEnv(Env):
                 break
         else:  # pragma: no cover - probability (1 - test_fraction)^1000
             raise RuntimeError("could not draw a problem for this split")
-        prompt = [{"role": "system", "content": self.system_prompt},
-                  {"role": "user", "content": problem}]
-        return Task(task_id=f"math/{split}/{index}", split=split, prompt=prompt, answer=answer,
-                    meta={"kind": kind})
+        prompt = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": problem},
+        ]
+        return Task(
+            task_id=f"math/{split}/{index}",
+            split=split,
+            prompt=prompt,
+            answer=answer,
+            meta={"kind": kind},
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._task = task
@@ -174,8 +184,9 @@ class MathEnv(Env):
         assert self._task is not None, "reset() first"
         ctx = RewardContext(completion=turn.content, task=self._task)
         total, parts = await MATH_REWARD.score(ctx)
-        return StepResult(reward=total, done=True,
-                          info={"correct": parts["correct"] * parts["gate"], **parts})
+        return StepResult(
+            reward=total, done=True, info={"correct": parts["correct"] * parts["gate"], **parts}
+        )
 
     def reference_turns(self, task: Task) -> list[str]:
         return [f"So the answer is \\boxed{{{task.answer}}}."]

@@ -630,9 +630,7 @@ class Sandbox:
         body = marshal.dumps({**files, "main.py": code})
         request = len(body).to_bytes(8, "little") + body + stdin.encode()
         try:
-            out, why, timed_out, rc, status_data = await self._communicate(
-                started, request, limits
-            )
+            out, why, timed_out, rc, status_data = await self._communicate(started, request, limits)
             status = _read_status(started.spec.status_fd, status_data)
             oom_kills = started.cg.oom_kills() if started.cg is not None else 0
         finally:

@@ -69,8 +69,9 @@ class SyntheticTaskEnv(Env):
     def get_task(self, split: str, index: int) -> Task:
         exs = self._split(split)
         ex = exs[index % len(exs)]
-        return Task(task_id=f"{split}/{index % len(exs)}", split=split, prompt=ex.prompt,
-                    answer=ex.answer)
+        return Task(
+            task_id=f"{split}/{index % len(exs)}", split=split, prompt=ex.prompt, answer=ex.answer
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._answer = task.answer

@@ -75,8 +75,9 @@ class CopyFirstEnv(Env):
 
     def score(self, completion: str, target: str) -> tuple[float, bool]:
         head = completion[: self.answer_len]
-        per_char = [1.0 if c == target else self.letter_credit if c in self.alphabet else 0.0
-                    for c in head]
+        per_char = [
+            1.0 if c == target else self.letter_credit if c in self.alphabet else 0.0 for c in head
+        ]
         reward = sum(per_char) / self.answer_len
         return reward, completion[:1] == target
 

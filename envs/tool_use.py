@@ -37,22 +37,46 @@ SYSTEM_PROMPT = (
     "a tool call and give the final answer as \\boxed{answer}."
 )
 TOOLS: list[dict[str, Any]] = [
-    {"type": "function", "function": {
-        "name": "python",
-        "description": "Run a Python 3 program in a sandbox and return what it prints.",
-        "parameters": {"type": "object", "properties": {
-            "code": {"type": "string", "description": "The program; print the result."}},
-            "required": ["code"]}}},
-    {"type": "function", "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression: + - * / // % ** and parentheses.",
-        "parameters": {"type": "object", "properties": {
-            "expression": {"type": "string", "description": "e.g. (12 + 7) * 3 / 4"}},
-            "required": ["expression"]}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "python",
+            "description": "Run a Python 3 program in a sandbox and return what it prints.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "string", "description": "The program; print the result."}
+                },
+                "required": ["code"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate an arithmetic expression: + - * / // % ** and parentheses.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "expression": {"type": "string", "description": "e.g. (12 + 7) * 3 / 4"}
+                },
+                "required": ["expression"],
+            },
+        },
+    },
 ]
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
 
 
 def calculator(expression: str) -> str:
@@ -85,15 +109,17 @@ def calculator(expression: str) -> str:
 
 def _digit_sum(rng: random.Random) -> tuple[str, str, str]:
     a, b = rng.randint(2, 99), rng.randint(20, 60)
-    return (f"What is the sum of the decimal digits of {a}^{b}?",
-            str(sum(map(int, str(a**b)))), f"print(sum(map(int, str({a}**{b}))))")
+    return (
+        f"What is the sum of the decimal digits of {a}^{b}?",
+        str(sum(map(int, str(a**b)))),
+        f"print(sum(map(int, str({a}**{b}))))",
+    )
 
 
 def _primes(rng: random.Random) -> tuple[str, str, str]:
     n = rng.randint(100, 5000)
     cnt = sum(1 for k in range(2, n) if all(k % d for d in range(2, math.isqrt(k) + 1)))
-    code = (f"print(sum(1 for k in range(2, {n}) "
-            "if all(k % d for d in range(2, int(k**0.5) + 1))))")
+    code = f"print(sum(1 for k in range(2, {n}) if all(k % d for d in range(2, int(k**0.5) + 1))))"
     return f"How many prime numbers are smaller than {n}?", str(cnt), code
 
 
@@ -102,8 +128,11 @@ def _factorial_mod(rng: random.Random) -> tuple[str, str, str]:
     m = rng.randint(n + 1, 100000)
     while any(m % d == 0 for d in range(2, math.isqrt(m) + 1)):  # a prime above n: rarely 0
         m += 1
-    return (f"What is {n}! mod {m}?", str(math.factorial(n) % m),
-            f"import math\nprint(math.factorial({n}) % {m})")
+    return (
+        f"What is {n}! mod {m}?",
+        str(math.factorial(n) % m),
+        f"import math\nprint(math.factorial({n}) % {m})",
+    )
 
 
 def _arith(rng: random.Random) -> tuple[str, str, str]:
@@ -112,8 +141,12 @@ def _arith(rng: random.Random) -> tuple[str, str, str]:
     return f"Compute {expr}.", calculator(expr), expr
 
 
-KINDS = {"digit_sum": _digit_sum, "primes": _primes, "factorial_mod": _factorial_mod,
-         "arithmetic": _arith}
+KINDS = {
+    "digit_sum": _digit_sum,
+    "primes": _primes,
+    "factorial_mod": _factorial_mod,
+    "arithmetic": _arith,
+}
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -170,11 +203,18 @@ class ToolUseEnv(Env):
             h = int.from_bytes(hashlib.sha256(question.encode()).digest()[:2], "little")
             if (h % 10 == 0) == (split == "test"):
                 break
-        prompt = [{"role": "system", "content": SYSTEM_PROMPT},
-                  {"role": "user", "content": question}]
+        prompt = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+        ]
         tool = "calculator" if kind == "arithmetic" else "python"
-        return Task(task_id=f"tool_use/{split}/{index}", split=split, prompt=prompt,
-                    answer=answer, meta={"kind": kind, "tool": tool, "solution": solution})
+        return Task(
+            task_id=f"tool_use/{split}/{index}",
+            split=split,
+            prompt=prompt,
+            answer=answer,
+            meta={"kind": kind, "tool": tool, "solution": solution},
+        )
 
     def tools(self) -> list[dict[str, Any]]:
         return TOOLS
@@ -186,7 +226,11 @@ class ToolUseEnv(Env):
     async def _call(self, call: ToolCall) -> str:
         if call.name == "calculator":
             expr = call.arguments.get("expression")
-            return calculator(expr) if isinstance(expr, str) else "error: 'expression' must be a string"
+            return (
+                calculator(expr)
+                if isinstance(expr, str)
+                else "error: 'expression' must be a string"
+            )
         if call.name == "python":
             code = call.arguments.get("code")
             if not isinstance(code, str):
@@ -207,26 +251,44 @@ class ToolUseEnv(Env):
             new: list[Message] = []
             for call in turn.tool_calls:
                 self._calls += 1
-                new.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
-                            "content": await self._call(call)})
+                new.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call.id,
+                        "name": call.name,
+                        "content": await self._call(call),
+                    }
+                )
             for err in turn.tool_call_errors:
                 new.append({"role": "tool", "content": f"error: {err}"})
             self._messages += new
-            return StepResult(reward=0.0, done=False, messages=new,
-                              info={"tool_calls": float(self._calls)})
-        ctx = RewardContext(completion=turn.content, task=self._task, messages=self._messages,
-                            extra={"tool_calls": self._calls})
+            return StepResult(
+                reward=0.0, done=False, messages=new, info={"tool_calls": float(self._calls)}
+            )
+        ctx = RewardContext(
+            completion=turn.content,
+            task=self._task,
+            messages=self._messages,
+            extra={"tool_calls": self._calls},
+        )
         total, parts = await self.reward.score(ctx)
-        return StepResult(reward=total, done=True,
-                          info={**parts, "correct": float(total >= 1.0),
-                                "tool_calls": float(self._calls)})
+        return StepResult(
+            reward=total,
+            done=True,
+            info={**parts, "correct": float(total >= 1.0), "tool_calls": float(self._calls)},
+        )
 
     def reference_turns(self, task: Task) -> list[str]:
         tool = task.meta["tool"]
-        args = {"code": task.meta["solution"]} if tool == "python" else {
-            "expression": task.meta["solution"]}
-        return ["Let me compute it.\n" + format_tool_call(tool, args),
-                f"The result is \\boxed{{{task.answer}}}."]
+        args = (
+            {"code": task.meta["solution"]}
+            if tool == "python"
+            else {"expression": task.meta["solution"]}
+        )
+        return [
+            "Let me compute it.\n" + format_tool_call(tool, args),
+            f"The result is \\boxed{{{task.answer}}}.",
+        ]
 
     def tokenizer_corpus(self) -> list[str]:
         out = []

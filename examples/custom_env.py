@@ -66,8 +66,10 @@ class LastLetterEnv(Env):
         def is_test(w: str) -> bool:  # a fixed hash split: train and test never overlap
             return hashlib.sha256(w.encode()).digest()[0] < 256 * 0.2
 
-        self.words = {"train": [w for w in words if not is_test(w)],
-                      "test": [w for w in words if is_test(w)]}
+        self.words = {
+            "train": [w for w in words if not is_test(w)],
+            "test": [w for w in words if is_test(w)],
+        }
         self._task: Task | None = None
 
     def num_tasks(self, split: str) -> int:
@@ -75,8 +77,12 @@ class LastLetterEnv(Env):
 
     def get_task(self, split: str, index: int) -> Task:
         w = self.words[split][index % len(self.words[split])]
-        return Task(task_id=f"{split}/{w}", split=split,
-                    prompt=[{"role": "user", "content": w}], answer=w[-1])
+        return Task(
+            task_id=f"{split}/{w}",
+            split=split,
+            prompt=[{"role": "user", "content": w}],
+            answer=w[-1],
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._task = task
@@ -85,15 +91,17 @@ class LastLetterEnv(Env):
     async def respond(self, turn: Turn) -> StepResult:
         assert self._task is not None
         total, parts = await REWARD.score(RewardContext(turn.content, self._task))
-        return StepResult(reward=total, done=True,
-                          info={**parts, "correct": parts["last_letter"]})
+        return StepResult(reward=total, done=True, info={**parts, "correct": parts["last_letter"]})
 
     def reference_turns(self, task: Task) -> list[str]:
         return [task.answer * 4]
 
     def tokenizer_corpus(self) -> list[str]:
-        return [f"<|im_start|>user\n{w}<|im_end|>\n<|im_start|>assistant\n{w[-1] * 4}<|im_end|>\n"
-                for split in ("train", "test") for w in self.words[split]]
+        return [
+            f"<|im_start|>user\n{w}<|im_end|>\n<|im_start|>assistant\n{w[-1] * 4}<|im_end|>\n"
+            for split in ("train", "test")
+            for w in self.words[split]
+        ]
 
 
 def make_model(out_dir: str) -> None:

@@ -43,27 +43,35 @@ def client_for(base_url: str, api_key: str) -> AsyncOpenAI:
     return _clients[key]
 
 
-async def run(task: dict[str, Any], base_url: str, api_key: str, model: str,
-              session_id: str) -> float:
+async def run(
+    task: dict[str, Any], base_url: str, api_key: str, model: str, session_id: str
+) -> float:
     client = client_for(base_url, api_key)
     session = {"X-Session-ID": session_id}
     r = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": task["prompt"]}], max_tokens=4,
-        extra_headers=session)
+        model=model,
+        messages=[{"role": "user", "content": task["prompt"]}],
+        max_tokens=4,
+        extra_headers=session,
+    )
     answer = r.choices[0].message.content or ""
     reward = grade(task["prompt"], answer)
-    await client.post(f"/climbrl/sessions/{session_id}/reward", cast_to=object,
-                      body={"reward": reward,
-                            "metrics": {"correct": float(answer[:1] == task["prompt"][0])}})
+    await client.post(
+        f"/climbrl/sessions/{session_id}/reward",
+        cast_to=object,
+        body={"reward": reward, "metrics": {"correct": float(answer[:1] == task["prompt"][0])}},
+    )
     return reward
 
 
 if __name__ == "__main__":
-    reward = asyncio.run(run(
-        task=json.loads(os.environ["CLIMBRL_TASK"]),
-        base_url=os.environ["OPENAI_BASE_URL"],
-        api_key=os.environ["OPENAI_API_KEY"],
-        model=os.environ["CLIMBRL_MODEL"],
-        session_id=os.environ["CLIMBRL_SESSION_ID"],
-    ))
+    reward = asyncio.run(
+        run(
+            task=json.loads(os.environ["CLIMBRL_TASK"]),
+            base_url=os.environ["OPENAI_BASE_URL"],
+            api_key=os.environ["OPENAI_API_KEY"],
+            model=os.environ["CLIMBRL_MODEL"],
+            session_id=os.environ["CLIMBRL_SESSION_ID"],
+        )
+    )
     print(f"reward {reward:.3f}")

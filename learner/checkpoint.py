@@ -25,7 +25,12 @@ import torch
 
 
 def save_checkpoint(
-    out: Path, step: int, model: Any, tokenizer: Any, opt: Any, state: dict[str, Any],
+    out: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    opt: Any,
+    state: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """``extra(folder)`` writes more files (e.g. the PPO critic) before the folder goes live."""

@@ -48,8 +48,12 @@ class DataCursor:
 
     def state(self) -> dict[str, Any]:
         pending = sorted(self.outstanding | set(self.requeued))
-        return {"num_tasks": self.num_tasks, "seed": self.seed, "next_seq": self.next_seq,
-                "pending": pending}
+        return {
+            "num_tasks": self.num_tasks,
+            "seed": self.seed,
+            "next_seq": self.next_seq,
+            "pending": pending,
+        }
 
     @classmethod
     def from_state(cls, st: dict[str, Any]) -> DataCursor:

@@ -73,8 +73,17 @@ class DistState:
 def torchrun_argv(nproc: int, module_argv: list[str], python: str | None = None) -> list[str]:
     """``[-m, pkg.mod, args...]`` (or ``[script, args...]``) as ``nproc`` torchrun processes
     on this node."""
-    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nnodes", "1", "--nproc-per-node", str(nproc), *module_argv]
+    return [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        *module_argv,
+    ]
 
 
 def learner_argv(cfg: Any, argv: list[str]) -> list[str]:
@@ -104,8 +113,9 @@ def setup(cfg: Any) -> DistState:
             )
         return DistState()
     if world != lc.world_size:
-        raise RuntimeError(f"torchrun started {world} processes, learner.world_size is "
-                           f"{lc.world_size}")
+        raise RuntimeError(
+            f"torchrun started {world} processes, learner.world_size is {lc.world_size}"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -121,8 +131,9 @@ def setup(cfg: Any) -> DistState:
         timeout = float(os.environ.get("CLIMBRL_DIST_TIMEOUT_S", 24 * 3600))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     mesh = init_device_mesh(kind, (world,))
-    return DistState(rank=dist.get_rank(), world_size=world, local_rank=local_rank,
-                     device=device, mesh=mesh)
+    return DistState(
+        rank=dist.get_rank(), world_size=world, local_rank=local_rank, device=device, mesh=mesh
+    )
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -158,8 +169,7 @@ def shard_model(model: nn.Module, cfg: Any, ds: DistState | None = None) -> nn.M
     return model
 
 
-def rank_microbatches(chunks: list[tuple[int, int]], ds: DistState
-                      ) -> list[tuple[int, int, float]]:
+def rank_microbatches(chunks: list[tuple[int, int]], ds: DistState) -> list[tuple[int, int, float]]:
     """``(start, size, loss_scale)`` of the micro-batches this rank runs out of ``chunks``
     (``(start, size)`` each, ``micro_chunks``): chunk k on rank k mod world, scale = world
     (FSDP averages gradients over ranks; the batch-normalised losses must add up); padded with
@@ -182,8 +192,7 @@ def reduce_stats(acc: dict[str, float], ds: DistState) -> dict[str, float]:
     out = dict(acc)
     for group, op in ((sums, dist.ReduceOp.SUM), (maxes, dist.ReduceOp.MAX)):
         if group:
-            t = torch.tensor([float(acc[k]) for k in group], dtype=torch.float64,
-                             device=ds.device)
+            t = torch.tensor([float(acc[k]) for k in group], dtype=torch.float64, device=ds.device)
             dist.all_reduce(t, op=op)
             out.update(zip(group, t.tolist()))
     return out
@@ -209,8 +218,9 @@ def broadcast_groups(groups: list[Any] | None, ds: DistState, src: int = 0) -> l
     return broadcast_step("train", groups, ds, src)[1]
 
 
-def broadcast_step(cmd: str | None, groups: list[Any] | None, ds: DistState,
-                   src: int = 0) -> tuple[str, list[Any]]:
+def broadcast_step(
+    cmd: str | None, groups: list[Any] | None, ds: DistState, src: int = 0
+) -> tuple[str, list[Any]]:
     """The coordinator tells the other ranks what to do next: ``("train", groups)``,
     ``("publish", [])``, ``("checkpoint", [])``, ``("stop", [])``. Followers pass None and get
     the command; one process returns its arguments unchanged."""
@@ -266,7 +276,8 @@ def full_state_dict(model: nn.Module, ds: DistState) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         other = first.setdefault(id(p), name)
@@ -303,8 +314,9 @@ class FullOptimizerView:
         return self.state
 
 
-def checkpoint_views(model: nn.Module, opt: torch.optim.Optimizer, ds: DistState
-                     ) -> tuple[FullModelView, FullOptimizerView]:
+def checkpoint_views(
+    model: nn.Module, opt: torch.optim.Optimizer, ds: DistState
+) -> tuple[FullModelView, FullOptimizerView]:
     """Gather the full weights and optimizer state (a collective: every rank calls it; only
     rank 0's views hold anything) in the single-process checkpoint format."""
     from torch.distributed.checkpoint.state_dict import (
@@ -314,18 +326,23 @@ def checkpoint_views(model: nn.Module, opt: torch.optim.Optimizer, ds: DistState
 
     state = full_state_dict(model, ds)
     osd = get_optimizer_state_dict(
-        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if not ds.is_coordinator:
         return FullModelView(model, {}), FullOptimizerView({})
     index = {n: i for i, n in enumerate(_opt_param_names(model, opt))}
-    out = {"state": {index[n]: v for n, v in osd["state"].items()},
-           "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                            for g in osd["param_groups"]]}
+    out = {
+        "state": {index[n]: v for n, v in osd["state"].items()},
+        "param_groups": [
+            {**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]
+        ],
+    }
     return FullModelView(model, state), FullOptimizerView(out)
 
 
-def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any],
-                         ds: DistState) -> None:
+def load_optimizer_state(
+    model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any], ds: DistState
+) -> None:
     """Load a single-process ``optimizer.pt`` (keyed by parameter index) into the sharded
     optimizer (every rank calls it with the same full state and keeps its shard)."""
     if not ds.distributed:
@@ -337,9 +354,12 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[
     )
 
     names = _opt_param_names(model, opt)
-    fqn = {"state": {names[int(i)]: v for i, v in sd["state"].items()},
-           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
-                            for g in sd["param_groups"]]}
+    fqn = {
+        "state": {names[int(i)]: v for i, v in sd["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]
+        ],
+    }
     tuples = [{k for k, v in g.items() if isinstance(v, tuple)} for g in opt.param_groups]
     set_optimizer_state_dict(model, opt, fqn, options=StateDictOptions(full_state_dict=True))
     for g, keys in zip(opt.param_groups, tuples):  # it hands back betas=(b1, b2) as a list

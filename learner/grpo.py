@@ -11,8 +11,9 @@ returned as tensors.
 from __future__ import annotations
 
 import torch
-from climbrl.learner.objectives import BatchNorm, PolicyLoss, group_advantages, kl_estimate
 from torch import Tensor
+
+from climbrl.learner.objectives import BatchNorm, PolicyLoss, group_advantages, kl_estimate
 
 __all__ = ["clipped_pg_loss", "group_advantages", "kl_estimate"]
 
@@ -34,8 +35,16 @@ def clipped_pg_loss(
     """Token-level clipped loss. ``total_tokens`` normalises over a whole batch split into
     micro-batches (defaults to this call's mask sum). Returns (loss, detached stats)."""
     tokens = float(mask_BT.sum()) if total_tokens is None else float(total_tokens)
-    pl = PolicyLoss("grpo", clip_low, clip_high, aggregation="token", kl_coef=kl_coef,
-                    kl_estimator=kl_estimator)
-    loss, st = pl(logp_BT, old_logp_BT, adv_B, mask_BT, BatchNorm(tokens, float(len(adv_B))),
-                  is_weight_BT=is_weight_BT, ref_logp_BT=ref_logp_BT)
+    pl = PolicyLoss(
+        "grpo", clip_low, clip_high, aggregation="token", kl_coef=kl_coef, kl_estimator=kl_estimator
+    )
+    loss, st = pl(
+        logp_BT,
+        old_logp_BT,
+        adv_B,
+        mask_BT,
+        BatchNorm(tokens, float(len(adv_B))),
+        is_weight_BT=is_weight_BT,
+        ref_logp_BT=ref_logp_BT,
+    )
     return loss, {"clip_count": torch.tensor(st["clipped"]), "tokens": mask_BT.sum()}

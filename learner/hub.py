@@ -69,24 +69,39 @@ class HubError(RuntimeError):
 
 
 class LearnerHub:
-    def __init__(self, host: str, port: int, heartbeat_s: float = 1.0, run_id: str = "",
-                 keys: Any = None, curve: bool | None = None, dead_after_s: float = 10.0,
-                 max_message_mb: float = 256.0, recv_hwm: int = 1000, inbox_max: int = 10_000,
-                 send_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        heartbeat_s: float = 1.0,
+        run_id: str = "",
+        keys: Any = None,
+        curve: bool | None = None,
+        dead_after_s: float = 10.0,
+        max_message_mb: float = 256.0,
+        recv_hwm: int = 1000,
+        inbox_max: int = 10_000,
+        send_timeout_s: float = 60.0,
+    ):
         """``keys``: the run's ``RunKeys`` (fresh ones when None: peers then need
         ``client_env()``); ``curve``: CURVE instead of PLAIN (default: off loopback)."""
         from climbrl.wirekeys import RunKeys, is_loopback, secure_server
 
         if max_message_mb <= 0 or recv_hwm < 1 or inbox_max < 1:
-            raise ValueError("wire.max_message_mb must be > 0 and wire.recv_hwm and "
-                             "wire.inbox_max at least 1")
+            raise ValueError(
+                "wire.max_message_mb must be > 0 and wire.recv_hwm and wire.inbox_max at least 1"
+            )
         self.keys = keys if keys is not None else RunKeys.generate()
         self.curve = (not is_loopback(host)) if curve is None else curve
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self._auth = secure_server(self.ctx, self.router, self.keys, self.curve)
-        log.info("wire: %s", "CURVE on, only peers with this run's client key are admitted"
-                 if self.curve else "PLAIN, only peers with this run's secret are admitted")
+        log.info(
+            "wire: %s",
+            "CURVE on, only peers with this run's client key are admitted"
+            if self.curve
+            else "PLAIN, only peers with this run's secret are admitted",
+        )
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a restarted server reconnects under its old id: the new (authenticated) connection
@@ -137,10 +152,19 @@ class LearnerHub:
         """The hub of a run, from its ``WireCfg``."""
         from climbrl.wirekeys import curve_enabled
 
-        return cls(wire.host, wire.port, wire.heartbeat_s, run_id, keys=keys,
-                   curve=curve_enabled(wire), dead_after_s=wire.dead_after_s,
-                   max_message_mb=wire.max_message_mb, recv_hwm=wire.recv_hwm,
-                   inbox_max=wire.inbox_max, send_timeout_s=wire.send_timeout_s)
+        return cls(
+            wire.host,
+            wire.port,
+            wire.heartbeat_s,
+            run_id,
+            keys=keys,
+            curve=curve_enabled(wire),
+            dead_after_s=wire.dead_after_s,
+            max_message_mb=wire.max_message_mb,
+            recv_hwm=wire.recv_hwm,
+            inbox_max=wire.inbox_max,
+            send_timeout_s=wire.send_timeout_s,
+        )
 
     def client_env(self) -> dict[str, str]:
         """The environment a rollout server process needs to connect here."""
@@ -176,7 +200,8 @@ class LearnerHub:
                 raise HubError(
                     f"the learner's socket thread took no message for {self.send_timeout_s:g}s "
                     f"(wire.send_timeout_s; thread {'alive' if self._thread.is_alive() else 'dead'})"
-                    ": the learner cannot send to its rollout servers") from None
+                    ": the learner cannot send to its rollout servers"
+                ) from None
 
     def recv(self, timeout: float) -> tuple[str, Any, list[Any], float] | None:
         """Next (server_id, message, tensor frames, arrival time.monotonic()), or None after
@@ -198,8 +223,11 @@ class LearnerHub:
         """Each live server's worst event-loop lag (seconds) since the previous call, and what
         its loop was running then ("" if not caught; climbrl.rollout.loop_lag)."""
         with self.lock:
-            out = {s: (st.loop_lag_max_s, st.loop_lag_where)
-                   for s, st in self.servers.items() if st.alive}
+            out = {
+                s: (st.loop_lag_max_s, st.loop_lag_where)
+                for s, st in self.servers.items()
+                if st.alive
+            }
             for st in self.servers.values():
                 st.loop_lag_max_s, st.loop_lag_where = 0.0, ""
         return out
@@ -236,9 +264,14 @@ class LearnerHub:
                     reading_paused = full
                     if full:
                         self.inbox_full += 1
-                        self._limit(logging.WARNING, "inbox", "learner inbox full (%d "
-                                    "messages): not reading the socket until the training "
-                                    "thread catches up", self.inbox.maxsize)
+                        self._limit(
+                            logging.WARNING,
+                            "inbox",
+                            "learner inbox full (%d "
+                            "messages): not reading the socket until the training "
+                            "thread catches up",
+                            self.inbox.maxsize,
+                        )
                     poller.modify(self.router, 0 if full else zmq.POLLIN)
                 events = dict(poller.poll(timeout=int(self.heartbeat_s * 1000 / 2)))
                 if pull in events:
@@ -258,8 +291,12 @@ class LearnerHub:
                 if time.monotonic() >= next_ping:
                     next_ping = time.monotonic() + self.heartbeat_s
                     for sid in self.alive_servers():
-                        self._route([sid.encode(), *Codec.encode(
-                            Control(command="ping", run_id=self.run_id))])
+                        self._route(
+                            [
+                                sid.encode(),
+                                *Codec.encode(Control(command="ping", run_id=self.run_id)),
+                            ]
+                        )
         finally:
             pull.close(linger=0)
             self.router.close(linger=0)
@@ -273,13 +310,15 @@ class LearnerHub:
                 self._unreachable.add(sid)
                 log.warning("cannot send to %s: %s", sid, e)
             return
-        self._unreachable.discard(frames[0].bytes.decode() if hasattr(frames[0], "bytes")
-                                  else bytes(frames[0]).decode())
+        self._unreachable.discard(
+            frames[0].bytes.decode() if hasattr(frames[0], "bytes") else bytes(frames[0]).decode()
+        )
 
     def _reject(self, sid: str, why: str) -> None:
         self.rejected += 1
-        self._limit(logging.ERROR, f"reject:{sid[:64]}", "rejected a message from %r: %s",
-                    sid[:64], why)
+        self._limit(
+            logging.ERROR, f"reject:{sid[:64]}", "rejected a message from %r: %s", sid[:64], why
+        )
 
     def _welcome(self, sid: str) -> None:
         self._route([sid.encode(), *Codec.encode(Control(command="welcome", run_id=self.run_id))])
@@ -291,11 +330,14 @@ class LearnerHub:
         except WireError as e:
             return self._reject(sid, str(e))
         if getattr(msg, "server_id", sid) != sid:
-            return self._reject(sid, f"{type(msg).__name__} names server "
-                                f"{msg.server_id[:64]!r}, not its sender")
+            return self._reject(
+                sid, f"{type(msg).__name__} names server {msg.server_id[:64]!r}, not its sender"
+            )
         if msg.run_id != self.run_id and not (isinstance(msg, Hello) and msg.run_id == ""):
-            return self._reject(sid, f"{type(msg).__name__} of run {msg.run_id[:64]!r}, not "
-                                f"of this run {self.run_id!r}")
+            return self._reject(
+                sid,
+                f"{type(msg).__name__} of run {msg.run_id[:64]!r}, not of this run {self.run_id!r}",
+            )
         now = time.monotonic()
         with self.lock:
             st = self.servers.get(sid)
@@ -307,8 +349,9 @@ class LearnerHub:
                 elif live:
                     verdict = "refused"
                 else:
-                    self.servers[sid] = ServerState(sid, msg.pid, msg.hostname,
-                                                    msg.policy_version, now)
+                    self.servers[sid] = ServerState(
+                        sid, msg.pid, msg.hostname, msg.policy_version, now
+                    )
                     verdict = "new"
             elif st is not None:
                 st.last_seen = now
@@ -323,19 +366,36 @@ class LearnerHub:
         if isinstance(msg, Hello):
             if verdict == "refused":
                 self.refused_hellos += 1
-                self._limit(logging.WARNING, f"hello:{sid[:64]}", "refused a Hello from "
-                            "%r (pid %d on %s): server %r is alive (pid %d on %s)", sid[:64],
-                            msg.pid, msg.hostname[:64], sid[:64], st.pid, st.hostname)
-                self._route([sid.encode(), *Codec.encode(Error(
-                    run_id=self.run_id, origin="learner", code=HELLO_REFUSED,
-                    message=f"server id {sid!r} is alive (pid {st.pid} on {st.hostname}); "
-                    f"retry after it has been silent for {self.dead_after_s:g}s"))])
+                self._limit(
+                    logging.WARNING,
+                    f"hello:{sid[:64]}",
+                    "refused a Hello from %r (pid %d on %s): server %r is alive (pid %d on %s)",
+                    sid[:64],
+                    msg.pid,
+                    msg.hostname[:64],
+                    sid[:64],
+                    st.pid,
+                    st.hostname,
+                )
+                self._route(
+                    [
+                        sid.encode(),
+                        *Codec.encode(
+                            Error(
+                                run_id=self.run_id,
+                                origin="learner",
+                                code=HELLO_REFUSED,
+                                message=f"server id {sid!r} is alive (pid {st.pid} on {st.hostname}); "
+                                f"retry after it has been silent for {self.dead_after_s:g}s",
+                            )
+                        ),
+                    ]
+                )
                 return
             self._welcome(sid)
             if verdict == "again":
                 return
         elif st is None:
-            return self._reject(sid, f"{type(msg).__name__} from a server that has not said "
-                                "Hello")
+            return self._reject(sid, f"{type(msg).__name__} from a server that has not said Hello")
         if not isinstance(msg, Heartbeat) or msg.engine_error:  # a dead engine: the learner acts
             self.inbox.put((sid, msg, tensors, now))

@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from climbrl.config import Config
 from climbrl.envs.base import make_env
 from climbrl.learner import fsdp
 from climbrl.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint
@@ -67,8 +69,6 @@ from climbrl.learner.objectives_shaping import keep_group, pass_rate
 from climbrl.learner.objectives_step import ObjectiveStep
 from climbrl.learner.snapshot import WeightSnapshot
 from climbrl.learner.weights import WeightPublisher, setup_lora
-
-from climbrl.config import Config
 from climbrl.metrics import MetricsWriter, paired_change
 from climbrl.wire import (
     ENV_ERROR,
@@ -116,7 +116,8 @@ class EnvFailureStreak:
         self.in_a_row += failed
         if self.in_a_row >= self.limit:
             check = f"climbrl env-check {self.env}" + (
-                f" --args '{json.dumps(self.env_args)}'" if self.env_args else "")
+                f" --args '{json.dumps(self.env_args)}'" if self.env_args else ""
+            )
             raise LearnerError(
                 f"the environment {self.env!r} failed {self.in_a_row} training episodes in a "
                 f"row, with none that ran in between (wire.max_env_failures = {self.limit}); "
@@ -141,7 +142,8 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
         before_outcomes = L.eval_outcomes.get("test")
         t_train, budget_s = time.monotonic(), cfg.learner.max_train_minutes * 60
         while L.step < cfg.learner.total_steps and not (
-                budget_s and time.monotonic() - t_train >= budget_s):
+            budget_s and time.monotonic() - t_train >= budget_s
+        ):
             L.dispatch()  # keep orders queued, at most (max_staleness + 1) batches ahead
             groups = L.collect(cfg.learner.batch_groups)  # fresh-enough groups, stale counted
             stats = L.train_step(groups)  # advantages -> clipped loss -> optimizer step
@@ -200,7 +202,11 @@ class Learner:
         if lc.weight_sync == "lora":
             self.model = setup_lora(self.model, lc, ckpt)
         self.model = fsdp.shard_model(self.model, cfg, self.ds)  # no-op for one process
-        shm = "/dev/shm" if cfg.wire.weight_transport == "auto" and os.path.isdir("/dev/shm") else None
+        shm = (
+            "/dev/shm"
+            if cfg.wire.weight_transport == "auto" and os.path.isdir("/dev/shm")
+            else None
+        )
         if not self.ds.is_coordinator:
             shm = None  # only rank 0 publishes (and cleans up weights files)
         self.weights = WeightPublisher(self.model, lc.weight_sync, cfg.model.path, shm_dir=shm)
@@ -225,22 +231,34 @@ class Learner:
             self.step, self.version = st["step"], st["version"]
             self.cursor = DataCursor.from_state(st["cursor"])
             self.obj.load_state(st.get("objective", {}), ckpt)
-            log.info("resumed from %s at step %d; replaying sequences %s, then from %d", ckpt,
-                     self.step, st["cursor"]["pending"], st["cursor"]["next_seq"])
+            log.info(
+                "resumed from %s at step %d; replaying sequences %s, then from %d",
+                ckpt,
+                self.step,
+                st["cursor"]["pending"],
+                st["cursor"]["next_seq"],
+            )
         if not self.ds.is_coordinator:
             return  # a follower: no sockets, metrics or bookkeeping of orders
         if resume:
             discarded = _truncate_metrics(self.out, self.step if ckpt else -1)
             if discarded:
-                log.info("metrics of steps %s (after the checkpoint) moved to "
-                         "metrics.discarded.jsonl", discarded)
+                log.info(
+                    "metrics of steps %s (after the checkpoint) moved to metrics.discarded.jsonl",
+                    discarded,
+                )
         from climbrl.wirekeys import learner_keys
 
         self.hub = LearnerHub.from_config(cfg.wire, self.run_id, learner_keys(cfg.wire, self.out))
         self.metrics = MetricsWriter(self.out, resume=resume)
         if resume:
-            self.metrics.write({"step": self.step, "resumed_from": ckpt.name if ckpt else None,
-                                "discarded_steps": discarded})
+            self.metrics.write(
+                {
+                    "step": self.step,
+                    "resumed_from": ckpt.name if ckpt else None,
+                    "discarded_steps": discarded,
+                }
+            )
         self.orders: dict[str, dict[str, Any]] = {}  # order_id -> {seq, server, sent, eval}
         self.ready: list[Trajectory] = []
         self.seq_of: dict[str, int] = {}  # order_id -> cursor sequence, for groups in `ready`
@@ -252,10 +270,20 @@ class Learner:
         # step -> the mean of each numeric metric the env reports (Sample.metrics) on split
         # "test", per eval: e.g. arith_chat's answer-correct and strict-format rates
         self.eval_metrics: dict[int, dict[str, float]] = {}
-        self.counters = dict(stale_dropped=0, stale_corrected=0, order_failures=0, servers_dead=0,
-                             engines_dead=0, eval_env_errors=0, eval_timeouts=0,
-                             filtered_groups=0, weight_bytes_sent=0, weight_syncs_full=0,
-                             weight_syncs_delta=0, weight_syncs_failed=0)
+        self.counters = dict(
+            stale_dropped=0,
+            stale_corrected=0,
+            order_failures=0,
+            servers_dead=0,
+            engines_dead=0,
+            eval_env_errors=0,
+            eval_timeouts=0,
+            filtered_groups=0,
+            weight_bytes_sent=0,
+            weight_syncs_full=0,
+            weight_syncs_delta=0,
+            weight_syncs_failed=0,
+        )
         # sid -> {version: publish time}: every update not yet acked (with publish_every=1 the
         # next version is often sent before the last one's ack arrives)
         self.pending_acks: dict[str, dict[int, float]] = {}
@@ -268,9 +296,12 @@ class Learner:
         # servers that take no orders: sid -> why (an engine death, or order failures in a
         # row); cleared when the server says Hello again (a restarted process)
         self.benched: dict[str, str] = {}
-        self.failures_in_a_row: dict[str, int] = {}  # sid -> failed orders since its last trajectory
-        self.env_failures = EnvFailureStreak(cfg.wire.max_env_failures, cfg.env.name,
-                                             dict(cfg.env.args))
+        self.failures_in_a_row: dict[
+            str, int
+        ] = {}  # sid -> failed orders since its last trajectory
+        self.env_failures = EnvFailureStreak(
+            cfg.wire.max_env_failures, cfg.env.name, dict(cfg.env.args)
+        )
 
     def _load_sharded(self, ckpt: Path) -> dict[str, Any]:
         """``load_state`` for an FSDP rank: the single-process optimizer file, sharded."""
@@ -288,8 +319,9 @@ class Learner:
 
     def follow(self) -> None:
         """An FSDP rank > 0: run rank 0's commands until it says stop."""
-        log.info("rank %d/%d (FSDP, %s) follows rank 0", self.ds.rank, self.ds.world_size,
-                 self.ds.device)
+        log.info(
+            "rank %d/%d (FSDP, %s) follows rank 0", self.ds.rank, self.ds.world_size, self.ds.device
+        )
         while True:
             cmd, groups = fsdp.broadcast_step(None, None, self.ds)
             name, _, arg = cmd.partition("@")
@@ -365,8 +397,14 @@ class Learner:
             group_size=1 if is_eval else lc.group_size,
             sampling=sampling,
         )
-        self.orders[oid] = dict(seq=seq, task=task_index, split=split, server=server,
-                                sent=time.monotonic(), eval=is_eval)
+        self.orders[oid] = dict(
+            seq=seq,
+            task=task_index,
+            split=split,
+            server=server,
+            sent=time.monotonic(),
+            eval=is_eval,
+        )
         if server is not None:
             self.hub.send(server, order)
         return oid
@@ -388,8 +426,9 @@ class Learner:
         if item is not None:
             sid, msg, _, arrived = item
             if isinstance(msg, Trajectory) and msg.run_id != self.run_id:
-                log.warning("trajectory %s from another learner run (%s) dropped", msg.order_id,
-                            msg.run_id)
+                log.warning(
+                    "trajectory %s from another learner run (%s) dropped", msg.order_id, msg.run_id
+                )
             elif isinstance(msg, Trajectory):
                 self.failures_in_a_row[sid] = 0
                 o = self.orders.pop(msg.order_id, None)
@@ -397,8 +436,11 @@ class Learner:
                     self._last_progress = time.monotonic()
                 if o is not None and not o["eval"]:
                     failed = [s for s in msg.samples if s.finish_reason == ENV_ERROR]
-                    self.env_failures.record(len(failed), len(msg.samples) - len(failed),
-                                             failed[0].error if failed else "")
+                    self.env_failures.record(
+                        len(failed),
+                        len(msg.samples) - len(failed),
+                        failed[0].error if failed else "",
+                    )
                     self._order_outcome(False)
                 if o is None:
                     log.warning("trajectory for unknown order %s dropped", msg.order_id)
@@ -411,7 +453,8 @@ class Learner:
             elif isinstance(msg, WeightAck):
                 self._on_ack(sid, msg, arrived)
             elif (isinstance(msg, Error) and msg.code == "engine_dead") or (
-                    isinstance(msg, Heartbeat) and msg.engine_error):
+                isinstance(msg, Heartbeat) and msg.engine_error
+            ):
                 # the server's engine is gone: its orders (this one included) go elsewhere or
                 # wait for its restart, and lose nothing
                 why = msg.message if isinstance(msg, Error) else msg.engine_error
@@ -433,8 +476,9 @@ class Learner:
                     else:
                         self._training_order_failed(sid, o["seq"], msg.message)
             elif isinstance(msg, Hello):
-                log.info("rollout %s (pid %d) connected at version %d", sid, msg.pid,
-                         msg.policy_version)
+                log.info(
+                    "rollout %s (pid %d) connected at version %d", sid, msg.pid, msg.policy_version
+                )
                 self.weights.join(sid, msg.hostname)  # a (re)joined engine: a full sync
                 self.pending_acks.pop(sid, None)
                 self.benched.pop(sid, None)  # a new process: it may take orders again
@@ -447,8 +491,11 @@ class Learner:
         for sid in self.hub.check_dead(self.cfg.wire.dead_after_s):
             self.counters["servers_dead"] += 1
             self.pending_acks.pop(sid, None)
-            log.error("rollout server %s is dead (no heartbeat for %.0fs); reassigning its "
-                      "orders", sid, self.cfg.wire.dead_after_s)
+            log.error(
+                "rollout server %s is dead (no heartbeat for %.0fs); reassigning its orders",
+                sid,
+                self.cfg.wire.dead_after_s,
+            )
             self._reassign(lambda o, s=sid: o["server"] == s)
         now = time.monotonic()
         timeout = self.cfg.wire.order_timeout_s
@@ -456,8 +503,10 @@ class Learner:
             if o["eval"] and now - o["sent"] > timeout:  # it scores 0, evaluate() goes on
                 del self.orders[oid]
                 self.eval_failures[o["task"]] = (
-                    "timeout", f"no answer from {o['server'] or 'any server'} within "
-                    f"wire.order_timeout_s = {timeout:g}s")
+                    "timeout",
+                    f"no answer from {o['server'] or 'any server'} within "
+                    f"wire.order_timeout_s = {timeout:g}s",
+                )
         self._reassign(lambda o: now - o["sent"] > timeout)  # a training order goes again
         if self._usable(self.hub.alive_servers()):
             self._no_server_since = None
@@ -465,8 +514,10 @@ class Learner:
         elif self._no_server_since is None:
             self._no_server_since = now
         elif now - self._no_server_since > self.cfg.wire.connect_timeout_s:
-            raise LearnerError(f"no rollout server has been alive for "
-                               f"{self.cfg.wire.connect_timeout_s:.0f}s; see their logs")
+            raise LearnerError(
+                f"no rollout server has been alive for "
+                f"{self.cfg.wire.connect_timeout_s:.0f}s; see their logs"
+            )
         self._check_progress(now)
         for sid, pend in list(self.pending_acks.items()):
             late = [v for v, t0 in pend.items() if now - t0 > self.cfg.wire.weight_sync_timeout_s]
@@ -492,7 +543,8 @@ class Learner:
                 f"no work order came back with a trajectory for {limit:.0f}s "
                 f"(wire.progress_timeout_s) while {len(self.orders)} were out; servers: "
                 f"{states or 'none alive'}; the last error: {self._last_error or 'none'}. "
-                "The rollout logs say more: an engine that hangs, or an env that never returns?")
+                "The rollout logs say more: an engine that hangs, or an env that never returns?"
+            )
 
     def _order_outcome(self, failed: bool) -> None:
         """Count a training order's outcome; end the run once more than
@@ -502,12 +554,15 @@ class Learner:
             self._outcomes = deque(maxlen=w.order_failure_window)
         self._outcomes.append(failed)
         n = sum(self._outcomes)
-        if len(self._outcomes) == w.order_failure_window and n / len(
-                self._outcomes) > w.max_order_failure_rate:
+        if (
+            len(self._outcomes) == w.order_failure_window
+            and n / len(self._outcomes) > w.max_order_failure_rate
+        ):
             raise LearnerError(
                 f"{n} of the last {len(self._outcomes)} training work orders failed, more than "
                 f"wire.max_order_failure_rate = {w.max_order_failure_rate:g}; the last error: "
-                f"{self._last_error or 'none'}")
+                f"{self._last_error or 'none'}"
+            )
 
     def _training_order_failed(self, sid: str, seq: int, error: str) -> None:
         """A failing task costs its group, not the run: its sequence counts as done. A server
@@ -516,8 +571,9 @@ class Learner:
         self.cursor.done(seq)
         n = self.failures_in_a_row[sid] = self.failures_in_a_row.get(sid, 0) + 1
         if n >= self.cfg.wire.max_order_failures and sid not in self.benched:
-            self.benched[sid] = (f"its last {n} work orders failed "
-                                 f"(wire.max_order_failures); the last: {error}")
+            self.benched[sid] = (
+                f"its last {n} work orders failed (wire.max_order_failures); the last: {error}"
+            )
             log.error("rollout %s gets no more work orders: %s", sid, self.benched[sid])
         self.env_failures.record(self.cfg.learner.group_size, 0, error)
         self._order_outcome(True)
@@ -553,8 +609,11 @@ class Learner:
                         self.counters["filtered_groups"] += 1
                         self.cursor.done(self.seq_of.pop(tr.order_id))
                         if budget == 0:
-                            log.warning("filters dropped %d groups this step; training on the "
-                                        "next ones unfiltered", lc.filter_max_dropped * n)
+                            log.warning(
+                                "filters dropped %d groups this step; training on the "
+                                "next ones unfiltered",
+                                lc.filter_max_dropped * n,
+                            )
                         continue
                 keep.append(tr)
             self.ready = keep
@@ -562,13 +621,19 @@ class Learner:
                 batch, self.ready = self.ready[:n], self.ready[n:]
                 # counted here, not in the scan above: collect() re-scans `ready` per receive
                 self.counters["stale_corrected"] += sum(
-                    self.version - t.policy_version > lc.max_staleness for t in batch)
+                    self.version - t.policy_version > lc.max_staleness for t in batch
+                )
                 return sorted(batch, key=lambda t: self.seq_of[t.order_id])  # arrival-independent
             self.dispatch()
             self._pump(0.5)
             if (k := _fault_kill_at()) >= 0 and self.ready and self.step == k:
-                log.error("CLIMBRL_FAULT_KILL_AT_STEP=%d: SIGKILL with %d groups received and "
-                          "%d orders in flight", self.step, len(self.ready), len(self.orders))
+                log.error(
+                    "CLIMBRL_FAULT_KILL_AT_STEP=%d: SIGKILL with %d groups received and "
+                    "%d orders in flight",
+                    self.step,
+                    len(self.ready),
+                    len(self.orders),
+                )
                 os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ training
@@ -587,8 +652,10 @@ class Learner:
                 self.snapshot.take(self._trainable(), self.version)
         if self.obj.critic is not None:
             self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
-        plan = [(lo, hi, norm, self._micro(batch.samples, lo, hi))
-                for lo, hi, norm in self.obj.minibatches(batch)]
+        plan = [
+            (lo, hi, norm, self._micro(batch.samples, lo, hi))
+            for lo, hi, norm in self.obj.minibatches(batch)
+        ]
         if self.obj.needs_proximal(batch):  # decoupled: log pi_prox before any update
             batch.prox_BT = self._proximal_logprobs(batch, [m for *_, ms in plan for m in ms])
         batch.updates = lc.epochs * len(plan)
@@ -603,8 +670,9 @@ class Learner:
                 if ds.distributed:
                     grad_norm = fsdp.clip_grad_norm(self.model.parameters(), lc.grad_clip)
                 else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                               lc.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        self.model.parameters(), lc.grad_clip
+                    )
                 self.opt.step()
                 critic_grad_norm = self.obj.step_critic()
                 batch.stepped = True
@@ -636,9 +704,11 @@ class Learner:
         if snap.version is None or snap.version >= self.version:
             return
         lag = self.version - snap.version
-        pick = [j for j in range(len(batch.samples))
-                if int(batch.lag_B[j]) == lag and batch.keep_B[j] > 0
-                ][: lc.mismatch_probe_samples]
+        pick = [
+            j
+            for j in range(len(batch.samples))
+            if int(batch.lag_B[j]) == lag and batch.keep_B[j] > 0
+        ][: lc.mismatch_probe_samples]
         if not pick:
             return
         samples = [batch.samples[j] for j in pick]
@@ -658,8 +728,7 @@ class Learner:
         runs. FSDP: this rank's share (padded so every rank runs as many), each loss times a
         scale that makes FSDP's gradient mean over ranks the sum."""
         lc = self.cfg.learner
-        chunks = micro_chunks(samples[lo:hi], lc.micro_batch_size,
-                              lc.micro_batch_tokens)
+        chunks = micro_chunks(samples[lo:hi], lc.micro_batch_size, lc.micro_batch_tokens)
         if not self.ds.distributed:
             return [(lo + i, n, 1.0) for i, n in chunks]
         return [(lo + i, n, scale) for i, n, scale in fsdp.rank_microbatches(chunks, self.ds)]
@@ -667,9 +736,14 @@ class Learner:
     def _policy_logprobs(self, mb: list[Any]) -> dict[str, torch.Tensor]:
         lc = self.cfg.learner
         return fsdp.root_forward(
-            self.model, completion_logprobs, self.model, mb,
-            temperature=self.cfg.rollout.temperature, impl=lc.logprob_impl,
-            fp32_head=lc.fp32_lm_head, pack_length=lc.pack_length,
+            self.model,
+            completion_logprobs,
+            self.model,
+            mb,
+            temperature=self.cfg.rollout.temperature,
+            impl=lc.logprob_impl,
+            fp32_head=lc.fp32_lm_head,
+            pack_length=lc.pack_length,
             share_prompts=lc.share_prompts,
         )
 
@@ -684,8 +758,9 @@ class Learner:
                 out[i : i + n, : logp.shape[1]] = logp.float().cpu()
         return out
 
-    def _micro_backward(self, batch: Any, i: int, n: int, scale: float, norm: Any,
-                        epoch: int) -> None:
+    def _micro_backward(
+        self, batch: Any, i: int, n: int, scale: float, norm: Any, epoch: int
+    ) -> None:
         mb = batch.samples[i : i + n]
         acc = dict(batch.acc) if scale == 0.0 else None  # a padding pass (FSDP)
         b = self._policy_logprobs(mb)  # PPO's value head reads its hidden_BTH
@@ -694,9 +769,14 @@ class Learner:
             lc = self.cfg.learner
             with torch.no_grad():
                 ref = fsdp.root_forward(  # its own full distribution: no replay
-                    self.ref, reference_logprobs, self.ref, mb,
-                    self.cfg.rollout.temperature, impl=lc.logprob_impl,
-                    fp32_head=lc.fp32_lm_head, pack_length=lc.pack_length,
+                    self.ref,
+                    reference_logprobs,
+                    self.ref,
+                    mb,
+                    self.cfg.rollout.temperature,
+                    impl=lc.logprob_impl,
+                    fp32_head=lc.fp32_lm_head,
+                    pack_length=lc.pack_length,
                     share_prompts=lc.share_prompts,
                 )
         loss = self.obj.micro_loss(batch, i, b, ref, norm, epoch)
@@ -740,13 +820,22 @@ class Learner:
                 del pend[min(pend)]
             self.weights.forget(sid, ack.shm_unreadable)  # pinned or failed: next is a full sync
         if ack.deferred:
-            log.info("%s is pinned at version %d for serving; it will take the latest version "
-                     "when unpinned", sid, ack.version)
+            log.info(
+                "%s is pinned at version %d for serving; it will take the latest version "
+                "when unpinned",
+                sid,
+                ack.version,
+            )
             return
         if not ack.ok:
             self.counters["weight_syncs_failed"] += 1
-            log.error("weight update on %s failed, it stays on version %d%s: %s", sid,
-                      ack.version, " (rolled back)" if ack.rolled_back else "", ack.error)
+            log.error(
+                "weight update on %s failed, it stays on version %d%s: %s",
+                sid,
+                ack.version,
+                " (rolled back)" if ack.rolled_back else "",
+                ack.error,
+            )
             return
         self.weights.acked(sid, ack.version)  # its older weights files may be rewritten
         t0 = pend.get(ack.version)
@@ -787,8 +876,9 @@ class Learner:
                     self.eval_failures.setdefault(task, ("env", s.error))
                     vals.append(0.0)
                 else:
-                    vals.append(s.metrics.get("correct",
-                                              float(s.reward >= self.env.reward_range[1])))
+                    vals.append(
+                        s.metrics.get("correct", float(s.reward >= self.env.reward_range[1]))
+                    )
                     for k, v in s.metrics.items():
                         if isinstance(v, (int, float)) and math.isfinite(v):
                             sums[k] = sums.get(k, 0.0) + float(v) / len(t.samples)
@@ -808,10 +898,17 @@ class Learner:
             rec.update({f"eval/{split}_env_errors": env_errors, f"eval/{split}_timeouts": timeouts})
         self.metrics.write(rec)
         if self.eval_failures:
-            log.warning("eval %s at step %d: %d of %d episodes failed and score 0 (%d in the "
-                        "env, %d past wire.order_timeout_s); the first: %s", split,
-                        self.step, len(self.eval_failures), n, env_errors, timeouts,
-                        self.eval_failures[min(self.eval_failures)][1])
+            log.warning(
+                "eval %s at step %d: %d of %d episodes failed and score 0 (%d in the "
+                "env, %d past wire.order_timeout_s); the first: %s",
+                split,
+                self.step,
+                len(self.eval_failures),
+                n,
+                env_errors,
+                timeouts,
+                self.eval_failures[min(self.eval_failures)][1],
+            )
         log.info("eval %s accuracy at step %d: %.3f", split, self.step, acc)
         return acc
 
@@ -819,10 +916,16 @@ class Learner:
         now = time.time()
         t_prev, tok_prev = self._last_log
         self._last_log = (now, self.tokens_generated)
-        rec = {"step": self.step, "version": self.version, **stats, **self.counters,
-               "tokens_per_s": (self.tokens_generated - tok_prev) / max(now - t_prev, 1e-9),
-               "step_s": now - t_prev, "elapsed_s": now - self.t_start,
-               **{f"sync_{k}_s": v for k, v in self.sync_phases.items()}}
+        rec = {
+            "step": self.step,
+            "version": self.version,
+            **stats,
+            **self.counters,
+            "tokens_per_s": (self.tokens_generated - tok_prev) / max(now - t_prev, 1e-9),
+            "step_s": now - t_prev,
+            "elapsed_s": now - self.t_start,
+            **{f"sync_{k}_s": v for k, v in self.sync_phases.items()},
+        }
         lag = self.hub.take_loop_lag_where()
         if lag:
             server = max(lag, key=lambda s: lag[s][0])
@@ -833,28 +936,42 @@ class Learner:
                     "rollout server %s: its event loop was blocked for %.2fs since the last "
                     "step, running %s; generation and weight updates wait meanwhile (an env "
                     "doing synchronous work in an async method? rollout.loop_lag_warn_s = %g "
-                    "sets this warning's threshold)", server, worst,
-                    where or "code not caught by the sampler", self.cfg.rollout.loop_lag_warn_s)
+                    "sets this warning's threshold)",
+                    server,
+                    worst,
+                    where or "code not caught by the sampler",
+                    self.cfg.rollout.loop_lag_warn_s,
+                )
         self.metrics.write(rec)
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "version": self.version, "cursor": self.cursor.state(),
-                 "objective": self.obj.state()}
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "cursor": self.cursor.state(),
+            "objective": self.obj.state(),
+        }
         model, opt = self.weights.checkpoint_model(), self.opt
         if self.ds.distributed:  # the full weights and optimizer state, gathered on rank 0
             self._command("checkpoint")
             model, opt = fsdp.checkpoint_views(self.model, self.opt, self.ds)
             self._mid_collective = False
-        return save_checkpoint(self.out, self.step, model, self.tokenizer, opt, state,
-                               extra=self.obj.save)
+        return save_checkpoint(
+            self.out, self.step, model, self.tokenizer, opt, state, extra=self.obj.save
+        )
 
-    def finish(self, before: float | None, after: float,
-               before_outcomes: list[float] | None = None) -> dict[str, Any]:
+    def finish(
+        self, before: float | None, after: float, before_outcomes: list[float] | None = None
+    ) -> dict[str, Any]:
         # null, not NaN, where no evaluation ran (learner.eval_size = 0, or a resumed run)
-        summary = {"steps": self.step, "accuracy_before": _finite(before),
-                   "accuracy_after": _finite(after), "elapsed_s": time.time() - self.t_start,
-                   "train_loop_s": self.train_s,
-                   **self.counters}
+        summary = {
+            "steps": self.step,
+            "accuracy_before": _finite(before),
+            "accuracy_after": _finite(after),
+            "elapsed_s": time.time() - self.t_start,
+            "train_loop_s": self.train_s,
+            **self.counters,
+        }
         if self.eval_metrics:  # the env's other metrics, at the first and the last eval
             if before is not None:
                 summary["eval_metrics_before"] = self.eval_metrics[min(self.eval_metrics)]

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from climbrl.kernels import token_logprobs_and_entropy
 from climbrl.learner.replay import (
     forced_routing,
@@ -38,7 +40,6 @@ from climbrl.learner.replay import (
     model_moe_shape,
     routing_BLNK,
 )
-from torch import Tensor
 
 
 def head_logprobs(
@@ -51,8 +52,13 @@ def head_logprobs(
     fp32_head: bool = True,
 ) -> tuple[Tensor, Tensor]:
     return token_logprobs_and_entropy(
-        hidden_NH, weight_VH, targets_N, temperature=temperature, keep_count_N=keep_count_N,
-        fp32_head=fp32_head, impl=impl,
+        hidden_NH,
+        weight_VH,
+        targets_N,
+        temperature=temperature,
+        keep_count_N=keep_count_N,
+        fp32_head=fp32_head,
+        impl=impl,
     )
 
 
@@ -98,8 +104,12 @@ class Layout:
         if self.allowed_RLL is not None:  # an additive mask, which eager and SDPA both take
             mask = torch.zeros(self.allowed_RLL.shape, dtype=dtype, device=self.ids_RL.device)
             mask.masked_fill_(~self.allowed_RLL, torch.finfo(dtype).min)
-            return {"input_ids": self.ids_RL, "position_ids": self.posids_RL,
-                    "attention_mask": mask.unsqueeze(1), "use_cache": False}
+            return {
+                "input_ids": self.ids_RL,
+                "position_ids": self.posids_RL,
+                "attention_mask": mask.unsqueeze(1),
+                "use_cache": False,
+            }
         if self.posids_RL is None:
             return {"input_ids": self.ids_RL, "attention_mask": self.attn_RL}
         # no cache: with one, transformers does not look for packed sequences
@@ -116,8 +126,15 @@ class Layout:
 
     def to(self, dev: torch.device) -> Layout:
         mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        return Layout(mv(self.ids_RL), mv(self.attn_RL), mv(self.posids_RL), self.start_B,
-                      self.len_B, mv(self.index_BT), mv(self.allowed_RLL))
+        return Layout(
+            mv(self.ids_RL),
+            mv(self.attn_RL),
+            mv(self.posids_RL),
+            self.start_B,
+            self.len_B,
+            mv(self.index_BT),
+            mv(self.allowed_RLL),
+        )
 
 
 def layout(samples: list[Any], pack_length: int = 0) -> Layout:
@@ -158,8 +175,9 @@ def layout(samples: list[Any], pack_length: int = 0) -> Layout:
         p0, c = len(s.prompt_ids) - 1, len(s.completion_ids)
         index[b, :c] = start[b] + torch.arange(p0, p0 + c)
     packed = pack_length > 0
-    return Layout(ids, None if packed else attn, posids if packed else None, start,
-                  torch.tensor(n_B), index)
+    return Layout(
+        ids, None if packed else attn, posids if packed else None, start, torch.tensor(n_B), index
+    )
 
 
 def shared_prompt_layout(samples: list[Any], row_tokens: int = 2048) -> Layout | None:
@@ -280,8 +298,10 @@ def completion_logprobs(
     if routed:
         shape = model_moe_shape(model)
         if shape is None:
-            raise ValueError("samples carry MoE routing but the learner's model has no MoE "
-                             "router; is the learner loading the rollout's model?")
+            raise ValueError(
+                "samples carry MoE routing but the learner's model has no MoE "
+                "router; is the learner loading the rollout's model?"
+            )
         experts = routing_BLNK(samples, int(lay.len_B.max()), *shape)
         if experts is not None:
             experts = lay.scatter(experts, -1)
@@ -291,19 +311,30 @@ def completion_logprobs(
     hidden_BTH = hidden_RLH.reshape(-1, hidden_RLH.shape[-1])[lay.index_BT]
     W = model.get_output_embeddings().weight
     logp, ent = head_logprobs(
-        hidden_BTH.reshape(B * Tc, -1), W, tgt.reshape(-1), temperature, impl,
-        keep_count_N=None if keep_BT is None else keep_BT.reshape(-1), fp32_head=fp32_head,
+        hidden_BTH.reshape(B * Tc, -1),
+        W,
+        tgt.reshape(-1),
+        temperature,
+        impl,
+        keep_count_N=None if keep_BT is None else keep_BT.reshape(-1),
+        fp32_head=fp32_head,
     )
     miss = (mask > 0) & ~torch.isfinite(logp.detach()).view(B, Tc)
     if bool(miss.any()):
         assert keep_BT is not None, "only a replayed kept set can exclude the sampled token"
         idx = miss.reshape(-1).nonzero().squeeze(1)
         h_MH = hidden_BTH.reshape(B * Tc, -1)[idx]
-        keep_MV = keep_mask_with_targets(h_MH, W, tgt.reshape(-1)[idx],
-                                         keep_BT.reshape(-1)[idx], fp32_head=fp32_head)
+        keep_MV = keep_mask_with_targets(
+            h_MH, W, tgt.reshape(-1)[idx], keep_BT.reshape(-1)[idx], fp32_head=fp32_head
+        )
         logp_M, ent_M = token_logprobs_and_entropy(
-            h_MH, W, tgt.reshape(-1)[idx], temperature=temperature, keep_mask_NV=keep_MV,
-            fp32_head=fp32_head, impl=impl,
+            h_MH,
+            W,
+            tgt.reshape(-1)[idx],
+            temperature=temperature,
+            keep_mask_NV=keep_MV,
+            fp32_head=fp32_head,
+            impl=impl,
         )
         logp = logp.index_put((idx,), logp_M.to(logp.dtype))
         ent = ent.index_put((idx,), ent_M.to(ent.dtype))
@@ -320,8 +351,14 @@ def completion_logprobs(
 
 
 def reference_logprobs(
-    ref: Any, samples: list[Any], temperature: float, impl: str = "auto", *,
-    fp32_head: bool = True, pack_length: int = 0, share_prompts: bool = False,
+    ref: Any,
+    samples: list[Any],
+    temperature: float,
+    impl: str = "auto",
+    *,
+    fp32_head: bool = True,
+    pack_length: int = 0,
+    share_prompts: bool = False,
 ) -> Tensor:
     """[B, Tc] log pi_ref(y_t) of the sampled tokens under the reference model's own full
     distribution, log softmax(logits / T), with neither the rollout's top-p/top-k kept set nor
@@ -332,6 +369,13 @@ def reference_logprobs(
     the KL would not be to pi_ref. The full support keeps KL(pi || pi_ref) finite, since
     every token pi can sample has pi_ref > 0."""
     return completion_logprobs(
-        ref, samples, temperature, impl, replay_mask=False, replay_routing=False,
-        fp32_head=fp32_head, pack_length=pack_length, share_prompts=share_prompts,
+        ref,
+        samples,
+        temperature,
+        impl,
+        replay_mask=False,
+        replay_routing=False,
+        fp32_head=fp32_head,
+        pack_length=pack_length,
+        share_prompts=share_prompts,
     )["logp"]

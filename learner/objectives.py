@@ -214,9 +214,9 @@ class BatchNorm:
 def aggregate(loss_BT: Tensor, mask_BT: Tensor, mode: Aggregation, norm: BatchNorm) -> Tensor:
     """Reduce per-token losses to this micro-batch's share of the batch loss:
 
-        token  (DAPO):     sum_i sum_t l_it / sum_i |y_i|          (each token weighs the same)
-        sample (GRPO):     1/N sum_i ( sum_t l_it / |y_i| )         (each sample weighs the same)
-        fixed  (Dr. GRPO): sum_i sum_t l_it / (N * L_max)           (no length bias at all)
+    token  (DAPO):     sum_i sum_t l_it / sum_i |y_i|          (each token weighs the same)
+    sample (GRPO):     1/N sum_i ( sum_t l_it / |y_i| )         (each sample weighs the same)
+    fixed  (Dr. GRPO): sum_i sum_t l_it / (N * L_max)           (no length bias at all)
     """
     m = mask_BT.to(loss_BT.dtype)
     if loss_BT.shape[-1] != m.shape[-1]:
@@ -337,7 +337,9 @@ class PolicyLoss:
             log_ratio = token_log_ratio(logp_BT, old_logp_BT)
         ratio = torch.exp(log_ratio)
         if self.objective == "cispo":
-            loss_BT, clipped = cispo_surrogate(logp_BT, ratio, adv_BT, self.clip_low, self.clip_high)
+            loss_BT, clipped = cispo_surrogate(
+                logp_BT, ratio, adv_BT, self.clip_low, self.clip_high
+            )
         elif self.objective in ("grpo", "gspo", "ppo"):
             loss_BT, clipped = clipped_surrogate(
                 ratio, adv_BT, self.clip_low, self.clip_high, self.ratio_cap
@@ -387,8 +389,10 @@ def value_loss(
     sq_BT = (values_BT - returns_BT) ** 2
     if clip > 0:
         if old_values_BT is None:
-            raise ValueError("value_loss with clip > 0 needs old_values_BT (the values the "
-                             "returns were computed with)")
+            raise ValueError(
+                "value_loss with clip > 0 needs old_values_BT (the values the "
+                "returns were computed with)"
+            )
         old_BT = old_values_BT.detach().to(values_BT.dtype)
         v_clip_BT = old_BT + torch.clamp(values_BT - old_BT, -clip, clip)
         sq_BT = torch.maximum(sq_BT, (v_clip_BT - returns_BT) ** 2)

@@ -96,5 +96,7 @@ class ClipHighController:
 
     def update(self, entropy: float) -> float:
         if entropy == entropy:  # not NaN
-            self.clip_high = min(self.hi, max(self.lo, self.clip_high + self.lr * (self.target - entropy)))
+            self.clip_high = min(
+                self.hi, max(self.lo, self.clip_high + self.lr * (self.target - entropy))
+            )
         return self.clip_high

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from climbrl.learner.logprobs import pack_positions
 from climbrl.learner.objectives import (
     BatchNorm,
@@ -53,8 +55,6 @@ from climbrl.learner.objectives_shaping import (
     truncated_mask,
 )
 from climbrl.learner.replay import forced_routing, model_moe_shape, routing_BLNK
-from torch import Tensor, nn
-
 from climbrl.wire import ENV_ERROR
 
 # Finish reasons of an episode cut off before it ended: the token budget ("length") or the
@@ -116,8 +116,9 @@ class Critic(nn.Module):
             ids_BL[b, : len(seq)] = torch.tensor(seq)
             attn_BL[b, : len(seq)] = 1
         last_B1 = torch.tensor([[len(x) - 1] for x in seqs], dtype=torch.long)
-        v_BT1 = self.values(self._hidden(samples, policy, ids_BL, attn_BL),
-                            torch.cat([pos_BT, last_B1], dim=1))
+        v_BT1 = self.values(
+            self._hidden(samples, policy, ids_BL, attn_BL), torch.cat([pos_BT, last_B1], dim=1)
+        )
         return v_BT1[:, :-1], v_BT1[:, -1]
 
     def _hidden(
@@ -138,8 +139,10 @@ def replayed_routing(
         return contextlib.nullcontext()
     shape = model_moe_shape(model)
     if shape is None:
-        raise ValueError("samples carry MoE routing but the critic's model has no MoE router; "
-                         "is learner.critic loading the rollout's model?")
+        raise ValueError(
+            "samples carry MoE routing but the critic's model has no MoE router; "
+            "is learner.critic loading the rollout's model?"
+        )
     experts_BLNK = routing_BLNK(samples, L, *shape)
     dev = next(model.parameters()).device
     return forced_routing(model, experts_BLNK.to(dev))
@@ -201,10 +204,14 @@ class ObjectiveStep:
         lc, self.cfg, self.lc = cfg.learner, cfg, cfg.learner
         self.reward_max = reward_max
         self.loss = PolicyLoss(
-            objective=lc.objective, clip_low=lc.clip_low, clip_high=lc.clip_high,
-            ratio_cap=lc.ratio_cap, aggregation=lc.loss_agg,
+            objective=lc.objective,
+            clip_low=lc.clip_low,
+            clip_high=lc.clip_high,
+            ratio_cap=lc.ratio_cap,
+            aggregation=lc.loss_agg,
             kl_coef=lc.kl_coef if lc.kl_estimator != "off" else 0.0,
-            kl_estimator=lc.kl_estimator, entropy_coef=lc.entropy_coef,
+            kl_estimator=lc.kl_estimator,
+            entropy_coef=lc.entropy_coef,
         )
         self.fixed_len = float(lc.loss_agg_len or cfg.rollout.max_tokens)
         self.controller: ClipHighController | None = None
@@ -218,7 +225,9 @@ class ObjectiveStep:
             dtype = getattr(torch, cfg.model.dtype)
             self.critic = Critic(lc.critic, policy.config.hidden_size, cfg.model.path, dtype)
             self.critic_opt = torch.optim.AdamW(
-                self.critic.parameters(), lr=lc.critic_lr, weight_decay=lc.weight_decay,
+                self.critic.parameters(),
+                lr=lc.critic_lr,
+                weight_decay=lc.weight_decay,
                 betas=(0.9, 0.99),
             )
 
@@ -232,14 +241,16 @@ class ObjectiveStep:
         n_gen_GS = torch.tensor([[sum(s.completion_mask) for s in g.samples] for g in groups])
         if lc.overlong_buffer > 0:
             max_len = lc.loss_agg_len or self.cfg.rollout.max_tokens
-            rew_GS += overlong_penalty(n_gen_GS.flatten(), max_len, lc.overlong_buffer,
-                                       lc.overlong_penalty).view_as(rew_GS)
+            rew_GS += overlong_penalty(
+                n_gen_GS.flatten(), max_len, lc.overlong_buffer, lc.overlong_penalty
+            ).view_as(rew_GS)
         if lc.length_penalty_coef > 0:
             correct_GS = torch.tensor(
                 [[sample_correct(s, self.reward_max) for s in g.samples] for g in groups]
             )
-            rew_GS += length_penalty(n_gen_GS, correct_GS, lc.length_penalty_coef,
-                                     lc.length_penalty_difficulty_aware)
+            rew_GS += length_penalty(
+                n_gen_GS, correct_GS, lc.length_penalty_coef, lc.length_penalty_difficulty_aware
+            )
         keep_B = torch.ones(len(samples))
         if lc.mask_truncated:
             keep_B = truncated_mask([s.finish_reason for s in samples])
@@ -250,22 +261,41 @@ class ObjectiveStep:
         env_errors = int((~valid_B).sum())  # a group whose episodes all failed never gets here
         keep_B = keep_B * valid_B
         tokens = float(sum(float(k) * sum(s.completion_mask) for k, s in zip(keep_B, samples)))
-        n_samples = float(sum(1 for k, s in zip(keep_B, samples) if k > 0 and sum(s.completion_mask)))
+        n_samples = float(
+            sum(1 for k, s in zip(keep_B, samples) if k > 0 and sum(s.completion_mask))
+        )
         idx = valid_B.nonzero().squeeze(1)
         batch = StepBatch(
-            samples=[samples[i] for i in idx.tolist()], rewards_B=rew_GS.flatten()[idx],
+            samples=[samples[i] for i in idx.tolist()],
+            rewards_B=rew_GS.flatten()[idx],
             raw_rewards_B=raw_GS.flatten()[idx],
-            lag_B=torch.tensor([version - g.policy_version for g in groups for _ in g.samples])[idx],
-            keep_B=keep_B[idx], norm=BatchNorm(tokens, n_samples, self.fixed_len),
-            env_errors=env_errors, epochs=lc.epochs,
+            lag_B=torch.tensor([version - g.policy_version for g in groups for _ in g.samples])[
+                idx
+            ],
+            keep_B=keep_B[idx],
+            norm=BatchNorm(tokens, n_samples, self.fixed_len),
+            env_errors=env_errors,
+            epochs=lc.epochs,
         )
         if lc.objective != "ppo":
             batch.adv_B = group_advantages(
                 rew_GS, std_norm=lc.adv_std_norm, valid_GS=valid_GS if env_errors else None
             ).flatten()[idx]
-        batch.acc = dict(loss=0.0, entropy=0.0, clipped=0.0, kl=0.0, mm_abs=0.0, mm_max=0.0,
-                         mm_kl=0.0, mm_n=0.0, mm_probe_n=0.0, op_changed=0.0, vloss=0.0, vmean=0.0,
-                         replay_miss=0.0)
+        batch.acc = dict(
+            loss=0.0,
+            entropy=0.0,
+            clipped=0.0,
+            kl=0.0,
+            mm_abs=0.0,
+            mm_max=0.0,
+            mm_kl=0.0,
+            mm_n=0.0,
+            mm_probe_n=0.0,
+            op_changed=0.0,
+            vloss=0.0,
+            vmean=0.0,
+            replay_miss=0.0,
+        )
         return batch
 
     def minibatches(self, batch: StepBatch) -> list[tuple[int, int, BatchNorm]]:
@@ -317,14 +347,17 @@ class ObjectiveStep:
                 values_BT[i : i + len(mb), : v_BT.shape[1]] = v_BT.double()
                 last_B[i : i + len(mb)] = v_last_B.double()
         for b, s in enumerate(batch.samples):
-            mask_BT[b, : len(s.completion_mask)] = torch.tensor(s.completion_mask, dtype=torch.float64)
+            mask_BT[b, : len(s.completion_mask)] = torch.tensor(
+                s.completion_mask, dtype=torch.float64
+            )
         mask_BT *= batch.keep_B.double().unsqueeze(1)
         truncated_B = torch.tensor([s.finish_reason in TRUNCATED for s in batch.samples])
         bootstrap_B = torch.where(truncated_B, last_B, torch.zeros_like(last_B))
         r_BT = episode_rewards(batch.samples, batch.rewards_B, mask_BT)
         values_BT = values_BT * mask_BT
-        adv_BT, ret_BT = gae(r_BT, values_BT, mask_BT, self.lc.gamma, self.lc.gae_lambda,
-                             bootstrap_B)
+        adv_BT, ret_BT = gae(
+            r_BT, values_BT, mask_BT, self.lc.gamma, self.lc.gae_lambda, bootstrap_B
+        )
         batch.adv_BT = whiten(adv_BT, mask_BT) if self.lc.adv_whiten else adv_BT
         batch.returns_BT = ret_BT
         batch.values_BT = values_BT
@@ -332,8 +365,13 @@ class ObjectiveStep:
     # ------------------------------------------------------------------ micro-batches
 
     def micro_loss(
-        self, batch: StepBatch, i: int, b: dict[str, Tensor], ref_logp_BT: Tensor | None,
-        norm: BatchNorm | None = None, epoch: int = 0,
+        self,
+        batch: StepBatch,
+        i: int,
+        b: dict[str, Tensor],
+        ref_logp_BT: Tensor | None,
+        norm: BatchNorm | None = None,
+        epoch: int = 0,
     ) -> Tensor:
         """Loss of samples[i : i + len(b)], normalised over its optimizer step's samples
         (``norm``: the mini-batch's counts; the whole batch's by default)."""
@@ -346,14 +384,22 @@ class ObjectiveStep:
         mask = b["mask"] * batch.keep_B[i : i + n].to(b["mask"]).unsqueeze(1)
         lag = batch.lag_B[i : i + n].to(dev).unsqueeze(1)
         # pi_prox: the weights when the batch was taken (see the module docstring)
-        prox = (batch.prox_BT[i : i + n, :Tc].to(logp) if batch.prox_BT is not None
-                else logp.detach())
+        prox = (
+            batch.prox_BT[i : i + n, :Tc].to(logp) if batch.prox_BT is not None else logp.detach()
+        )
         old, w = rollout, None
         if lc.offpolicy_correction != "none":
             # decoupled: the clip on pi_theta / pi_prox, the sampler mu corrected by the IS
             # weight pi_prox / mu (TIS) or mask (IcePop)
-            w, changed = offpolicy_weights(prox, rollout, mask, lc.offpolicy_correction,
-                                           lc.offpolicy_level, lc.offpolicy_low, lc.offpolicy_high)
+            w, changed = offpolicy_weights(
+                prox,
+                rollout,
+                mask,
+                lc.offpolicy_correction,
+                lc.offpolicy_level,
+                lc.offpolicy_low,
+                lc.offpolicy_high,
+            )
             old = prox
             if epoch == 0:
                 acc["op_changed"] += float(changed.sum())
@@ -367,7 +413,13 @@ class ObjectiveStep:
         adv = batch.adv_B[i : i + n] if batch.adv_B is not None else batch.adv_BT[i : i + n, :Tc]
         adv = adv.to(dev)
         loss, st = self.loss(
-            logp, old, adv, mask, norm, is_weight_BT=w, ref_logp_BT=ref_logp_BT,
+            logp,
+            old,
+            adv,
+            mask,
+            norm,
+            is_weight_BT=w,
+            ref_logp_BT=ref_logp_BT,
             entropy_BT=b["entropy"] if self.loss.entropy_coef else None,
         )
         if self.critic is not None:
@@ -441,7 +493,8 @@ class ObjectiveStep:
             "replay_miss_frac": acc["replay_miss"] / n_tok,  # of the trainable tokens
             "offpolicy_masked_frac": acc["op_changed"] / n_tok,
             "truncated_masked_frac": float(1.0 - batch.keep_B.mean()),
-            "completion_len": sum(sum(s.completion_mask) for s in batch.samples) / len(batch.samples),
+            "completion_len": sum(sum(s.completion_mask) for s in batch.samples)
+            / len(batch.samples),
             "clip_high": self.loss.clip_high,
             "env_errors": float(batch.env_errors),
         }

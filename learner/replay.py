@@ -67,8 +67,12 @@ def keep_counts_BT(samples: Sequence[Any], Tc: int) -> Tensor | None:
 
 
 def keep_mask_with_targets(
-    hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, keep_count_N: Tensor,
-    fp32_head: bool = True, chunk: int = 256,
+    hidden_NH: Tensor,
+    weight_VH: Tensor,
+    targets_N: Tensor,
+    keep_count_N: Tensor,
+    fp32_head: bool = True,
+    chunk: int = 256,
 ) -> Tensor:
     """[N, V] bool kept set: the keep_count[n] highest logits of hidden @ W^T (ties at the
     n-th kept, as in ``keep_count_threshold``) union targets[n]. Meant for the few rows whose
@@ -78,8 +82,9 @@ def keep_mask_with_targets(
 
     cdt = compute_dtype(hidden_NH.dtype, fp32_head)
     w_VH = weight_VH.detach().to(cdt)
-    keep_NV = torch.empty((hidden_NH.shape[0], w_VH.shape[0]), dtype=torch.bool,
-                          device=hidden_NH.device)
+    keep_NV = torch.empty(
+        (hidden_NH.shape[0], w_VH.shape[0]), dtype=torch.bool, device=hidden_NH.device
+    )
     with torch.no_grad():
         for s in range(0, hidden_NH.shape[0], chunk):
             z_CV = hidden_NH[s : s + chunk].detach().to(cdt) @ w_VH.T
@@ -99,8 +104,9 @@ def decode_routing(r: Any) -> np.ndarray:
         raise ValueError(f"routing shape must be [T, layers, top_k]; got {r.shape}")
     arr = np.frombuffer(r.data, dtype=np.dtype(r.dtype))
     if arr.size != int(np.prod(r.shape)):
-        raise ValueError(f"routing data holds {arr.size} ids, shape {r.shape} needs "
-                         f"{int(np.prod(r.shape))}")
+        raise ValueError(
+            f"routing data holds {arr.size} ids, shape {r.shape} needs {int(np.prod(r.shape))}"
+        )
     out = arr.reshape(r.shape).astype(np.int64)
     out[out == _UNSET[r.dtype]] = -1
     return out
@@ -247,7 +253,9 @@ def forced_routing(model: Any, experts_BLNK: Tensor) -> Iterator[None]:
     B, L, N, K = experts_BLNK.shape
     for i, r in routers:
         if i >= N or K != r.top_k:
-            raise ValueError(f"routing is [.., {N} layers, top-{K}]; layer {i} routes top-{r.top_k}")
+            raise ValueError(
+                f"routing is [.., {N} layers, top-{K}]; layer {i} routes top-{r.top_k}"
+            )
     patched = []
     try:
         for i, r in routers:

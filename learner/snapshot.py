@@ -32,7 +32,8 @@ class WeightSnapshot:
         the buffers of the last copy are reused."""
         with torch.no_grad():
             if len(self._saved) != len(params) or any(
-                    s.shape != p.shape or s.dtype != p.dtype for s, p in zip(self._saved, params)):
+                s.shape != p.shape or s.dtype != p.dtype for s, p in zip(self._saved, params)
+            ):
                 self._saved = [p.detach().clone() for p in params]
             else:
                 for s, p in zip(self._saved, params):

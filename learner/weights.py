@@ -62,14 +62,20 @@ def setup_lora(model: Any, lc: LearnerCfg, resume_from: Path | None = None) -> A
     from peft import LoraConfig, inject_adapter_in_model
 
     wanted = set(lc.lora_targets)
-    targets = sorted(n for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted)
+    targets = sorted(
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted
+    )
     if not targets:
-        raise ValueError(f"learner.lora_targets = {list(lc.lora_targets)} matched no Linear "
-                         "layer of the model; use the last name component of its Linear "
-                         "layers, e.g. 'q_proj', 'v_proj'")
-    conf = LoraConfig(r=lc.lora_r, lora_alpha=lc.lora_alpha, target_modules=targets,
-                      lora_dropout=0.0, bias="none")
+        raise ValueError(
+            f"learner.lora_targets = {list(lc.lora_targets)} matched no Linear "
+            "layer of the model; use the last name component of its Linear "
+            "layers, e.g. 'q_proj', 'v_proj'"
+        )
+    conf = LoraConfig(
+        r=lc.lora_r, lora_alpha=lc.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none"
+    )
     try:
         model = inject_adapter_in_model(conf, model, adapter_name=_ADAPTER)
     except ValueError as e:
@@ -79,9 +85,11 @@ def setup_lora(model: Any, lc: LearnerCfg, resume_from: Path | None = None) -> A
         p.requires_grad_(".lora_" in n)
         n_lora += ".lora_" in n
     if n_lora == 0:
-        raise ValueError(f"learner.lora_targets = {list(lc.lora_targets)} matched no module of "
-                         "the model; use the last name component of its Linear layers, e.g. "
-                         "'q_proj', 'v_proj'")
+        raise ValueError(
+            f"learner.lora_targets = {list(lc.lora_targets)} matched no module of "
+            "the model; use the last name component of its Linear layers, e.g. "
+            "'q_proj', 'v_proj'"
+        )
     model._climbrl_lora_config = conf
     if resume_from is not None:
         load_adapter(model, resume_from / "adapter")
@@ -105,12 +113,17 @@ class LoraView:
         self.scale = float(scales.pop())
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        return {n.replace(".base_layer.", "."): t.detach()
-                for n, t in self.model.state_dict().items() if ".lora_" not in n}
+        return {
+            n.replace(".base_layer.", "."): t.detach()
+            for n, t in self.model.state_dict().items()
+            if ".lora_" not in n
+        }
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {w: (m.lora_A[_ADAPTER].weight.detach(), m.lora_B[_ADAPTER].weight.detach())
-                for w, m in self.layers.items()}
+        return {
+            w: (m.lora_A[_ADAPTER].weight.detach(), m.lora_B[_ADAPTER].weight.detach())
+            for w, m in self.layers.items()
+        }
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         sd = self.base_state()
@@ -139,8 +152,11 @@ def save_adapter(model: Any, folder: Path, base_path: str) -> None:
     conf = model._climbrl_lora_config
     conf.base_model_name_or_path = base_path
     conf.save_pretrained(str(folder))
-    sd = {f"base_model.model.{n.replace(f'.{_ADAPTER}.', '.')}": t.detach().contiguous()
-          for n, t in model.state_dict().items() if ".lora_" in n}
+    sd = {
+        f"base_model.model.{n.replace(f'.{_ADAPTER}.', '.')}": t.detach().contiguous()
+        for n, t in model.state_dict().items()
+        if ".lora_" in n
+    }
     save_file(sd, str(folder / "adapter_model.safetensors"))
 
 
@@ -149,8 +165,10 @@ def load_adapter(model: Any, folder: Path) -> None:
 
     f = folder / "adapter_model.safetensors"
     if not f.is_file():
-        raise ValueError(f"resume with learner.weight_sync = 'lora': {f} is missing; was the "
-                         "checkpoint written by a LoRA run with the same lora_targets?")
+        raise ValueError(
+            f"resume with learner.weight_sync = 'lora': {f} is missing; was the "
+            "checkpoint written by a LoRA run with the same lora_targets?"
+        )
     want = {n for n in model.state_dict() if ".lora_" in n}
     sd = {}
     for k, v in load_file(str(f)).items():
@@ -159,8 +177,10 @@ def load_adapter(model: Any, folder: Path) -> None:
             name = name.replace(part, f"{part}{_ADAPTER}.")
         sd[name] = v
     if set(sd) != want:
-        raise ValueError(f"adapter in {folder} does not match learner.lora_targets / lora_r: "
-                         f"{len(set(sd) ^ want)} tensors differ")
+        raise ValueError(
+            f"adapter in {folder} does not match learner.lora_targets / lora_r: "
+            f"{len(set(sd) ^ want)} tensors differ"
+        )
     model.load_state_dict(sd, strict=False)
 
 
@@ -223,8 +243,9 @@ class WeightPublisher:
         self._files.clear()
         remove_private_dir(self.shm_dir)
 
-    def _shm_file(self, tensors: list[torch.Tensor], version: int = -1,
-                  servers: list[str] | None = None) -> tuple[str, list[int]]:
+    def _shm_file(
+        self, tensors: list[torch.Tensor], version: int = -1, servers: list[str] | None = None
+    ) -> tuple[str, list[int]]:
         """A ring file no server reads any more, rewritten in place; else a new weights file
         (never one a server may still map), keeping the last two."""
         from climbrl.weightsync import write_shm
@@ -248,9 +269,12 @@ class WeightPublisher:
     def checkpoint_model(self) -> Any:
         return LoraCheckpoint(self.model, self.base_path) if self.lora else self.model
 
-    def messages(self, version: int, servers: list[str],
-                 state: dict[str, torch.Tensor] | None = None,
-                 ) -> list[tuple[list[str], WeightManifest, list[torch.Tensor]]]:
+    def messages(
+        self,
+        version: int,
+        servers: list[str],
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> list[tuple[list[str], WeightManifest, list[torch.Tensor]]]:
         """(servers, manifest, frames) for every kind of message this publish needs.
         ``state``: the model's full weights when the model itself holds shards (FSDP)."""
         if state is not None:
@@ -260,8 +284,11 @@ class WeightPublisher:
         else:
             state = {n: t.detach() for n, t in self.model.state_dict().items()}
         state = checkpoint_names(state)  # per-expert MoE names, as the engine loads them
-        known = [s for s in servers if self.mode != "full" and self.ref is not None
-                 and self.sent.get(s) == self.ref_version]
+        known = [
+            s
+            for s in servers
+            if self.mode != "full" and self.ref is not None and self.sent.get(s) == self.ref_version
+        ]
         fresh = [s for s in servers if s not in known]
         extra: dict[str, Any] = {}
         adapter: list[tuple[str, torch.Tensor]] = []
@@ -281,9 +308,20 @@ class WeightPublisher:
             tensors = [t for _, t in frames]
         if local:
             path, offs = self._shm_file(tensors, version, local)
-            out.append((local, WeightManifest(version=version, tensors=metas(frames),
-                                              kind="full", shm_path=path, shm_offsets=offs,
-                                              **extra), []))
+            out.append(
+                (
+                    local,
+                    WeightManifest(
+                        version=version,
+                        tensors=metas(frames),
+                        kind="full",
+                        shm_path=path,
+                        shm_offsets=offs,
+                        **extra,
+                    ),
+                    [],
+                )
+            )
         if remote:
             sent = tensors
             if self.mode == "full":
@@ -293,15 +331,31 @@ class WeightPublisher:
                 # private copy, whose tensors are replaced, never written; lora: the base is
                 # frozen and the factors are copies.)
                 sent = [t.detach().clone() for t in tensors]
-            out.append((remote, WeightManifest(version=version, tensors=metas(frames),
-                                               kind="full", **extra), sent))
+            out.append(
+                (
+                    remote,
+                    WeightManifest(version=version, tensors=metas(frames), kind="full", **extra),
+                    sent,
+                )
+            )
         if known:
             frames = delta + adapter
-            out.append((known, WeightManifest(version=version, tensors=metas(frames),
-                                              kind="delta", base_version=self.ref_version,
-                                              **extra), [t for _, t in frames]))
-        self.last = {m.kind: sum(nbytes(t) for t in (tensors if m.shm_path else fr))
-                     for _, m, fr in out}
+            out.append(
+                (
+                    known,
+                    WeightManifest(
+                        version=version,
+                        tensors=metas(frames),
+                        kind="delta",
+                        base_version=self.ref_version,
+                        **extra,
+                    ),
+                    [t for _, t in frames],
+                )
+            )
+        self.last = {
+            m.kind: sum(nbytes(t) for t in (tensors if m.shm_path else fr)) for _, m, fr in out
+        }
         if self.mode != "full":
             self.ref_version = version
             if self.ref is None:
@@ -310,8 +364,9 @@ class WeightPublisher:
             self.sent[s] = version
         return out
 
-    def _commit_delta(self, state: dict[str, torch.Tensor], encode: bool
-                      ) -> list[tuple[str, torch.Tensor]]:
+    def _commit_delta(
+        self, state: dict[str, torch.Tensor], encode: bool
+    ) -> list[tuple[str, torch.Tensor]]:
         """Delta frames against the private copy (if ``encode``), then bring the copy up to
         ``state``. Changed tensors get a new copy rather than an in-place write, so a frame of
         the previous publish that is still queued keeps its bytes."""
@@ -329,4 +384,3 @@ class WeightPublisher:
             elif not same_bits(old, t):
                 self.ref[n] = t.clone()
         return frames
-

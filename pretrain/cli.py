@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         m = build_demo_base(a.demo_base, quiet=a.quiet)
         print(json.dumps({k: v for k, v in m.items() if k != "heldout_samples"}))
         return 0
-    from climbrl.pretrain.config import load_config
     from pydantic import ValidationError
+
+    from climbrl.pretrain.config import load_config
 
     try:
         cfg = load_config(a.config, a.overrides)

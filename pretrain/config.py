@@ -112,7 +112,9 @@ class DataConfig(_Strict):
     task: str = Field("add", description="Synthetic task name (climbrl.pretrain.synthetic.TASKS).")
     num_docs: int = Field(200_000, gt=0, description="Synthetic documents to generate.")
     mistake_rate: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="Synthetic source: share of the training documents that carry the task's "
         "common mistake (add: every carry dropped) instead of the true answer, among those "
         "where the two differ. Held-out documents and the RL task's answers stay true.",

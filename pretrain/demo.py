@@ -22,9 +22,7 @@ from typing import Any
 DEMO_TASK = "add"
 
 
-def build_demo_base(
-    out_dir: str, *, seed: int = 0, quiet: bool = False
-) -> dict[str, Any]:
+def build_demo_base(out_dir: str, *, seed: int = 0, quiet: bool = False) -> dict[str, Any]:
     """Train the demo base into ``out_dir`` and return its metrics.
 
     Returns held-out greedy accuracy (``heldout_accuracy``), held-out NLL (``eval_nll``),

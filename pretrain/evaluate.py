@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from climbrl.pretrain.data import Packed, labels_for
 from climbrl.pretrain.synthetic import Task, get_task
 

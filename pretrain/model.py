@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from climbrl.pretrain.config import ModelConfig
 from torch import nn
+
+from climbrl.pretrain.config import ModelConfig
 
 
 def hf_config(cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int) -> Any:

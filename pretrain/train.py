@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from climbrl.pretrain import model as M
 from climbrl.pretrain.checkpoint import load_latest, save_checkpoint, set_rng_state
 from climbrl.pretrain.config import PretrainConfig, TrainConfig

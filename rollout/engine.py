@@ -71,8 +71,9 @@ def engine_args(
     records a mask, and the engine then runs exactly vLLM's own sampling path.
 
     ``block_size``: KV-cache block size in tokens (None: ``block_size_default()``)."""
-    from climbrl.rollout.replay import native_routing_kwargs
     from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from climbrl.rollout.replay import native_routing_kwargs
 
     return AsyncEngineArgs(
         model=model,

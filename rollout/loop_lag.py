@@ -20,8 +20,9 @@ import threading
 import time
 from types import FrameType
 
-_STDLIB = tuple({os.path.realpath(sysconfig.get_paths()[k]) + os.sep
-                 for k in ("stdlib", "platstdlib")})
+_STDLIB = tuple(
+    {os.path.realpath(sysconfig.get_paths()[k]) + os.sep for k in ("stdlib", "platstdlib")}
+)
 _HERE = os.path.realpath(__file__)
 
 
@@ -69,8 +70,9 @@ class LoopLagMonitor:
         """Measure until ``stop`` is set (a task on the loop to watch)."""
         self._loop_thread = threading.get_ident()
         done = threading.Event()
-        watchdog = threading.Thread(target=self._watch, args=(done,), daemon=True,
-                                    name="climbrl-loop-lag")
+        watchdog = threading.Thread(
+            target=self._watch, args=(done,), daemon=True, name="climbrl-loop-lag"
+        )
         watchdog.start()
         try:
             while not stop.is_set():

@@ -41,8 +41,7 @@ class OutputTail:
         self._partial = {r: b"" for r in routes}
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name="climbrl-output-tail",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._pump, name="climbrl-output-tail", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -72,7 +71,7 @@ class OutputTail:
                     continue
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(self._routes[r][1], view):]
+                    view = view[os.write(self._routes[r][1], view) :]
                 with self._lock:
                     *done, rest = (self._partial[r] + chunk).split(b"\n")
                     self._partial[r] = rest[-8192:]
@@ -80,8 +79,9 @@ class OutputTail:
 
     def lines(self) -> list[str]:
         with self._lock:
-            return list(self._lines) + [p.decode(errors="replace")
-                                        for p in self._partial.values() if p]
+            return list(self._lines) + [
+                p.decode(errors="replace") for p in self._partial.values() if p
+            ]
 
     def last_exception(self) -> str | None:
         """The last line that names an exception other than vLLM's generic wrappers, without

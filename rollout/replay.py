@@ -196,8 +196,11 @@ def keep_counts(z_RV: Tensor, top_k_R: Tensor, top_p_R: Tensor) -> tuple[Tensor,
     n_R = torch.where(has_k, k_R, torch.full_like(k_R, V))
     if bool(has_p.any()):
         rows = has_p.nonzero().squeeze(1)
-        n_p = _top_p_counts(z_RV.index_select(0, rows), n_R.index_select(0, rows),
-                            top_p_R.to(z_RV.device).index_select(0, rows))
+        n_p = _top_p_counts(
+            z_RV.index_select(0, rows),
+            n_R.index_select(0, rows),
+            top_p_R.to(z_RV.device).index_select(0, rows),
+        )
         n_R = n_R.index_copy(0, rows, torch.minimum(n_R.index_select(0, rows), n_p))
     thr_R = torch.full((R,), float("-inf"), dtype=z_RV.dtype, device=z_RV.device)
     cut = n_R < V
@@ -279,8 +282,9 @@ class TopKTopPReplay(LogitsProcessor):
             extra = (params.extra_args or {}).get(EXTRA) or {}
             if "key" not in extra or ("top_p" not in extra and "top_k" not in extra):
                 return None
-            return _Row(str(extra["key"]), int(extra.get("top_k", 0)),
-                        float(extra.get("top_p", 1.0)), out)
+            return _Row(
+                str(extra["key"]), int(extra.get("top_k", 0)), float(extra.get("top_p", 1.0)), out
+            )
 
         process_dict_updates(self.rows, batch_update, new)
 
@@ -455,8 +459,13 @@ def install_capture(worker: Any, routing: bool) -> dict[str, Any]:
     if routing and runner.vllm_config.model_config.get_num_experts() > 0 and _CAPTURE is None:
         _CAPTURE = RoutingCapture(runner)
     if _CAPTURE is not None:
-        info.update(routing=True, layers=_CAPTURE.num_layers, top_k=_CAPTURE.top_k,
-                    routers=_CAPTURE.bound, dtype=np.dtype(_CAPTURE.dtype).name)
+        info.update(
+            routing=True,
+            layers=_CAPTURE.num_layers,
+            top_k=_CAPTURE.top_k,
+            routers=_CAPTURE.bound,
+            dtype=np.dtype(_CAPTURE.dtype).name,
+        )
     return info
 
 
@@ -466,8 +475,7 @@ def take_record(key: str) -> dict[str, Any]:
     if _CAPTURE is not None:
         arr = _CAPTURE.take(key)
         if arr is not None:
-            routing = {"dtype": arr.dtype.name, "shape": list(arr.shape),
-                       "data": arr.tobytes()}
+            routing = {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
     return {"keep": keep, "routing": routing}
 
 

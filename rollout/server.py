@@ -40,10 +40,10 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from climbrl.envs.base import Env, Turn, make_env, resolve_env
-from climbrl.envs.chat import ChatRenderer, parse_tool_calls
 
 from climbrl.config import Config
+from climbrl.envs.base import Env, Turn, make_env, resolve_env
+from climbrl.envs.chat import ChatRenderer, parse_tool_calls
 from climbrl.wire import (
     ENV_ERROR,
     HELLO_REFUSED,
@@ -78,9 +78,18 @@ class EnvFailure(Exception):
 
 
 def _failed(task: Any, error: str) -> Sample:
-    return Sample(prompt_ids=[], completion_ids=[], completion_mask=[], logprobs=[], versions=[],
-                  reward=0.0, finish_reason=ENV_ERROR, metrics={"env_error": 1.0},
-                  task_id=getattr(task, "task_id", ""), error=error[:2000])
+    return Sample(
+        prompt_ids=[],
+        completion_ids=[],
+        completion_mask=[],
+        logprobs=[],
+        versions=[],
+        reward=0.0,
+        finish_reason=ENV_ERROR,
+        metrics={"env_error": 1.0},
+        task_id=getattr(task, "task_id", ""),
+        error=error[:2000],
+    )
 
 
 def _seed(*parts: Any) -> int:
@@ -151,8 +160,9 @@ class RolloutServer:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        from climbrl.rollout.engine import build_engine
         from transformers import AutoTokenizer
+
+        from climbrl.rollout.engine import build_engine
 
         r = self.cfg.rollout
         self.engine = build_engine(
@@ -182,16 +192,19 @@ class RolloutServer:
         keys = rollout_keys(self.cfg.wire, Path(self.cfg.run.output_dir))
         curve = curve_enabled(self.cfg.wire)
         secure_client(self.sock, keys, curve)
-        log.info("wire: %s client of the learner (credentials from %s)",
-                 "CURVE" if curve else "PLAIN", ENV_VAR if os.environ.get(ENV_VAR)
-                 else "the run folder")
+        log.info(
+            "wire: %s client of the learner (credentials from %s)",
+            "CURVE" if curve else "PLAIN",
+            ENV_VAR if os.environ.get(ENV_VAR) else "the run folder",
+        )
         self.sock.connect(self.endpoint)
         self._last_learner_msg = time.monotonic()
         await self._send(self._hello())
         log.info("rollout %s up, connected to %s", self.server_id, self.endpoint)
         try:
-            await asyncio.gather(self._recv_loop(), self._heartbeat_loop(),
-                                 self.loop_lag.run(self._stop))
+            await asyncio.gather(
+                self._recv_loop(), self._heartbeat_loop(), self.loop_lag.run(self._stop)
+            )
         except LearnerStuck:
             pass  # logged once by _send; serve() exits with LEARNER_STUCK_EXIT
         finally:
@@ -211,9 +224,15 @@ class RolloutServer:
                 log.debug("engine shutdown: %s", e)
 
     def _hello(self) -> Hello:
-        return Hello(server_id=self.server_id, pid=os.getpid(), hostname=socket.gethostname(),
-                     policy_version=self.version, model=self.model_path,
-                     max_concurrency=self.cfg.rollout.max_concurrency, http_url=self.http_url)
+        return Hello(
+            server_id=self.server_id,
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            policy_version=self.version,
+            model=self.model_path,
+            max_concurrency=self.cfg.rollout.max_concurrency,
+            http_url=self.http_url,
+        )
 
     async def _send(self, msg: Any, tensors: list[Any] | None = None) -> None:
         """Send to the learner, waiting at most ``wire.send_timeout_s`` (the wait for the
@@ -234,8 +253,9 @@ class RolloutServer:
             await asyncio.wait_for(locked(), timeout=t)
         except TimeoutError:
             if self.learner_stuck is None:
-                self.learner_stuck = (f"a send to the learner waited {t:g}s "
-                                      "(wire.send_timeout_s): it stopped reading")
+                self.learner_stuck = (
+                    f"a send to the learner waited {t:g}s (wire.send_timeout_s): it stopped reading"
+                )
                 log.error("%s; this server stops", self.learner_stuck)
             self._stop.set()
             raise LearnerStuck(self.learner_stuck) from None
@@ -247,12 +267,14 @@ class RolloutServer:
                 await self._engine_died(None)
             lag, lag_where = self.loop_lag.take()
             await self._send(
-                self._hello() if not self.welcomed.is_set() else Heartbeat(
+                self._hello()
+                if not self.welcomed.is_set()
+                else Heartbeat(
                     server_id=self.server_id,
                     policy_version=self.version,
                     inflight=len(self.inflight),
-                    accepting_orders=self.engine_dead is None and (
-                        self.control is None or self.control.pinned is None),
+                    accepting_orders=self.engine_dead is None
+                    and (self.control is None or self.control.pinned is None),
                     loop_lag_max_s=lag,
                     loop_lag_where=lag_where,
                     engine_error=self.engine_dead or "",
@@ -281,15 +303,19 @@ class RolloutServer:
                 msg = self._check_session(msg)
             except WireError as e:
                 self._limit(logging.ERROR, "bad", "rejected a message from the learner: %s", e)
-                await self._send(
-                    Error(origin=self.server_id, code="bad_message", message=str(e))
-                )
+                await self._send(Error(origin=self.server_id, code="bad_message", message=str(e)))
                 continue
             if msg is None:
                 continue
             if isinstance(msg, WorkOrder) and self.engine_dead is not None:
-                await self._send(Error(origin=self.server_id, code="engine_dead",
-                                       message=self.engine_dead, ref_id=msg.order_id))
+                await self._send(
+                    Error(
+                        origin=self.server_id,
+                        code="engine_dead",
+                        message=self.engine_dead,
+                        ref_id=msg.order_id,
+                    )
+                )
             elif isinstance(msg, WorkOrder):
                 self._spawn(self._run_order(msg))
             elif isinstance(msg, WeightManifest):
@@ -308,23 +334,34 @@ class RolloutServer:
             if not self.welcomed.is_set():
                 self.run_id = msg.run_id
                 self.welcomed.set()
-                log.info("rollout %s welcomed by the learner (run %s)", self.server_id,
-                         msg.run_id)
+                log.info("rollout %s welcomed by the learner (run %s)", self.server_id, msg.run_id)
             elif msg.run_id != self.run_id:
-                raise WireError(f"a welcome of run {msg.run_id[:64]!r}, not of this server's "
-                                f"run {self.run_id!r}")
+                raise WireError(
+                    f"a welcome of run {msg.run_id[:64]!r}, not of this server's "
+                    f"run {self.run_id!r}"
+                )
             return None
         if not self.welcomed.is_set():
             if isinstance(msg, Error) and msg.code == HELLO_REFUSED:
-                self._limit(logging.WARNING, "hello", "the learner refused this server's "
-                            "Hello: %s", msg.message)
+                self._limit(
+                    logging.WARNING,
+                    "hello",
+                    "the learner refused this server's Hello: %s",
+                    msg.message,
+                )
             else:
-                self._limit(logging.WARNING, "early", "%s before the learner's welcome "
-                            "ignored", type(msg).__name__)
+                self._limit(
+                    logging.WARNING,
+                    "early",
+                    "%s before the learner's welcome ignored",
+                    type(msg).__name__,
+                )
             return None
         if msg.run_id != self.run_id:
-            raise WireError(f"{type(msg).__name__} of run {msg.run_id[:64]!r}, not of this "
-                            f"server's run {self.run_id!r}")
+            raise WireError(
+                f"{type(msg).__name__} of run {msg.run_id[:64]!r}, not of this "
+                f"server's run {self.run_id!r}"
+            )
         return msg
 
     def _env_args(self, order: WorkOrder) -> dict[str, Any]:
@@ -334,12 +371,16 @@ class RolloutServer:
         e = self.cfg.env
         allowed = [e.name, *self.cfg.rollout.extra_envs]
         if order.env not in allowed:
-            raise ValueError(f"unknown env {order.env[:200]!r} for this server: it runs work "
-                             f"orders for {allowed} only (env.name, rollout.extra_envs)")
+            raise ValueError(
+                f"unknown env {order.env[:200]!r} for this server: it runs work "
+                f"orders for {allowed} only (env.name, rollout.extra_envs)"
+            )
         args = e.args if order.env == e.name else {}
         if order.env_args and order.env_args != args:
-            raise ValueError(f"work order env_args for {order.env!r} differ from this server's "
-                             "config: a work order cannot change how an env is built")
+            raise ValueError(
+                f"work order env_args for {order.env!r} differ from this server's "
+                "config: a work order cannot change how an env is built"
+            )
         return dict(args)
 
     def _spawn(self, coro: Any) -> None:
@@ -369,8 +410,13 @@ class RolloutServer:
             )
             failed = [s for s in samples if s.finish_reason == ENV_ERROR]
             if failed:
-                log.warning("order %s: %d of %d episodes failed in the env: %s", order.order_id,
-                            len(failed), len(samples), failed[0].error)
+                log.warning(
+                    "order %s: %d of %d episodes failed in the env: %s",
+                    order.order_id,
+                    len(failed),
+                    len(samples),
+                    failed[0].error,
+                )
             if len(failed) == len(samples):
                 raise EnvFailure(f"every episode failed; first: {failed[0].error}")
         except Exception as e:  # an engine failure, or an env that failed every episode
@@ -410,8 +456,9 @@ class RolloutServer:
         self.engine_dead = f"vLLM engine died: {cause or 'no cause in its output'}"
         log.error("%s; this server stops", self.engine_dead)
         try:
-            await self._send(Error(origin=self.server_id, code="engine_dead",
-                                   message=self.engine_dead))
+            await self._send(
+                Error(origin=self.server_id, code="engine_dead", message=self.engine_dead)
+            )
         finally:
             self._stop.set()
 
@@ -444,8 +491,9 @@ class RolloutServer:
 
     async def _generate(self, ids: list[int], sp: Any) -> tuple[Any, dict[str, Any] | None]:
         """(completion output, replay record or None: climbrl.rollout.replay.take)."""
-        from climbrl.rollout import replay
         from vllm.inputs import TokensPrompt
+
+        from climbrl.rollout import replay
 
         self._req += 1
         rid = f"{self.server_id}-{self._req}"
@@ -464,8 +512,9 @@ class RolloutServer:
                         final = out
             except TimeoutError:
                 await self._abort(rid)
-                raise TimeoutError(f"generation request {rid} ran past "
-                                   f"rollout.request_timeout_s = {limit:g}s") from None
+                raise TimeoutError(
+                    f"generation request {rid} ran past rollout.request_timeout_s = {limit:g}s"
+                ) from None
         self.prefix_reset.when_idle()
         record = None
         if replayed:
@@ -532,11 +581,24 @@ class RolloutServer:
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 text_all += text
                 content, calls, errors = parse_tool_calls(text)
-                n_turns, n_calls, n_call_errors = turn + 1, n_calls + len(calls), n_call_errors + len(errors)
-                res = await self._env("env.respond", env.respond(
-                    Turn(text=text, content=content, tool_calls=tuple(calls),
-                         tool_call_errors=tuple(errors), finish_reason=finish, index=turn)
-                ))
+                n_turns, n_calls, n_call_errors = (
+                    turn + 1,
+                    n_calls + len(calls),
+                    n_call_errors + len(errors),
+                )
+                res = await self._env(
+                    "env.respond",
+                    env.respond(
+                        Turn(
+                            text=text,
+                            content=content,
+                            tool_calls=tuple(calls),
+                            tool_call_errors=tuple(errors),
+                            finish_reason=finish,
+                            index=turn,
+                        )
+                    ),
+                )
                 try:
                     reward, info = float(res.reward), {k: float(v) for k, v in res.info.items()}
                 except (TypeError, ValueError, AttributeError) as e:
@@ -554,8 +616,9 @@ class RolloutServer:
                     try:
                         obs = chat.continuation_ids(toks, res.messages)
                     except Exception as e:
-                        raise EnvFailure(f"env messages could not be rendered: "
-                                         f"{type(e).__name__}: {e}") from e
+                        raise EnvFailure(
+                            f"env messages could not be rendered: {type(e).__name__}: {e}"
+                        ) from e
                 elif res.observation:
                     obs = self.tokenizer.encode(res.observation, add_special_tokens=False)
                 else:
@@ -579,8 +642,12 @@ class RolloutServer:
             reward=reward,
             finish_reason=finish,
             text=text_all,
-            metrics={**info, "turns": float(n_turns),
-                     "tool_calls": float(n_calls), "tool_call_errors": float(n_call_errors)},
+            metrics={
+                **info,
+                "turns": float(n_turns),
+                "tool_calls": float(n_calls),
+                "tool_call_errors": float(n_call_errors),
+            },
             task_id=task.task_id,
             step_rewards=step_rewards,
             keep_counts=keep if any(keep) else [],
@@ -608,7 +675,8 @@ class RolloutServer:
 
         out = Path(self.cfg.run.output_dir) / "serving"
         keys = list(sc.api_keys) + (
-            [os.environ["CLIMBRL_API_KEY"]] if "CLIMBRL_API_KEY" in os.environ else [])
+            [os.environ["CLIMBRL_API_KEY"]] if "CLIMBRL_API_KEY" in os.environ else []
+        )
         # no key configured: one per run, next to the URL files, so the API is never open
         keys = check_api_keys(keys or [run_api_key(out)], sc.host)
         self.agent_key = keys[0]
@@ -618,20 +686,27 @@ class RolloutServer:
         self.control.on_unpin = self._on_unpin
         if sc.follow == "pinned":
             self.control.pinned = self.version
-        args = vllm_args(self.model_path, list(sc.vllm_args),
-                         served_model_name=[self.served_name])
+        args = vllm_args(self.model_path, list(sc.vllm_args), served_model_name=[self.served_name])
         app, self.sessions = await build_serving_app(
-            self.engine, args, self.control, self.tokenizer, keys, limits=sc)
+            self.engine, args, self.control, self.tokenizer, keys, limits=sc
+        )
         index = int(self.server_id[1:]) if self.server_id[1:].isdigit() else 0
         port = sc.port + index if sc.port else 0
         self._http = await run_http(app, sc.host, port)
         self.http_url = f"http://{sc.host}:{bound_port(self._http[0])}"
         log.info("rollout %s serves the OpenAI API on %s/v1", self.server_id, self.http_url)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{self.server_id}.json").write_text(json.dumps(
-            {"server_id": self.server_id, "url": self.http_url + "/v1",
-             "model": self.served_name, "pid": os.getpid(),
-             "api_key_file": str(out / API_KEY_FILE) if not sc.api_keys else ""}))
+        (out / f"{self.server_id}.json").write_text(
+            json.dumps(
+                {
+                    "server_id": self.server_id,
+                    "url": self.http_url + "/v1",
+                    "model": self.served_name,
+                    "pid": os.getpid(),
+                    "api_key_file": str(out / API_KEY_FILE) if not sc.api_keys else "",
+                }
+            )
+        )
 
     async def _on_unpin(self) -> None:
         if self._deferred is not None:
@@ -647,19 +722,27 @@ class RolloutServer:
         sid = f"{order.order_id}-{index}-{uuid.uuid4().hex[:8]}"
         sess = self.sessions.open(sid, held=True)  # no flood of other sessions evicts it
         sess.sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
-        ctx = AgentContext(base_url=self.http_url + "/v1", api_key=self.agent_key,
-                           model=self.served_name, session_id=sid)
+        ctx = AgentContext(
+            base_url=self.http_url + "/v1",
+            api_key=self.agent_key,
+            model=self.served_name,
+            session_id=sid,
+        )
         try:
             await self._env_agent(env.run_agent(task, ctx))
             if sess.turns == 0:
-                raise ValueError(f"agent {env.agent!r} made no request in session {sid}: send "
-                                 "requests with the X-Session-ID header it was given")
+                raise ValueError(
+                    f"agent {env.agent!r} made no request in session {sid}: send "
+                    "requests with the X-Session-ID header it was given"
+                )
             if env.reward_mode == "env":
                 res = await self._env("env.score", env.score(task, sess.last_text))
                 sess.reward, sess.metrics = float(res.reward), dict(res.info)
             elif not sess.finished.is_set():
-                raise ValueError(f"agent {env.agent!r} returned without posting a reward for "
-                                 f"session {sid} (POST /v1/climbrl/sessions/{sid}/reward)")
+                raise ValueError(
+                    f"agent {env.agent!r} returned without posting a reward for "
+                    f"session {sid} (POST /v1/climbrl/sessions/{sid}/reward)"
+                )
         except ValueError as e:
             raise EnvFailure(str(e)) from e
         finally:
@@ -675,8 +758,11 @@ class RolloutServer:
             reward=float(sess.reward),
             finish_reason=sess.finish_reason or "stop",
             text=sess.text,
-            metrics={**sess.metrics, "agent_turns": float(sess.turns),
-                     "agent_drift": float(sess.drift)},
+            metrics={
+                **sess.metrics,
+                "agent_turns": float(sess.turns),
+                "agent_drift": float(sess.drift),
+            },
             task_id=task.task_id,
         )
 
@@ -713,10 +799,16 @@ class RolloutServer:
         phases: dict[str, float] = {"recv": max(0.0, arrived - m.sent_at)}
         if self.control is not None and self.control.pinned is not None:
             self._deferred = (m, frames)  # only the newest is kept; applied on unpin
-            log.info("pinned at version %d: update to version %d deferred", self.version,
-                     m.version)
-            await self._send(WeightAck(server_id=self.server_id, version=self.version, ok=True,
-                                       phases=phases, deferred=True))
+            log.info("pinned at version %d: update to version %d deferred", self.version, m.version)
+            await self._send(
+                WeightAck(
+                    server_id=self.server_id,
+                    version=self.version,
+                    ok=True,
+                    phases=phases,
+                    deferred=True,
+                )
+            )
             return
         async with self.weight_lock:
             phases["queue"] = max(0.0, time.time() - arrived)
@@ -730,7 +822,8 @@ class RolloutServer:
                 # 2-CPU machine, idle priority or not (two hyperthreads of one core, and one
                 # memory bus). A next update cancels it: its reload packs what is left.
                 self._repack_timer = asyncio.get_running_loop().call_later(
-                    REPACK_AFTER_ACK_S, lambda: self._spawn(self._start_repack()))
+                    REPACK_AFTER_ACK_S, lambda: self._spawn(self._start_repack())
+                )
 
     async def _start_repack(self) -> None:
         try:
@@ -738,8 +831,9 @@ class RolloutServer:
         except Exception:  # the next reload packs what is left itself
             log.exception("starting the background packing of the new weights failed")
 
-    async def _apply_locked(self, m: WeightManifest, frames: list[Any],
-                            phases: dict[str, float]) -> WeightAck:
+    async def _apply_locked(
+        self, m: WeightManifest, frames: list[Any], phases: dict[str, float]
+    ) -> WeightAck:
         """recv -> decode -> stage -> pause -> reload -> resume, each phase bounded by
         ``wire.weight_phase_timeout_s``. Any failure leaves the engine on its previous weights
         and version: a reload that fails midway is undone by reloading the previous values of
@@ -753,8 +847,10 @@ class RolloutServer:
             try:
                 return await asyncio.wait_for(aw, timeout=pt)
             except TimeoutError:
-                raise TimeoutError(f"weight sync phase {name!r} took longer than {pt:.0f}s "
-                                   "(wire.weight_phase_timeout_s)") from None
+                raise TimeoutError(
+                    f"weight sync phase {name!r} took longer than {pt:.0f}s "
+                    "(wire.weight_phase_timeout_s)"
+                ) from None
             finally:
                 phases[name] = time.perf_counter() - t
 
@@ -762,8 +858,10 @@ class RolloutServer:
             try:
                 return await asyncio.wait_for(aw, timeout=pt)
             except TimeoutError:
-                raise TimeoutError(f"weight sync phase {name!r} took longer than {pt:.0f}s "
-                                   "(wire.weight_phase_timeout_s)") from None
+                raise TimeoutError(
+                    f"weight sync phase {name!r} took longer than {pt:.0f}s "
+                    "(wire.weight_phase_timeout_s)"
+                ) from None
 
         if self._repack_timer is not None:  # the last update's packing: this reload does it
             self._repack_timer.cancel()
@@ -773,12 +871,16 @@ class RolloutServer:
         paused, t_pause = None, 0.0
         try:
             if phases["recv"] > pt:
-                raise TimeoutError(f"weight sync phase 'recv': the update arrived "
-                                   f"{phases['recv']:.0f}s after it was sent (limit {pt:.0f}s)")
+                raise TimeoutError(
+                    f"weight sync phase 'recv': the update arrived "
+                    f"{phases['recv']:.0f}s after it was sent (limit {pt:.0f}s)"
+                )
             ws = self.wstate
             if ws.base is None and m.kind == "full" and ws.version == self.version:
-                await phase("load_initial", asyncio.to_thread(
-                    ws.load_initial, self.model_path, self.cfg.model.dtype))
+                await phase(
+                    "load_initial",
+                    asyncio.to_thread(ws.load_initial, self.model_path, self.cfg.model.dtype),
+                )
             path, layout = str(self.shm_path), None
             if m.shm_path:  # same host: the learner's file is mapped, not copied
                 if not m.adapters:
@@ -796,12 +898,16 @@ class RolloutServer:
                     t_decode = time.perf_counter()
                     upd = ws.prepare(m, [], mapped)
                     phases["decode"] = time.perf_counter() - t_decode
-                views = {meta.name: (meta, t, off)
-                         for meta, t, off in zip(m.tensors, mapped, m.shm_offsets)}
+                views = {
+                    meta.name: (meta, t, off)
+                    for meta, t, off in zip(m.tensors, mapped, m.shm_offsets)
+                }
                 if all(views.get(n, (None, None))[1] is t for n, t in upd.load.items()):
                     path = m.shm_path  # reload straight from it (no LoRA merge in between)
-                    layout = [(n, views[n][0].dtype, list(views[n][0].shape), views[n][2])
-                              for n in upd.load]
+                    layout = [
+                        (n, views[n][0].dtype, list(views[n][0].shape), views[n][2])
+                        for n in upd.load
+                    ]
             else:
                 upd = await phase("decode", asyncio.to_thread(ws.prepare, m, frames))
             if layout is None:
@@ -819,8 +925,9 @@ class RolloutServer:
             if paused is None:
                 t_pause = t_sent
                 paused = asyncio.ensure_future(_pause_keep(self.engine))
-            reload = asyncio.ensure_future(self.engine.collective_rpc(
-                "climbrl_load_weights", args=(path, layout, full, defer)))
+            reload = asyncio.ensure_future(
+                self.engine.collective_rpc("climbrl_load_weights", args=(path, layout, full, defer))
+            )
             # sent now if the engine is idle, else once it is (climbrl.rollout.prefix_cache)
             reset = self.prefix_reset.after_update()
             try:
@@ -836,8 +943,10 @@ class RolloutServer:
                     self._repack_pending = defer and took[0][1] == "cpu_full"
                     if full and took[0][1] == "cpu_full" and not self._logged_full_path:
                         self._logged_full_path = True
-                        log.info("full weight updates load by the short CPU path "
-                                 "(climbrl.rollout.worker_ext._full_reload_cpu)")
+                        log.info(
+                            "full weight updates load by the short CPU path "
+                            "(climbrl.rollout.worker_ext._full_reload_cpu)"
+                        )
                 except Exception:
                     await asyncio.wait([reload, reset], timeout=pt)  # done with the file
                     rolled_back = await self._roll_back(upd.restore, phase)
@@ -869,15 +978,26 @@ class RolloutServer:
             digests: dict[str, str] = {}
             if m.digest:
                 digests = (await self.engine.collective_rpc("climbrl_param_digest"))[0]
-            return WeightAck(server_id=self.server_id, version=m.version, ok=True,
-                             phases=phases, param_digests=digests)
+            return WeightAck(
+                server_id=self.server_id,
+                version=m.version,
+                ok=True,
+                phases=phases,
+                param_digests=digests,
+            )
         except Exception as e:
-            log.exception("weight update to version %d failed; staying on version %d",
-                          m.version, self.version)
-            return WeightAck(server_id=self.server_id, version=self.version, ok=False,
-                             phases=phases, error=f"{type(e).__name__}: {e}",
-                             rolled_back=rolled_back,
-                             shm_unreadable=isinstance(e, _ShmUnreadable))
+            log.exception(
+                "weight update to version %d failed; staying on version %d", m.version, self.version
+            )
+            return WeightAck(
+                server_id=self.server_id,
+                version=self.version,
+                ok=False,
+                phases=phases,
+                error=f"{type(e).__name__}: {e}",
+                rolled_back=rolled_back,
+                shm_unreadable=isinstance(e, _ShmUnreadable),
+            )
         finally:
             if paused is not None and resumed is None:  # failed before its reload went out
                 await self._resume_after(paused, phase)
@@ -893,8 +1013,10 @@ class RolloutServer:
         path = self.shm_path.with_suffix(".rollback")
         try:
             layout = await asyncio.to_thread(stage, path, restore)
-            await phase("rollback", self.engine.collective_rpc(
-                "climbrl_load_weights", args=(str(path), layout)))
+            await phase(
+                "rollback",
+                self.engine.collective_rpc("climbrl_load_weights", args=(str(path), layout)),
+            )
             return True
         except Exception:
             self.wstate.base = None
@@ -949,6 +1071,7 @@ def serve(cfg: Config, endpoint: str, server_id: str, initial_version: int = 0) 
     """Run a rollout server until shutdown; the exit code (``ENGINE_DEAD_EXIT`` if its engine
     died, with the cause as the last log line)."""
     import uvloop
+
     from climbrl.rollout.output_tail import OutputTail
 
     server = RolloutServer(cfg, endpoint, server_id, initial_version)

@@ -46,8 +46,13 @@ _DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 class WeightReceiver:
     """Mixed into vLLM's worker class; methods are called through ``collective_rpc``."""
 
-    def climbrl_load_weights(self, path: str, layout: list[tuple[str, str, list[int], int]],
-                             full: bool = False, defer: bool = False) -> tuple[float, str]:
+    def climbrl_load_weights(
+        self,
+        path: str,
+        layout: list[tuple[str, str, list[int], int]],
+        full: bool = False,
+        defer: bool = False,
+    ) -> tuple[float, str]:
         """Reload from ``path``; ``layout`` is (name, dtype, shape, byte offset) per tensor.
         ``full``: the layout holds every tensor of the checkpoint (a full sync), which a dense
         model on CPU loads by the short path (``_full_reload_cpu``). ``defer``: the caller
@@ -72,8 +77,11 @@ class WeightReceiver:
                 _full_reload_cpu(model, weights, defer, key)
                 return time.perf_counter() - t0, "cpu_full"
             except _UnfitForShortPath as e:  # this model's loader does not fit: vLLM's way
-                log.warning("short CPU reload does not fit this model (%s); full updates go "
-                            "through vLLM's reload_weights from now on", e)
+                log.warning(
+                    "short CPU reload does not fit this model (%s); full updates go "
+                    "through vLLM's reload_weights from now on",
+                    e,
+                )
                 model._climbrl_full_reload_ok = False
         model.__dict__.pop("_climbrl_plans", None)  # vLLM's reload may make new parameters
         _repack_cpu_moe_on_reload(model)
@@ -154,18 +162,23 @@ def _repack_cpu_moe_on_reload(model: Any) -> None:
         )
         from vllm.model_executor.utils import is_weights_pre_processed
     except ImportError as e:
-        log.warning("CPU MoE reload repack not installed (vLLM layout changed: %s); MoE "
-                    "weight updates go through vLLM's reload as is", e)
+        log.warning(
+            "CPU MoE reload repack not installed (vLLM layout changed: %s); MoE "
+            "weight updates go through vLLM's reload as is",
+            e,
+        )
         return
     for m in model.modules():
         qm = getattr(m, "quant_method", None)
-        if type(qm) is not UnquantizedFusedMoEMethod or getattr(
-            qm, "unquantized_backend", None
-        ) is not UnquantizedMoeBackend.CPU:
+        if (
+            type(qm) is not UnquantizedFusedMoEMethod
+            or getattr(qm, "unquantized_backend", None) is not UnquantizedMoeBackend.CPU
+        ):
             continue
 
-        def after_loading(layer: Any, _orig: Any = qm.process_weights_after_loading,
-                          _qm: Any = qm) -> None:
+        def after_loading(
+            layer: Any, _orig: Any = qm.process_weights_after_loading, _qm: Any = qm
+        ) -> None:
             update = _qm.moe_kernel is not None  # _setup_kernel's own test for an update
             _orig(layer)
             if update and not is_weights_pre_processed():
@@ -206,8 +219,9 @@ def _mapped(path: str, size: int) -> Any:
 _VIEWS: dict[str, tuple[Any, dict[Any, list[tuple[str, Any]]]]] = {}  # path -> (blob, views)
 
 
-def _views(path: str, blob: Any, layout: tuple[tuple[str, str, tuple[int, ...], int], ...]
-           ) -> list[tuple[str, Any]]:
+def _views(
+    path: str, blob: Any, layout: tuple[tuple[str, str, tuple[int, ...], int], ...]
+) -> list[tuple[str, Any]]:
     """(name, tensor view of ``blob``) per layout entry, kept with the mapping for the next
     reload of the same layout (the learner sends the same one every time)."""
     import torch
@@ -232,15 +246,20 @@ def _views(path: str, blob: Any, layout: tuple[tuple[str, str, tuple[int, ...], 
 class _QuietPartialReload:
     """Drop vLLM's per-module "not loaded" warnings while a subset (delta) is reloaded."""
 
-    _LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
-                "vllm.model_executor.model_loader.reload.layerwise")
+    _LOGGERS = (
+        "vllm.model_executor.model_loader.reload.inplace",
+        "vllm.model_executor.model_loader.reload.layerwise",
+    )
 
     def __init__(self) -> None:
         import logging
 
         self._filter = logging.Filter()
-        self._filter.filter = lambda r: not (  # type: ignore[method-assign]
-            "not loaded" in str(r.msg) or "Failed to load weights" in str(r.msg))
+        self._filter.filter = lambda r: (
+            not (  # type: ignore[method-assign]
+                "not loaded" in str(r.msg) or "Failed to load weights" in str(r.msg)
+            )
+        )
         for name in self._LOGGERS:
             logging.getLogger(name).addFilter(self._filter)
 
@@ -269,8 +288,11 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     try:  # the reload internals the short path builds on (vLLM 0.32)
         from vllm.model_executor.model_loader.reload import layerwise, meta, sanitize
 
-        _ = (layerwise.get_layerwise_info, meta.materialize_meta_tensor,
-             sanitize.restore_layer_refs)
+        _ = (
+            layerwise.get_layerwise_info,
+            meta.materialize_meta_tensor,
+            sanitize.restore_layer_refs,
+        )
     except (ImportError, AttributeError) as e:
         log.warning("short CPU reload unavailable with this vLLM (%s): vLLM's reload_weights", e)
         model._climbrl_full_reload_ok = False
@@ -284,8 +306,7 @@ def _full_reload_cpu_supported(model: Any) -> bool:
     return ok
 
 
-def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool,
-                     key: Any) -> None:
+def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool, key: Any) -> None:
     """Load a complete checkpoint into a dense model on CPU, without vLLM's layer-by-layer
     reload (restore every module on the meta device, buffer and count each load under a
     dispatch mode, materialise, process, copy back), which at 5M-50M parameters costs more
@@ -316,8 +337,11 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool,
         gemm = {name: m for name, m in model.named_modules() if hasattr(m, "cpu_linear")}
     else:
         gemm = plan.gemm
-    packed = {name for name, m in gemm.items()
-              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() == 0}
+    packed = {
+        name
+        for name, m in gemm.items()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() == 0
+    }
     if plan is not None and plan.packed == packed:
         direct = {name: _whole(weights[i][1], shape) for name, (i, shape) in plan.direct.items()}
         used = plan.used
@@ -353,8 +377,9 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool,
             loaded, loads = _load_recorded(model, rest)
             missing = [n for n in packed - direct.keys() if f"{n}.weight" not in loaded]
             if missing:
-                raise _UnfitForShortPath(f"{len(missing)} linear layers got no weight, e.g. "
-                                         f"{missing[:3]}")
+                raise _UnfitForShortPath(
+                    f"{len(missing)} linear layers got no weight, e.g. {missing[:3]}"
+                )
             _remember_plan(model, key, gemm, packed, direct, weights, used, loads)
         others = [(m, None) for name, m in gemm.items() if name not in direct]
         if not (defer and _repack_later([(gemm[n], w) for n, w in direct.items()] + others)):
@@ -366,7 +391,8 @@ def _full_reload_cpu(model: Any, weights: list[tuple[str, Any]], defer: bool,
             w = gemm[name].weight
             if w.numel():
                 gemm[name].weight = torch.nn.Parameter(
-                    torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+                    torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False
+                )
         raise
 
 
@@ -376,16 +402,33 @@ class _Plan:
     straight from the file, as (index of their first part in the layout, whole shape), and
     the loader calls the model's ``load_weights`` made for the other tensors."""
 
-    def __init__(self, gemm: dict[str, Any], packed: set[str],
-                 direct: dict[str, tuple[int, tuple[int, ...]]], used: set[str],
-                 loads: dict[str, list[tuple[Any, Any]]]) -> None:
+    def __init__(
+        self,
+        gemm: dict[str, Any],
+        packed: set[str],
+        direct: dict[str, tuple[int, tuple[int, ...]]],
+        used: set[str],
+        loads: dict[str, list[tuple[Any, Any]]],
+    ) -> None:
         self.gemm, self.packed, self.direct, self.used, self.loads = (
-            gemm, packed, direct, used, loads)
+            gemm,
+            packed,
+            direct,
+            used,
+            loads,
+        )
 
 
-def _remember_plan(model: Any, key: Any, gemm: dict[str, Any], packed: set[str],
-                   direct: dict[str, Any], weights: list[tuple[str, Any]], used: set[str],
-                   loads: dict[str, list[tuple[Any, Any]]] | None) -> None:
+def _remember_plan(
+    model: Any,
+    key: Any,
+    gemm: dict[str, Any],
+    packed: set[str],
+    direct: dict[str, Any],
+    weights: list[tuple[str, Any]],
+    used: set[str],
+    loads: dict[str, list[tuple[Any, Any]]] | None,
+) -> None:
     """Keep a ``_Plan`` when this reload can be replayed: every linear layer was packed
     straight from one run of the file (no concatenation, no rebuilt weight) and every other
     tensor went through recorded loader calls. A few layouts are kept (the learner's file and
@@ -414,12 +457,14 @@ def _whole(part: Any, shape: tuple[int, ...]) -> Any:
 
     if tuple(part.shape) == shape:
         return part
-    return torch.empty(0, dtype=part.dtype).set_(part.untyped_storage(), part.storage_offset(),
-                                                 shape)
+    return torch.empty(0, dtype=part.dtype).set_(
+        part.untyped_storage(), part.storage_offset(), shape
+    )
 
 
-def _load_recorded(model: Any, rest: list[tuple[str, Any]]
-                   ) -> tuple[set[str], dict[str, list[tuple[Any, Any]]] | None]:
+def _load_recorded(
+    model: Any, rest: list[tuple[str, Any]]
+) -> tuple[set[str], dict[str, list[tuple[Any, Any]]] | None]:
     """``model.load_weights(rest)``, recording the loader calls it makes: the names it
     loaded, and {checkpoint name: [(parameter, loader)]} when every call was
     ``loader(parameter, that very tensor)`` and every parameter it reports loaded got such a
@@ -439,6 +484,7 @@ def _load_recorded(model: Any, rest: list[tuple[str, Any]]
             else:
                 loads.setdefault(n, []).append((param, orig or default_weight_loader))
             return (orig or default_weight_loader)(param, loaded, *args, **kwargs)
+
         return rec
 
     try:
@@ -649,16 +695,21 @@ def _repack_helper(idle: bool = False) -> Any:
             try:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             except (AttributeError, OSError):
-                log.warning("weight repack helper: no idle priority here; it runs at normal "
-                            "priority")
+                log.warning(
+                    "weight repack helper: no idle priority here; it runs at normal priority"
+                )
 
-    log.info("weight repack: a helper thread on CPUs %s%s", sorted(spare),
-             " at idle priority" if idle else "")
+    log.info(
+        "weight repack: a helper thread on CPUs %s%s",
+        sorted(spare),
+        " at idle priority" if idle else "",
+    )
     return ThreadPoolExecutor(1, thread_name_prefix="climbrl-repack", initializer=init)
 
 
-def _direct_gemm_weights(model: Any, layers: dict[str, Any],
-                         weights: list[tuple[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+def _direct_gemm_weights(
+    model: Any, layers: dict[str, Any], weights: list[tuple[str, Any]]
+) -> tuple[dict[str, Any], set[str]]:
     """The complete weight of each packed linear layer that can be taken from the file as
     it is: {module name: tensor}, and the checkpoint names they use. A layer qualifies when
     the checkpoint holds its ``.weight`` under the module's name (after the model's
@@ -696,22 +747,36 @@ def _direct_gemm_weights(model: Any, layers: dict[str, Any],
             parts = [shards[k] for k in sorted(shards)]
         else:
             prefix, _, leaf = name.rpartition(".")
-            keys = [f"{prefix}.{p}.weight" if prefix else f"{p}.weight"
-                    for p in stacked.get(leaf, ())]
+            keys = [
+                f"{prefix}.{p}.weight" if prefix else f"{p}.weight" for p in stacked.get(leaf, ())
+            ]
             if not keys or not all(list(ckpt.get(k, {})) == [None] for k in keys):
                 continue
             parts = [ckpt[k][None] for k in keys]
         ts = [t for _, t in parts]
-        if (len(ts) != len(sizes) or sum(sizes) != meta.shape[0]
-                or any(t.dtype != meta.dtype or t.dim() != 2 or t.shape[1] != meta.shape[1]
-                       or t.shape[0] != s or not t.is_contiguous() for t, s in zip(ts, sizes))):
+        if (
+            len(ts) != len(sizes)
+            or sum(sizes) != meta.shape[0]
+            or any(
+                t.dtype != meta.dtype
+                or t.dim() != 2
+                or t.shape[1] != meta.shape[1]
+                or t.shape[0] != s
+                or not t.is_contiguous()
+                for t, s in zip(ts, sizes)
+            )
+        ):
             continue
         if len(ts) == 1:
             w = ts[0]
-        elif all(b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-                 and b.data_ptr() == a.data_ptr() + a.nbytes for a, b in zip(ts, ts[1:])):
+        elif all(
+            b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.nbytes
+            for a, b in zip(ts, ts[1:])
+        ):
             w = torch.empty(0, dtype=meta.dtype).set_(
-                ts[0].untyped_storage(), ts[0].storage_offset(), tuple(meta.shape))
+                ts[0].untyped_storage(), ts[0].storage_offset(), tuple(meta.shape)
+            )
         else:
             w = torch.cat(ts)
         out[name] = w

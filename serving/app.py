@@ -38,11 +38,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from climbrl.serving.capture import CURRENT_REQUEST, RequestInfo, SessionStore, instrument_engine
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from climbrl.config import ServeCfg
+from climbrl.serving.capture import CURRENT_REQUEST, RequestInfo, SessionStore, instrument_engine
 
 log = logging.getLogger("climbrl.serving")
 
@@ -68,11 +68,15 @@ def check_api_keys(keys: list[str], host: str) -> list[str]:
 
     for k in keys:
         if not k or not k.strip():
-            raise ValueError("an API key is empty: pass a non-empty --api-key / serve.api_keys "
-                             "entry, or unset CLIMBRL_API_KEY")
+            raise ValueError(
+                "an API key is empty: pass a non-empty --api-key / serve.api_keys "
+                "entry, or unset CLIMBRL_API_KEY"
+            )
     if not keys and not is_loopback(host):
-        raise ValueError(f"refusing to serve on {host} without an API key: pass --api-key "
-                         "(or CLIMBRL_API_KEY / serve.api_keys), or bind 127.0.0.1")
+        raise ValueError(
+            f"refusing to serve on {host} without an API key: pass --api-key "
+            "(or CLIMBRL_API_KEY / serve.api_keys), or bind 127.0.0.1"
+        )
     return list(keys)
 
 
@@ -96,8 +100,10 @@ def run_api_key(folder: Path) -> str:
     with os.fdopen(fd) as f:
         st = os.fstat(f.fileno())
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise ValueError(f"{path} must be a file of this user with mode 0600 (it holds the "
-                             "run's API key): remove it and start again")
+            raise ValueError(
+                f"{path} must be a file of this user with mode 0600 (it holds the "
+                "run's API key): remove it and start again"
+            )
         key = f.read().strip()
     if not key:
         raise ValueError(f"{path} is empty: remove it and start again")
@@ -108,12 +114,21 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None)
     return {"error": {"message": message, "type": type_, "param": None, "code": code or status}}
 
 
-async def _send_json(send: Callable, status: int, body: dict,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _send_json(
+    send: Callable, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(raw)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": raw})
 
 
@@ -158,9 +173,12 @@ class ApiKeyMiddleware:
             return await self.app(scope, receive, send)
         if kind == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        msg = ("Incorrect or missing API key: send 'Authorization: Bearer <key>'." if self.keys
-               else f"{path} needs an API key and this server has none: start it with "
-               "--api-key (or serve.api_keys)")
+        msg = (
+            "Incorrect or missing API key: send 'Authorization: Bearer <key>'."
+            if self.keys
+            else f"{path} needs an API key and this server has none: start it with "
+            "--api-key (or serve.api_keys)"
+        )
         return await _send_json(send, 401, _unauthorized(msg), [(b"www-authenticate", b"Bearer")])
 
 
@@ -181,8 +199,9 @@ class RequestLimitsMiddleware:
         self.inflight: dict[str, int] = {}
         self.refused: dict[int, int] = {}  # status -> count
 
-    async def _refuse(self, send: Callable, status: int, message: str, type_: str,
-                      code: str) -> None:
+    async def _refuse(
+        self, send: Callable, status: int, message: str, type_: str, code: str
+    ) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
         await _send_json(send, status, openai_error(status, message, type_, code))
 
@@ -192,9 +211,13 @@ class RequestLimitsMiddleware:
         key = scope.get("climbrl_key", "-")
         if self.inflight.get(key, 0) >= self.max_inflight:
             return await self._refuse(
-                send, 429, f"too many requests in flight for this API key (at most "
+                send,
+                429,
+                f"too many requests in flight for this API key (at most "
                 f"{self.max_inflight}, serve.max_concurrent_per_key): retry when one ends",
-                "rate_limit_error", "rate_limit_exceeded")
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            )
         self.inflight[key] = self.inflight.get(key, 0) + 1
         try:
             if scope.get("method") in self.LIMITED_METHODS:
@@ -203,8 +226,9 @@ class RequestLimitsMiddleware:
                     return
                 problem = self._check_json(body)
                 if problem:
-                    return await self._refuse(send, 400, problem, "invalid_request_error",
-                                              "limit_exceeded")
+                    return await self._refuse(
+                        send, 400, problem, "invalid_request_error", "limit_exceeded"
+                    )
                 receive = _replay(body, receive)
             await self.app(scope, receive, send)
         finally:
@@ -220,8 +244,9 @@ class RequestLimitsMiddleware:
         too_big = f"request body over {self.max_body} bytes (serve.max_body_mb)"
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and not length.isdigit():
-            await self._refuse(send, 400, "bad Content-Length header",
-                               "invalid_request_error", "bad_request")
+            await self._refuse(
+                send, 400, "bad Content-Length header", "invalid_request_error", "bad_request"
+            )
             return None
         drain = self.DRAIN_FACTOR * self.max_body
         over = length is not None and int(length) > self.max_body
@@ -244,8 +269,7 @@ class RequestLimitsMiddleware:
             if not msg.get("more_body", False):
                 break
         if over:
-            await self._refuse(send, 413, too_big, "invalid_request_error",
-                               "request_too_large")
+            await self._refuse(send, 413, too_big, "invalid_request_error", "request_too_large")
             return None
         return b"".join(chunks)
 
@@ -258,9 +282,12 @@ class RequestLimitsMiddleware:
             return None  # vLLM answers malformed JSON itself
         if not isinstance(req, dict):
             return None
-        for field, cap, knob in (("n", self.max_n, "max_n"), ("best_of", self.max_n, "max_n"),
-                                 ("max_tokens", self.max_tokens, "max_tokens"),
-                                 ("max_completion_tokens", self.max_tokens, "max_tokens")):
+        for field, cap, knob in (
+            ("n", self.max_n, "max_n"),
+            ("best_of", self.max_n, "max_n"),
+            ("max_tokens", self.max_tokens, "max_tokens"),
+            ("max_completion_tokens", self.max_tokens, "max_tokens"),
+        ):
             v = req.get(field)
             if isinstance(v, int) and not isinstance(v, bool) and v > cap:
                 return f"'{field}' is {v}; this server allows at most {cap} (serve.{knob})"
@@ -302,8 +329,12 @@ class WeightVersionMiddleware:
         def version_headers() -> list[tuple[bytes, bytes]]:
             h = [(b"x-climbrl-weight-version", str(version()).encode())]
             if len(info.versions) > 1:
-                h.append((b"x-climbrl-weight-versions",
-                          ",".join(map(str, sorted(info.versions))).encode()))
+                h.append(
+                    (
+                        b"x-climbrl-weight-versions",
+                        ",".join(map(str, sorted(info.versions))).encode(),
+                    )
+                )
             return h
 
         def stamp(obj: Any) -> Any:
@@ -419,10 +450,13 @@ async def build_serving_app(
     from vllm.entrypoints.launchers.app import build_app
 
     limits = limits or ServeCfg()
-    store = SessionStore(tokenizer, max_sessions=limits.max_sessions,
-                         max_turns=limits.session_max_turns,
-                         max_bytes=int(limits.session_max_mb * 2**20),
-                         max_age_s=limits.session_max_age_s)
+    store = SessionStore(
+        tokenizer,
+        max_sessions=limits.max_sessions,
+        max_turns=limits.session_max_turns,
+        max_bytes=int(limits.session_max_mb * 2**20),
+        max_age_s=limits.session_max_age_s,
+    )
     instrument_engine(engine, store, control.current_version)
     supported = await engine.get_supported_tasks()
     args.api_key = None  # climbrl's middleware does auth, with OpenAI-style errors
@@ -445,10 +479,13 @@ async def build_serving_app(
         try:
             body = await request.json()
         except ValueError:
-            return err(400, "body must be JSON: {\"version\": N} or {\"version\": null}")
+            return err(400, 'body must be JSON: {"version": N} or {"version": null}')
         if not isinstance(body, dict) or "version" not in body:
-            return err(400, "body must be {\"version\": N} to pin or {\"version\": null} to "
-                       "follow the latest weights")
+            return err(
+                400,
+                'body must be {"version": N} to pin or {"version": null} to '
+                "follow the latest weights",
+            )
         v = body["version"]
         if v is None:
             control.pinned = None
@@ -456,8 +493,12 @@ async def build_serving_app(
                 await control.on_unpin()
         elif isinstance(v, int) and not isinstance(v, bool):
             if v != control.version:
-                return err(409, f"the engine holds weight version {control.version}; only the "
-                           "version being served can be pinned", "conflict_error")
+                return err(
+                    409,
+                    f"the engine holds weight version {control.version}; only the "
+                    "version being served can be pinned",
+                    "conflict_error",
+                )
             control.pinned = v
         else:
             return err(400, "version must be an integer or null")
@@ -475,7 +516,7 @@ async def build_serving_app(
         try:
             body = await request.json()
         except ValueError:
-            return err(400, "body must be JSON: {\"reward\": float}")
+            return err(400, 'body must be JSON: {"reward": float}')
         reward = body.get("reward") if isinstance(body, dict) else None
         if isinstance(reward, bool) or not isinstance(reward, (int, float)) or reward != reward:
             return err(400, "'reward' must be a finite number")
@@ -486,8 +527,12 @@ async def build_serving_app(
             return err(400, "'metrics' must map names to numbers")
         s = store.get(sid)
         if s is None or s.turns == 0:
-            return err(404, f"session {sid!r} has no recorded turns; send its requests with "
-                       "the X-Session-ID header (or a session_id field) first", "not_found_error")
+            return err(
+                404,
+                f"session {sid!r} has no recorded turns; send its requests with "
+                "the X-Session-ID header (or a session_id field) first",
+                "not_found_error",
+            )
         if s.finished.is_set():
             return err(409, f"session {sid!r} already has a reward", "conflict_error")
         s.reward = float(reward)
@@ -496,8 +541,9 @@ async def build_serving_app(
         return {"session_id": sid, "reward": s.reward, "turns": s.turns}
 
     # Routes that answer a client's bad request with a 5xx are left out (UNSERVED_ROUTES).
-    app.router.routes = [rt for rt in app.router.routes
-                         if not getattr(rt, "path", "").startswith(UNSERVED_ROUTES)]
+    app.router.routes = [
+        rt for rt in app.router.routes if not getattr(rt, "path", "").startswith(UNSERVED_ROUTES)
+    ]
     app.include_router(r)
     app.include_router(r, prefix="/v1")  # so an OpenAI client's base_url reaches it too
     # vLLM's app has already built its middleware stack; ours wrap it from outside.
@@ -513,8 +559,9 @@ async def run_http(app: Any, host: str, port: int, log_level: str = "warning") -
     import uvicorn
     from vllm.entrypoints.launchers.launcher import NoSignalServer
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=5
+    )
     server = NoSignalServer(config)
     task = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:
@@ -549,17 +596,33 @@ async def serve_model(
 
     api_keys = check_api_keys(list(api_keys or []), host)
     if not api_keys:
-        log.warning("serving without an API key on %s: any local process can use it "
-                    "(/climbrl/pin and session rewards stay closed)", host)
+        log.warning(
+            "serving without an API key on %s: any local process can use it "
+            "(/climbrl/pin and session rewards stay closed)",
+            host,
+        )
 
-    args = vllm_args(model, vllm_extra, host=host, port=port,
-                     served_model_name=[served_model_name] if served_model_name else None)
-    from climbrl.rollout.engine import engine_args, prepare_vllm_env
+    args = vllm_args(
+        model,
+        vllm_extra,
+        host=host,
+        port=port,
+        served_model_name=[served_model_name] if served_model_name else None,
+    )
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from climbrl.rollout.engine import engine_args, prepare_vllm_env
+
     prepare_vllm_env(kv_cache_gb)
-    ea = engine_args(model, dtype=dtype, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len,
-                     enforce_eager=True, max_num_seqs=64, replay_mask=False)
+    ea = engine_args(
+        model,
+        dtype=dtype,
+        kv_cache_gb=kv_cache_gb,
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        max_num_seqs=64,
+        replay_mask=False,
+    )
     for k, v in user_engine_options(model, vllm_extra).items():
         setattr(ea, k, v)  # vLLM engine options given after `--` win over climbrl's defaults
     engine = AsyncLLM.from_engine_args(ea)

@@ -112,8 +112,14 @@ class SessionStore:
     """Sessions by id, bounded (module docstring): held sessions are never evicted; the others
     number at most ``max_sessions`` and live at most ``max_age_s``."""
 
-    def __init__(self, tokenizer: Any, max_sessions: int = 1024, max_turns: int = 256,
-                 max_bytes: int = 8 << 20, max_age_s: float = 3600.0):
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_sessions: int = 1024,
+        max_turns: int = 256,
+        max_bytes: int = 8 << 20,
+        max_age_s: float = 3600.0,
+    ):
         self.tokenizer = tokenizer
         self.max_sessions = max_sessions
         self.max_turns = max_turns
@@ -163,13 +169,17 @@ class SessionStore:
     def check_room(self, sess: Session, prompt_tokens: int) -> None:
         """SessionLimitError if one more request of ``prompt_tokens`` would pass the bounds."""
         if sess.turns >= self.max_turns:
-            raise SessionLimitError(f"session {sess.session_id!r} has had {sess.turns} "
-                                    f"requests, the most one session takes "
-                                    "(serve.session_max_turns): start a new one")
+            raise SessionLimitError(
+                f"session {sess.session_id!r} has had {sess.turns} "
+                f"requests, the most one session takes "
+                "(serve.session_max_turns): start a new one"
+            )
         if sess.nbytes + prompt_tokens * BYTES_PER_TOKEN > self.max_bytes:
-            raise SessionLimitError(f"session {sess.session_id!r} would record more than "
-                                    f"{self.max_bytes} bytes (serve.session_max_mb): start a "
-                                    "new one")
+            raise SessionLimitError(
+                f"session {sess.session_id!r} would record more than "
+                f"{self.max_bytes} bytes (serve.session_max_mb): start a "
+                "new one"
+            )
 
     # ---------------------------------------------------------------- token-exact rebasing
 
@@ -241,8 +251,11 @@ class SessionStore:
         seg.mask += [1] * len(token_ids)
         seg.logprobs += logprobs
         seg.versions += versions
-        sess.nbytes = sum(len(g.tokens) for g in sess.segments) * BYTES_PER_TOKEN + len(
-            sess.text.encode()) + len(text.encode())
+        sess.nbytes = (
+            sum(len(g.tokens) for g in sess.segments) * BYTES_PER_TOKEN
+            + len(sess.text.encode())
+            + len(text.encode())
+        )
         sess.turns += 1
         sess.finish_reason = finish_reason
         sess.text += text
@@ -269,8 +282,14 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
     if getattr(orig, "_climbrl_wrapped", False):
         return
 
-    async def generate(prompt: Any, sampling_params: Any, request_id: str, *args: Any,
-                       session_id: str | None = None, **kw: Any) -> Any:
+    async def generate(
+        prompt: Any,
+        sampling_params: Any,
+        request_id: str,
+        *args: Any,
+        session_id: str | None = None,
+        **kw: Any,
+    ) -> Any:
         info = CURRENT_REQUEST.get()
         sess = store.open(session_id) if session_id else None
         capture = sess is not None and isinstance(sampling_params, SamplingParams)
@@ -279,8 +298,10 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
             if sess.finished.is_set():
                 raise ValueError(f"session {session_id!r} already has a reward; start a new one")
             if sess.busy:
-                raise ValueError(f"session {session_id!r} has a request in flight; a session "
-                                 "is one conversation, send its turns one at a time")
+                raise ValueError(
+                    f"session {session_id!r} has a request in flight; a session "
+                    "is one conversation, send its turns one at a time"
+                )
             if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
                 store.check_room(sess, len(prompt["prompt_token_ids"]))
                 ids, continues = store.rebase(sess, list(prompt["prompt_token_ids"]))
@@ -299,8 +320,9 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
         text: list[str] = []
         final = None
         try:
-            async for out in orig(prompt, sampling_params, request_id, *args,
-                                  session_id=session_id, **kw):
+            async for out in orig(
+                prompt, sampling_params, request_id, *args, session_id=session_id, **kw
+            ):
                 if info is not None:
                     info.last_version = current_version()
                     info.versions.add(info.last_version)
@@ -324,15 +346,23 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
         if final is None or not final.outputs:
             return
         o = final.outputs[0]
-        vers = expand_versions(o.weight_versions, len(o.token_ids) if not delta else len(toks),
-                               current_version())
+        vers = expand_versions(
+            o.weight_versions, len(o.token_ids) if not delta else len(toks), current_version()
+        )
         if info is not None and o.weight_versions:
             info.versions.update(vers)
             info.last_version = vers[-1] if vers else info.last_version
         if capture and final.finished:
-            store.record(sess, list(final.prompt_token_ids or prompt["prompt_token_ids"]),
-                         continues, toks, lps if len(lps) == len(toks) else [0.0] * len(toks),
-                         vers, o.finish_reason or "", "".join(text))
+            store.record(
+                sess,
+                list(final.prompt_token_ids or prompt["prompt_token_ids"]),
+                continues,
+                toks,
+                lps if len(lps) == len(toks) else [0.0] * len(toks),
+                vers,
+                o.finish_reason or "",
+                "".join(text),
+            )
 
     generate._climbrl_wrapped = True  # type: ignore[attr-defined]
     engine.generate = generate

@@ -35,7 +35,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer trained on the copy_first task and a random 2-layer Qwen3 (float32)."""
     from climbrl.envs.tasks import corpus_for_tokenizer
-
     from climbrl.tinymodel import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus_for_tokenizer())
@@ -54,9 +53,14 @@ def start_cli(args: list[str], log: Path, **popen: Any) -> subprocess.Popen:
     vLLM and starting an engine keeps one core busy at a time)."""
     env = {**os.environ, "CLIMBRL_LOG": "INFO", **popen.pop("env", {})}
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "climbrl.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                **popen)
+        return subprocess.Popen(
+            [sys.executable, "-m", "climbrl.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            **popen,
+        )
 
 
 def wait_cli(proc: subprocess.Popen, timeout: float) -> int:
@@ -112,12 +116,17 @@ def group_pids(pgid: int) -> list[int]:
 def write_config(path: Path, model: Path, out: Path, **sections: dict) -> Path:
     from climbrl.config import dump_toml, load_config
 
-    overrides = [f"model.path={str(model)!r}".replace("'", '"'),
-                 f"run.output_dir={str(out)!r}".replace("'", '"')]
+    overrides = [
+        f"model.path={str(model)!r}".replace("'", '"'),
+        f"run.output_dir={str(out)!r}".replace("'", '"'),
+    ]
     for sec, vals in sections.items():
         for k, v in vals.items():
-            overrides.append(f"{sec}.{k}={v!r}".replace("'", '"') if isinstance(v, str)
-                             else f"{sec}.{k}={str(v).lower() if isinstance(v, bool) else v}")
+            overrides.append(
+                f"{sec}.{k}={v!r}".replace("'", '"')
+                if isinstance(v, str)
+                else f"{sec}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+            )
     cfg = load_config(None, overrides)
     path.write_text(dump_toml(cfg))
     return path
@@ -141,16 +150,31 @@ def rollout_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     from climbrl.learner.hub import LearnerHub
 
     d = tmp_path_factory.mktemp("rollout")
-    cfg = write_config(d / "cfg.toml", tiny_model, d / "out",
-                       rollout={"max_model_len": 256, "kv_cache_gb": 0.5,
-                                "extra_envs": ["math"]},
-                       wire={"dead_after_s": 60.0})
+    cfg = write_config(
+        d / "cfg.toml",
+        tiny_model,
+        d / "out",
+        rollout={"max_model_len": 256, "kv_cache_gb": 0.5, "extra_envs": ["math"]},
+        wire={"dead_after_s": 60.0},
+    )
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
-         hub.endpoint, "--server-id", "r0"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "climbrl.cli",
+            "rollout",
+            "--config",
+            str(cfg),
+            "--endpoint",
+            hub.endpoint,
+            "--server-id",
+            "r0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, **hub.client_env()},  # the hub's credentials
     )
     deadline = time.monotonic() + 300
@@ -158,12 +182,19 @@ def rollout_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     while hello is None:
         if proc.poll() is not None or time.monotonic() > deadline:
             kill_tree(proc)
-            raise RuntimeError("rollout server failed to start:\n" +
-                               (d / "rollout.log").read_text()[-3000:])
+            raise RuntimeError(
+                "rollout server failed to start:\n" + (d / "rollout.log").read_text()[-3000:]
+            )
         item = hub.recv(0.5)
         if item is not None:
             hello = item[1]
-    yield {"hub": hub, "proc": proc, "server_id": "r0", "model": tiny_model, "log": d / "rollout.log"}
+    yield {
+        "hub": hub,
+        "proc": proc,
+        "server_id": "r0",
+        "model": tiny_model,
+        "log": d / "rollout.log",
+    }
     kill_tree(proc)
     hub.close()
     log.close()

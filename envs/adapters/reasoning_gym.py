@@ -75,8 +75,9 @@ class ReasoningGymEnv(Env):
         try:
             return _dataset(self.dataset, seed, self.sizes[split], self.config_json)
         except (TypeError, ValueError, AssertionError) as e:
-            raise ValueError(f"reasoning-gym {self.dataset!r} rejected config "
-                             f"{self.config_json}: {e}") from e
+            raise ValueError(
+                f"reasoning-gym {self.dataset!r} rejected config {self.config_json}: {e}"
+            ) from e
 
     def num_tasks(self, split: str) -> int:
         return len(self._data(split))
@@ -86,11 +87,18 @@ class ReasoningGymEnv(Env):
         index %= len(data)
         entry = data[index]
         q = entry["question"]
-        prompt: Prompt = ([{"role": "system", "content": self.system_prompt},
-                           {"role": "user", "content": q}] if self.chat
-                          else f"{self.system_prompt}\n\n{q}\n")
-        return Task(task_id=f"{self.dataset}/{split}/{index}", split=split, prompt=prompt,
-                    answer=entry["answer"], meta={"index": index})
+        prompt: Prompt = (
+            [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": q}]
+            if self.chat
+            else f"{self.system_prompt}\n\n{q}\n"
+        )
+        return Task(
+            task_id=f"{self.dataset}/{split}/{index}",
+            split=split,
+            prompt=prompt,
+            answer=entry["answer"],
+            meta={"index": index},
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._entry = self._data(task.split)[task.meta["index"]]
@@ -104,8 +112,11 @@ class ReasoningGymEnv(Env):
         data = self._data("train")  # score_answer depends on the dataset class, not its entries
         score = float(data.score_answer(answer=answer, entry=self._entry)) if answer else 0.0
         score = min(max(score, 0.0), 1.0)
-        return StepResult(reward=score, done=True,
-                          info={"correct": float(score >= 1.0), "answered": float(answer is not None)})
+        return StepResult(
+            reward=score,
+            done=True,
+            info={"correct": float(score >= 1.0), "answered": float(answer is not None)},
+        )
 
     def reference_turns(self, task: Task) -> list[str]:
         return [f"<answer>{task.answer}</answer>"]

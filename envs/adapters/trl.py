@@ -38,8 +38,12 @@ from climbrl.envs.rewards import Gate, RewardContext, RewardFn, WeightedSum
 class TRLReward(RewardFn):
     """A TRL-style reward function as a climbrl ``RewardFn`` over ``[lo, hi]``."""
 
-    def __init__(self, func: Callable[..., Any] | str, name: str | None = None,
-                 range: tuple[float, float] = (0.0, 1.0)):
+    def __init__(
+        self,
+        func: Callable[..., Any] | str,
+        name: str | None = None,
+        range: tuple[float, float] = (0.0, 1.0),
+    ):
         self.func = load_object(func) if isinstance(func, str) else func
         if not callable(self.func):
             raise ValueError(f"TRL reward {func!r} is not callable")
@@ -49,23 +53,34 @@ class TRLReward(RewardFn):
     async def score(self, ctx: RewardContext) -> tuple[float, dict[str, float]]:
         prompt = ctx.task.prompt
         conversational = isinstance(prompt, list)
-        completion: Any = ([{"role": "assistant", "content": ctx.completion}] if conversational
-                           else ctx.completion)
+        completion: Any = (
+            [{"role": "assistant", "content": ctx.completion}] if conversational else ctx.completion
+        )
         row = ctx.task.meta.get("row", {})
         columns = {k: [v] for k, v in row.items() if k not in ("prompt", "completion")}
-        out = self.func(prompts=[prompt], completions=[completion], trainer_state=None,
-                        log_extra=None, log_metric=None, **columns)
+        out = self.func(
+            prompts=[prompt],
+            completions=[completion],
+            trainer_state=None,
+            log_extra=None,
+            log_metric=None,
+            **columns,
+        )
         if inspect.isawaitable(out):
             out = await out
         out = list(out)
         if len(out) != 1:
-            raise ValueError(f"TRL reward {self.name!r} returned {len(out)} rewards for 1 completion")
+            raise ValueError(
+                f"TRL reward {self.name!r} returned {len(out)} rewards for 1 completion"
+            )
         if out[0] is None:
             return 0.0, {self.name: 0.0, f"{self.name}/skipped": 1.0}
         v = float(out[0])
         if not self.range[0] <= v <= self.range[1]:
-            raise ValueError(f"TRL reward {self.name!r} returned {v}, outside its declared range "
-                             f"{self.range}: set reward_ranges in the env args")
+            raise ValueError(
+                f"TRL reward {self.name!r} returned {v}, outside its declared range "
+                f"{self.range}: set reward_ranges in the env args"
+            )
         return v, {self.name: v}
 
 
@@ -106,13 +121,17 @@ class TRLRewardEnv(Env):
     ):
         super().__init__(seed=seed, **kwargs)
         if not dataset or not reward_funcs:
-            raise ValueError("the trl env needs args.dataset (a dotted path or .jsonl) and "
-                             "args.reward_funcs (dotted paths of TRL reward functions)")
+            raise ValueError(
+                "the trl env needs args.dataset (a dotted path or .jsonl) and "
+                "args.reward_funcs (dotted paths of TRL reward functions)"
+            )
         weights = list(reward_weights or [1.0] * len(reward_funcs))
         ranges = list(reward_ranges or [(0.0, 1.0)] * len(reward_funcs))
         if not len(weights) == len(ranges) == len(reward_funcs):
             raise ValueError("reward_weights and reward_ranges need one entry per reward_funcs")
-        terms = [(TRLReward(f, range=tuple(r)), w) for f, r, w in zip(reward_funcs, ranges, weights)]
+        terms = [
+            (TRLReward(f, range=tuple(r)), w) for f, r, w in zip(reward_funcs, ranges, weights)
+        ]
         reward: RewardFn = WeightedSum(terms)
         if gate_funcs:
             reward = Gate(reward, checks=[TRLReward(g) for g in gate_funcs])
@@ -122,12 +141,15 @@ class TRLRewardEnv(Env):
         if eval_dataset:
             self.rows = {"train": rows, "test": _cached_rows(eval_dataset)}
         else:
+
             def is_test(r: dict[str, Any]) -> bool:
                 h = hashlib.sha256(json.dumps(r["prompt"], sort_keys=True).encode()).digest()
                 return int.from_bytes(h[:4], "little") / 2**32 < test_fraction
 
-            self.rows = {"train": tuple(r for r in rows if not is_test(r)),
-                         "test": tuple(r for r in rows if is_test(r))}
+            self.rows = {
+                "train": tuple(r for r in rows if not is_test(r)),
+                "test": tuple(r for r in rows if is_test(r)),
+            }
         self._task: Task | None = None
 
     def num_tasks(self, split: str) -> int:
@@ -141,8 +163,13 @@ class TRLRewardEnv(Env):
             raise ValueError(f"the trl env's {split!r} split is empty")
         index %= n
         row = self.rows[split][index]
-        return Task(task_id=f"trl/{split}/{index}", split=split, prompt=row["prompt"],
-                    answer=row.get("solution", row.get("answer")), meta={"row": row})
+        return Task(
+            task_id=f"trl/{split}/{index}",
+            split=split,
+            prompt=row["prompt"],
+            answer=row.get("solution", row.get("answer")),
+            meta={"row": row},
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._task = task
@@ -150,10 +177,12 @@ class TRLRewardEnv(Env):
 
     async def respond(self, turn: Turn) -> StepResult:
         assert self._task is not None, "reset() first"
-        total, parts = await self.reward.score(RewardContext(completion=turn.content,
-                                                             task=self._task))
-        return StepResult(reward=total, done=True,
-                          info={**parts, "correct": float(total >= self.reward_range[1])})
+        total, parts = await self.reward.score(
+            RewardContext(completion=turn.content, task=self._task)
+        )
+        return StepResult(
+            reward=total, done=True, info={**parts, "correct": float(total >= self.reward_range[1])}
+        )
 
     def reference_turns(self, task: Task) -> list[str] | None:
         ref = task.meta["row"].get("reference_completion")
@@ -169,10 +198,17 @@ def example_rows(n: int = 200) -> list[dict[str, Any]]:
     rows = []
     for _ in range(n):
         a, b = rng.randint(2, 99), rng.randint(2, 99)
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is {a} + {b}? Think in <think></think>, "
-                        "then answer in \\boxed{}."}],
-            "solution": str(a + b),
-            "reference_completion": f"<think>\n{a} + {b} = {a + b}\n</think>\n\\boxed{{{a + b}}}",
-        })
+        rows.append(
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": f"What is {a} + {b}? Think in <think></think>, "
+                        "then answer in \\boxed{}.",
+                    }
+                ],
+                "solution": str(a + b),
+                "reference_completion": f"<think>\n{a} + {b} = {a + b}\n</think>\n\\boxed{{{a + b}}}",
+            }
+        )
     return rows

@@ -62,8 +62,9 @@ def _vf() -> Any:
     try:
         import verifiers.v1 as vf
     except ImportError as e:
-        raise ValueError("the verifiers env needs `pip install climbrl[envs]` "
-                         f"(verifiers==0.4.0): {e}") from e
+        raise ValueError(
+            f"the verifiers env needs `pip install climbrl[envs]` (verifiers==0.4.0): {e}"
+        ) from e
     _register_harness()
     return vf
 
@@ -108,9 +109,17 @@ def _register_harness() -> None:
         EXECUTES_CODE = False
         NEEDS_CONTAINER = False
 
-        async def launch(self, ctx: Any, trace: Any, runtime: Any, endpoint: str, secret: str,
-                         mcp_urls: dict[str, str], data: Any,
-                         tool_interception_url: str | None = None) -> Any:
+        async def launch(
+            self,
+            ctx: Any,
+            trace: Any,
+            runtime: Any,
+            endpoint: str,
+            secret: str,
+            mcp_urls: dict[str, str],
+            data: Any,
+            tool_interception_url: str | None = None,
+        ) -> Any:
             import httpx
 
             system, prompt = self.resolve_prompt(data)
@@ -122,12 +131,15 @@ def _register_harness() -> None:
             elif prompt:
                 messages += [message_to_wire(m) for m in prompt]
             async with httpx.AsyncClient(timeout=self.config.request_timeout_s) as client:
-                r = await client.post(endpoint.rstrip("/") + "/chat/completions",
-                                      json={"model": ctx.model, "messages": messages},
-                                      headers={"Authorization": f"Bearer {secret}"})
+                r = await client.post(
+                    endpoint.rstrip("/") + "/chat/completions",
+                    json={"model": ctx.model, "messages": messages},
+                    headers={"Authorization": f"Bearer {secret}"},
+                )
             if r.status_code != 200:
-                return ProgramResult(1, "", f"chat completion failed: {r.status_code} "
-                                            f"{r.text[-2000:]}")
+                return ProgramResult(
+                    1, "", f"chat completion failed: {r.status_code} {r.text[-2000:]}"
+                )
             return ProgramResult(0, r.text, "")
 
     mod = types.ModuleType(HARNESS_ID, "climbrl's in-process verifiers chat harness")
@@ -177,8 +189,11 @@ def _load(spec_json: str) -> _Loaded:
         if role.harness is None:
             upd["harness"] = vf.AgentConfig.model_validate({"harness": harness}).harness
         if "runtime" not in role.model_fields_set:
-            upd["runtime"] = (vf.AgentConfig.model_validate({"runtime": s["runtime"]}).runtime
-                              if s["runtime"] else SubprocessConfig())
+            upd["runtime"] = (
+                vf.AgentConfig.model_validate({"runtime": s["runtime"]}).runtime
+                if s["runtime"]
+                else SubprocessConfig()
+            )
         if upd:
             updates[name] = role.model_copy(update=upd)
     if updates:
@@ -187,16 +202,19 @@ def _load(spec_json: str) -> _Loaded:
     all_tasks = _materialize(env.taskset, s["max_tasks"])
     if s["test_taskset_args"] is not None:
         ts_cfg = type(cfg.taskset).model_validate(
-            {**s["taskset_args"], **s["test_taskset_args"], "id": ts_id})
-        tasks = {"train": all_tasks,
-                 "test": _materialize(vf.load_taskset(ts_cfg), s["max_tasks"])}
+            {**s["taskset_args"], **s["test_taskset_args"], "id": ts_id}
+        )
+        tasks = {"train": all_tasks, "test": _materialize(vf.load_taskset(ts_cfg), s["max_tasks"])}
     else:
+
         def is_test(t: Any) -> bool:
             h = hashlib.sha256(str(t.key).encode()).digest()
             return int.from_bytes(h[:4], "little") / 2**32 < s["test_fraction"]
 
-        tasks = {"train": [t for t in all_tasks if not is_test(t)],
-                 "test": [t for t in all_tasks if is_test(t)]}
+        tasks = {
+            "train": [t for t in all_tasks if not is_test(t)],
+            "test": [t for t in all_tasks if is_test(t)],
+        }
         if s["test_fraction"] > 0 and not tasks["test"] and len(tasks["train"]) > 1:
             tasks["test"].append(tasks["train"].pop())  # a tiny taskset still gets a test task
     return _Loaded(env=env, tasks=tasks, taskset_id=s["taskset"])
@@ -279,11 +297,15 @@ class VerifiersEnv(Env):
     ):
         super().__init__(seed=seed, **kwargs)
         if not taskset:
-            raise ValueError("the verifiers env needs args.taskset: an installed verifiers "
-                             "taskset id, or 'package.module:TasksetClass'")
+            raise ValueError(
+                "the verifiers env needs args.taskset: an installed verifiers "
+                "taskset id, or 'package.module:TasksetClass'"
+            )
         if reward not in ("env", "agent"):
-            raise ValueError("reward must be 'env' (the rollout server takes verifiers' reward "
-                             "from score()) or 'agent' (posted to the session's reward route)")
+            raise ValueError(
+                "reward must be 'env' (the rollout server takes verifiers' reward "
+                "from score()) or 'agent' (posted to the session's reward route)"
+            )
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError("test_fraction must be in [0, 1)")
         if timeout_s <= 0:
@@ -295,19 +317,29 @@ class VerifiersEnv(Env):
         self.reward_mode, self.timeout_s = reward, timeout_s
         self.agent = f"verifiers:{taskset}"  # named in the rollout server's error messages
         self.sampling = dict(sampling or {})
-        self._spec = json.dumps({
-            "taskset": taskset, "taskset_args": taskset_args or {},
-            "test_taskset_args": test_taskset_args, "env_id": env_id, "env_args": env_args or {},
-            "harness": harness, "harness_args": harness_args or {}, "runtime": runtime,
-            "test_fraction": test_fraction, "max_tasks": max_tasks,
-        }, sort_keys=True)
+        self._spec = json.dumps(
+            {
+                "taskset": taskset,
+                "taskset_args": taskset_args or {},
+                "test_taskset_args": test_taskset_args,
+                "env_id": env_id,
+                "env_args": env_args or {},
+                "harness": harness,
+                "harness_args": harness_args or {},
+                "runtime": runtime,
+                "test_fraction": test_fraction,
+                "max_tasks": max_tasks,
+            },
+            sort_keys=True,
+        )
         try:
             self._loaded = _load(self._spec)
         except ValueError:
             raise
         except Exception as e:  # pydantic / import errors of the verifiers config
-            raise ValueError(f"cannot load verifiers env {taskset!r}: "
-                             f"{type(e).__name__}: {e}") from e
+            raise ValueError(
+                f"cannot load verifiers env {taskset!r}: {type(e).__name__}: {e}"
+            ) from e
         self._task: Task | None = None
         self._result: StepResult | None = None
 
@@ -335,10 +367,13 @@ class VerifiersEnv(Env):
         t = self.vf_task(split, index)
         answer = getattr(t.data, "answer", None)
         name = self._loaded.taskset_id.rpartition(":")[2]
-        return Task(task_id=f"verifiers/{name}/{split}/{index}", split=split,
-                    prompt=_wire_prompt(t.data),
-                    answer=answer if isinstance(answer, str | int | float) else None,
-                    meta={"index": index, "key": t.key, "vf_idx": t.data.idx})
+        return Task(
+            task_id=f"verifiers/{name}/{split}/{index}",
+            split=split,
+            prompt=_wire_prompt(t.data),
+            answer=answer if isinstance(answer, str | int | float) else None,
+            meta={"index": index, "key": t.key, "vf_idx": t.data.idx},
+        )
 
     async def reset(self, task: Task) -> Prompt:
         self._task = task
@@ -359,8 +394,9 @@ class VerifiersEnv(Env):
         )
         await _ensure_serving(self._spec, self._loaded)
         try:
-            episode = await asyncio.wait_for(self._loaded.env.run_episode(vt, mctx),
-                                             timeout=self.timeout_s)
+            episode = await asyncio.wait_for(
+                self._loaded.env.run_episode(vt, mctx), timeout=self.timeout_s
+            )
         except TimeoutError:
             raise TimeoutError(f"verifiers episode ran past timeout_s={self.timeout_s}") from None
         self._result = self._episode_result(episode)
@@ -375,8 +411,10 @@ class VerifiersEnv(Env):
         rewards = [t.reward for t in episode.traces]
         reward = sum(rewards) / len(rewards)
         self._check_range(reward)
-        info: dict[str, float] = {"vf/traces": float(len(episode.traces)),
-                                  "correct": float(reward >= self.reward_range[1])}
+        info: dict[str, float] = {
+            "vf/traces": float(len(episode.traces)),
+            "correct": float(reward >= self.reward_range[1]),
+        }
         for t in episode.traces:
             info.update(_finite(t.rewards, "vf/reward/"))
             info.update(_finite(t.metrics, "vf/metric/"))
@@ -385,16 +423,20 @@ class VerifiersEnv(Env):
     def _check_range(self, reward: float) -> None:
         lo, hi = self.reward_range
         if not (reward == reward and lo <= reward <= hi):
-            raise ValueError(f"verifiers reward {reward} is outside reward_range {self.reward_range}:"
-                             " set args.reward_range to the taskset's range")
+            raise ValueError(
+                f"verifiers reward {reward} is outside reward_range {self.reward_range}:"
+                " set args.reward_range to the taskset's range"
+            )
 
     async def _post_reward(self, ctx: Any, res: StepResult) -> None:
         import httpx
 
         async with httpx.AsyncClient(timeout=30.0) as client:
-            r = await client.post(f"{ctx.base_url}/climbrl/sessions/{ctx.session_id}/reward",
-                                  json={"reward": res.reward, "metrics": res.info},
-                                  headers={"Authorization": f"Bearer {ctx.api_key}"})
+            r = await client.post(
+                f"{ctx.base_url}/climbrl/sessions/{ctx.session_id}/reward",
+                json={"reward": res.reward, "metrics": res.info},
+                headers={"Authorization": f"Bearer {ctx.api_key}"},
+            )
         if r.status_code != 200:
             raise RuntimeError(f"posting the reward failed: {r.status_code} {r.text[:500]}")
 
@@ -413,8 +455,11 @@ class VerifiersEnv(Env):
         await vt.score(trace)
         reward = trace.reward
         self._check_range(reward)
-        info = {**_finite(trace.rewards, "vf/reward/"), **_finite(trace.metrics, "vf/metric/"),
-                "correct": float(reward >= self.reward_range[1])}
+        info = {
+            **_finite(trace.rewards, "vf/reward/"),
+            **_finite(trace.metrics, "vf/metric/"),
+            "correct": float(reward >= self.reward_range[1]),
+        }
         return StepResult(reward=reward, done=True, info=info)
 
     def _one_turn_trace(self, vt: Any, completion: str) -> Any:
@@ -428,16 +473,24 @@ class VerifiersEnv(Env):
         agent = resolve_agent(spec, model="climbrl", harness=env._default_harness)
         nodes = []
         for m in _wire_prompt(vt.data) + [{"role": "assistant", "content": completion}]:
-            nodes.append(MessageNode(parent=len(nodes) - 1 if nodes else None,
-                                     message=parse_message(m), sampled=m["role"] == "assistant"))
-        trace = Trace(task=TraceTask(type=type(vt).__name__, data=vt.data, key=vt.key,
-                                     hash=vt.hash),
-                      agent=AgentInfo(config=agent), nodes=nodes)
+            nodes.append(
+                MessageNode(
+                    parent=len(nodes) - 1 if nodes else None,
+                    message=parse_message(m),
+                    sampled=m["role"] == "assistant",
+                )
+            )
+        trace = Trace(
+            task=TraceTask(type=type(vt).__name__, data=vt.data, key=vt.key, hash=vt.hash),
+            agent=AgentInfo(config=agent),
+            nodes=nodes,
+        )
         return trace
 
     def reference_turns(self, task: Task) -> list[str] | None:
-        ref = getattr(self.vf_task(task.split, task.meta["index"]).data,
-                      "reference_completion", None)
+        ref = getattr(
+            self.vf_task(task.split, task.meta["index"]).data, "reference_completion", None
+        )
         return [ref] if isinstance(ref, str) else None
 
     def tokenizer_corpus(self) -> list[str]:
@@ -484,11 +537,20 @@ def _example_classes() -> tuple[type, type]:
 
             rng = random.Random(0)
             for i in range(self.config.num_tasks):
-                a, b = rng.randint(2, self.config.max_operand), rng.randint(2, self.config.max_operand)
-                yield AdditionTask(AdditionData(
-                    id=f"add-{i}", prompt=f"What is {a} + {b}? Reply with the number only.",
-                    system_prompt="You are a calculator.", answer=str(a + b),
-                    reference_completion=str(a + b)), self.config.task)
+                a, b = (
+                    rng.randint(2, self.config.max_operand),
+                    rng.randint(2, self.config.max_operand),
+                )
+                yield AdditionTask(
+                    AdditionData(
+                        id=f"add-{i}",
+                        prompt=f"What is {a} + {b}? Reply with the number only.",
+                        system_prompt="You are a calculator.",
+                        answer=str(a + b),
+                        reference_completion=str(a + b),
+                    ),
+                    self.config.task,
+                )
 
     return AdditionTaskset, AdditionTask
 

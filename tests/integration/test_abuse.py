@@ -41,9 +41,19 @@ from tests.conftest import run_cli, write_config
 pytestmark = pytest.mark.integration
 
 KEY = "sk-climbrl-test"  # tests/integration/test_serving.KEY
-UNAUTH_PATHS = ["/invocations", "/v1/chat/completions", "/v1/completions", "/v1/models",
-                "/generative_scoring", "/scale_elastic_ep", "/climbrl/pin",
-                "/v1/climbrl/sessions/s/reward", "/metrics", "/tokenize", "/openapi.json"]
+UNAUTH_PATHS = [
+    "/invocations",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/generative_scoring",
+    "/scale_elastic_ep",
+    "/climbrl/pin",
+    "/v1/climbrl/sessions/s/reward",
+    "/metrics",
+    "/tokenize",
+    "/openapi.json",
+]
 
 
 def rss_mb(pid: int) -> float:
@@ -63,19 +73,42 @@ def group_rss_mb(pgid: int) -> float:
 
 
 def _forged_traj(order_id: str, server_id: str) -> list:
-    s = Sample(prompt_ids=[1], completion_ids=[2], completion_mask=[1], logprobs=[0.0],
-               versions=[0], reward=1e9, finish_reason="stop")
-    return Codec.encode(Trajectory(order_id=order_id, server_id=server_id, policy_version=0,
-                                   samples=[s], gen_seconds=0.0, num_generated_tokens=1))
+    s = Sample(
+        prompt_ids=[1],
+        completion_ids=[2],
+        completion_mask=[1],
+        logprobs=[0.0],
+        versions=[0],
+        reward=1e9,
+        finish_reason="stop",
+    )
+    return Codec.encode(
+        Trajectory(
+            order_id=order_id,
+            server_id=server_id,
+            policy_version=0,
+            samples=[s],
+            gen_seconds=0.0,
+            num_generated_tokens=1,
+        )
+    )
 
 
-def flood_wire(endpoint: str, keys: RunKeys, curve: bool, rounds: int, order_ids: list[str],
-               oversized_bytes: int, stop: threading.Event) -> dict[str, int]:
+def flood_wire(
+    endpoint: str,
+    keys: RunKeys,
+    curve: bool,
+    rounds: int,
+    order_ids: list[str],
+    oversized_bytes: int,
+    stop: threading.Event,
+) -> dict[str, int]:
     """From a thread: peers without the run's credentials, and peers with them (a process of
     the same user that can read the key file) sending what a rollout server never sends."""
     ctx = zmq.Context()
     sent = {"unauthenticated": 0, "authenticated": 0}
     try:
+
         def dealer(ident: bytes, how: str) -> zmq.Socket:
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
@@ -97,10 +130,23 @@ def flood_wire(endpoint: str, keys: RunKeys, curve: bool, rounds: int, order_ids
 
         outsiders = [dealer(b"r0", "none"), dealer(b"r0", "guess"), dealer(b"evil", "none")]
         insider = dealer(b"mallory", "run")
-        hello_r0 = Codec.encode(Hello(server_id="r0", pid=1, hostname="evil", policy_version=0,
-                                      model="m", max_concurrency=1))
-        garbage = [[b"\xde\xad"], [b"traj", b"\x00garbage"], [b"work", b"x"], [b"hello", b""],
-                   [b"hello", b"\x81\xa6schema\xcd\xff\xff"]]
+        hello_r0 = Codec.encode(
+            Hello(
+                server_id="r0",
+                pid=1,
+                hostname="evil",
+                policy_version=0,
+                model="m",
+                max_concurrency=1,
+            )
+        )
+        garbage = [
+            [b"\xde\xad"],
+            [b"traj", b"\x00garbage"],
+            [b"work", b"x"],
+            [b"hello", b""],
+            [b"hello", b"\x81\xa6schema\xcd\xff\xff"],
+        ]
         for i in range(rounds):
             if stop.is_set():
                 break
@@ -114,8 +160,11 @@ def flood_wire(endpoint: str, keys: RunKeys, curve: bool, rounds: int, order_ids
                 hello_r0,  # names r0 from another routing id
                 _forged_traj(oid, "r0"),  # a forged trajectory for a real order
                 _forged_traj(oid, "mallory"),  # from a server that never said Hello
-                Codec.encode(Heartbeat(server_id="mallory", policy_version=0, inflight=0,
-                                       run_id="another-run")),
+                Codec.encode(
+                    Heartbeat(
+                        server_id="mallory", policy_version=0, inflight=0, run_id="another-run"
+                    )
+                ),
                 garbage[i % len(garbage)],
             ):
                 send(insider, frames)
@@ -143,15 +192,32 @@ def test_wire_flood_loses_and_forges_no_trajectory(rollout_server):
         pass
     rejected0, rss0 = hub.rejected, rss_mb(os.getpid())
     tag = uuid.uuid4().hex[:6]
-    orders = [WorkOrder(order_id=f"abuse-{tag}-{i}", policy_version=0, env="copy_first",
-                        task_index=i, group_size=2,
-                        sampling=SamplingSpec(temperature=1.0, max_tokens=4, seed=1))
-              for i in range(6)]
+    orders = [
+        WorkOrder(
+            order_id=f"abuse-{tag}-{i}",
+            policy_version=0,
+            env="copy_first",
+            task_index=i,
+            group_size=2,
+            sampling=SamplingSpec(temperature=1.0, max_tokens=4, seed=1),
+        )
+        for i in range(6)
+    ]
     stop = threading.Event()
     result: dict = {}
-    flooder = threading.Thread(target=lambda: result.update(flood_wire(
-        hub.endpoint, hub.keys, hub.curve, rounds=300, order_ids=[o.order_id for o in orders],
-        oversized_bytes=257 << 20, stop=stop)))
+    flooder = threading.Thread(
+        target=lambda: result.update(
+            flood_wire(
+                hub.endpoint,
+                hub.keys,
+                hub.curve,
+                rounds=300,
+                order_ids=[o.order_id for o in orders],
+                oversized_bytes=257 << 20,
+                stop=stop,
+            )
+        )
+    )
     flooder.start()
     for o in orders:
         hub.send(rs["server_id"], o)
@@ -204,20 +270,36 @@ def flood_http(url: str, rounds: int, sessions: int, workers: int = 4) -> dict[i
             for path in UNAUTH_PATHS:
                 note(c.post(path, json={"model": "tiny", "prompt": "a"}))
             note(c.post("/v1/chat/completions", json={}, headers={"Authorization": "Bearer x"}))
-            note(c.post("/v1/completions", content=b"{" + b" " * (2 << 20) + b"}",
-                        headers={**h, "content-type": "application/json"}))
-            note(c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "n": 16384,
-                                                 "max_tokens": 1}, headers=h))
-            note(c.post("/invocations", json={"model": "tiny", "prompt": "a",
-                                              "max_tokens": 10**9}, headers=h))
+            note(
+                c.post(
+                    "/v1/completions",
+                    content=b"{" + b" " * (2 << 20) + b"}",
+                    headers={**h, "content-type": "application/json"},
+                )
+            )
+            note(
+                c.post(
+                    "/v1/completions",
+                    json={"model": "tiny", "prompt": "a", "n": 16384, "max_tokens": 1},
+                    headers=h,
+                )
+            )
+            note(
+                c.post(
+                    "/invocations",
+                    json={"model": "tiny", "prompt": "a", "max_tokens": 10**9},
+                    headers=h,
+                )
+            )
             note(c.post("/v1/completions", content=b"\x00not json", headers=h))
 
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
 
     def one_session(i: int) -> str:
         sid = f"flood-{i}-{uuid.uuid4().hex[:6]}"
-        client.completions.create(model="tiny", prompt="abc=", max_tokens=1,
-                                  extra_headers={"X-Session-ID": sid})
+        client.completions.create(
+            model="tiny", prompt="abc=", max_tokens=1, extra_headers={"X-Session-ID": sid}
+        )
         return sid
 
     with ThreadPoolExecutor(workers) as pool:
@@ -231,8 +313,9 @@ def test_http_flood_is_refused_and_serving_goes_on(serve_server):
     url = srv["url"]
     c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     first = "keep-" + uuid.uuid4().hex[:6]
-    c.completions.create(model="tiny", prompt="abc=", max_tokens=2,
-                         extra_headers={"X-Session-ID": first})
+    c.completions.create(
+        model="tiny", prompt="abc=", max_tokens=2, extra_headers={"X-Session-ID": first}
+    )
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(f"{url}/climbrl/sessions/{first}", headers=h).status_code == 200
     rss0 = group_rss_mb(srv["proc"].pid)
@@ -273,11 +356,14 @@ def test_a_training_run_flooded_on_both_sides_trains_every_step(tiny_model, tmp_
     flooded while it trains; every step trains a full batch from the real server."""
     out = tmp_path / "out"
     steps = 6
-    cfg = write_config(tmp_path / "cfg.toml", tiny_model, out,
-                       learner={"total_steps": steps, "batch_groups": 2, "group_size": 2,
-                                "eval_size": 4},
-                       rollout={"max_model_len": 128, "kv_cache_gb": 0.25, "max_tokens": 4},
-                       serve={"enabled": True, "max_sessions": 32})
+    cfg = write_config(
+        tmp_path / "cfg.toml",
+        tiny_model,
+        out,
+        learner={"total_steps": steps, "batch_groups": 2, "group_size": 2, "eval_size": 4},
+        rollout={"max_model_len": 128, "kv_cache_gb": 0.25, "max_tokens": 4},
+        serve={"enabled": True, "max_sessions": 32},
+    )
     stop = threading.Event()
     report: dict = {}
 
@@ -290,16 +376,20 @@ def test_a_training_run_flooded_on_both_sides_trains_every_step(tiny_model, tmp_
             time.sleep(0.5)
         endpoint = ep.read_text().strip()
         keys = RunKeys.parse((out / "wire_keys.json").read_text(), "keys")
-        report["wire"] = flood_wire(endpoint, keys, False, rounds=2000, order_ids=[],
-                                    oversized_bytes=257 << 20, stop=stop)
+        report["wire"] = flood_wire(
+            endpoint, keys, False, rounds=2000, order_ids=[], oversized_bytes=257 << 20, stop=stop
+        )
         info = json.loads((out / "serving" / "r0.json").read_text())
         key = (out / "serving" / "api_key").read_text().strip()
         base = info["url"].removesuffix("/v1")
         with httpx.Client(base_url=base, timeout=60) as c:
             report["http"] = [c.post(p, json={}).status_code for p in UNAUTH_PATHS]
             report["pin"] = c.post("/climbrl/pin", json={"version": None}).status_code
-            report["huge"] = c.post("/v1/completions", content=b"x" * (20 << 20),
-                                    headers={"Authorization": f"Bearer {key}"}).status_code
+            report["huge"] = c.post(
+                "/v1/completions",
+                content=b"x" * (20 << 20),
+                headers={"Authorization": f"Bearer {key}"},
+            ).status_code
 
     t = threading.Thread(target=attacker)
     t.start()

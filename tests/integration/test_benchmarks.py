@@ -16,16 +16,35 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("tasks,group,max_tokens", [
-    pytest.param(8, 8, 8, marks=pytest.mark.slow, id="64-requests"),
-    pytest.param(2, 4, 4, id="8-requests")])
-def test_rollout_benchmark_with_long_seeded_chat_prompts(tasks: int, group: int,
-                                                         max_tokens: int):
+@pytest.mark.parametrize(
+    "tasks,group,max_tokens",
+    [
+        pytest.param(8, 8, 8, marks=pytest.mark.slow, id="64-requests"),
+        pytest.param(2, 4, 4, id="8-requests"),
+    ],
+)
+def test_rollout_benchmark_with_long_seeded_chat_prompts(tasks: int, group: int, max_tokens: int):
     out = subprocess.run(
-        [sys.executable, "benchmarks/rollout_overhead.py", "--env", "math", "--tasks", str(tasks),
-         "--group", str(group), "--max-tokens", str(max_tokens), "--rounds", "1",
-         "--no-results-file"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "benchmarks/rollout_overhead.py",
+            "--env",
+            "math",
+            "--tasks",
+            str(tasks),
+            "--group",
+            str(group),
+            "--max-tokens",
+            str(max_tokens),
+            "--rounds",
+            "1",
+            "--no-results-file",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["env"] == "math" and res["prompt_tokens"][0] > 100
@@ -40,10 +59,28 @@ def test_vs_trl_benchmark_runs_both_sides_on_a_tiny_model(tmp_path: Path):
     two minutes): TRL's GRPOTrainer and `climbrl run` each take optimizer steps, one evaluator
     scores the same held-out tasks for both, and the JSON line carries every figure."""
     out = subprocess.run(
-        [sys.executable, "benchmarks/vs_trl.py", "--model", "tiny", "--minutes", "0.1",
-         "--eval-size", "4", "--batch-groups", "2", "--group-size", "4",
-         "--out", str(tmp_path), "--no-results-file"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "benchmarks/vs_trl.py",
+            "--model",
+            "tiny",
+            "--minutes",
+            "0.1",
+            "--eval-size",
+            "4",
+            "--batch-groups",
+            "2",
+            "--group-size",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--no-results-file",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     for side in ("trl", "climbrl"):

@@ -37,7 +37,9 @@ REL_TOL = 1e-5  # gradient norm and entropy
 def _launch(cfg: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live", *extra],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "CLIMBRL_LOG": "INFO", **(env or {})},
     )
 
@@ -59,15 +61,23 @@ def _steps(path: Path) -> list[dict]:
 
 def _logs(tmp: Path, out: Path) -> str:
     parts = [(tmp / "launcher.log")] + sorted((out / "logs").glob("*.log"))
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in parts
-                     if p.exists())
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in parts if p.exists()
+    )
 
 
 def _config(tmp: Path, model: Path, out: Path, steps: int, **sections: dict) -> Path:
     base = dict(
         run={"seed": 7},
-        learner={"total_steps": steps, "batch_groups": BATCH, "group_size": 2,
-                 "max_staleness": 0, "eval_size": 0, "checkpoint_every": 3, "threads": 1},
+        learner={
+            "total_steps": steps,
+            "batch_groups": BATCH,
+            "group_size": 2,
+            "max_staleness": 0,
+            "eval_size": 0,
+            "checkpoint_every": 3,
+            "threads": 1,
+        },
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
         wire={"heartbeat_s": 0.5, "dead_after_s": 4.0},
     )
@@ -102,8 +112,9 @@ def _rollout_pids(launcher_pid: int) -> dict[str, int]:
     return out
 
 
-def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, tmp: Path, out: Path,
-                   timeout: float = 400) -> None:
+def _wait_for_step(
+    proc: subprocess.Popen, metrics: Path, step: int, tmp: Path, out: Path, timeout: float = 400
+) -> None:
     deadline = time.monotonic() + timeout
     while not (metrics.exists() and any(r["step"] >= step for r in _steps(metrics))):
         assert proc.poll() is None and time.monotonic() < deadline, _logs(tmp, out)
@@ -130,15 +141,13 @@ def _compare(a: list[dict], b: list[dict]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the learner
 
 
-def test_learner_kill9_then_resume_trains_each_prompt_once_on_the_same_curve(tiny_model,
-                                                                             tmp_path):
+def test_learner_kill9_then_resume_trains_each_prompt_once_on_the_same_curve(tiny_model, tmp_path):
     """Killed (SIGKILL, by itself at a fixed point) after step 3 with step 4's orders in
     flight; the last checkpoint is step 2. The resumed run retrains step 3 and must repeat
     it: the killed run up to step 3 *is* an uninterrupted run up to step 3."""
     out = tmp_path / "run"
     cfg = _config(tmp_path, tiny_model, out, steps=4, learner={"checkpoint_every": 2})
-    rc = _wait(_launch(cfg, tmp_path / "launcher.log",
-                       env={"CLIMBRL_FAULT_KILL_AT_STEP": "3"}))
+    rc = _wait(_launch(cfg, tmp_path / "launcher.log", env={"CLIMBRL_FAULT_KILL_AT_STEP": "3"}))
     assert rc != 0, _logs(tmp_path, out)
     learner_log = (out / "logs" / "learner.log").read_text()
     assert "CLIMBRL_FAULT_KILL_AT_STEP=3: SIGKILL" in learner_log, _logs(tmp_path, out)
@@ -163,16 +172,19 @@ def test_learner_kill9_then_resume_trains_each_prompt_once_on_the_same_curve(tin
 
 
 @pytest.mark.slow
-def test_learner_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tiny_model,
-                                                                         tmp_path):
+def test_learner_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):
     """An outside SIGKILL at whatever point the learner is at after its step-3 checkpoint,
     two rollout servers (so vLLM batches differ between runs), against a whole clean run."""
     steps_n = 8
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     ref_out = ref_dir / "run"
-    rc = _wait(_launch(_config(ref_dir, tiny_model, ref_out, steps=steps_n,
-                               rollout={"num_servers": 2}), ref_dir / "launcher.log"))
+    rc = _wait(
+        _launch(
+            _config(ref_dir, tiny_model, ref_out, steps=steps_n, rollout={"num_servers": 2}),
+            ref_dir / "launcher.log",
+        )
+    )
     assert rc == 0, _logs(ref_dir, ref_out)
     reference = _steps(ref_out / "metrics.jsonl")
     _assert_each_sequence_once(reference, steps_n)
@@ -182,8 +194,11 @@ def test_learner_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tiny_mo
     proc = _launch(cfg, tmp_path / "launcher.log")
     try:
         _wait_for_step(proc, out / "metrics.jsonl", 4, tmp_path, out)  # past the step-3 save
-        learner = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                       and _is_learner_child(int(p.name), proc.pid))
+        learner = next(
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _is_learner_child(int(p.name), proc.pid)
+        )
         os.kill(learner, signal.SIGKILL)
         rc = proc.wait(timeout=120)
     finally:
@@ -199,15 +214,22 @@ def test_learner_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tiny_mo
     steps = _steps(out / "metrics.jsonl")
     _assert_each_sequence_once(steps, steps_n)
     resumed = [r for r in _records(out / "metrics.jsonl") if "resumed_from" in r]
-    assert resumed == [{"step": ckpt, "resumed_from": f"step_{ckpt}",
-                        "discarded_steps": list(range(ckpt + 1, logged[-1] + 1))}]
+    assert resumed == [
+        {
+            "step": ckpt,
+            "resumed_from": f"step_{ckpt}",
+            "discarded_steps": list(range(ckpt + 1, logged[-1] + 1)),
+        }
+    ]
     gaps = _compare(reference, steps)
     print(f"resumed vs uninterrupted over {steps_n} steps, largest gaps: {gaps}")
     import torch
     from safetensors.torch import load_file
 
-    final = [load_file(str(o / "checkpoints" / f"step_{steps_n}" / "model.safetensors"))
-             for o in (ref_out, out)]
+    final = [
+        load_file(str(o / "checkpoints" / f"step_{steps_n}" / "model.safetensors"))
+        for o in (ref_out, out)
+    ]
     wgap = max(float((final[0][k] - final[1][k]).abs().max()) for k in final[0])
     print(f"final weights, largest element gap: {wgap:.3g}")
     assert wgap < 1e-4 and all(torch.isfinite(t).all() for t in final[1].values())
@@ -241,22 +263,26 @@ def _kill_during_run(cfg: Path, tmp: Path, out: Path, pick: Any) -> tuple[int, i
     return rc, step_at_kill, victim
 
 
-
-
 # slow to keep the default suite near its budget (most of its 72 s is the engine restart);
 # test_run_e2e's killed-server test stays in the default suite.
 @pytest.mark.slow
-def test_rollout_server_kill9_is_restarted_and_rejoins_at_the_current_weights(tiny_model,
-                                                                              tmp_path):
+def test_rollout_server_kill9_is_restarted_and_rejoins_at_the_current_weights(tiny_model, tmp_path):
     """The only rollout server is killed: its orders wait, the launcher restarts it, the
     learner sends it the current weights at Hello, and the run finishes with every prompt
     trained once and on-policy."""
     out = tmp_path / "run"
-    cfg = _config(tmp_path, tiny_model, out, steps=5, run={"on_child_death": "restart"},
-                  learner={"checkpoint_every": 0})
+    cfg = _config(
+        tmp_path,
+        tiny_model,
+        out,
+        steps=5,
+        run={"on_child_death": "restart"},
+        learner={"checkpoint_every": 0},
+    )
     servers: dict[str, int] = {}
     rc, step_at_kill, killed = _kill_during_run(
-        cfg, tmp_path, out, lambda pids: servers.update(pids) or pids["r0"])
+        cfg, tmp_path, out, lambda pids: servers.update(pids) or pids["r0"]
+    )
     assert list(servers) == ["r0"]
     logs = _logs(tmp_path, out)
     assert rc == 0, logs
@@ -280,11 +306,19 @@ def test_rollout_server_kill9_is_restarted_and_rejoins_at_the_current_weights(ti
 @pytest.mark.slow
 def test_rollout_server_kill9_run_finishes_on_the_other_server(tiny_model, tmp_path):
     out = tmp_path / "run"
-    cfg = _config(tmp_path, tiny_model, out, steps=8, run={"on_child_death": "continue"},
-                  rollout={"num_servers": 2}, learner={"checkpoint_every": 0})
+    cfg = _config(
+        tmp_path,
+        tiny_model,
+        out,
+        steps=8,
+        run={"on_child_death": "continue"},
+        rollout={"num_servers": 2},
+        learner={"checkpoint_every": 0},
+    )
     servers: dict[str, int] = {}
     rc, step_at_kill, _ = _kill_during_run(
-        cfg, tmp_path, out, lambda pids: servers.update(pids) or pids["r1"])
+        cfg, tmp_path, out, lambda pids: servers.update(pids) or pids["r1"]
+    )
     assert sorted(servers) == ["r0", "r1"]
     logs = _logs(tmp_path, out)
     assert rc == 0, logs
@@ -318,11 +352,18 @@ def test_engine_core_kill9_is_reported_and_the_server_restarted(tiny_model, tmp_
     from climbrl.rollout.server import ENGINE_DEAD_EXIT
 
     out = tmp_path / "run"
-    cfg = _config(tmp_path, tiny_model, out, steps=5, run={"on_child_death": "restart"},
-                  learner={"checkpoint_every": 0})
+    cfg = _config(
+        tmp_path,
+        tiny_model,
+        out,
+        steps=5,
+        run={"on_child_death": "restart"},
+        learner={"checkpoint_every": 0},
+    )
     servers: dict[str, int] = {}
     rc, step_at_kill, _ = _kill_during_run(
-        cfg, tmp_path, out, lambda pids: servers.update(pids) or _engine_core_pid(pids["r0"]))
+        cfg, tmp_path, out, lambda pids: servers.update(pids) or _engine_core_pid(pids["r0"])
+    )
     server = servers["r0"]
     logs = _logs(tmp_path, out)
     assert rc == 0, logs
@@ -330,8 +371,11 @@ def test_engine_core_kill9_is_reported_and_the_server_restarted(tiny_model, tmp_
     launcher = (tmp_path / "launcher.log").read_text()
     assert f"rollout-0 (pid {server}) died with {ENGINE_DEAD_EXIT}" in launcher, logs
     assert "restarted rollout-0" in launcher, logs
-    ours = [ln for ln in (out / "logs" / "rollout-0.log").read_text().splitlines()
-            if " climbrl.rollout[" in ln]
+    ours = [
+        ln
+        for ln in (out / "logs" / "rollout-0.log").read_text().splitlines()
+        if " climbrl.rollout[" in ln
+    ]
     first_life = ours[: [i for i, ln in enumerate(ours) if " up, connected to " in ln][1]]
     assert "vLLM engine died: MPClient: engine core exited unexpectedly" in first_life[-1], logs
     assert "vLLM engine died" in (out / "logs" / "learner.log").read_text(), logs

@@ -36,8 +36,12 @@ ENV_ARGS = '{"length": 4}'  # examples/custom_env.toml's
 
 
 def _pip(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -71,30 +75,61 @@ def _cli(args: list[str], log: Path, cwd: Path, timeout: float) -> str:
 def _train(env_name: str, tmp_path: Path, cwd: Path, config: Path) -> Path:
     """tiny-model --env, env-check, then a 3-step run of ``config`` with ``env_name``."""
     model = tmp_path / "model"
-    made = _cli(["tiny-model", str(model), "--env", env_name, "--env-args", ENV_ARGS],
-                tmp_path / "tiny_model.log", cwd, timeout=300)
+    made = _cli(
+        ["tiny-model", str(model), "--env", env_name, "--env-args", ENV_ARGS],
+        tmp_path / "tiny_model.log",
+        cwd,
+        timeout=300,
+    )
     m = re.search(r"longest prompt in tokens train (\d+), test (\d+)", made)
     assert m, made[-2000:]
     # examples/custom_env.toml: max_model_len 64, max_tokens 6
     assert max(int(m[1]), int(m[2])) + 6 <= 64, made[-2000:]
-    checked = _cli(["env-check", env_name, "--args", ENV_ARGS], tmp_path / "env_check.log",
-                   cwd, timeout=120)
+    checked = _cli(
+        ["env-check", env_name, "--args", ENV_ARGS], tmp_path / "env_check.log", cwd, timeout=120
+    )
     assert re.search(r": \d+ passed, 0 failed, 0 skipped", checked), checked
     out = tmp_path / "run"
     log = tmp_path / "launcher.log"
-    rc = run_cli(["run", str(config), "--no-live", "--set", f'env.name="{env_name}"',
-                  "--set", f'model.path="{model}"', "--set", f'run.output_dir="{out}"',
-                  "--set", "learner.total_steps=3", "--set", "learner.batch_groups=4",
-                  "--set", "learner.group_size=4", "--set", "learner.eval_size=8"],
-                 log, timeout=600, cwd=cwd)
+    rc = run_cli(
+        [
+            "run",
+            str(config),
+            "--no-live",
+            "--set",
+            f'env.name="{env_name}"',
+            "--set",
+            f'model.path="{model}"',
+            "--set",
+            f'run.output_dir="{out}"',
+            "--set",
+            "learner.total_steps=3",
+            "--set",
+            "learner.batch_groups=4",
+            "--set",
+            "learner.group_size=4",
+            "--set",
+            "learner.eval_size=8",
+        ],
+        log,
+        timeout=600,
+        cwd=cwd,
+    )
     learner_log = out / "logs" / "learner.log"
-    assert rc == 0, log.read_text()[-3000:] + (learner_log.read_text()[-3000:]
-                                              if learner_log.exists() else "")
+    assert rc == 0, log.read_text()[-3000:] + (
+        learner_log.read_text()[-3000:] if learner_log.exists() else ""
+    )
     return out
 
 
-@pytest.mark.parametrize("how", ["entry_point", pytest.param("file", marks=pytest.mark.slow),
-                                 pytest.param("example", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "entry_point",
+        pytest.param("file", marks=pytest.mark.slow),
+        pytest.param("example", marks=pytest.mark.slow),
+    ],
+)
 def test_a_custom_env_trains(how: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     config = ROOT / "examples/custom_env.toml"
     if how == "entry_point":
@@ -141,7 +176,7 @@ broken_plugin = "broken_plugin_env:AlwaysRaises"
 py-modules = ["broken_plugin_env"]
 """
 CAUSE = "the scoring service is down"
-BROKEN_MODULE = f'''
+BROKEN_MODULE = f"""
 from climbrl.envs.base import Env, StepResult, Task
 
 
@@ -157,7 +192,7 @@ class AlwaysRaises(Env):
 
     async def step(self, completion):
         raise ConnectionError({CAUSE!r})
-'''
+"""
 
 
 @pytest.mark.slow
@@ -172,23 +207,44 @@ def test_failing_plugin_env_ends_the_run(tiny_model: Path, tmp_path: Path) -> No
     try:
         out = tmp_path / "run"
         log = tmp_path / "launcher.log"
-        rc = run_cli(["run", str(ROOT / "examples/custom_env.toml"), "--no-live",
-                      "--set", 'env.name="broken_plugin"', "--set", "env.args={}",
-                      "--set", f'model.path="{tiny_model}"', "--set", f'run.output_dir="{out}"',
-                      "--set", "learner.total_steps=3", "--set", "learner.batch_groups=2",
-                      "--set", "learner.group_size=2", "--set", "learner.eval_size=4",
-                      "--set", "wire.max_env_failures=8"],
-                     log, timeout=300, cwd=tmp_path)
+        rc = run_cli(
+            [
+                "run",
+                str(ROOT / "examples/custom_env.toml"),
+                "--no-live",
+                "--set",
+                'env.name="broken_plugin"',
+                "--set",
+                "env.args={}",
+                "--set",
+                f'model.path="{tiny_model}"',
+                "--set",
+                f'run.output_dir="{out}"',
+                "--set",
+                "learner.total_steps=3",
+                "--set",
+                "learner.batch_groups=2",
+                "--set",
+                "learner.group_size=2",
+                "--set",
+                "learner.eval_size=4",
+                "--set",
+                "wire.max_env_failures=8",
+            ],
+            log,
+            timeout=300,
+            cwd=tmp_path,
+        )
     finally:
         _pip("uninstall", "-y", "climbrl-test-broken-env")
     text = log.read_text()
     assert rc == 1, text[-3000:]
-    report = text[text.rindex("climbrl: run failed"):]
+    report = text[text.rindex("climbrl: run failed") :]
     assert "failed 8 training episodes in a row" in report and CAUSE in report, report
     assert not (out / "summary.json").exists()
 
 
-BLOCKING_MODULE = '''
+BLOCKING_MODULE = """
 import time
 
 from climbrl.envs.tasks import CopyFirstEnv
@@ -202,27 +258,51 @@ class BlockingEnv(CopyFirstEnv):
     async def respond(self, turn):
         slow_score()
         return await super().respond(turn)
-'''
+"""
 
 
 @pytest.mark.slow
-def test_the_loop_lag_warning_names_the_blocking_env_code(tiny_model: Path,
-                                                          tmp_path: Path) -> None:
+def test_the_loop_lag_warning_names_the_blocking_env_code(tiny_model: Path, tmp_path: Path) -> None:
     """An env that blocks the rollout server's event loop: the learner's warning, past
     rollout.loop_lag_warn_s, names the env's function and file."""
     (tmp_path / "blocking_env.py").write_text(BLOCKING_MODULE)
     out = tmp_path / "run"
     log = tmp_path / "launcher.log"
-    rc = run_cli(["run", str(ROOT / "examples/custom_env.toml"), "--no-live",
-                  "--set", f'env.name="{tmp_path / "blocking_env.py"}:BlockingEnv"',
-                  "--set", "env.args={}", "--set", "rollout.loop_lag_warn_s=0.2",
-                  "--set", f'model.path="{tiny_model}"', "--set", f'run.output_dir="{out}"',
-                  "--set", "learner.total_steps=2", "--set", "learner.batch_groups=2",
-                  "--set", "learner.group_size=2", "--set", "learner.eval_size=0"],
-                 log, timeout=600, cwd=tmp_path)
+    rc = run_cli(
+        [
+            "run",
+            str(ROOT / "examples/custom_env.toml"),
+            "--no-live",
+            "--set",
+            f'env.name="{tmp_path / "blocking_env.py"}:BlockingEnv"',
+            "--set",
+            "env.args={}",
+            "--set",
+            "rollout.loop_lag_warn_s=0.2",
+            "--set",
+            f'model.path="{tiny_model}"',
+            "--set",
+            f'run.output_dir="{out}"',
+            "--set",
+            "learner.total_steps=2",
+            "--set",
+            "learner.batch_groups=2",
+            "--set",
+            "learner.group_size=2",
+            "--set",
+            "learner.eval_size=0",
+        ],
+        log,
+        timeout=600,
+        cwd=tmp_path,
+    )
     learner_log = (out / "logs" / "learner.log").read_text()
     assert rc == 0, log.read_text()[-3000:] + learner_log[-3000:]
     warnings = [x for x in learner_log.splitlines() if "its event loop was blocked" in x]
     assert warnings, learner_log[-3000:]
-    assert any("slow_score (blocking_env.py:" in w and "BlockingEnv.respond (blocking_env.py:"
-               in w and "rollout.loop_lag_warn_s = 0.2" in w for w in warnings), warnings
+    assert any(
+        "slow_score (blocking_env.py:" in w
+        and "BlockingEnv.respond (blocking_env.py:" in w
+        and "rollout.loop_lag_warn_s = 0.2" in w
+        for w in warnings
+    ), warnings

@@ -31,8 +31,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_engine_killed_in_a_live_server_stops_the_run_with_its_cause(tiny_model, tmp_path):
     out = tmp_path / "run"
-    cfg = _config(tmp_path, tiny_model, out, steps=200, run={"on_child_death": "continue"},
-                  learner={"checkpoint_every": 0})
+    cfg = _config(
+        tmp_path,
+        tiny_model,
+        out,
+        steps=200,
+        run={"on_child_death": "continue"},
+        learner={"checkpoint_every": 0},
+    )
     proc = _launch(cfg, tmp_path / "launcher.log")
     try:
         _wait_for_step(proc, out / "metrics.jsonl", 2, tmp_path, out)
@@ -45,10 +51,14 @@ def test_engine_killed_in_a_live_server_stops_the_run_with_its_cause(tiny_model,
     assert rc != 0, logs
     # the server's last line, logged as serve() returns ENGINE_DEAD_EXIT (the launcher reports
     # the exit code only if it polls the server before the learner ends)
-    ours = [ln for ln in (out / "logs" / "rollout-0.log").read_text().splitlines()
-            if f" climbrl.rollout[{server}]" in ln]
+    ours = [
+        ln
+        for ln in (out / "logs" / "rollout-0.log").read_text().splitlines()
+        if f" climbrl.rollout[{server}]" in ln
+    ]
     assert "rollout r0 exits: vLLM engine died: MPClient: engine core exited" in ours[-1], logs
     launcher = (tmp_path / "launcher.log").read_text()
-    assert ("the learner stopped: no rollout server can take work orders; r0: vLLM engine "
-            "died: ") in launcher, logs
+    assert (
+        "the learner stopped: no rollout server can take work orders; r0: vLLM engine died: "
+    ) in launcher, logs
     assert max(r["step"] for r in _steps(out / "metrics.jsonl")) < 200

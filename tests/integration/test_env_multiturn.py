@@ -17,24 +17,32 @@ import time
 
 import pytest
 import torch
+
 from climbrl.envs.base import Env, StepResult, Task, Turn
 from climbrl.envs.chat import TOOL_CHAT_TEMPLATE, ChatRenderer
 from climbrl.envs.tool_use import TOOLS, ToolUseEnv, calculator
-
 from climbrl.wire import ENV_ERROR, Error, SamplingSpec, Trajectory, WorkOrder
 from tests.conftest import kill_tree, write_config
 
 pytestmark = pytest.mark.integration
 PARITY_TOL = 1e-4
-PROMPT = [{"role": "system", "content": "You can use tools."},
-          {"role": "user", "content": "Compute 12 + 7 with the calculator."}]
+PROMPT = [
+    {"role": "system", "content": "You can use tools."},
+    {"role": "user", "content": "Compute 12 + 7 with the calculator."},
+]
 
 
 def env_messages(index: int) -> list[dict] | None:
     if index == 0:
-        return [{"role": "tool", "tool_call_id": "call_0", "name": "calculator",
-                 "content": calculator("12 + 7")},
-                {"role": "tool", "tool_call_id": "call_1", "name": "python", "content": "19"}]
+        return [
+            {
+                "role": "tool",
+                "tool_call_id": "call_0",
+                "name": "calculator",
+                "content": calculator("12 + 7"),
+            },
+            {"role": "tool", "tool_call_id": "call_1", "name": "python", "content": "19"},
+        ]
     if index == 1:
         return [{"role": "user", "content": "Are you sure? Check again."}]
     return None
@@ -90,9 +98,9 @@ class FlakyEnv(ScriptedToolEnv):
 
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
-    from climbrl.learner.hub import LearnerHub
     from transformers import AutoTokenizer
 
+    from climbrl.learner.hub import LearnerHub
     from climbrl.tinymodel import make_tiny_model
 
     d = tmp_path_factory.mktemp("tool_server")
@@ -101,18 +109,39 @@ def tool_server(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(str(model))
     tok.chat_template = TOOL_CHAT_TEMPLATE
     tok.save_pretrained(str(model))
-    cfg = write_config(d / "cfg.toml", model, d / "out",
-                       wire={"dead_after_s": 60.0}, env={"step_timeout_s": 5.0},
-                       # the envs its work orders name (a work order names no other)
-                       rollout={"max_model_len": 1536, "kv_cache_gb": 0.5, "max_tokens": 12,
-                                "extra_envs": ["tool_use"] + [f"{__file__}:{c}" for c in (
-                                    "ScriptedToolEnv", "FlakyEnv", "RaisingEnv")]})
+    cfg = write_config(
+        d / "cfg.toml",
+        model,
+        d / "out",
+        wire={"dead_after_s": 60.0},
+        env={"step_timeout_s": 5.0},
+        # the envs its work orders name (a work order names no other)
+        rollout={
+            "max_model_len": 1536,
+            "kv_cache_gb": 0.5,
+            "max_tokens": 12,
+            "extra_envs": ["tool_use"]
+            + [f"{__file__}:{c}" for c in ("ScriptedToolEnv", "FlakyEnv", "RaisingEnv")],
+        },
+    )
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
-         hub.endpoint, "--server-id", "t0"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "climbrl.cli",
+            "rollout",
+            "--config",
+            str(cfg),
+            "--endpoint",
+            hub.endpoint,
+            "--server-id",
+            "t0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, **hub.client_env()},  # the hub's credentials
     )
     deadline = time.monotonic() + 300
@@ -120,7 +149,12 @@ def tool_server(tmp_path_factory):
         if proc.poll() is not None or time.monotonic() > deadline:
             kill_tree(proc)
             raise RuntimeError("rollout server failed:\n" + (d / "rollout.log").read_text()[-3000:])
-    yield {"hub": hub, "proc": proc, "model": model, "tok": AutoTokenizer.from_pretrained(str(model))}
+    yield {
+        "hub": hub,
+        "proc": proc,
+        "model": model,
+        "tok": AutoTokenizer.from_pretrained(str(model)),
+    }
     kill_tree(proc)
     hub.close()
     log.close()
@@ -136,8 +170,14 @@ def _wait(hub, pred, timeout=300.0):
 
 
 def _order(env: str, group: int, oid: str, max_tokens: int = 12) -> WorkOrder:
-    return WorkOrder(order_id=oid, policy_version=0, env=env, task_index=1, group_size=group,
-                     sampling=SamplingSpec(temperature=1.0, max_tokens=max_tokens, seed=0))
+    return WorkOrder(
+        order_id=oid,
+        policy_version=0,
+        env=env,
+        task_index=1,
+        group_size=group,
+        sampling=SamplingSpec(temperature=1.0, max_tokens=max_tokens, seed=0),
+    )
 
 
 def _segments(s):
@@ -165,15 +205,17 @@ def test_multi_turn_tool_episode_is_token_exact(tool_server):
         for k, (mask, ids) in enumerate(segs):
             if mask == 1:
                 body = ids[:-1] if ids[-1] == im_end else ids
-                conversation.append({"role": "assistant",
-                                     "content": tok.decode(body, skip_special_tokens=False)})
+                conversation.append(
+                    {"role": "assistant", "content": tok.decode(body, skip_special_tokens=False)}
+                )
             else:
                 new = env_messages(k // 2)
                 assert ids == renderer.continuation_ids(segs[k - 1][1], new)
                 conversation += new
         # the whole sequence is the template's rendering of the conversation, as text
-        want = tok.apply_chat_template(conversation, tools=TOOLS, tokenize=False,
-                                       add_generation_prompt=False)
+        want = tok.apply_chat_template(
+            conversation, tools=TOOLS, tokenize=False, add_generation_prompt=False
+        )
         got = tok.decode(s.prompt_ids + s.completion_ids, skip_special_tokens=False)
         closer = "<|im_end|>\n"
         assert want.endswith(closer)
@@ -181,8 +223,9 @@ def test_multi_turn_tool_episode_is_token_exact(tool_server):
         assert len(s.logprobs) == len(s.completion_ids)
         assert all(lp == 0.0 for lp, m in zip(s.logprobs, s.completion_mask) if m == 0)
     # the sampled tokens and their contexts are exactly the engine's: log-prob parity
-    from climbrl.learner.logprobs import completion_logprobs
     from transformers import AutoModelForCausalLM
+
+    from climbrl.learner.logprobs import completion_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(str(rs["model"]), dtype=torch.float32)
     with torch.no_grad():
@@ -215,5 +258,6 @@ def test_builtin_tool_use_env_and_failing_env(tool_server):
     assert err.code == "order_failed" and "env bug on purpose" in err.message
     assert tool_server["proc"].poll() is None
     hub.send("t0", _order(f"{__file__}:ScriptedToolEnv", 2, "mt-2"))
-    assert len(_wait(hub, lambda m: isinstance(m, Trajectory) and m.order_id == "mt-2").samples) == 2
-
+    assert (
+        len(_wait(hub, lambda m: isinstance(m, Trajectory) and m.order_id == "mt-2").samples) == 2
+    )

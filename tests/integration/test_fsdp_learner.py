@@ -38,22 +38,42 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIFT = 0.05  # the fake engine's log-probs: the initial model's minus this
-STATS = ("loss", "grad_norm", "entropy", "kl_ref", "mismatch_mean", "mismatch_max",
-         "mismatch_kl", "clip_frac", "reward")
+STATS = (
+    "loss",
+    "grad_norm",
+    "entropy",
+    "kl_ref",
+    "mismatch_mean",
+    "mismatch_max",
+    "mismatch_kl",
+    "clip_frac",
+    "reward",
+)
 
 
 def _overrides(model: str, out: str, world: int) -> list[str]:
     fsdp = [f"learner.fsdp={'true' if world > 1 else 'false'}", f"learner.world_size={world}"]
-    return [f'model.path="{model}"', f'run.output_dir="{out}"', "learner.micro_batch_size=5",
-            "learner.group_size=4", "learner.batch_groups=3", "learner.lr=1e-3",
-            "learner.grad_clip=0.5", "learner.kl_coef=0.05", 'learner.kl_estimator="k3"',
-            "rollout.max_tokens=6", 'wire.host="127.0.0.1"', *fsdp]
+    return [
+        f'model.path="{model}"',
+        f'run.output_dir="{out}"',
+        "learner.micro_batch_size=5",
+        "learner.group_size=4",
+        "learner.batch_groups=3",
+        "learner.lr=1e-3",
+        "learner.grad_clip=0.5",
+        "learner.kl_coef=0.05",
+        'learner.kl_estimator="k3"',
+        "rollout.max_tokens=6",
+        'wire.host="127.0.0.1"',
+        *fsdp,
+    ]
 
 
 def _groups(model_dir: Path, step: int) -> list[Trajectory]:
     """3 groups x 4 samples of different lengths; log-probs from the initial model - SHIFT."""
-    from climbrl.learner.logprobs import completion_logprobs
     from transformers import AutoModelForCausalLM
+
+    from climbrl.learner.logprobs import completion_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     g = torch.Generator().manual_seed(100 + step)
@@ -62,22 +82,35 @@ def _groups(model_dir: Path, step: int) -> list[Trajectory]:
         samples = []
         for j in range(4):
             n = int(torch.randint(2, 7, (1,), generator=g))
-            s = Sample(prompt_ids=torch.randint(5, 300, (4,), generator=g).tolist(),
-                       completion_ids=torch.randint(5, 300, (n,), generator=g).tolist(),
-                       completion_mask=[1] * n, logprobs=[0.0] * n, versions=[step] * n,
-                       reward=float((k + j + step) % 2), finish_reason="stop")
+            s = Sample(
+                prompt_ids=torch.randint(5, 300, (4,), generator=g).tolist(),
+                completion_ids=torch.randint(5, 300, (n,), generator=g).tolist(),
+                completion_mask=[1] * n,
+                logprobs=[0.0] * n,
+                versions=[step] * n,
+                reward=float((k + j + step) % 2),
+                finish_reason="stop",
+            )
             with torch.no_grad():
                 lp = completion_logprobs(model, [s], temperature=1.0)["logp"][0, :n]
             s.logprobs = (lp - SHIFT).tolist()
             samples.append(s)
-        out.append(Trajectory(order_id=f"train-s{step}-{k}", server_id="r0",
-                              policy_version=step, samples=samples, gen_seconds=0.0,
-                              num_generated_tokens=0))
+        out.append(
+            Trajectory(
+                order_id=f"train-s{step}-{k}",
+                server_id="r0",
+                policy_version=step,
+                samples=samples,
+                gen_seconds=0.0,
+                num_generated_tokens=0,
+            )
+        )
     return out
 
 
-def _drive(cfg, ds, resume: bool, steps: list[list[Trajectory]], checkpoint_each: bool
-           ) -> list[dict]:
+def _drive(
+    cfg, ds, resume: bool, steps: list[list[Trajectory]], checkpoint_each: bool
+) -> list[dict]:
     """Rank 0: the learner's loop body on given trajectories; other ranks: ``follow()``."""
     from climbrl.learner.learner import Learner
 
@@ -85,9 +118,14 @@ def _drive(cfg, ds, resume: bool, steps: list[list[Trajectory]], checkpoint_each
     if not ds.is_coordinator:
         L.follow()
         return []
-    out = [{"param_type": type(next(L.model.parameters())).__name__,
+    out = [
+        {
+            "param_type": type(next(L.model.parameters())).__name__,
             "blocks": getattr(L.model, "_climbrl_fsdp_blocks", 0),
-            "ref_blocks": getattr(L.ref, "_climbrl_fsdp_blocks", 0), "world": ds.world_size}]
+            "ref_blocks": getattr(L.ref, "_climbrl_fsdp_blocks", 0),
+            "world": ds.world_size,
+        }
+    ]
     try:
         for groups in steps:
             for tr in groups:  # as collect() would have: each group's cursor sequence
@@ -108,8 +146,7 @@ def _worker(spec_path: Path) -> int:
     from climbrl.learner import fsdp
 
     spec = json.loads(spec_path.read_text())
-    steps = msgspec.msgpack.decode(Path(spec["groups"]).read_bytes(),
-                                   type=list[list[Trajectory]])
+    steps = msgspec.msgpack.decode(Path(spec["groups"]).read_bytes(), type=list[list[Trajectory]])
     world = int(os.environ["WORLD_SIZE"])
     results = {}
     for name, ph in spec["phases"].items():
@@ -119,8 +156,9 @@ def _worker(spec_path: Path) -> int:
             # Learner.shutdown ends the process group after its stop; keep it for the next phase
             cleanup, fsdp.cleanup = fsdp.cleanup, lambda ds: None
         try:
-            results[name] = _drive(cfg, ds, ph["resume"], [steps[i] for i in ph["steps"]],
-                                   checkpoint_each=True)
+            results[name] = _drive(
+                cfg, ds, ph["resume"], [steps[i] for i in ph["steps"]], checkpoint_each=True
+            )
         finally:
             if name != list(spec["phases"])[-1]:
                 fsdp.cleanup = cleanup
@@ -130,8 +168,13 @@ def _worker(spec_path: Path) -> int:
     return 0
 
 
-def _single(model: Path, out: Path, steps: list[list[Trajectory]], resume: bool = False,
-            copy_after_first: Path | None = None) -> list[dict]:
+def _single(
+    model: Path,
+    out: Path,
+    steps: list[list[Trajectory]],
+    resume: bool = False,
+    copy_after_first: Path | None = None,
+) -> list[dict]:
     """The single-process learner in this process (what ``climbrl learn`` runs)."""
     from climbrl.learner import fsdp
     from climbrl.learner.learner import Learner
@@ -182,12 +225,13 @@ def _same_checkpoint(got: Path, want: Path, atol: float) -> None:
     for i, st in ob["state"].items():
         assert set(oa["state"][i]) == set(st)
         for k, v in st.items():
-            torch.testing.assert_close(oa["state"][i][k], v, rtol=1e-3, atol=atol * 1e-2,
-                                       msg=f"{i}.{k}")
+            torch.testing.assert_close(
+                oa["state"][i][k], v, rtol=1e-3, atol=atol * 1e-2, msg=f"{i}.{k}"
+            )
     assert json.loads((got / "learner_state.json").read_text()) == json.loads(
-        (want / "learner_state.json").read_text())
-    assert json.loads((got / "config.json").read_text())["architectures"] == [
-        "Qwen3ForCausalLM"]
+        (want / "learner_state.json").read_text()
+    )
+    assert json.loads((got / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
 
 
 def _check(tiny_model: Path, tmp_path: Path, nproc: int, rel: float, atol: float) -> None:
@@ -199,16 +243,23 @@ def _check(tiny_model: Path, tmp_path: Path, nproc: int, rel: float, atol: float
     after1 = _weights(tmp_path / "single" / "checkpoints" / "step_1")
 
     # FSDP: the same two steps; then a resume from the single-process step 1
-    spec = {"model": str(tiny_model), "groups": str(gfile), "result": str(tmp_path / "res.json"),
-            "phases": {"fresh": {"out": str(tmp_path / "fsdp"), "resume": False, "steps": [0, 1]},
-                       "resumed": {"out": str(tmp_path / "from_single"), "resume": True,
-                                   "steps": [1]}}}
+    spec = {
+        "model": str(tiny_model),
+        "groups": str(gfile),
+        "result": str(tmp_path / "res.json"),
+        "phases": {
+            "fresh": {"out": str(tmp_path / "fsdp"), "resume": False, "steps": [0, 1]},
+            "resumed": {"out": str(tmp_path / "from_single"), "resume": True, "steps": [1]},
+        },
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     from climbrl.learner.fsdp import learner_argv
 
     cfg = load_config(None, _overrides(str(tiny_model), str(tmp_path / "fsdp"), nproc))
-    argv = learner_argv(cfg, [sys.executable, "-m", "tests.integration.test_fsdp_learner",
-                              str(tmp_path / "spec.json")])
+    argv = learner_argv(
+        cfg,
+        [sys.executable, "-m", "tests.integration.test_fsdp_learner", str(tmp_path / "spec.json")],
+    )
     assert "torch.distributed.run" in argv
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -254,7 +305,6 @@ def test_fsdp_learner_nccl_two_gpus_matches_one_process(tiny_model, tmp_path):
     _check(tiny_model, tmp_path, 2, rel=1e-3, atol=1e-5)
 
 
-
 @pytest.mark.slow
 def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
     """``climbrl run`` end to end (real vLLM rollout server, ZeroMQ) with learner.fsdp and
@@ -265,10 +315,20 @@ def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
 
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_model, out,
-        learner={"total_steps": 2, "batch_groups": 3, "group_size": 4, "max_staleness": 0,
-                 "micro_batch_size": 5, "eval_size": 4, "checkpoint_every": 1, "fsdp": True,
-                 "world_size": 2},
+        tmp_path / "c.toml",
+        tiny_model,
+        out,
+        learner={
+            "total_steps": 2,
+            "batch_groups": 3,
+            "group_size": 4,
+            "max_staleness": 0,
+            "micro_batch_size": 5,
+            "eval_size": 4,
+            "checkpoint_every": 1,
+            "fsdp": True,
+            "world_size": 2,
+        },
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
     )
     log = tmp_path / "launcher.log"
@@ -276,8 +336,11 @@ def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
     def run(*extra: str) -> str:
         proc = subprocess.Popen(
             [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live", *extra],
-            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "CLIMBRL_LOG": "INFO"})
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "CLIMBRL_LOG": "INFO"},
+        )
         try:
             rc = proc.wait(timeout=900)
         finally:
@@ -304,8 +367,15 @@ def test_climbrl_run_with_a_two_rank_fsdp_learner(tiny_model, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(ckpt))
 
     # the same run goes on in one process from the FSDP checkpoint
-    llog = run("--resume", "--set", "learner.fsdp=false", "--set", "learner.world_size=1",
-               "--set", "learner.total_steps=3")
+    llog = run(
+        "--resume",
+        "--set",
+        "learner.fsdp=false",
+        "--set",
+        "learner.world_size=1",
+        "--set",
+        "learner.total_steps=3",
+    )
     assert "resumed from" in llog and "step_2 at step 2" in llog
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "reward" in r]

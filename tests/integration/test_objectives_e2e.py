@@ -17,8 +17,10 @@ from tests.conftest import start_cli, wait_cli
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-EXTRA = {"gspo": ["learner.batch_groups=4", "learner.group_size=4"],
-         "ppo": ["learner.batch_groups=12"]}
+EXTRA = {
+    "gspo": ["learner.batch_groups=4", "learner.group_size=4"],
+    "ppo": ["learner.batch_groups=12"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,16 @@ def example_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     procs = {}
     for example, extra in EXTRA.items():
         out = tmp / example
-        sets = [f"model.path={tiny_model}", f"run.output_dir={out}", "learner.total_steps=3",
-                "learner.eval_size=4", "learner.max_staleness=0", "learner.checkpoint_every=2",
-                "rollout.kv_cache_gb=0.5", *extra]
+        sets = [
+            f"model.path={tiny_model}",
+            f"run.output_dir={out}",
+            "learner.total_steps=3",
+            "learner.eval_size=4",
+            "learner.max_staleness=0",
+            "learner.checkpoint_every=2",
+            "rollout.kv_cache_gb=0.5",
+            *extra,
+        ]
         args = ["run", str(ROOT / "examples" / f"{example}.toml"), "--no-live"]
         for s in sets:
             args += ["--set", s]
@@ -50,7 +59,8 @@ def _steps(run: dict) -> list[dict]:
     out, log = run["out"], run["log"]
     learner_log = out / "logs" / "learner.log"
     assert run["rc"] == 0, log.read_text()[-3000:] + (
-        learner_log.read_text()[-3000:] if learner_log.exists() else "")
+        learner_log.read_text()[-3000:] if learner_log.exists() else ""
+    )
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if "loss" in r]
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from climbrl.pretrain.config import ModelConfig, load_config
 from climbrl.pretrain.sft import CHAT_TEMPLATE_MARKED, run_sft
 

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from climbrl.pretrain.config import load_config
 from climbrl.pretrain.train import train
 

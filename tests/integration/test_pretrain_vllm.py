@@ -35,10 +35,11 @@ if __name__ == "__main__":
 def test_vllm_loads_pretrained_base(tmp_path: Path, steps: int) -> None:
     pytest.importorskip("vllm")
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from climbrl.pretrain.config import load_config
     from climbrl.pretrain.synthetic import get_task
     from climbrl.pretrain.train import train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = load_config(
         None,

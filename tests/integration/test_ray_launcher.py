@@ -25,7 +25,7 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
 
 # A copy_first env that also records which rollout server ran each episode.
-TAGGED_ENV = '''
+TAGGED_ENV = """
 import sys
 from pathlib import Path
 
@@ -43,7 +43,7 @@ class TaggedCopyFirst(CopyFirstEnv):
             with open(Path(self._record) / f"{sid}.episodes", "a") as f:
                 f.write(task.task_id + "\\n")
         return await super().reset(task)
-'''
+"""
 
 
 def _free_port() -> int:
@@ -84,11 +84,31 @@ def ray_cluster():
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(Path(tmp) / "ray-start.log", "wb")
     starter = subprocess.Popen(
-        [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "4", "--num-gpus", "0", "--temp-dir", tmp,
-         "--include-dashboard", "false", "--ray-client-server-port", str(_free_port()),
-         "--object-store-memory", str(100 * 1024**2), "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "4",
+            "--num-gpus",
+            "0",
+            "--temp-dir",
+            tmp,
+            "--include-dashboard",
+            "false",
+            "--ray-client-server-port",
+            str(_free_port()),
+            "--object-store-memory",
+            str(100 * 1024**2),
+            "--disable-usage-stats",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     sid = starter.pid  # `ray start` leads a new session; the cluster's daemons stay in it
@@ -106,7 +126,9 @@ def ray_cluster():
 def _launch(cfg: Path, log: Path, cluster: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--launcher", "ray", "--no-live"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "CLIMBRL_LOG": "INFO", "RAY_ADDRESS": cluster["address"]},
     )
 
@@ -153,8 +175,9 @@ def _watch(proc: subprocess.Popen, cfg_path: Path, until=None, timeout: float = 
 def _leftovers(seen: dict[int, str], sids: set[int]) -> list[int]:
     deadline = time.monotonic() + 15  # let SIGKILLed processes be reaped
     while True:
-        left = sorted({p for p in seen if pid_alive(p)} |
-                      {p for s in sids for p in _session_pids(s)})
+        left = sorted(
+            {p for p in seen if pid_alive(p)} | {p for s in sids for p in _session_pids(s)}
+        )
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
@@ -186,16 +209,26 @@ def _fail_msg(tmp_path: Path, out: Path) -> str:
 def _config(tmp_path: Path, model: Path, out: Path, servers: int, steps: int, **extra) -> Path:
     (tmp_path / "tagged_env.py").write_text(TAGGED_ENV)
     (tmp_path / "episodes").mkdir(exist_ok=True)
-    learner = {"total_steps": steps, "batch_groups": 2 * servers, "group_size": 2,
-               "max_staleness": 1, "eval_size": 0, "checkpoint_every": 1,
-               **extra.pop("learner", {})}
+    learner = {
+        "total_steps": steps,
+        "batch_groups": 2 * servers,
+        "group_size": 2,
+        "max_staleness": 1,
+        "eval_size": 0,
+        "checkpoint_every": 1,
+        **extra.pop("learner", {}),
+    }
     return write_config(
-        tmp_path / "c.toml", model, out,
-        env={"name": f"{tmp_path / 'tagged_env.py'}:TaggedCopyFirst",
-             "args.record_dir": str(tmp_path / "episodes")},
-        rollout={"num_servers": servers, "max_model_len": 64, "max_tokens": 4,
-                 "kv_cache_gb": 0.5},
-        learner=learner, **extra,
+        tmp_path / "c.toml",
+        model,
+        out,
+        env={
+            "name": f"{tmp_path / 'tagged_env.py'}:TaggedCopyFirst",
+            "args.record_dir": str(tmp_path / "episodes"),
+        },
+        rollout={"num_servers": servers, "max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
+        learner=learner,
+        **extra,
     )
 
 
@@ -210,8 +243,9 @@ def _check_trained(out: Path, steps: int) -> None:
         assert (ckpts / f"step_{s}" / "model.safetensors").is_file()
 
 
-def _run_to_end(tmp_path: Path, model: Path, cluster: dict, servers: int, steps: int,
-                **extra) -> None:
+def _run_to_end(
+    tmp_path: Path, model: Path, cluster: dict, servers: int, steps: int, **extra
+) -> None:
     out = tmp_path / "run"
     cfg = _config(tmp_path, model, out, servers, steps, **extra)
     proc = _launch(cfg, tmp_path / "launcher.log", cluster)
@@ -268,8 +302,11 @@ def test_ray_launcher_killed_learner_stops_everything(tiny_model, tmp_path, ray_
     cfg = _config(tmp_path, tiny_model, out, servers=1, steps=500)
     proc = _launch(cfg, tmp_path / "launcher.log", ray_cluster)
     try:
-        seen, sids = _watch(proc, out / "config.resolved.toml",
-                            until=lambda: (out / "checkpoints" / "latest").exists())
+        seen, sids = _watch(
+            proc,
+            out / "config.resolved.toml",
+            until=lambda: (out / "checkpoints" / "latest").exists(),
+        )
         assert proc.poll() is None, _fail_msg(tmp_path, out)
         learner = [p for p, r in seen.items() if r == "learn"]
         assert len(learner) == 1, seen
@@ -307,12 +344,19 @@ def test_endpoint_placement_and_bundles_follow_the_config():
     cfg = load_config(None, base)
     assert placement_strategy(cfg) == "STRICT_PACK"  # loopback learner: one node
     assert bundles(cfg) == [{"CPU": 1.0}] * 4
-    cfg = load_config(None, base + ['wire.host="0.0.0.0"', "ray.rollout_gpus=1",
-                                    "ray.learner_cpus=2"])
+    cfg = load_config(
+        None, base + ['wire.host="0.0.0.0"', "ray.rollout_gpus=1", "ray.learner_cpus=2"]
+    )
     assert placement_strategy(cfg) == "PACK"
     assert bundles(cfg) == [{"CPU": 2.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 3
     cfg = load_config(None, base + ['ray.placement_strategy="SPREAD"'])
     assert placement_strategy(cfg) == "SPREAD"
-    env = forwarded_env({"CLIMBRL_LOG": "DEBUG", "VLLM_CPU_KVCACHE_SPACE": "1", "HOME": "/r",
-                         "AWS_SECRET_ACCESS_KEY": "x"})
+    env = forwarded_env(
+        {
+            "CLIMBRL_LOG": "DEBUG",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HOME": "/r",
+            "AWS_SECRET_ACCESS_KEY": "x",
+        }
+    )
     assert env == {"CLIMBRL_LOG": "DEBUG", "VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -36,44 +36,69 @@ TOP_P, TOP_K, TEMP = 0.8, 16, 0.9
 
 @pytest.fixture(scope="module")
 def tie_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from climbrl.envs.tasks import corpus_for_tokenizer
     from transformers import AutoModelForCausalLM
 
+    from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.tinymodel import make_tiny_model
 
-    path = make_tiny_model(tmp_path_factory.mktemp("moe") / "model", corpus_for_tokenizer(),
-                           moe=True, num_experts=8, num_experts_per_tok=2, seed=0)
+    path = make_tiny_model(
+        tmp_path_factory.mktemp("moe") / "model",
+        corpus_for_tokenizer(),
+        moe=True,
+        num_experts=8,
+        num_experts_per_tok=2,
+        seed=0,
+    )
     m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in m.model.layers:
             w = layer.mlp.gate.weight  # [experts, hidden]
             shared = torch.randn(w.shape[1], generator=g) * 0.5
-            w.copy_(shared * (1 + 1e-6 * torch.randn(w.shape[0], 1, generator=g))
-                    + 1e-6 * torch.randn(w.shape, generator=g))
+            w.copy_(
+                shared * (1 + 1e-6 * torch.randn(w.shape[0], 1, generator=g))
+                + 1e-6 * torch.randn(w.shape, generator=g)
+            )
     m.save_pretrained(str(path), safe_serialization=True)
     return path
 
 
 @pytest.fixture(scope="module")
-def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory,
-               request: pytest.FixtureRequest):
+def moe_server(
+    tie_moe: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+):
     """A real `climbrl rollout` process serving the MoE, replay on (the config defaults). The
     in-process engine ``local_moe`` starts while this server boots: the two start-ups (about
     one core each) overlap."""
     from climbrl.learner.hub import LearnerHub
 
     d = tmp_path_factory.mktemp("replay")
-    cfg = write_config(d / "cfg.toml", tie_moe, d / "out",
-                       rollout={"max_model_len": 256, "kv_cache_gb": 0.25},
-                       wire={"dead_after_s": 60.0})
+    cfg = write_config(
+        d / "cfg.toml",
+        tie_moe,
+        d / "out",
+        rollout={"max_model_len": 256, "kv_cache_gb": 0.25},
+        wire={"dead_after_s": 60.0},
+    )
     assert "replay_sampling_mask = true" in cfg.read_text()
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=1.0)
     log = open(d / "rollout.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "climbrl.cli", "rollout", "--config", str(cfg), "--endpoint",
-         hub.endpoint, "--server-id", "moe0"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "climbrl.cli",
+            "rollout",
+            "--config",
+            str(cfg),
+            "--endpoint",
+            hub.endpoint,
+            "--server-id",
+            "moe0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, **hub.client_env()},  # the hub's credentials
     )
     try:
@@ -81,8 +106,9 @@ def moe_server(tie_moe: Path, tmp_path_factory: pytest.TempPathFactory,
         deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("rollout server failed to start:\n" +
-                                   (d / "rollout.log").read_text()[-3000:])
+                raise RuntimeError(
+                    "rollout server failed to start:\n" + (d / "rollout.log").read_text()[-3000:]
+                )
             item = hub.recv(0.5)
             if item is not None:
                 break
@@ -150,10 +176,16 @@ def test_replay_on_matches_engine_and_off_does_not(moe_server):
 
     rs = moe_server
     orders = [
-        WorkOrder(order_id=f"rp{i}-{time.monotonic_ns()}", policy_version=0, env="copy_first",
-                  task_index=i, group_size=8,
-                  sampling=SamplingSpec(temperature=TEMP, top_p=TOP_P, top_k=TOP_K,
-                                        max_tokens=40, seed=i))
+        WorkOrder(
+            order_id=f"rp{i}-{time.monotonic_ns()}",
+            policy_version=0,
+            env="copy_first",
+            task_index=i,
+            group_size=8,
+            sampling=SamplingSpec(
+                temperature=TEMP, top_p=TOP_P, top_k=TOP_K, max_tokens=40, seed=i
+            ),
+        )
         for i in range(2)
     ]
     samples = [s for tr in _collect(rs, orders) for s in tr.samples]
@@ -173,10 +205,16 @@ def test_replay_on_matches_engine_and_off_does_not(moe_server):
     no_mask = _mismatch(model, samples, replay_mask=False)
     no_routing = _mismatch(model, samples, replay_routing=False)
     off = _mismatch(model, samples, replay_mask=False, replay_routing=False)
-    print(f"\n{n_tok} tokens, top_p={TOP_P} top_k={TOP_K} T={TEMP}; |logp_learner - logp_engine| "
-          f"mean / max / tokens outside the replayed kept set")
-    for name, (mean, mx, miss) in [("replay on", on), ("mask off", no_mask),
-                                   ("routing off", no_routing), ("both off", off)]:
+    print(
+        f"\n{n_tok} tokens, top_p={TOP_P} top_k={TOP_K} T={TEMP}; |logp_learner - logp_engine| "
+        f"mean / max / tokens outside the replayed kept set"
+    )
+    for name, (mean, mx, miss) in [
+        ("replay on", on),
+        ("mask off", no_mask),
+        ("routing off", no_routing),
+        ("both off", off),
+    ]:
         print(f"  {name:12s} mean {mean:.3e}  max {mx:.3e}  miss {miss}")
 
     assert on[1] < REPLAY_TOL and on[2] == 0
@@ -222,19 +260,26 @@ def after_update(moe_server):
                 p.add_(torch.randn_like(p) * 0.05)
     sd = _checkpoint_names(model.state_dict())
     names = list(sd)
-    rs["hub"].send(rs["server_id"], WeightManifest(
-        version=5, tensors=[tensor_meta(n, sd[n]) for n in names]), [sd[n] for n in names])
+    rs["hub"].send(
+        rs["server_id"],
+        WeightManifest(version=5, tensors=[tensor_meta(n, sd[n]) for n in names]),
+        [sd[n] for n in names],
+    )
     deadline = time.monotonic() + 120
     ack = None
     while ack is None and time.monotonic() < deadline:
         item = rs["hub"].recv(0.5)
         if item is not None and isinstance(item[1], WeightAck):
             ack = item[1]
-    assert ack is not None and ack.ok and ack.version == 5, (ack and ack.error)
-    order = WorkOrder(order_id=f"upd-{time.monotonic_ns()}", policy_version=5, env="copy_first",
-                      task_index=3, group_size=8,
-                      sampling=SamplingSpec(temperature=TEMP, top_p=TOP_P, top_k=TOP_K,
-                                            max_tokens=40, seed=9))
+    assert ack is not None and ack.ok and ack.version == 5, ack and ack.error
+    order = WorkOrder(
+        order_id=f"upd-{time.monotonic_ns()}",
+        policy_version=5,
+        env="copy_first",
+        task_index=3,
+        group_size=8,
+        sampling=SamplingSpec(temperature=TEMP, top_p=TOP_P, top_k=TOP_K, max_tokens=40, seed=9),
+    )
     return model, _collect(rs, [order])[0].samples
 
 
@@ -261,33 +306,47 @@ def test_replay_parity_after_a_weight_update(after_update):
 def test_routing_replay_through_the_prefix_cache(tie_moe: Path, local_moe):
     """Prompts longer than a KV block (128 tokens on CPU) share cached blocks: routing of the
     cached positions comes with the cached KV, and replaying it still matches the engine."""
-    from climbrl.learner.logprobs import completion_logprobs
-    from climbrl.learner.replay import decode_routing
-    from climbrl.rollout import replay
     from transformers import AutoModelForCausalLM
     from vllm.inputs import TokensPrompt
 
+    from climbrl.learner.logprobs import completion_logprobs
+    from climbrl.learner.replay import decode_routing
+    from climbrl.rollout import replay
     from climbrl.wire import Routing, Sample
 
     engine = local_moe["engine"]
     shared = [(7 * i) % 300 + 5 for i in range(150)]
 
     async def run(i: int, prompt: list[int]) -> tuple[Sample, int]:
-        sp = replay.sampling_params(temperature=TEMP, top_p=TOP_P, top_k=TOP_K, max_tokens=24,
-                                    seed=i, replay_mask=True, replay_routing=True)
+        sp = replay.sampling_params(
+            temperature=TEMP,
+            top_p=TOP_P,
+            top_k=TOP_K,
+            max_tokens=24,
+            seed=i,
+            replay_mask=True,
+            replay_routing=True,
+        )
         assert replay.tag(sp, f"pc-{i}")
         final = None
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), sp,
-                                         request_id=f"pc-{i}"):
+        async for out in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), sp, request_id=f"pc-{i}"
+        ):
             final = out
         rec = await replay.take(engine, f"pc-{i}")
         o = final.outputs[0]
         toks = list(o.token_ids)
-        s = Sample(prompt_ids=prompt, completion_ids=toks, completion_mask=[1] * len(toks),
-                   logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, toks)],
-                   versions=[0] * len(toks), reward=0.0, finish_reason="length",
-                   keep_counts=replay.keep_list(rec, len(toks)),
-                   routing=Routing(**rec["routing"]))
+        s = Sample(
+            prompt_ids=prompt,
+            completion_ids=toks,
+            completion_mask=[1] * len(toks),
+            logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, toks)],
+            versions=[0] * len(toks),
+            reward=0.0,
+            finish_reason="length",
+            keep_counts=replay.keep_list(rec, len(toks)),
+            routing=Routing(**rec["routing"]),
+        )
         return s, int(final.num_cached_tokens or 0)
 
     async def main() -> list[tuple[Sample, int]]:
@@ -349,7 +408,7 @@ def _sync(rs, pub, version: int) -> tuple[str, dict[str, str]]:
     """Publish ``pub``'s weights as ``version`` with a digest request; (kind, digests)."""
     from climbrl.wire import WeightAck
 
-    (_, m, tensors), = pub.messages(version, [rs["server_id"]])
+    ((_, m, tensors),) = pub.messages(version, [rs["server_id"]])
     m.digest = True
     rs["hub"].send(rs["server_id"], m, tensors)
     deadline = time.monotonic() + 120
@@ -369,10 +428,16 @@ def _differ(a: dict[str, str], b: dict[str, str]) -> list[str]:
 
 
 def _sample_parity(rs, model, version: int) -> tuple[float, float, int]:
-    order = WorkOrder(order_id=f"sync-{version}-{time.monotonic_ns()}", policy_version=version,
-                      env="copy_first", task_index=5, group_size=8,
-                      sampling=SamplingSpec(temperature=TEMP, top_p=TOP_P, top_k=TOP_K,
-                                            max_tokens=40, seed=version))
+    order = WorkOrder(
+        order_id=f"sync-{version}-{time.monotonic_ns()}",
+        policy_version=version,
+        env="copy_first",
+        task_index=5,
+        group_size=8,
+        sampling=SamplingSpec(
+            temperature=TEMP, top_p=TOP_P, top_k=TOP_K, max_tokens=40, seed=version
+        ),
+    )
     samples = _collect(rs, [order])[0].samples
     assert {v for s in samples for v in s.versions} == {version}
     return _mismatch(model, samples)
@@ -381,17 +446,20 @@ def _sample_parity(rs, model, version: int) -> tuple[float, float, int]:
 # reference of the delta-synced engine: a second fresh engine loaded from the changed weights
 # (slow: one more engine start), or, in the default suite, a full sync of the same weights
 # into the same engine (the full path is checked against a fresh load in the first half)
-@pytest.mark.parametrize("reference", [pytest.param("fresh_load", marks=pytest.mark.slow),
-                                       "full_sync"])
-def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(reference, moe_server,
-                                                                      local_moe, tmp_path):
+@pytest.mark.parametrize(
+    "reference", [pytest.param("fresh_load", marks=pytest.mark.slow), "full_sync"]
+)
+def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(
+    reference, moe_server, local_moe, tmp_path
+):
     """Full sync of unchanged weights, then a delta sync of one changed expert: after the first,
     every engine parameter (the prepacked experts included) is bitwise the one a fresh engine
     loads from the same weights; after the second, only the changed layer's w13 moved, every
     parameter is bitwise the reference's (a fresh load, or a full sync, of the same weights),
     and the engine's log-probs equal the learner's under replay."""
-    from climbrl.learner.weights import WeightPublisher
     from transformers import AutoModelForCausalLM
+
+    from climbrl.learner.weights import WeightPublisher
 
     rs = moe_server
     v = 301 if reference == "full_sync" else 311
@@ -410,8 +478,11 @@ def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(reference,
     kind, after = _sync(rs, pub, v + 1)
     assert kind == "delta"
     moved = _differ(synced, after)  # only layer 1's gate/up experts tensor
-    assert len(moved) == 1 and moved[0].startswith("model.layers.1.") and moved[0].endswith(
-        "w13_weight"), moved
+    assert (
+        len(moved) == 1
+        and moved[0].startswith("model.layers.1.")
+        and moved[0].endswith("w13_weight")
+    ), moved
     mean, mx, miss = _sample_parity(rs, model, v + 1)
     print(f"\nafter one changed expert: replay on mean {mean:.3e} max {mx:.3e} miss {miss}")
     assert mx < REPLAY_TOL and miss == 0
@@ -427,18 +498,23 @@ def test_one_expert_changed_by_the_learner_reaches_the_engine_exactly(reference,
 def test_moe_lora_and_trained_delta_syncs_match_a_fresh_load(moe_server, tmp_path):
     """A real AdamW step on every weight (delta sync) and a LoRA run (full base, then adapter
     deltas) on the MoE: each synced engine is bitwise a fresh load of the learner's weights."""
-    from climbrl.learner.logprobs import completion_logprobs
-    from climbrl.learner.weights import LoraView, WeightPublisher, setup_lora
     from transformers import AutoModelForCausalLM
 
     from climbrl.config import load_config
+    from climbrl.learner.logprobs import completion_logprobs
+    from climbrl.learner.weights import LoraView, WeightPublisher, setup_lora
 
     rs = moe_server
 
     def step(m, lr: float, version: int) -> None:
-        order = WorkOrder(order_id=f"st-{version}-{time.monotonic_ns()}", policy_version=version,
-                          env="copy_first", task_index=2, group_size=8,
-                          sampling=SamplingSpec(temperature=TEMP, max_tokens=16, seed=version))
+        order = WorkOrder(
+            order_id=f"st-{version}-{time.monotonic_ns()}",
+            policy_version=version,
+            env="copy_first",
+            task_index=2,
+            group_size=8,
+            sampling=SamplingSpec(temperature=TEMP, max_tokens=16, seed=version),
+        )
         samples = _collect(rs, [order])[0].samples
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
         b = completion_logprobs(m, samples, temperature=TEMP, impl="naive")
@@ -455,10 +531,12 @@ def test_moe_lora_and_trained_delta_syncs_match_a_fresh_load(moe_server, tmp_pat
     assert not _differ(synced, fresh)
     assert _sample_parity(rs, model, 402)[1] < REPLAY_TOL
 
-    cfg = load_config(None, [f'model.path="{rs["model"]}"', 'learner.weight_sync="lora"',
-                             "learner.lora_r=4"])
-    lora = setup_lora(AutoModelForCausalLM.from_pretrained(str(rs["model"]),
-                                                           dtype=torch.float32), cfg.learner)
+    cfg = load_config(
+        None, [f'model.path="{rs["model"]}"', 'learner.weight_sync="lora"', "learner.lora_r=4"]
+    )
+    lora = setup_lora(
+        AutoModelForCausalLM.from_pretrained(str(rs["model"]), dtype=torch.float32), cfg.learner
+    )
     pub = WeightPublisher(lora, "lora")
     assert _sync(rs, pub, 411)[0] == "full"
     step(lora, 2e-2, 411)
@@ -478,20 +556,39 @@ def test_moe_run_stays_at_dense_parity_through_weight_updates(tie_moe, tmp_path)
 
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "cfg.toml", tie_moe, out, env={"name": "copy_first"},
-        learner={"total_steps": 3, "eval_size": 0, "max_staleness": 0, "batch_groups": 4,
-                 "group_size": 4, "lr": 1e-3},
-        rollout={"temperature": TEMP, "top_p": TOP_P, "top_k": TOP_K, "max_tokens": 24,
-                 "max_model_len": 128, "kv_cache_gb": 0.25})
+        tmp_path / "cfg.toml",
+        tie_moe,
+        out,
+        env={"name": "copy_first"},
+        learner={
+            "total_steps": 3,
+            "eval_size": 0,
+            "max_staleness": 0,
+            "batch_groups": 4,
+            "group_size": 4,
+            "lr": 1e-3,
+        },
+        rollout={
+            "temperature": TEMP,
+            "top_p": TOP_P,
+            "top_k": TOP_K,
+            "max_tokens": 24,
+            "max_model_len": 128,
+            "kv_cache_gb": 0.25,
+        },
+    )
     log = tmp_path / "run.log"
     rc = run_cli(["run", str(cfg), "--no-live"], log, timeout=600)
     assert rc == 0, log.read_text()[-3000:]
-    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r]
+    steps = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
-        print(f"\nstep {r['step']}: mismatch_mean {r['mismatch_mean']:.2e} "
-              f"max {r['mismatch_max']:.2e} over {r['mismatch_tokens']:.0f} tokens, "
-              f"replay misses {r['replay_miss_tokens']:.0f}")
+        print(
+            f"\nstep {r['step']}: mismatch_mean {r['mismatch_mean']:.2e} "
+            f"max {r['mismatch_max']:.2e} over {r['mismatch_tokens']:.0f} tokens, "
+            f"replay misses {r['replay_miss_tokens']:.0f}"
+        )
         assert r["mismatch_tokens"] > 0 and r["mismatch_max"] < REPLAY_TOL, r
         assert r["replay_miss_tokens"] == 0 and r["grad_norm"] > 0

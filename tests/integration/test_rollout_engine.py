@@ -26,12 +26,24 @@ pytestmark = pytest.mark.integration
 PARITY_TOL = 1e-4
 
 
-def _order(i: int, *, temperature: float = 1.0, group: int = 4, version: int = 0,
-           max_tokens: int = 8, seed: int | None = 0) -> WorkOrder:
-    return WorkOrder(order_id=f"t{i}-{time.monotonic_ns()}", policy_version=version,
-                     env="copy_first", task_index=i, split="train", group_size=group,
-                     sampling=SamplingSpec(temperature=temperature, max_tokens=max_tokens,
-                                           seed=seed))
+def _order(
+    i: int,
+    *,
+    temperature: float = 1.0,
+    group: int = 4,
+    version: int = 0,
+    max_tokens: int = 8,
+    seed: int | None = 0,
+) -> WorkOrder:
+    return WorkOrder(
+        order_id=f"t{i}-{time.monotonic_ns()}",
+        policy_version=version,
+        env="copy_first",
+        task_index=i,
+        split="train",
+        group_size=group,
+        sampling=SamplingSpec(temperature=temperature, max_tokens=max_tokens, seed=seed),
+    )
 
 
 _STASH: list = []  # messages that arrived while a test waited for something else
@@ -101,19 +113,30 @@ def test_long_chat_prompts_under_a_concurrent_seeded_load(rollout_server):
     rs = rollout_server
 
     def orders(tag: str) -> list[WorkOrder]:
-        return [WorkOrder(order_id=f"long-{tag}-{i}", policy_version=0, env="math", task_index=i,
-                          split="train", group_size=8,
-                          sampling=SamplingSpec(temperature=1.0, max_tokens=16, seed=5))
-                for i in range(8)]
+        return [
+            WorkOrder(
+                order_id=f"long-{tag}-{i}",
+                policy_version=0,
+                env="math",
+                task_index=i,
+                split="train",
+                group_size=8,
+                sampling=SamplingSpec(temperature=1.0, max_tokens=16, seed=5),
+            )
+            for i in range(8)
+        ]
 
     def run_all(os: list[WorkOrder]) -> dict[str, Trajectory]:
         for o in os:
             rs["hub"].send(rs["server_id"], o)
         got = {}
         for o in os:
-            m = _wait(rs["hub"], (Trajectory, Error),
-                      lambda m, i=o.order_id: i in (getattr(m, "order_id", ""), getattr(m, "ref_id", "")),
-                      timeout=300)
+            m = _wait(
+                rs["hub"],
+                (Trajectory, Error),
+                lambda m, i=o.order_id: i in (getattr(m, "order_id", ""), getattr(m, "ref_id", "")),
+                timeout=300,
+            )
             assert isinstance(m, Trajectory), f"{m.code}: {m.message}"
             got[o.order_id] = m
         return got
@@ -127,7 +150,8 @@ def test_long_chat_prompts_under_a_concurrent_seeded_load(rollout_server):
     again = run_all(orders(tag)[:2])  # the same ids: the same seeds, at the same weights
     for oid, tr in again.items():
         assert [s.completion_ids for s in tr.samples] == [
-            s.completion_ids for s in first[oid].samples]
+            s.completion_ids for s in first[oid].samples
+        ]
 
 
 def test_logprob_parity_with_learner(rollout_server):
@@ -176,9 +200,14 @@ def test_update_while_requests_in_flight(rollout_server):
     spanned = False
     for attempt in range(3):  # retry if the order finished before the update landed
         version = prev + 1
-        o = WorkOrder(order_id=f"long-{time.monotonic_ns()}", policy_version=prev,
-                      env="copy_first", task_index=5, group_size=32,
-                      sampling=SamplingSpec(temperature=1.0, max_tokens=110, seed=attempt))
+        o = WorkOrder(
+            order_id=f"long-{time.monotonic_ns()}",
+            policy_version=prev,
+            env="copy_first",
+            task_index=5,
+            group_size=32,
+            sampling=SamplingSpec(temperature=1.0, max_tokens=110, seed=attempt),
+        )
         rs["hub"].send(rs["server_id"], o)
         time.sleep(0.2)
         ack = _publish(rs, model, version=version)
@@ -205,8 +234,14 @@ def test_malformed_message_is_rejected_and_server_keeps_serving(rollout_server):
     err = _wait(hub, Error, lambda e: e.code == "bad_message")
     assert "bad work body" in err.message
     # bad env in a well-formed order costs that order only
-    bad = WorkOrder(order_id="bad-env", policy_version=0, env="no_such_env", task_index=0,
-                    group_size=2, sampling=SamplingSpec())
+    bad = WorkOrder(
+        order_id="bad-env",
+        policy_version=0,
+        env="no_such_env",
+        task_index=0,
+        group_size=2,
+        sampling=SamplingSpec(),
+    )
     hub.send("r0", bad)
     err = _wait(hub, Error, lambda e: e.ref_id == "bad-env")
     assert err.code == "order_failed" and "unknown env" in err.message

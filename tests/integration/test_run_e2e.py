@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 def _launch(cfg: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, "CLIMBRL_LOG": "INFO"},
     )
 
@@ -38,16 +40,23 @@ def _children(pid: int) -> list[int]:
 
 
 def _trains_config(sync: str, model: Path, tmp: Path) -> Path:
-    learner = {"total_steps": 3, "batch_groups": 4, "group_size": 4, "max_staleness": 0,
-               "eval_size": 8, "checkpoint_every": 2}
+    learner = {
+        "total_steps": 3,
+        "batch_groups": 4,
+        "group_size": 4,
+        "max_staleness": 0,
+        "eval_size": 8,
+        "checkpoint_every": 2,
+    }
     rollout = {"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5}
     wire = {}
     if sync == "lora":
         learner.update(batch_groups=2, eval_size=4, weight_sync="lora", lr=5e-3, lora_r=4)
         rollout["kv_cache_gb"] = 0.25
         wire["curve"] = "on"  # CURVE with the run's keys, as across machines
-    return write_config(tmp / "c.toml", model, tmp / "run", learner=learner, rollout=rollout,
-                        wire=wire)
+    return write_config(
+        tmp / "c.toml", model, tmp / "run", learner=learner, rollout=rollout, wire=wire
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +75,9 @@ def test_killed_rollout_server_is_detected_and_everything_stops(tiny_model, tmp_
     run stops, every process with it. (``lora_run`` only starts the next test's run now.)"""
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_model, out,
+        tmp_path / "c.toml",
+        tiny_model,
+        out,
         run={"on_child_death": "continue"},  # let the learner's heartbeat check find it
         learner={"total_steps": 500, "batch_groups": 2, "group_size": 2, "eval_size": 0},
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
@@ -77,16 +88,18 @@ def test_killed_rollout_server_is_detected_and_everything_stops(tiny_model, tmp_
         metrics = out / "metrics.jsonl"
         deadline = time.monotonic() + 400
         while not (metrics.exists() and '"reward"' in metrics.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "launcher.log").read_text()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "launcher.log"
+            ).read_text()[-3000:]
             time.sleep(1)
         kids = _children(proc.pid)
         assert len(kids) == 2  # learner + rollout-0
-        rollout = next(k for k in kids if b"\x00rollout\x00" in Path(f"/proc/{k}/cmdline").read_bytes())
+        rollout = next(
+            k for k in kids if b"\x00rollout\x00" in Path(f"/proc/{k}/cmdline").read_bytes()
+        )
         import psutil
 
-        tree = {k: [k] + [c.pid for c in psutil.Process(k).children(recursive=True)]
-                for k in kids}
+        tree = {k: [k] + [c.pid for c in psutil.Process(k).children(recursive=True)] for k in kids}
         assert len(tree[rollout]) >= 2  # the rollout server and its vLLM engine core
         t_kill = time.monotonic()
         os.kill(rollout, signal.SIGKILL)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
 from climbrl.envs import sandbox as sbmod
 
 pytestmark = pytest.mark.integration
@@ -300,8 +301,14 @@ def _run_battery(backend: str, as_user: bool, h: Host) -> dict[str, dict] | None
     pkg = Path(tempfile.mkdtemp(prefix="climbrl-attack-pkg-"))
     try:
         (pkg / "sbx").mkdir()
-        for f in ("__init__.py", "sandbox.py", "_seccomp.py", "_landlock.py", "_cgroup.py",
-                  "_procs.py"):
+        for f in (
+            "__init__.py",
+            "sandbox.py",
+            "_seccomp.py",
+            "_landlock.py",
+            "_cgroup.py",
+            "_procs.py",
+        ):
             src = ENVS_DIR / f if f != "__init__.py" else None
             (pkg / "sbx" / f).write_text(src.read_text() if src else "")
         for p in (pkg, *pkg.rglob("*")):

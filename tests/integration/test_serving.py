@@ -30,9 +30,12 @@ WEATHER = {
         "description": "Weather in a city",
         "strict": True,  # OpenAI's switch for schema-constrained arguments
         # an enum keeps a random model's constrained JSON short
-        "parameters": {"type": "object",
-                       "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-                       "required": ["city"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
     },
 }
 
@@ -42,23 +45,49 @@ def start_serve(model: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen, 
     tpl = tmp / "tools.jinja"
     tpl.write_text(TOOLS_TEMPLATE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "climbrl.cli", "serve", str(model), "--port", "0",
-         "--api-key", KEY, "--served-model-name", "tiny", "--ready-file", str(ready),
-         "--kv-cache-gb", "0.5",
-         # small bounds that tests/integration/test_abuse.py floods past
-         "--max-body-mb", "1", "--max-sessions", "64", *extra,
-         "--", "--chat-template", str(tpl), "--enable-auto-tool-choice",
-         "--tool-call-parser", "hermes",
-         # compact JSON only: a random model would otherwise pad the arguments with whitespace
-         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
-        stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "climbrl.cli",
+            "serve",
+            str(model),
+            "--port",
+            "0",
+            "--api-key",
+            KEY,
+            "--served-model-name",
+            "tiny",
+            "--ready-file",
+            str(ready),
+            "--kv-cache-gb",
+            "0.5",
+            # small bounds that tests/integration/test_abuse.py floods past
+            "--max-body-mb",
+            "1",
+            "--max-sessions",
+            "64",
+            *extra,
+            "--",
+            "--chat-template",
+            str(tpl),
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "hermes",
+            # compact JSON only: a random model would otherwise pad the arguments with whitespace
+            "--structured-outputs-config",
+            '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        ],
+        stdout=open(tmp / "serve.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             kill_tree(proc)
-            raise RuntimeError("climbrl serve did not start:\n" +
-                               (tmp / "serve.log").read_text()[-4000:])
+            raise RuntimeError(
+                "climbrl serve did not start:\n" + (tmp / "serve.log").read_text()[-4000:]
+            )
         time.sleep(0.5)
     port = json.loads(ready.read_text())["port"]
     return proc, f"http://127.0.0.1:{port}"
@@ -81,14 +110,16 @@ def test_models_health_metrics(server, client):
     assert httpx.get(server["url"] + "/metrics").status_code == 401  # deny by default
     m = httpx.get(server["url"] + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
     assert m.status_code == 200 and "vllm:" in m.text
-    v = httpx.get(server["url"] + "/climbrl/weight_version",
-                  headers={"Authorization": f"Bearer {KEY}"}).json()
+    v = httpx.get(
+        server["url"] + "/climbrl/weight_version", headers={"Authorization": f"Bearer {KEY}"}
+    ).json()
     assert v == {"weight_version": 0, "pinned": None}
 
 
 def test_completions_with_logprobs_and_version(client):
     raw = client.completions.with_raw_response.create(
-        model="tiny", prompt="abcd=", max_tokens=5, temperature=0.0, logprobs=2)
+        model="tiny", prompt="abcd=", max_tokens=5, temperature=0.0, logprobs=2
+    )
     assert raw.headers["x-climbrl-weight-version"] == "0"
     r = raw.parse()
     choice = r.choices[0]
@@ -99,8 +130,11 @@ def test_completions_with_logprobs_and_version(client):
 
 
 def test_completions_stream(client):
-    chunks = list(client.completions.create(model="tiny", prompt="abcd=", max_tokens=6,
-                                            temperature=0.0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="abcd=", max_tokens=6, temperature=0.0, stream=True
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     full = client.completions.create(model="tiny", prompt="abcd=", max_tokens=6, temperature=0.0)
     assert text == full.choices[0].text
@@ -109,24 +143,31 @@ def test_completions_stream(client):
 
 def test_chat_plain_and_stream(client):
     msgs = [{"role": "user", "content": "abcd="}]
-    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
-                                       temperature=0.0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=2
+    )
     c = r.choices[0]
     assert c.message.role == "assistant"
     assert len(c.logprobs.content) == r.usage.completion_tokens > 0
-    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
-                                            temperature=0.0, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0.0, stream=True
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert text == (c.message.content or "")
 
 
 def test_named_tool_call(client):
     r = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "weather in Paris?"}],
-        tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        model="tiny",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
         # Sampled, seeded: greedy decoding of a random model pads the JSON with whitespace
         # forever; the grammar (strict tool) still forces a well-formed call.
-        max_tokens=400, temperature=1.0, seed=1)
+        max_tokens=400,
+        temperature=1.0,
+        seed=1,
+    )
     calls = r.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_weather", repr(r.choices[0].message.content)
     assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Rome")
@@ -154,8 +195,7 @@ def test_bad_requests_are_4xx(client, server):
         assert "error" in r.json()
     r = httpx.post(server["url"] + "/climbrl/pin", json={"version": 7}, headers=h)
     assert r.status_code == 409
-    r = httpx.post(server["url"] + "/climbrl/sessions/none/reward", json={"reward": "x"},
-                   headers=h)
+    r = httpx.post(server["url"] + "/climbrl/sessions/none/reward", json={"reward": "x"}, headers=h)
     assert r.status_code == 400
 
 
@@ -163,15 +203,27 @@ def test_session_capture_is_token_exact_across_turns(client, server):
     sid = "sess-1"
     msgs = [{"role": "user", "content": "abcd="}]
     first = client.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=8, temperature=1.0, seed=0,
-        extra_headers={"X-Session-ID": sid})
+        model="tiny",
+        messages=msgs,
+        max_tokens=8,
+        temperature=1.0,
+        seed=0,
+        extra_headers={"X-Session-ID": sid},
+    )
     # (Seeded: a random byte-level model can sample invalid UTF-8, which the agent sees as
     # U+FFFD; re-sending that text is an edited history, which must count as drift instead.)
-    msgs += [{"role": "assistant", "content": first.choices[0].message.content or ""},
-             {"role": "user", "content": "again"}]
+    msgs += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "again"},
+    ]
     second = client.chat.completions.create(
-        model="tiny", messages=msgs, max_tokens=8, temperature=1.0, seed=0,
-        extra_body={"session_id": sid})  # the body field works as well as the header
+        model="tiny",
+        messages=msgs,
+        max_tokens=8,
+        temperature=1.0,
+        seed=0,
+        extra_body={"session_id": sid},
+    )  # the body field works as well as the header
     h = {"Authorization": f"Bearer {KEY}"}
     s = httpx.get(f"{server['url']}/climbrl/sessions/{sid}", headers=h).json()
     assert s["turns"] == 2 and s["drift"] == 0 and s["segments"] == 1
@@ -184,14 +236,20 @@ def test_session_capture_is_token_exact_across_turns(client, server):
     assert second.usage.prompt_tokens == len(s["prompt_ids"]) + len(ids) - n2
     assert all(lp <= 0 for lp, m in zip(s["logprobs"], mask) if m)
     assert all(v == 0 for v, m in zip(s["versions"], mask) if m)
-    r = httpx.post(f"{server['url']}/v1/climbrl/sessions/{sid}/reward",
-                   json={"reward": 0.5}, headers=h)
+    r = httpx.post(
+        f"{server['url']}/v1/climbrl/sessions/{sid}/reward", json={"reward": 0.5}, headers=h
+    )
     assert r.status_code == 200 and r.json()["turns"] == 2
-    assert httpx.post(f"{server['url']}/climbrl/sessions/{sid}/reward", json={"reward": 1},
-                      headers=h).status_code == 409
+    assert (
+        httpx.post(
+            f"{server['url']}/climbrl/sessions/{sid}/reward", json={"reward": 1}, headers=h
+        ).status_code
+        == 409
+    )
     with pytest.raises(openai.BadRequestError):  # a finished session takes no more turns
-        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
-                                       extra_headers={"X-Session-ID": sid})
+        client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=2, extra_headers={"X-Session-ID": sid}
+        )
 
 
 def test_serve_binds_loopback_by_default(server):
@@ -226,15 +284,41 @@ def _fuzz(server, tmp_path, examples: int, max_time: int) -> None:
     st = Path(sys.executable).with_name("st")
     report = tmp_path / "fuzz.ndjson"
     schema = tmp_path / "openapi.json"  # behind the key, like every path but /health, /ping
-    schema.write_text(httpx.get(server["url"] + "/openapi.json",
-                                headers={"Authorization": f"Bearer {KEY}"}).text)
+    schema.write_text(
+        httpx.get(server["url"] + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).text
+    )
     r = subprocess.run(
-        [str(st), "run", str(schema), "--url", server["url"], "--checks", "not_a_server_error",
-         "--max-examples", str(examples), "--max-time", str(max_time), "--seed", "7",
-         "--request-timeout", "60", "--workers", "1", "--no-shrink",
-         "--header", f"Authorization: Bearer {KEY}", "--continue-on-failure",
-         "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, timeout=max_time + 300, cwd=tmp_path,
+        [
+            str(st),
+            "run",
+            str(schema),
+            "--url",
+            server["url"],
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            str(examples),
+            "--max-time",
+            str(max_time),
+            "--seed",
+            "7",
+            "--request-timeout",
+            "60",
+            "--workers",
+            "1",
+            "--no-shrink",
+            "--header",
+            f"Authorization: Bearer {KEY}",
+            "--continue-on-failure",
+            "--report",
+            "ndjson",
+            "--report-ndjson-path",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=max_time + 300,
+        cwd=tmp_path,
     )
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail

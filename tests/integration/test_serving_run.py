@@ -23,8 +23,11 @@ pytestmark = pytest.mark.integration
 def _launch(cfg: Path, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live", *extra],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "CLIMBRL_LOG": "INFO"}, cwd=ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "CLIMBRL_LOG": "INFO"},
+        cwd=ROOT,
     )
 
 
@@ -42,16 +45,24 @@ def _wait(pred, timeout: float, what: str, proc: subprocess.Popen, log: Path):
 
 def _version(client: openai.OpenAI) -> int:
     raw = client.chat.completions.with_raw_response.create(
-        model="tiny", messages=[{"role": "user", "content": "abcd="}], max_tokens=2)
+        model="tiny", messages=[{"role": "user", "content": "abcd="}], max_tokens=2
+    )
     return int(raw.headers["x-climbrl-weight-version"])
 
 
 def test_endpoint_follows_learner_and_can_be_pinned(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_model, out,
-        learner={"total_steps": 12, "batch_groups": 2, "group_size": 4, "max_staleness": 1,
-                 "eval_size": 0},
+        tmp_path / "c.toml",
+        tiny_model,
+        out,
+        learner={
+            "total_steps": 12,
+            "batch_groups": 2,
+            "group_size": 4,
+            "max_staleness": 1,
+            "eval_size": 0,
+        },
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
         serve={"enabled": True, "served_model_name": "tiny", "api_keys": ["k1"]},
     )
@@ -73,11 +84,18 @@ def test_endpoint_follows_learner_and_can_be_pinned(tiny_model, tmp_path):
             r = httpx.post(url + "/climbrl/pin", json={"version": cur}, headers=h)
         assert r.status_code == 200, r.text
         learner_log = out / "logs" / "learner.log"
-        _wait(lambda: learner_log.exists() and "for serving" in learner_log.read_text(),
-              120, "a deferred update", proc, log)
+        _wait(
+            lambda: learner_log.exists() and "for serving" in learner_log.read_text(),
+            120,
+            "a deferred update",
+            proc,
+            log,
+        )
         assert _version(client) == cur
         assert httpx.get(url + "/climbrl/weight_version", headers=h).json() == {
-            "weight_version": cur, "pinned": cur}
+            "weight_version": cur,
+            "pinned": cur,
+        }
         # Follow the latest again: the deferred update lands and the run finishes.
         r = httpx.post(url + "/climbrl/pin", json={"version": None}, headers=h)
         assert r.status_code == 200 and r.json()["weight_version"] > cur
@@ -90,17 +108,23 @@ def test_endpoint_follows_learner_and_can_be_pinned(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("mode", ["function", pytest.param("subprocess", marks=pytest.mark.slow)])
 def test_black_box_openai_agent_is_trained(tiny_model, tmp_path, mode):
-    agent = ("examples/openai_agent.py:run" if mode == "function"
-             else [sys.executable, "examples/openai_agent.py"])
+    agent = (
+        "examples/openai_agent.py:run"
+        if mode == "function"
+        else [sys.executable, "examples/openai_agent.py"]
+    )
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_model, out,
+        tmp_path / "c.toml",
+        tiny_model,
+        out,
         learner={"total_steps": 2, "batch_groups": 2, "group_size": 2, "eval_size": 4},
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5},
     )
     text = cfg.read_text().replace('name = "copy_first"', 'name = "climbrl.envs.agent:AgentEnv"')
-    text = text.replace("args = {}", f"args = {{agent = {json.dumps(agent)}, tasks = "
-                                      '"copy_first"}')
+    text = text.replace(
+        "args = {}", f'args = {{agent = {json.dumps(agent)}, tasks = "copy_first"}}'
+    )
     cfg.write_text(text)
     log = tmp_path / "launcher.log"
     proc = _launch(cfg, log)
@@ -122,15 +146,21 @@ def test_black_box_openai_agent_is_trained(tiny_model, tmp_path, mode):
 def test_openai_agent_example_reward_rises(tmp_path):
     """The example, as documented: a black-box `openai` agent is trained and gets better."""
     from climbrl.envs.tasks import corpus_for_tokenizer
-
     from climbrl.tinymodel import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", corpus_for_tokenizer(), vocab_size=260)
     out = tmp_path / "run"
     log = tmp_path / "launcher.log"
-    proc = _launch(ROOT / "examples" / "openai_agent.toml", log,
-                   "--set", f'model.path="{model}"', "--set", f'run.output_dir="{out}"',
-                   "--set", "learner.total_steps=60")
+    proc = _launch(
+        ROOT / "examples" / "openai_agent.toml",
+        log,
+        "--set",
+        f'model.path="{model}"',
+        "--set",
+        f'run.output_dir="{out}"',
+        "--set",
+        "learner.total_steps=60",
+    )
     try:
         rc = proc.wait(timeout=3600)
     finally:

@@ -33,37 +33,52 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_imported_model_samples_and_the_learner_agrees(smollm2: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm.inputs import TokensPrompt
+
     from climbrl.envs.arith_chat import ArithChatEnv
     from climbrl.learner.logprobs import completion_logprobs
     from climbrl.rollout import replay
     from climbrl.rollout.engine import build_engine
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from vllm.inputs import TokensPrompt
-
     from climbrl.wire import Sample
 
     tok = AutoTokenizer.from_pretrained(str(smollm2))
     env = ArithChatEnv(max_shots=2)
     prompts = []
     for i in range(4):
-        text = tok.apply_chat_template(env.get_task("test", i).prompt,
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            env.get_task("test", i).prompt, add_generation_prompt=True, tokenize=False
+        )
         prompts.append(tok(text, add_special_tokens=False)["input_ids"])
     T = 0.7
     engine = build_engine(str(smollm2), kv_cache_gb=0.5, max_model_len=512, max_num_seqs=8)
 
     async def one(i: int, prompt: list[int]) -> Sample:
-        sp = replay.sampling_params(temperature=T, top_p=1.0, top_k=-1, max_tokens=12,
-                                    seed=i, replay_mask=True, replay_routing=False)
+        sp = replay.sampling_params(
+            temperature=T,
+            top_p=1.0,
+            top_k=-1,
+            max_tokens=12,
+            seed=i,
+            replay_mask=True,
+            replay_routing=False,
+        )
         final = None
-        async for out in engine.generate(TokensPrompt(prompt_token_ids=prompt), sp,
-                                         request_id=f"s{i}"):
+        async for out in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), sp, request_id=f"s{i}"
+        ):
             final = out
         o = final.outputs[0]
         toks = list(o.token_ids)
-        return Sample(prompt_ids=prompt, completion_ids=toks, completion_mask=[1] * len(toks),
-                      logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, toks)],
-                      versions=[0] * len(toks), reward=0.0, finish_reason="stop")
+        return Sample(
+            prompt_ids=prompt,
+            completion_ids=toks,
+            completion_mask=[1] * len(toks),
+            logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, toks)],
+            versions=[0] * len(toks),
+            reward=0.0,
+            finish_reason="stop",
+        )
 
     async def main() -> list[Sample]:
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
@@ -78,8 +93,10 @@ def test_imported_model_samples_and_the_learner_agrees(smollm2: Path):
     with torch.no_grad():
         b = completion_logprobs(model, samples, temperature=T, impl="chunked", fp32_head=True)
     d = (b["logp"] - b["old_logp"]).abs()[b["mask"].bool()]
-    print(f"\nSmolLM2 learner vs engine: {d.numel()} tokens, |dlogp| mean {float(d.mean()):.2e} "
-          f"max {float(d.max()):.2e}")
+    print(
+        f"\nSmolLM2 learner vs engine: {d.numel()} tokens, |dlogp| mean {float(d.mean()):.2e} "
+        f"max {float(d.max()):.2e}"
+    )
     assert d.numel() >= 12 and float(d.max()) < PARITY_TOL
 
 
@@ -90,13 +107,37 @@ def test_two_step_run_on_smollm2(smollm2: Path, tmp_path: Path):
     out = tmp_path / "run"
     log = tmp_path / "run.log"
     cfg = Path(__file__).resolve().parents[2] / "climbrl" / "configs" / "demo_smollm2.toml"
-    rc = run_cli(["run", str(cfg), "--no-live", "--set", f"model.path={smollm2}",
-                  "--set", f"run.output_dir={out}", "--set", "learner.total_steps=2",
-                  "--set", "learner.batch_groups=2", "--set", "learner.group_size=4",
-                  "--set", "learner.eval_size=4", "--set", "learner.eval_every=0",
-                  "--set", "learner.max_staleness=1", "--set", "rollout.max_tokens=8",
-                  "--set", "learner.pack_length=256", "--set", "learner.micro_batch_tokens=256"],
-                 log, timeout=900)
+    rc = run_cli(
+        [
+            "run",
+            str(cfg),
+            "--no-live",
+            "--set",
+            f"model.path={smollm2}",
+            "--set",
+            f"run.output_dir={out}",
+            "--set",
+            "learner.total_steps=2",
+            "--set",
+            "learner.batch_groups=2",
+            "--set",
+            "learner.group_size=4",
+            "--set",
+            "learner.eval_size=4",
+            "--set",
+            "learner.eval_every=0",
+            "--set",
+            "learner.max_staleness=1",
+            "--set",
+            "rollout.max_tokens=8",
+            "--set",
+            "learner.pack_length=256",
+            "--set",
+            "learner.micro_batch_tokens=256",
+        ],
+        log,
+        timeout=900,
+    )
     assert rc == 0, log.read_text()[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 2, s
@@ -106,8 +147,10 @@ def test_two_step_run_on_smollm2(smollm2: Path, tmp_path: Path):
     for m in steps:  # at equal weights (lag 0, or lag 1 under the snapshot of the version
         # that sampled) the learner's log-probs are the engine's, to float32 rounding
         assert m["mismatch_tokens"] > 0 and m["mismatch_max"] < PARITY_TOL, m
-    print("\nmismatch per step:", [(m["mismatch_tokens"], m["mismatch_probe_tokens"],
-                                     m["mismatch_max"]) for m in steps])
+    print(
+        "\nmismatch per step:",
+        [(m["mismatch_tokens"], m["mismatch_probe_tokens"], m["mismatch_max"]) for m in steps],
+    )
 
 
 @pytest.mark.slow

@@ -20,26 +20,34 @@ pytestmark = pytest.mark.integration
 def test_verifiers_taskset_is_trained(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_model, out,
+        tmp_path / "c.toml",
+        tiny_model,
+        out,
         learner={"total_steps": 2, "batch_groups": 2, "group_size": 2, "eval_size": 4},
         rollout={"max_model_len": 128, "max_tokens": 4, "kv_cache_gb": 0.5},
     )
-    args = ('{taskset = "climbrl.envs.adapters.verifiers:AdditionTaskset", '
-            'taskset_args = { num_tasks = 40, max_operand = 9 }, sampling = { max_tokens = 4 }}')
+    args = (
+        '{taskset = "climbrl.envs.adapters.verifiers:AdditionTaskset", '
+        "taskset_args = { num_tasks = 40, max_operand = 9 }, sampling = { max_tokens = 4 }}"
+    )
     text = cfg.read_text().replace('name = "copy_first"', 'name = "verifiers"')
     cfg.write_text(text.replace("args = {}", f"args = {args}"))
     log = tmp_path / "launcher.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "CLIMBRL_LOG": "INFO"}, cwd=ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "CLIMBRL_LOG": "INFO"},
+        cwd=ROOT,
     )
     try:
         rc = proc.wait(timeout=600)
     finally:
         kill_tree(proc)
     logs = log.read_text()[-4000:] + "".join(
-        p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log")))
+        p.read_text()[-3000:] for p in sorted((out / "logs").glob("*.log"))
+    )
     assert rc == 0, logs
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "reward" in r]

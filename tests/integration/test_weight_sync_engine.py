@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from climbrl.learner.weights import WeightPublisher, setup_lora
 
 from climbrl.config import load_config
+from climbrl.learner.weights import WeightPublisher, setup_lora
 from climbrl.wire import WeightAck, WeightManifest, tensor_meta
 from tests.conftest import kill_tree, write_config
 from tests.integration.test_rollout_engine import PARITY_TOL, _hf, _mismatch, _order, _run, _wait
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def _send(rs, pub: WeightPublisher, version: int) -> tuple[str, WeightAck]:
-    (sids, m, tensors), = pub.messages(version, [rs["server_id"]])
+    ((sids, m, tensors),) = pub.messages(version, [rs["server_id"]])
     rs["hub"].send(rs["server_id"], m, tensors)
     ack = _wait(rs["hub"], WeightAck, lambda a: a.version == version or not a.ok)
     if not ack.ok:
@@ -64,8 +64,9 @@ def test_delta_sync_matches_learner(rollout_server):
 
 def test_lora_sync_matches_learner(rollout_server):
     rs = rollout_server
-    cfg = load_config(None, [f'model.path="{rs["model"]}"', 'learner.weight_sync="lora"',
-                             "learner.lora_r=4"])
+    cfg = load_config(
+        None, [f'model.path="{rs["model"]}"', 'learner.weight_sync="lora"', "learner.lora_r=4"]
+    )
     model = setup_lora(_hf(rs), cfg.learner)
     pub = WeightPublisher(model, "lora")
     kind, ack = _send(rs, pub, 111)
@@ -128,7 +129,7 @@ def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
     pub = WeightPublisher(model, "full", shm_dir=str(tmp_path))
     pub.join(rs["server_id"], socket.gethostname())
     _rl_step(model, rs, lr=1e-3)
-    (_, m, frames), = pub.messages(131, [rs["server_id"]])
+    ((_, m, frames),) = pub.messages(131, [rs["server_id"]])
     assert m.shm_path and frames == []
     rs["hub"].send(rs["server_id"], m, frames)
     ack = _wait(rs["hub"], WeightAck, lambda a: a.version == 131 or not a.ok)
@@ -136,7 +137,7 @@ def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
     assert "stage" not in ack.phases and "reload" in ack.phases  # reloaded from the file
     assert _parity(rs, model, 131) < PARITY_TOL
     # a file the server cannot read fails the update, the engine stays, and says why
-    (_, m, _), = pub.messages(132, [rs["server_id"]])
+    ((_, m, _),) = pub.messages(132, [rs["server_id"]])
     m.shm_path = str(tmp_path / "gone.weights")
     rs["hub"].send(rs["server_id"], m, [])
     ack = _wait(rs["hub"], WeightAck, lambda a: a.version == 132 or not a.ok)
@@ -156,16 +157,30 @@ def test_same_host_full_sync_through_shm(rollout_server, tmp_path):
 def test_run_with_weight_sync(mode, tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_model, out,
-        learner={"total_steps": 3, "batch_groups": 2, "group_size": 4, "max_staleness": 0,
-                 "eval_size": 4, "weight_sync": mode, "lr": 5e-3, "lora_r": 4},
+        tmp_path / "c.toml",
+        tiny_model,
+        out,
+        learner={
+            "total_steps": 3,
+            "batch_groups": 2,
+            "group_size": 4,
+            "max_staleness": 0,
+            "eval_size": 4,
+            "weight_sync": mode,
+            "lr": 5e-3,
+            "lora_r": 4,
+        },
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.25},
         wire={"curve": "on"},  # CURVE with the run's keys, as across machines
     )
     log = tmp_path / "launcher.log"
-    proc = subprocess.Popen([sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "CLIMBRL_LOG": "INFO"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--no-live"],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "CLIMBRL_LOG": "INFO"},
+    )
     try:
         rc = proc.wait(timeout=600)
     finally:

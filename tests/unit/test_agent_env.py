@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from climbrl.envs.agent import AgentContext, AgentEnv
 
 DUMP = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from climbrl.envs.arith_chat import ArithChatEnv
 from climbrl.envs.base import Turn, resolve_env
 
@@ -24,10 +25,10 @@ def test_grade_correct_and_strict():
 
 def test_splits_are_disjoint_and_prompts_are_chat():
     env = ArithChatEnv(num_train=500, num_test=100, max_shots=0)
-    train = {tuple(env.get_task("train", i).prompt[-1]["content"].split()[2:5:2])
-             for i in range(500)}
-    test = {tuple(env.get_task("test", i).prompt[-1]["content"].split()[2:5:2])
-            for i in range(100)}
+    train = {
+        tuple(env.get_task("train", i).prompt[-1]["content"].split()[2:5:2]) for i in range(500)
+    }
+    test = {tuple(env.get_task("test", i).prompt[-1]["content"].split()[2:5:2]) for i in range(100)}
     assert not train & test
     t = env.get_task("test", 3)
     assert t.prompt == [{"role": "user", "content": t.prompt[0]["content"]}]

@@ -12,6 +12,8 @@ import time
 
 import httpx
 import pytest
+
+from climbrl.config import ServeCfg
 from climbrl.serving.app import (
     ApiKeyMiddleware,
     RequestLimitsMiddleware,
@@ -20,8 +22,6 @@ from climbrl.serving.app import (
     run_api_key,
 )
 from climbrl.serving.capture import SessionLimitError, SessionStore
-
-from climbrl.config import ServeCfg
 
 
 def _echo_app(seen: list | None = None, gate: asyncio.Event | None = None):
@@ -40,8 +40,13 @@ def _echo_app(seen: list | None = None, gate: asyncio.Event | None = None):
         if gate is not None:
             await gate.wait()
         raw = json.dumps({"len": len(body)}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": raw})
 
     return app
@@ -58,10 +63,22 @@ def _client(app) -> httpx.AsyncClient:
 
 
 # vLLM 0.32's routes that answered 200 without a key under a prefix guard, and the rest
-VLLM_PATHS = ["/invocations", "/generative_scoring", "/scale_elastic_ep", "/metrics", "/docs",
-              "/openapi.json", "/v1/models", "/v1/chat/completions", "/tokenize",
-              "/climbrl/pin", "/v1/climbrl/sessions/s/reward", "/pause", "/collective_rpc",
-              "/some/route/vllm/adds/later"]
+VLLM_PATHS = [
+    "/invocations",
+    "/generative_scoring",
+    "/scale_elastic_ep",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/climbrl/pin",
+    "/v1/climbrl/sessions/s/reward",
+    "/pause",
+    "/collective_rpc",
+    "/some/route/vllm/adds/later",
+]
 
 
 async def test_every_path_but_health_and_ping_needs_the_key():
@@ -84,8 +101,12 @@ async def test_without_a_key_pin_and_session_rewards_stay_closed():
     app, _ = _stack([])
     async with _client(app) as c:
         assert (await c.post("/v1/chat/completions", json={})).status_code == 200
-        for path in ("/climbrl/pin", "/v1/climbrl/pin", "/climbrl/sessions/a/reward",
-                     "/v1/climbrl/sessions/a/reward/"):
+        for path in (
+            "/climbrl/pin",
+            "/v1/climbrl/pin",
+            "/climbrl/sessions/a/reward",
+            "/v1/climbrl/sessions/a/reward/",
+        ):
             r = await c.post(path, json={"version": None})
             assert r.status_code == 401 and "--api-key" in r.json()["error"]["message"]
     assert always_keyed("/v1/climbrl/pin") and not always_keyed("/climbrl/sessions/a")
@@ -142,9 +163,12 @@ async def test_n_and_max_tokens_are_capped():
     app, seen = _stack(["k"], max_n=4, max_tokens=64)
     h = {"Authorization": "Bearer k"}
     async with _client(app) as c:
-        for body, field in (({"n": 16384}, "'n'"), ({"best_of": 5}, "'best_of'"),
-                            ({"max_tokens": 65}, "'max_tokens'"),
-                            ({"max_completion_tokens": 10**9}, "'max_completion_tokens'")):
+        for body, field in (
+            ({"n": 16384}, "'n'"),
+            ({"best_of": 5}, "'best_of'"),
+            ({"max_tokens": 65}, "'max_tokens'"),
+            ({"max_completion_tokens": 10**9}, "'max_completion_tokens'"),
+        ):
             r = await c.post("/invocations", json=body, headers=h)
             assert r.status_code == 400 and field in r.json()["error"]["message"], body
         ok = {"n": 4, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
@@ -158,15 +182,19 @@ async def test_requests_in_flight_are_capped_per_key():
     limits = RequestLimitsMiddleware(_echo_app(gate=gate), ServeCfg(max_concurrent_per_key=2))
     app = ApiKeyMiddleware(limits, ["a", "b"])
     async with _client(app) as c:
-        first = [asyncio.create_task(c.post("/v1/completions", json={},
-                                            headers={"Authorization": "Bearer a"}))
-                 for _ in range(2)]
+        first = [
+            asyncio.create_task(
+                c.post("/v1/completions", json={}, headers={"Authorization": "Bearer a"})
+            )
+            for _ in range(2)
+        ]
         while limits.inflight.get("0", 0) < 2:
             await asyncio.sleep(0.01)
         r = await c.post("/v1/completions", json={}, headers={"Authorization": "Bearer a"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-        other = asyncio.create_task(c.post("/v1/completions", json={},
-                                           headers={"Authorization": "Bearer b"}))
+        other = asyncio.create_task(
+            c.post("/v1/completions", json={}, headers={"Authorization": "Bearer b"})
+        )
         while limits.inflight.get("1", 0) < 1:  # another key has its own budget
             await asyncio.sleep(0.01)
         gate.set()
@@ -189,8 +217,7 @@ def test_a_flood_of_sessions_never_evicts_one_training_holds():
 
 
 def test_sessions_age_out_and_are_bounded_in_turns_and_bytes():
-    store = SessionStore(None, max_sessions=100, max_turns=2, max_bytes=32 * 100,
-                         max_age_s=60)
+    store = SessionStore(None, max_sessions=100, max_turns=2, max_bytes=32 * 100, max_age_s=60)
     old = store.open("old")
     keep = store.open("keep", held=True)
     old.created = keep.created = time.time() - 120
@@ -229,8 +256,11 @@ async def test_a_body_somewhat_over_the_cap_is_drained_before_the_413():
             out.append(msg)
 
         headers = [(b"content-length", str(total).encode())] if declared else []
-        await mw({"type": "http", "method": "POST", "path": "/v1/completions",
-                  "headers": headers}, receive, send)
+        await mw(
+            {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers},
+            receive,
+            send,
+        )
         return out[0]["status"], read
 
     assert await call(3000, declared=True) == (413, 3000)  # drained

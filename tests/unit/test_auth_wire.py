@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
-from climbrl.learner.hub import LearnerHub
 
+from climbrl.learner.hub import LearnerHub
 from climbrl.wire import (
     HELLO_REFUSED,
     ROLLOUT_ACCEPTS,
@@ -34,12 +34,26 @@ DECODE = Codec(ROLLOUT_ACCEPTS)
 
 
 def _hello(sid: str, pid: int | None = None, run_id: str = "") -> list:
-    return Codec.encode(Hello(server_id=sid, pid=pid or os.getpid(), hostname="h",
-                              policy_version=0, model="m", max_concurrency=1, run_id=run_id))
+    return Codec.encode(
+        Hello(
+            server_id=sid,
+            pid=pid or os.getpid(),
+            hostname="h",
+            policy_version=0,
+            model="m",
+            max_concurrency=1,
+            run_id=run_id,
+        )
+    )
 
 
-def _dealer(ctx: zmq.Context, hub: LearnerHub, sid: str, keys: RunKeys | None = None,
-            secret: str | None = None) -> zmq.Socket:
+def _dealer(
+    ctx: zmq.Context,
+    hub: LearnerHub,
+    sid: str,
+    keys: RunKeys | None = None,
+    secret: str | None = None,
+) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IDENTITY, sid.encode())
@@ -92,12 +106,24 @@ def test_loopback_peers_without_the_run_secret_get_nothing_in_or_out(hub, ctx):
     item = hub.recv(5.0)
     assert item is not None and item[0] == "r0"
     # a local process without the secret (no mechanism, or a wrong secret) takes r0's id
-    thieves = [_dealer(ctx, hub, "r0"), _dealer(ctx, hub, "r0", secret="guess"),
-               _dealer(ctx, hub, "x", secret="0" * 64)]
+    thieves = [
+        _dealer(ctx, hub, "r0"),
+        _dealer(ctx, hub, "r0", secret="guess"),
+        _dealer(ctx, hub, "x", secret="0" * 64),
+    ]
     for t in thieves:
         t.send_multipart(_hello("r0", pid=4242))
-    hub.send("r0", WorkOrder(order_id="o1", policy_version=0, env="e", task_index=0,
-                             group_size=1, sampling=SamplingSpec()))
+    hub.send(
+        "r0",
+        WorkOrder(
+            order_id="o1",
+            policy_version=0,
+            env="e",
+            task_index=0,
+            group_size=1,
+            sampling=SamplingSpec(),
+        ),
+    )
     got = _received(real, 1.5)
     assert any(isinstance(m, WorkOrder) for m in got)  # the real server keeps its id
     assert hub.recv(0.5) is None  # no fake Hello got through
@@ -107,7 +133,8 @@ def test_loopback_peers_without_the_run_secret_get_nothing_in_or_out(hub, ctx):
 
 
 def test_a_hello_is_welcomed_with_the_run_id_and_a_second_process_under_a_live_id_is_refused(
-        hub, ctx):
+    hub, ctx
+):
     a = _dealer(ctx, hub, "r0", hub.keys)
     a.send_multipart(_hello("r0", pid=1001))
     a.send_multipart(_hello("r0", pid=1001))  # repeated until welcomed: answered, not re-sent
@@ -136,8 +163,9 @@ def test_every_message_must_carry_the_run_id_and_its_sender(hub, ctx):
     d.send_multipart(Codec.encode(WeightAck(server_id="r0", version=3, ok=True, run_id="old")))
     d.send_multipart(Codec.encode(Error(origin="r0", code="x", message="y")))  # no run id
     d.send_multipart(Codec.encode(WeightAck(server_id="r9", version=3, ok=True, run_id="run-A")))
-    d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=7, inflight=0,
-                                            run_id="run-A")))
+    d.send_multipart(
+        Codec.encode(Heartbeat(server_id="r0", policy_version=7, inflight=0, run_id="run-A"))
+    )
     assert _wait(lambda: hub.servers["r0"].version == 7)
     assert hub.rejected - before == 3 and hub.recv(0.3) is None
     assert hub.servers["r0"].version == 7  # only the run's own heartbeat counted
@@ -188,16 +216,25 @@ def test_log_limiter_logs_a_flood_once_per_period_with_the_count(caplog):
 def _server(extra_envs: list[str] | None = None):
     from climbrl.rollout.server import RolloutServer
 
-    cfg = SimpleNamespace(env=SimpleNamespace(name="copy_first", args={"n": 3}),
-                          rollout=SimpleNamespace(extra_envs=extra_envs or []))
+    cfg = SimpleNamespace(
+        env=SimpleNamespace(name="copy_first", args={"n": 3}),
+        rollout=SimpleNamespace(extra_envs=extra_envs or []),
+    )
     srv = RolloutServer.__new__(RolloutServer)
     srv.cfg, srv.server_id = cfg, "r0"
     return srv
 
 
 def _order(env: str, env_args: dict | None = None) -> WorkOrder:
-    return WorkOrder(order_id="o", policy_version=0, env=env, env_args=env_args or {},
-                     task_index=0, group_size=1, sampling=SamplingSpec())
+    return WorkOrder(
+        order_id="o",
+        policy_version=0,
+        env=env,
+        env_args=env_args or {},
+        task_index=0,
+        group_size=1,
+        sampling=SamplingSpec(),
+    )
 
 
 def test_a_work_order_picks_a_configured_env_and_never_names_code_or_args():

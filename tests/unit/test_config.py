@@ -8,26 +8,29 @@ from climbrl.config import dump_toml, load_config
 def test_defaults_and_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[model]\npath = "m"\n[learner]\nlr = 0.1\n')
-    cfg = load_config(p, ["learner.total_steps=7", "env.args={\"length\": 3}", "run.name=x"])
+    cfg = load_config(p, ["learner.total_steps=7", 'env.args={"length": 3}', "run.name=x"])
     assert cfg.learner.lr == 0.1 and cfg.learner.total_steps == 7
     assert cfg.env.args == {"length": 3} and cfg.run.name == "x"
 
 
 def test_round_trip_through_toml(tmp_path):
-    cfg = load_config(None, ["model.path=/m", "env.args={\"length\": 3}"])
+    cfg = load_config(None, ["model.path=/m", 'env.args={"length": 3}'])
     p = tmp_path / "r.toml"
     p.write_text(dump_toml(cfg))
     assert load_config(p) == cfg
 
 
-@pytest.mark.parametrize("ov, msg", [
-    (["model.path=m", "learner.lr=-1"], "learner.lr"),
-    (["model.path=m", "learner.bogus=1"], "learner.bogus"),
-    ([], "model"),
-    (["model.path=m", "learner.publish_every=3", "learner.max_staleness=0"], "publish_every"),
-    (["model.path=m", "wire.heartbeat_s=5", "wire.dead_after_s=6"], "dead_after_s"),
-    (["model.path=m", "learner=3"], "learner"),
-])
+@pytest.mark.parametrize(
+    "ov, msg",
+    [
+        (["model.path=m", "learner.lr=-1"], "learner.lr"),
+        (["model.path=m", "learner.bogus=1"], "learner.bogus"),
+        ([], "model"),
+        (["model.path=m", "learner.publish_every=3", "learner.max_staleness=0"], "publish_every"),
+        (["model.path=m", "wire.heartbeat_s=5", "wire.dead_after_s=6"], "dead_after_s"),
+        (["model.path=m", "learner=3"], "learner"),
+    ],
+)
 def test_bad_values_name_the_field(ov, msg):
     with pytest.raises(ValueError, match=msg):
         load_config(None, ov)
@@ -46,19 +49,26 @@ def test_cli_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom climbrl.cli import _parser\n"
-            "try:\n    _parser().parse_args(['--help'])\nexcept SystemExit: pass\n"
-            "print('torch' in sys.modules, 'vllm' in sys.modules)")
+    code = (
+        "import sys\nfrom climbrl.cli import _parser\n"
+        "try:\n    _parser().parse_args(['--help'])\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules, 'vllm' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False False")
 
 
-@pytest.mark.parametrize("key, hint", [
-    ("learner.bach_groups=4", "learner.bach_groups: Extra inputs are not permitted; did you "
-                              "mean `batch_groups`?"),
-    ("learnr.total_steps=3", "learnr: Extra inputs are not permitted; did you mean `learner`?"),
-    ("wire.max_env_failure=3", "did you mean `max_env_failures`"),
-])
+@pytest.mark.parametrize(
+    "key, hint",
+    [
+        (
+            "learner.bach_groups=4",
+            "learner.bach_groups: Extra inputs are not permitted; did you mean `batch_groups`?",
+        ),
+        ("learnr.total_steps=3", "learnr: Extra inputs are not permitted; did you mean `learner`?"),
+        ("wire.max_env_failure=3", "did you mean `max_env_failures`"),
+    ],
+)
 def test_a_mistyped_key_gets_the_closest_field(key, hint):
     with pytest.raises(ValueError) as e:
         load_config(None, ["model.path=m", key])
@@ -73,9 +83,8 @@ def test_no_suggestion_without_a_close_field():
 
 
 def test_env_name_and_seed_docs_match_the_code():
-    from climbrl.envs.base import BUILTIN_ENVS, ENTRY_POINT_GROUP, resolve_env
-
     from climbrl.config import EnvCfg, RunCfg
+    from climbrl.envs.base import BUILTIN_ENVS, ENTRY_POINT_GROUP, resolve_env
 
     doc = EnvCfg.model_fields["name"].description
     assert ENTRY_POINT_GROUP in doc and "path/to/file.py:Class" in doc and "pkg.mod:Class" in doc

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
+
+from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.hub import LearnerHub
 from climbrl.learner.learner import EnvFailureStreak, Learner, LearnerError, _truncate_metrics
-
-from climbrl.config import load_config
 from climbrl.wire import Codec, Error, Hello, Sample, Trajectory, WeightAck, WorkOrder
 
 
@@ -66,9 +66,16 @@ class FakeWeights:
 
 def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L = object.__new__(Learner)  # the real bookkeeping, without model or sockets
-    L.cfg = load_config(None, ["model.path=m", "learner.max_staleness=0",
-                               "learner.batch_groups=2", f"run.on_child_death={on_child_death}",
-                               "wire.connect_timeout_s=5"])
+    L.cfg = load_config(
+        None,
+        [
+            "model.path=m",
+            "learner.max_staleness=0",
+            "learner.batch_groups=2",
+            f"run.on_child_death={on_child_death}",
+            "wire.connect_timeout_s=5",
+        ],
+    )
     L.hub = FakeHub(alive)
     L.weights = FakeWeights()
     L.run_id = "run-a"
@@ -76,9 +83,14 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
     L.cursor = DataCursor(100)
     L.orders, L.ready, L.seq_of, L.eval_results, L.eval_failures = {}, [], {}, {}, {}
     L.pending_acks, L.sync_times = {}, []
-    L.counters = dict(order_failures=0, servers_dead=0, engines_dead=0, weight_bytes_sent=0,
-                      weight_syncs_full=0,
-                      weight_syncs_failed=0)
+    L.counters = dict(
+        order_failures=0,
+        servers_dead=0,
+        engines_dead=0,
+        weight_bytes_sent=0,
+        weight_syncs_full=0,
+        weight_syncs_failed=0,
+    )
     L.tokens_generated = 0
     L._no_server_since = None
     L.benched, L.failures_in_a_row = {}, {}
@@ -87,16 +99,40 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
 
 
 def _hello(sid: str, version: int = 0) -> tuple:
-    return (sid, Hello(server_id=sid, pid=1, hostname="h", policy_version=version, model="m",
-                       max_concurrency=1), [], time.monotonic())
+    return (
+        sid,
+        Hello(
+            server_id=sid, pid=1, hostname="h", policy_version=version, model="m", max_concurrency=1
+        ),
+        [],
+        time.monotonic(),
+    )
 
 
 def _traj(order_id: str, run_id: str) -> tuple:
-    s = Sample(prompt_ids=[1], completion_ids=[2], completion_mask=[1], logprobs=[-1.0],
-               versions=[3], reward=1.0, finish_reason="length")
-    return ("r0", Trajectory(run_id=run_id, order_id=order_id, server_id="r0", policy_version=3,
-                             samples=[s, s], gen_seconds=0.0, num_generated_tokens=2),
-            [], time.monotonic())
+    s = Sample(
+        prompt_ids=[1],
+        completion_ids=[2],
+        completion_mask=[1],
+        logprobs=[-1.0],
+        versions=[3],
+        reward=1.0,
+        finish_reason="length",
+    )
+    return (
+        "r0",
+        Trajectory(
+            run_id=run_id,
+            order_id=order_id,
+            server_id="r0",
+            policy_version=3,
+            samples=[s, s],
+            gen_seconds=0.0,
+            num_generated_tokens=2,
+        ),
+        [],
+        time.monotonic(),
+    )
 
 
 def test_training_order_ids_are_the_cursor_sequence():
@@ -127,8 +163,9 @@ def test_a_hello_under_a_known_id_gets_the_weights_and_its_orders_again():
     L.hub.sent.clear()
     L.hub.inbox.append(_hello("r0", version=0))  # restarted before its death was noticed
     L._pump(0)
-    kinds = [type(m).__name__ if not isinstance(m, SimpleNamespace) else "weights"
-             for _, m in L.hub.sent]
+    kinds = [
+        type(m).__name__ if not isinstance(m, SimpleNamespace) else "weights" for _, m in L.hub.sent
+    ]
     assert kinds == ["weights", "WorkOrder", "WorkOrder"]  # weights first, then the orders
     assert L.hub.sent[0][1].version == 3 and L.weights.forgotten == ["r0"]
     assert sorted(m.order_id for _, m in L.hub.sent[1:]) == ["train-0", "train-1"]
@@ -146,8 +183,10 @@ def test_restart_mode_orders_wait_for_a_server_then_go_out():
     L.hub.inbox.append(_hello("r0"))
     L._pump(0)
     assert all(o["server"] == "r0" for o in L.orders.values())
-    assert sorted(m.order_id for _, m in L.hub.sent if isinstance(m, WorkOrder)) == \
-        ["train-0", "train-1"]
+    assert sorted(m.order_id for _, m in L.hub.sent if isinstance(m, WorkOrder)) == [
+        "train-0",
+        "train-1",
+    ]
 
 
 def test_restart_mode_gives_up_after_connect_timeout(monkeypatch):
@@ -185,12 +224,24 @@ def test_error_from_a_server_that_lost_the_order_is_ignored():
     L.dispatch()
     oid, o = next(iter(L.orders.items()))
     other = "r1" if o["server"] == "r0" else "r0"
-    L.hub.inbox.append((other, Error(origin=other, code="order_failed", message="x",
-                                     ref_id=oid), [], time.monotonic()))
+    L.hub.inbox.append(
+        (
+            other,
+            Error(origin=other, code="order_failed", message="x", ref_id=oid),
+            [],
+            time.monotonic(),
+        )
+    )
     L._pump(0)
     assert oid in L.orders and o["seq"] in L.cursor.outstanding
-    L.hub.inbox.append((o["server"], Error(origin=o["server"], code="order_failed",
-                                           message="x", ref_id=oid), [], time.monotonic()))
+    L.hub.inbox.append(
+        (
+            o["server"],
+            Error(origin=o["server"], code="order_failed", message="x", ref_id=oid),
+            [],
+            time.monotonic(),
+        )
+    )
     L._pump(0)
     assert oid not in L.orders
 
@@ -207,9 +258,11 @@ def test_batch_is_trained_in_sequence_order():
 
 def test_truncate_metrics_keeps_the_checkpointed_lineage(tmp_path):
     recs = [{"step": 0, "eval/test_accuracy": 0.1}] + [
-        {"step": i, "reward": 0.5, "trained_seqs": [i]} for i in range(1, 6)]
+        {"step": i, "reward": 0.5, "trained_seqs": [i]} for i in range(1, 6)
+    ]
     (tmp_path / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in recs) + '{"step": 6, "rew')  # cut by the kill
+        "".join(json.dumps(r) + "\n" for r in recs) + '{"step": 6, "rew'
+    )  # cut by the kill
     assert _truncate_metrics(tmp_path, 3) == [4, 5]
     kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == recs[:4]
@@ -257,14 +310,24 @@ def test_hub_hands_a_server_id_over_to_its_restarted_process():
 def test_launcher_restarts_a_dead_rollout_server_up_to_the_budget(tmp_path, capsys):
     from climbrl.launcher import Child, _monitor
 
-    cfg = load_config(None, ["model.path=m", f"run.output_dir={tmp_path}",
-                             "run.on_child_death=restart", "run.max_restarts=2"])
-    learner = Child("learner", [sys.executable, "-c", "import time; time.sleep(60)"],
-                    tmp_path / "learner.log")
+    cfg = load_config(
+        None,
+        [
+            "model.path=m",
+            f"run.output_dir={tmp_path}",
+            "run.on_child_death=restart",
+            "run.max_restarts=2",
+        ],
+    )
+    learner = Child(
+        "learner", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "learner.log"
+    )
     marker = tmp_path / "starts"
-    rollout = Child("rollout-0", [sys.executable, "-c",
-                                  f"open({str(marker)!r}, 'a').write('x')"],
-                    tmp_path / "rollout.log")
+    rollout = Child(
+        "rollout-0",
+        [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"],
+        tmp_path / "rollout.log",
+    )
     children = [learner, rollout]
     try:
         rc = _monitor(cfg, children, learner, {"sig": None}, live=False)
@@ -293,6 +356,7 @@ class _Saver:
 
 def _save(out, step: int, tag: str):
     import torch
+
     from climbrl.learner.checkpoint import save_checkpoint
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -322,8 +386,9 @@ def test_checkpoint_killed_mid_save_leaves_a_loadable_one(tmp_path, monkeypatch,
     assert got.name.startswith(("step_6", ".old_step_6"))  # never back to step 3
     assert (got / "model.safetensors").read_text() == ("b" if fail_at < 3 else "c")
     _save(tmp_path, 9, "d")  # the next save clears what the killed one left
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
-                  if p.name.startswith(".")) == []
+    assert (
+        sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")) == []
+    )
     assert ck.latest_checkpoint(tmp_path).name == "step_9"
 
 
@@ -367,8 +432,7 @@ def test_a_failed_update_answers_the_oldest_and_a_late_one_times_out():
 
 
 def _error(sid: str, code: str, message: str, ref_id: str = "") -> tuple:
-    return (sid, Error(origin=sid, code=code, message=message, ref_id=ref_id), [],
-            time.monotonic())
+    return (sid, Error(origin=sid, code=code, message=message, ref_id=ref_id), [], time.monotonic())
 
 
 DEAD = "vLLM engine died: RuntimeError: CPU Generator does not use offset"
@@ -411,7 +475,9 @@ def test_engine_death_with_restart_waits_for_the_new_process():
     L.hub.inbox.append(_hello("r0"))
     L._pump(0)
     assert sorted(m.order_id for _, m in L.hub.sent if isinstance(m, WorkOrder)) == [
-        "train-0", "train-1"]
+        "train-0",
+        "train-1",
+    ]
     assert "r0" not in L.benched
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import pytest
+
 from climbrl.envs.base import Turn, make_env
 from climbrl.envs.chat import format_tool_call, parse_tool_calls
 
 
 def turn(text: str, i: int = 0) -> Turn:
     c, calls, errs = parse_tool_calls(text)
-    return Turn(text=text, content=c, tool_calls=tuple(calls), tool_call_errors=tuple(errs), index=i)
+    return Turn(
+        text=text, content=c, tool_calls=tuple(calls), tool_call_errors=tuple(errs), index=i
+    )
 
 
 async def score(env, task, *texts):
@@ -40,20 +43,34 @@ async def test_code_env_runs_hidden_tests_in_the_sandbox():
     env = make_env("code", {"families": ["sum_greater"], "num_tests": 6, "wall_s": 3.0})
     task = env.get_task("train", 0)
     t = int(task.prompt[-1]["content"].split("greater than ")[1].rstrip("."))
-    good = await score(env, task, f"```python\ndef sum_greater(xs):\n    return sum(x for x in xs if x > {t})\n```")
+    good = await score(
+        env, task, f"```python\ndef sum_greater(xs):\n    return sum(x for x in xs if x > {t})\n```"
+    )
     assert good.reward == 1.0 and good.info["correct"] == 1.0
     # off by one at the threshold: passes exactly the tests with no element equal to t
     inputs = task.answer["inputs"]
     expect = sum(t not in xs for (xs,) in inputs) / len(inputs)
-    wrong = await score(env, task, f"```python\ndef sum_greater(xs):\n    return sum(x for x in xs if x >= {t})\n```")
+    wrong = await score(
+        env,
+        task,
+        f"```python\ndef sum_greater(xs):\n    return sum(x for x in xs if x >= {t})\n```",
+    )
     assert wrong.reward == pytest.approx(expect)
     # printing fake results does not earn reward: outputs are compared on the host
-    forged = await score(env, task, "```python\nprint('__climbrl_result__ [\"ok\", 0]' * 9)\n"
-                         "def sum_greater(xs):\n    import os; os._exit(0)\n```")
+    forged = await score(
+        env,
+        task,
+        "```python\nprint('__climbrl_result__ [\"ok\", 0]' * 9)\n"
+        "def sum_greater(xs):\n    import os; os._exit(0)\n```",
+    )
     assert forged.reward <= sum(e == 0 for e in task.answer["expected"]) / len(inputs)
     hang = await score(env, task, "```python\ndef sum_greater(xs):\n    while True: pass\n```")
     assert hang.reward == 0.0 and hang.info["sandbox_killed"] == 1.0
-    secret = await score(env, task, "```python\ndef sum_greater(xs):\n    return len(open('/etc/shadow').read())\n```")
+    secret = await score(
+        env,
+        task,
+        "```python\ndef sum_greater(xs):\n    return len(open('/etc/shadow').read())\n```",
+    )
     assert secret.reward == 0.0
     assert (await score(env, task, "def sum_greater(xs): return 0")).info["gate"] == 0.0
 
@@ -86,7 +103,9 @@ def test_calculator_is_safe():
     assert calculator("1 / 0").startswith("error")
 
 
-@pytest.mark.parametrize("dataset", ["basic_arithmetic", "chain_sum", "leg_counting", "spell_backward"])
+@pytest.mark.parametrize(
+    "dataset", ["basic_arithmetic", "chain_sum", "leg_counting", "spell_backward"]
+)
 async def test_reasoning_gym_scored_by_its_own_verifier(dataset):
     import reasoning_gym
 
@@ -108,13 +127,18 @@ def test_reasoning_gym_bad_names_are_clear():
 
 async def test_trl_reward_functions_unchanged():
     """TRL's own reward functions, conversational and standard format, and a custom one."""
+    from trl.rewards import accuracy_reward, think_format_reward
+
     from climbrl.envs.adapters.trl import TRLReward
     from climbrl.envs.base import Task
     from climbrl.envs.rewards import Gate, RewardContext, WeightedSum
-    from trl.rewards import accuracy_reward, think_format_reward
 
-    conv = Task("t", "train", [{"role": "user", "content": "1/3 + 0?"}],
-                meta={"row": {"prompt": [], "solution": "\\frac{1}{3}"}})
+    conv = Task(
+        "t",
+        "train",
+        [{"role": "user", "content": "1/3 + 0?"}],
+        meta={"row": {"prompt": [], "solution": "\\frac{1}{3}"}},
+    )
     acc, fmt = TRLReward(accuracy_reward), TRLReward(think_format_reward)
     good = RewardContext("<think>easy</think> \\boxed{\\frac{1}{3}}", conv)
     assert await acc(good) == 1.0 and await fmt(good) == 1.0
@@ -126,15 +150,20 @@ async def test_trl_reward_functions_unchanged():
 
     def custom(prompts, completions, answer, difficulty, **kwargs):  # standard (text) format
         seen.update(prompts=prompts, completions=completions, difficulty=difficulty)
-        return [None if d == "skip" else float(c.strip() == a)
-                for c, a, d in zip(completions, answer, difficulty)]
+        return [
+            None if d == "skip" else float(c.strip() == a)
+            for c, a, d in zip(completions, answer, difficulty)
+        ]
 
-    std = Task("u", "train", "2+2=", meta={"row": {"prompt": "2+2=", "answer": "4",
-                                                    "difficulty": "easy"}})
+    std = Task(
+        "u", "train", "2+2=", meta={"row": {"prompt": "2+2=", "answer": "4", "difficulty": "easy"}}
+    )
     r = TRLReward(custom)
     assert await r(RewardContext(" 4", std)) == 1.0
     assert seen == {"prompts": ["2+2="], "completions": [" 4"], "difficulty": ["easy"]}
-    skip = Task("v", "train", "x", meta={"row": {"prompt": "x", "answer": "4", "difficulty": "skip"}})
+    skip = Task(
+        "v", "train", "x", meta={"row": {"prompt": "x", "answer": "4", "difficulty": "skip"}}
+    )
     total, parts = await r.score(RewardContext("4", skip))
     assert total == 0.0 and parts["custom/skipped"] == 1.0
 
@@ -152,8 +181,14 @@ def test_trl_env_from_dotted_paths(tmp_path):
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(30)]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    env = make_env("trl", {"dataset": str(path), "eval_dataset": str(path),
-                           "reward_funcs": ["trl.rewards:accuracy_reward"]})
+    env = make_env(
+        "trl",
+        {
+            "dataset": str(path),
+            "eval_dataset": str(path),
+            "reward_funcs": ["trl.rewards:accuracy_reward"],
+        },
+    )
     assert env.num_tasks("train") == env.num_tasks("test") == 30
     with pytest.raises(ValueError, match="reward_funcs"):
         make_env("trl", {"dataset": str(path)})

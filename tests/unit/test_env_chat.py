@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from climbrl.envs.chat import (
     TOOL_CHAT_TEMPLATE,
     ChatRenderer,
@@ -17,21 +18,27 @@ from climbrl.envs.tool_use import TOOLS
 def tok():
     from climbrl.pretrain.tokenizer import train_bpe_tokenizer
 
-    t = train_bpe_tokenizer(["compute the calculator result 12 + 7 tool_response"] * 20,
-                            vocab_size=300)
+    t = train_bpe_tokenizer(
+        ["compute the calculator result 12 + 7 tool_response"] * 20, vocab_size=300
+    )
     t.chat_template = TOOL_CHAT_TEMPLATE
     return t
 
 
 def test_parse_tool_calls():
-    text = ("Let me see.\n" + format_tool_call("calculator", {"expression": "1+2"}) +
-            '\n<tool_call>\n{"name": "python", "arguments": "{\\"code\\": \\"print(1)\\"}"}\n'
-            "</tool_call>\n<tool_call>{oops</tool_call><tool_call>[1]</tool_call>"
-            '<tool_call>{"name": "python", "arguments": {"code": "x"')
+    text = (
+        "Let me see.\n"
+        + format_tool_call("calculator", {"expression": "1+2"})
+        + '\n<tool_call>\n{"name": "python", "arguments": "{\\"code\\": \\"print(1)\\"}"}\n'
+        "</tool_call>\n<tool_call>{oops</tool_call><tool_call>[1]</tool_call>"
+        '<tool_call>{"name": "python", "arguments": {"code": "x"'
+    )
     content, calls, errors = parse_tool_calls(text)
     assert content == "Let me see."
     assert [(c.name, c.arguments, c.id) for c in calls] == [
-        ("calculator", {"expression": "1+2"}, "call_0"), ("python", {"code": "print(1)"}, "call_1")]
+        ("calculator", {"expression": "1+2"}, "call_0"),
+        ("python", {"code": "print(1)"}, "call_1"),
+    ]
     assert len(errors) == 3 and "not JSON" in errors[0] and "'name'" in errors[1]
     assert parse_tool_calls("plain answer") == ("plain answer", [], [])
 
@@ -47,8 +54,10 @@ def test_continuation_is_the_template_suffix(tok, ended):
     r = ChatRenderer(tok, TOOLS)
     msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "12 + 7?"}]
     a1 = "I will compute.\n" + format_tool_call("calculator", {"expression": "12 + 7"})
-    new1 = [{"role": "tool", "name": "calculator", "tool_call_id": "call_0", "content": "19"},
-            {"role": "tool", "content": "ok"}]
+    new1 = [
+        {"role": "tool", "name": "calculator", "tool_call_id": "call_0", "content": "19"},
+        {"role": "tool", "content": "ok"},
+    ]
     a2 = "The answer is 19."
     new2 = [{"role": "user", "content": "Sure?"}]
     ids = r.prompt_ids(msgs)
@@ -58,8 +67,13 @@ def test_continuation_is_the_template_suffix(tok, ended):
     s2 = _sampled(tok, a2, ended)
     ids += s2
     ids += r.continuation_ids(s2, new2)
-    full = msgs + [{"role": "assistant", "content": a1}] + new1 + \
-        [{"role": "assistant", "content": a2}] + new2
+    full = (
+        msgs
+        + [{"role": "assistant", "content": a1}]
+        + new1
+        + [{"role": "assistant", "content": a2}]
+        + new2
+    )
     want = tok.apply_chat_template(full, tools=TOOLS, tokenize=False, add_generation_prompt=True)
     assert tok.decode(ids, skip_special_tokens=False) == want
     assert ids == tok.encode(want, add_special_tokens=False)
@@ -72,8 +86,10 @@ def test_continuation_keeps_noncanonical_sampled_tokens(tok):
     split = [tok.convert_tokens_to_ids(c) for c in text]  # one token per letter: non-canonical
     assert split != tok.encode(text, add_special_tokens=False)
     cont = r.continuation_ids(split, [{"role": "user", "content": "again"}])
-    assert tok.decode(cont, skip_special_tokens=False) == \
-        "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.decode(cont, skip_special_tokens=False)
+        == "<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_renderer_rejects_bad_templates_and_messages(tok):
@@ -86,7 +102,8 @@ def test_renderer_rejects_bad_templates_and_messages(tok):
     with pytest.raises(TemplateError, match="no chat template"):
         ChatRenderer(bare)
     # a template that renders the conversation's length up front is not prefix-stable
-    bare.chat_template = ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
-                          "{% endfor %}")
+    bare.chat_template = (
+        "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(TemplateError, match="changes the text"):
         ChatRenderer(bare).continuation_ids([], [{"role": "user", "content": "x"}])

@@ -5,16 +5,21 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from climbrl.envs.base import BUILTIN_ENVS, Env, StepResult, Task
 from climbrl.envs.contract import CHECKS, assert_env_contract, check_env, main
 
 CONTRACT_ARGS = {
-    "trl": {"dataset": "climbrl.envs.adapters.trl:example_rows",
-            "reward_funcs": ["trl.rewards:accuracy_reward"],
-            "gate_funcs": ["trl.rewards:think_format_reward"]},
+    "trl": {
+        "dataset": "climbrl.envs.adapters.trl:example_rows",
+        "reward_funcs": ["trl.rewards:accuracy_reward"],
+        "gate_funcs": ["trl.rewards:think_format_reward"],
+    },
     "reasoning_gym": {"dataset": "chain_sum", "num_train": 50, "num_test": 10},
-    "verifiers": {"taskset": "climbrl.envs.adapters.verifiers:AdditionTaskset",
-                  "taskset_args": {"num_tasks": 40}},
+    "verifiers": {
+        "taskset": "climbrl.envs.adapters.verifiers:AdditionTaskset",
+        "taskset_args": {"num_tasks": 40},
+    },
 }
 
 
@@ -82,14 +87,17 @@ class BadMessages(_Base):
         return StepResult(reward=0.0, done=False, messages=[{"role": "assistant", "content": "x"}])
 
 
-@pytest.mark.parametrize("cls,check,text", [
-    (OutOfRange, "episodes_and_shapes", "outside reward_range"),
-    (Random, "deterministic_under_seed", "not deterministic"),
-    (WrongReference, "reference_solves", "reference"),
-    (SharedIds, "tasks_per_split", "appears in"),
-    (Leaky, "clean_shutdown", "left behind"),
-    (BadMessages, "episodes_and_shapes", "tool/user/system"),
-])
+@pytest.mark.parametrize(
+    "cls,check,text",
+    [
+        (OutOfRange, "episodes_and_shapes", "outside reward_range"),
+        (Random, "deterministic_under_seed", "not deterministic"),
+        (WrongReference, "reference_solves", "reference"),
+        (SharedIds, "tasks_per_split", "appears in"),
+        (Leaky, "clean_shutdown", "left behind"),
+        (BadMessages, "episodes_and_shapes", "tool/user/system"),
+    ],
+)
 def test_contract_catches_broken_env(cls, check, text):
     res = {r.name: r for r in check_env(f"{__name__}:{cls.__name__}")}
     assert not res[check].ok and text in res[check].detail, res[check]

@@ -9,8 +9,8 @@ import math
 import time
 
 import pytest
-from climbrl.learner.learner import EnvFailureStreak, Learner, LearnerError
 
+from climbrl.learner.learner import EnvFailureStreak, Learner, LearnerError
 from climbrl.metrics import MetricsWriter
 from climbrl.wire import ENV_ERROR, Error, Sample, Trajectory, WorkOrder
 from tests.unit.test_crash_consistency import _learner
@@ -34,11 +34,17 @@ class FakeMetrics:
 
 
 def _sample(correct: float, error: str = "") -> Sample:
-    return Sample(prompt_ids=[1], completion_ids=[] if error else [2],
-                  completion_mask=[] if error else [1], logprobs=[] if error else [-1.0],
-                  versions=[] if error else [3], reward=correct,
-                  finish_reason=ENV_ERROR if error else "stop",
-                  metrics={"env_error": 1.0} if error else {"correct": correct}, error=error)
+    return Sample(
+        prompt_ids=[1],
+        completion_ids=[] if error else [2],
+        completion_mask=[] if error else [1],
+        logprobs=[] if error else [-1.0],
+        versions=[] if error else [3],
+        reward=correct,
+        finish_reason=ENV_ERROR if error else "stop",
+        metrics={"env_error": 1.0} if error else {"correct": correct},
+        error=error,
+    )
 
 
 def _eval_learner(**wire: float) -> Learner:
@@ -54,16 +60,36 @@ def _eval_learner(**wire: float) -> Learner:
 def _answer(L: Learner, answers: dict[int, object]) -> None:
     """Make the fake server answer eval task i with ``answers[i]``: a Sample (a trajectory),
     a str (an order_failed Error with that message) or None (no answer at all)."""
+
     def pump(timeout: float, real=L._pump) -> None:
         for sid, m in [x for x in L.hub.sent if isinstance(x[1], WorkOrder)]:
             a = answers[m.task_index]
             if isinstance(a, Sample):
-                L.hub.inbox.append((sid, Trajectory(
-                    run_id=L.run_id, order_id=m.order_id, server_id=sid, policy_version=3,
-                    samples=[a], gen_seconds=0.0, num_generated_tokens=1), [], time.monotonic()))
+                L.hub.inbox.append(
+                    (
+                        sid,
+                        Trajectory(
+                            run_id=L.run_id,
+                            order_id=m.order_id,
+                            server_id=sid,
+                            policy_version=3,
+                            samples=[a],
+                            gen_seconds=0.0,
+                            num_generated_tokens=1,
+                        ),
+                        [],
+                        time.monotonic(),
+                    )
+                )
             elif isinstance(a, str):
-                L.hub.inbox.append((sid, Error(origin=sid, code="order_failed", message=a,
-                                               ref_id=m.order_id), [], time.monotonic()))
+                L.hub.inbox.append(
+                    (
+                        sid,
+                        Error(origin=sid, code="order_failed", message=a, ref_id=m.order_id),
+                        [],
+                        time.monotonic(),
+                    )
+                )
         L.hub.sent.clear()
         real(timeout)
 
@@ -127,13 +153,31 @@ def _run_training(L: Learner, answer: object, rounds: int = 200) -> None:
         L.dispatch()
         for sid, m in [x for x in L.hub.sent if isinstance(x[1], WorkOrder)]:
             if isinstance(answer, str):
-                L.hub.inbox.append((sid, Error(origin=sid, code="order_failed", message=answer,
-                                               ref_id=m.order_id), [], time.monotonic()))
+                L.hub.inbox.append(
+                    (
+                        sid,
+                        Error(origin=sid, code="order_failed", message=answer, ref_id=m.order_id),
+                        [],
+                        time.monotonic(),
+                    )
+                )
             else:
-                L.hub.inbox.append((sid, Trajectory(
-                    run_id=L.run_id, order_id=m.order_id, server_id=sid, policy_version=3,
-                    samples=answer, gen_seconds=0.0, num_generated_tokens=1), [],
-                    time.monotonic()))
+                L.hub.inbox.append(
+                    (
+                        sid,
+                        Trajectory(
+                            run_id=L.run_id,
+                            order_id=m.order_id,
+                            server_id=sid,
+                            policy_version=3,
+                            samples=answer,
+                            gen_seconds=0.0,
+                            num_generated_tokens=1,
+                        ),
+                        [],
+                        time.monotonic(),
+                    )
+                )
         L.hub.sent.clear()
         L._pump(0)
         L.ready.clear()  # trained (a group with an episode that ran)
@@ -142,8 +186,11 @@ def _run_training(L: Learner, answer: object, rounds: int = 200) -> None:
 def test_an_env_that_fails_every_episode_ends_the_run_quoting_its_error():
     L = _learner(["r0", "r1"])  # two servers: neither is benched first (16 orders each)
     L.cfg.wire.max_env_failures = 64
-    with pytest.raises(LearnerError, match=r"failed 64 training episodes in a row.*"
-                       r"wire.max_env_failures = 64.*no such table.*climbrl env-check"):
+    with pytest.raises(
+        LearnerError,
+        match=r"failed 64 training episodes in a row.*"
+        r"wire.max_env_failures = 64.*no such table.*climbrl env-check",
+    ):
         _run_training(L, BOOM)
     assert L.counters["order_failures"] == 64 // L.cfg.learner.group_size
     assert not L.benched
@@ -155,15 +202,40 @@ def test_failed_episodes_inside_trajectories_count_and_one_success_resets():
     L.env_failures.limit = 3
     failed = [_sample(0.0, "env.reset raised KeyError: 'x'")] * 2
     L.dispatch()
-    L.hub.inbox.append(("r0", Trajectory(run_id="run-a", order_id="train-0", server_id="r0",
-                                         policy_version=3, samples=failed, gen_seconds=0.0,
-                                         num_generated_tokens=0), [], time.monotonic()))
+    L.hub.inbox.append(
+        (
+            "r0",
+            Trajectory(
+                run_id="run-a",
+                order_id="train-0",
+                server_id="r0",
+                policy_version=3,
+                samples=failed,
+                gen_seconds=0.0,
+                num_generated_tokens=0,
+            ),
+            [],
+            time.monotonic(),
+        )
+    )
     L._pump(0)
     assert L.env_failures.in_a_row == 2
-    L.hub.inbox.append(("r0", Trajectory(run_id="run-a", order_id="train-1", server_id="r0",
-                                         policy_version=3, samples=[failed[0], _sample(1.0)],
-                                         gen_seconds=0.0, num_generated_tokens=1), [],
-                        time.monotonic()))
+    L.hub.inbox.append(
+        (
+            "r0",
+            Trajectory(
+                run_id="run-a",
+                order_id="train-1",
+                server_id="r0",
+                policy_version=3,
+                samples=[failed[0], _sample(1.0)],
+                gen_seconds=0.0,
+                num_generated_tokens=1,
+            ),
+            [],
+            time.monotonic(),
+        )
+    )
     L._pump(0)
     assert L.env_failures.in_a_row == 0  # an episode ran
     L.hub.sent.clear()
@@ -195,8 +267,10 @@ def test_summary_json_is_strict_with_null_where_no_eval_ran(tmp_path):
     assert data["accuracy_before"] is None and data["accuracy_after"] is None
     assert summary["accuracy_before"] is None
     MetricsWriter.summary(L.metrics, {"a": [1.0, math.inf], "b": {"c": math.nan}})
-    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": [1.0, None],
-                                                                   "b": {"c": None}}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "a": [1.0, None],
+        "b": {"c": None},
+    }
 
 
 def test_run_seed_does_not_reach_the_env():

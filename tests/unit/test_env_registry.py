@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+
 from climbrl.envs.base import (
     BUILTIN_ENVS,
     Env,
@@ -21,18 +22,21 @@ from climbrl.envs.tasks import CopyFirstEnv
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """A real installed distribution (dist-info on sys.path) declaring climbrl.envs entry points."""
-    (tmp_path / "myplug.py").write_text(textwrap.dedent("""
+    (tmp_path / "myplug.py").write_text(
+        textwrap.dedent("""
         from climbrl.envs.tasks import CopyFirstEnv
         class PlugEnv(CopyFirstEnv):
             name = "plug"
         class Shadow(CopyFirstEnv):
             name = "shadow"
-    """))
+    """)
+    )
     di = tmp_path / "myplug-0.1.dist-info"
     di.mkdir()
     (di / "METADATA").write_text("Metadata-Version: 2.1\nName: myplug\nVersion: 0.1\n")
     (di / "entry_points.txt").write_text(
-        "[climbrl.envs]\nplug = myplug:PlugEnv\nmath = myplug:Shadow\nbroken = myplug:Missing\n")
+        "[climbrl.envs]\nplug = myplug:PlugEnv\nmath = myplug:Shadow\nbroken = myplug:Missing\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
 
@@ -117,8 +121,9 @@ def test_entry_points_are_read_once_per_sys_path(plugin, monkeypatch):
 
     calls = []
     real = importlib.metadata.entry_points
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda **kw: calls.append(kw) or real(**kw))
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda **kw: calls.append(kw) or real(**kw)
+    )
     monkeypatch.syspath_prepend(str(plugin / "elsewhere"))  # a sys.path not scanned yet
     for _ in range(5):
         assert resolve_env("plug").name == "plug"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from climbrl.envs.base import Task
 from climbrl.envs.rewards import Gate, Reward, RewardContext, WeightedSum
 

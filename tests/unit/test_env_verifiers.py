@@ -17,9 +17,17 @@ from climbrl.envs.adapters.verifiers import VerifiersEnv, release_serving  # noq
 from climbrl.envs.agent import AgentContext  # noqa: E402
 from climbrl.envs.base import make_env  # noqa: E402
 
-ROWS = [{"question": f"capital of {c}?", "answer": a}
-        for c, a in [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"),
-                     ("Japan", "Tokyo"), ("Peru", "Lima"), ("Chile", "Santiago")]]
+ROWS = [
+    {"question": f"capital of {c}?", "answer": a}
+    for c, a in [
+        ("France", "Paris"),
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Japan", "Tokyo"),
+        ("Peru", "Lima"),
+        ("Chile", "Santiago"),
+    ]
+]
 
 
 class QAData(vf.TaskData):
@@ -48,13 +56,21 @@ class QATaskset(vf.Taskset[QATask, QAConfig]):
     def load(self):
         rows = ROWS[:4] if self.config.split == "train" else ROWS[4:]
         for r in rows:
-            yield QATask(QAData(prompt=r["question"], answer=r["answer"],
-                                system_prompt="Answer in one word."), self.config.task)
+            yield QATask(
+                QAData(
+                    prompt=r["question"], answer=r["answer"], system_prompt="Answer in one word."
+                ),
+                self.config.task,
+            )
 
 
 TASKSET = f"{__name__}:QATaskset"
-ARGS = {"taskset": TASKSET, "test_taskset_args": {"split": "test"},
-        "reward_range": [0.0, 1.5], "sampling": {"max_tokens": 8}}
+ARGS = {
+    "taskset": TASKSET,
+    "test_taskset_args": {"split": "test"},
+    "reward_range": [0.0, 1.5],
+    "sampling": {"max_tokens": 8},
+}
 
 
 class FakeOpenAI:
@@ -75,11 +91,23 @@ class FakeOpenAI:
                 q = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
                 answers = {r["question"]: r["answer"] for r in ROWS}
                 reply = "I think it is Milan" if "Italy" in q else answers.get(q, "?")
-                self._send(200, {
-                    "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": reply}}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+                self._send(
+                    200,
+                    {
+                        "id": "c1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": reply},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                    },
+                )
 
             def _send(self, code, obj):
                 out = json.dumps(obj).encode()
@@ -124,15 +152,19 @@ def test_builtin_name_and_splits():
     assert env.num_tasks("train") == 4 and env.num_tasks("test") == 2
     t = env.get_task("test", 1)
     assert t.split == "test" and t.answer == "Santiago"
-    assert t.prompt == [{"role": "system", "content": "Answer in one word."},
-                        {"role": "user", "content": "capital of Chile?"}]
+    assert t.prompt == [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "capital of Chile?"},
+    ]
     ids = {env.get_task(s, i).task_id for s in ("train", "test") for i in range(env.num_tasks(s))}
     assert len(ids) == 6
     # Without a test taskset, a deterministic hash split of the task keys.
     a = make_env("verifiers", {"taskset": TASKSET, "test_fraction": 0.5, "reward_range": [0, 1.5]})
     b = make_env("verifiers", {"taskset": TASKSET, "test_fraction": 0.5, "reward_range": [0, 1.5]})
-    split = [[x.get_task(s, i).prompt for s in ("train", "test") for i in range(x.num_tasks(s))]
-             for x in (a, b)]
+    split = [
+        [x.get_task(s, i).prompt for s in ("train", "test") for i in range(x.num_tasks(s))]
+        for x in (a, b)
+    ]
     assert split[0] == split[1] and a.num_tasks("train") + a.num_tasks("test") == 4
     assert a.num_tasks("test") >= 1
 
@@ -204,8 +236,13 @@ async def test_text_protocol_scores_one_reply():
 
 
 def test_example_taskset_and_bad_config():
-    env = make_env("verifiers", {"taskset": "climbrl.envs.adapters.verifiers:AdditionTaskset",
-                                 "taskset_args": {"num_tasks": 30}})
+    env = make_env(
+        "verifiers",
+        {
+            "taskset": "climbrl.envs.adapters.verifiers:AdditionTaskset",
+            "taskset_args": {"num_tasks": 30},
+        },
+    )
     assert env.num_tasks("train") + env.num_tasks("test") == 30
     t = env.get_task("train", 0)
     a, b = map(int, re.findall(r"\d+", t.prompt[-1]["content"]))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from climbrl.learner.weights import WeightPublisher
 
+from climbrl.learner.weights import WeightPublisher
 from climbrl.weightsync import (
     check_private,
     map_shm,
@@ -51,7 +51,7 @@ def test_publisher_files_are_private(tmp_path: Path) -> None:
     pub = WeightPublisher(model, "full", shm_dir=str(tmp_path))
     other = WeightPublisher(model, "full", shm_dir=str(tmp_path))
     pub.join("a", socket.gethostname())
-    (_, m, _), = pub.messages(1, ["a"])
+    ((_, m, _),) = pub.messages(1, ["a"])
     path = Path(m.shm_path)
     assert path.parent.parent == tmp_path and path.parent != other.shm_dir
     assert path.parent.name.startswith(f"climbrl-learner-{os.getpid()}-")
@@ -59,7 +59,7 @@ def test_publisher_files_are_private(tmp_path: Path) -> None:
     check_private(path)
     for v in (2, 3, 4):  # ring full (nobody acks): new files, each 0600
         pub.forget("a")
-        (_, m, _), = pub.messages(v, ["a"])
+        ((_, m, _),) = pub.messages(v, ["a"])
         assert _mode(Path(m.shm_path)) == 0o600
     pub.close()
     other.close()
@@ -164,7 +164,10 @@ def test_remove_orphan_files_survives_what_is_planted(tmp_path: Path, monkeypatc
     monkeypatch.setattr(weightsync.shutil, "rmtree", rmtree)
     removed = remove_orphan_files(tmp_path)
     assert sorted(removed) == sorted([planted_dir, orphan])
-    assert target.read_bytes() == b"precious" and (tmp_path / f"climbrl-{dead}-r1.weights").is_symlink()
+    assert (
+        target.read_bytes() == b"precious"
+        and (tmp_path / f"climbrl-{dead}-r1.weights").is_symlink()
+    )
     assert live.is_dir() and stuck.is_dir()
     remove_private_dir(live)
 
@@ -188,7 +191,7 @@ def test_full_sync_frames_are_a_snapshot_not_the_live_parameters() -> None:
     model = torch.nn.Linear(4, 3)
     pub = WeightPublisher(model, "full")
     pub.join("far", "another-host")
-    (_, m, frames), = pub.messages(1, ["far"])
+    ((_, m, frames),) = pub.messages(1, ["far"])
     before = [t.clone() for t in frames]
     live = {p.data_ptr() for p in model.parameters()}
     assert not {t.data_ptr() for t in frames} & live
@@ -210,8 +213,9 @@ class _Saver:
                 f.write("w")
 
 
-def test_checkpoint_files_and_folders_are_fsynced_before_each_rename(tmp_path: Path,
-                                                                     monkeypatch) -> None:
+def test_checkpoint_files_and_folders_are_fsynced_before_each_rename(
+    tmp_path: Path, monkeypatch
+) -> None:
     from climbrl.learner import checkpoint as ck
 
     events: list[tuple[str, str]] = []

@@ -20,11 +20,11 @@ import types
 import pytest
 import torch
 import zmq
+
+from climbrl.config import load_config
 from climbrl.learner.learner import Learner, LearnerError
 from climbrl.learner.weights import WeightPublisher
 from climbrl.rollout.server import LearnerStuck, RolloutServer
-
-from climbrl.config import load_config
 from climbrl.wire import Error, Heartbeat, WorkOrder, term_context
 from tests.unit.test_crash_consistency import _hello, _learner, _traj
 from tests.unit.test_env_failures import _eval_learner, _sample
@@ -59,9 +59,20 @@ def test_a_heartbeat_reporting_a_dead_engine_moves_its_orders():
     L.dispatch()
     mine = [oid for oid, o in L.orders.items() if o["server"] == "r0"]
     assert mine
-    L.hub.inbox.append(("r0", Heartbeat(server_id="r0", policy_version=3, inflight=1,
-                                        accepting_orders=False, engine_error=DEAD), [],
-                        time.monotonic()))
+    L.hub.inbox.append(
+        (
+            "r0",
+            Heartbeat(
+                server_id="r0",
+                policy_version=3,
+                inflight=1,
+                accepting_orders=False,
+                engine_error=DEAD,
+            ),
+            [],
+            time.monotonic(),
+        )
+    )
     L._pump(0.0)
     assert L.benched == {"r0": DEAD} and L.counters["engines_dead"] == 1
     assert all(o["server"] == "r1" for o in L.orders.values())
@@ -75,9 +86,12 @@ def test_no_progress_ends_the_run_with_the_servers_state(monkeypatch):
     L._last_error = "r0: order_failed: RuntimeError: stuck"
     _guard(L)
     _fake_clock(monkeypatch)
-    with pytest.raises(LearnerError, match=r"no work order came back with a trajectory for "
-                       r"1000s \(wire.progress_timeout_s\) while 2 were out; servers: r0: takes "
-                       r"orders; the last error: r0: order_failed: RuntimeError: stuck"):
+    with pytest.raises(
+        LearnerError,
+        match=r"no work order came back with a trajectory for "
+        r"1000s \(wire.progress_timeout_s\) while 2 were out; servers: r0: takes "
+        r"orders; the last error: r0: order_failed: RuntimeError: stuck",
+    ):
         L.collect(2)
 
 
@@ -101,9 +115,12 @@ def test_a_high_order_failure_rate_ends_the_run():
     w.max_order_failure_rate, w.order_failure_window = 0.9, 20
     _guard(L, 500)
     answered = 0
-    with pytest.raises(LearnerError, match=r"19 of the last 20 training work orders failed, "
-                       r"more than wire.max_order_failure_rate = 0.9; the last error: r0: "
-                       r"order_failed: boom"):
+    with pytest.raises(
+        LearnerError,
+        match=r"19 of the last 20 training work orders failed, "
+        r"more than wire.max_order_failure_rate = 0.9; the last error: r0: "
+        r"order_failed: boom",
+    ):
         while True:
             L.dispatch()
             for sid, m in [x for x in L.hub.sent if isinstance(x[1], WorkOrder)]:
@@ -111,9 +128,16 @@ def test_a_high_order_failure_rate_ends_the_run():
                 if answered % 20 == 0:
                     L.hub.inbox.append(_traj(m.order_id, "run-a"))
                 else:
-                    L.hub.inbox.append((sid, Error(origin=sid, code="order_failed",
-                                                   message="boom", ref_id=m.order_id),
-                                        [], time.monotonic()))
+                    L.hub.inbox.append(
+                        (
+                            sid,
+                            Error(
+                                origin=sid, code="order_failed", message="boom", ref_id=m.order_id
+                            ),
+                            [],
+                            time.monotonic(),
+                        )
+                    )
             L.hub.sent.clear()
             L._pump(0.0)
             L.ready.clear()  # (trained)
@@ -139,8 +163,15 @@ def test_evaluation_ends_when_an_eval_order_keeps_moving(monkeypatch):
         dies = []
         for sid, m in [x for x in L.hub.sent if isinstance(x[1], WorkOrder)]:
             if m.task_index == 2:  # (after the other answers: they are not moved)
-                dies += [(sid, Error(origin=sid, code="engine_dead", message=DEAD), [],
-                          time.monotonic()), _hello(sid, 3)]
+                dies += [
+                    (
+                        sid,
+                        Error(origin=sid, code="engine_dead", message=DEAD),
+                        [],
+                        time.monotonic(),
+                    ),
+                    _hello(sid, 3),
+                ]
             else:
                 L.hub.inbox.append(_traj(m.order_id, L.run_id))
                 L.hub.inbox[-1][1].samples = [_sample(1.0)]
@@ -247,7 +278,7 @@ async def test_version_and_reset_after_a_reload_are_bounded(tmp_path, what):
         await asyncio.wait_for(srv._apply_weights(_update(pub, 1), [], time.time()), timeout=60)
     finally:
         pub.close()
-    ack, = acks
+    (ack,) = acks
     assert not ack.ok and ack.version == 0 and f"phase {what!r} took longer" in ack.error
     assert srv.engine.calls[-1] == "resume" and not srv.weight_lock.locked()
     assert srv.wstate.base is None and srv.version == 0  # unknown now: a full sync next
@@ -285,8 +316,11 @@ def test_the_hubs_hand_off_to_a_stopped_socket_thread_is_bounded():
     try:
         hub._stop.set()
         hub._thread.join(timeout=60)  # nobody drains the outbox now
-        with pytest.raises(HubError, match=r"took no message for 0.2s \(wire.send_timeout_s; "
-                           r"thread dead\)"):
+        with pytest.raises(
+            HubError,
+            match=r"took no message for 0.2s \(wire.send_timeout_s; "
+            r"thread dead\)",
+        ):
             for _ in range(100_000):
                 hub.send_frames("r0", [b"x" * 1024])
     finally:

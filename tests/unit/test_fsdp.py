@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from climbrl.config import LearnerCfg, load_config
 from climbrl.learner.fsdp import (
     DistState,
     broadcast_groups,
@@ -30,8 +32,6 @@ from climbrl.learner.fsdp import (
     torchrun_argv,
 )
 
-from climbrl.config import LearnerCfg, load_config
-
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, MICRO = 97, 2
 
@@ -44,9 +44,17 @@ def _model(device: str = "cpu") -> torch.nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return Qwen3ForCausalLM(cfg).float().to(device)
 
 
@@ -62,11 +70,27 @@ def _batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _trajectory():
     from climbrl.wire import Sample, Trajectory
 
-    s = Sample(prompt_ids=[1, 2], completion_ids=[3, 4], completion_mask=[1, 1],
-               logprobs=[-0.5, -1.25], versions=[3, 3], reward=0.75, finish_reason="stop",
-               text="ab", metrics={"m": 1.0}, task_id="train/abcd")
-    return Trajectory(order_id="train-1-abc", server_id="r1", policy_version=3, samples=[s], sent_at=1.0,
-                      gen_seconds=0.5, num_generated_tokens=2)
+    s = Sample(
+        prompt_ids=[1, 2],
+        completion_ids=[3, 4],
+        completion_mask=[1, 1],
+        logprobs=[-0.5, -1.25],
+        versions=[3, 3],
+        reward=0.75,
+        finish_reason="stop",
+        text="ab",
+        metrics={"m": 1.0},
+        task_id="train/abcd",
+    )
+    return Trajectory(
+        order_id="train-1-abc",
+        server_id="r1",
+        policy_version=3,
+        samples=[s],
+        sent_at=1.0,
+        gen_seconds=0.5,
+        num_generated_tokens=2,
+    )
 
 
 def _step(model: torch.nn.Module, ds: DistState, device: str):
@@ -94,8 +118,9 @@ def _step(model: torch.nn.Module, ds: DistState, device: str):
 
 def _worker(out: Path) -> int:
     """One torchrun rank: shard, step, write what rank 0 sees."""
-    from climbrl.learner.fsdp import cleanup, setup
     from safetensors.torch import save_file
+
+    from climbrl.learner.fsdp import cleanup, setup
 
     world = int(os.environ["WORLD_SIZE"])
     ds = setup(_cfg(world))
@@ -105,14 +130,22 @@ def _worker(out: Path) -> int:
     cmd, none = broadcast_step("checkpoint" if ds.rank == 0 else None, None, ds)
     got = got if (cmd, none) == ("checkpoint", []) else None
     acc, gnorm, grads, state = _step(model, ds, device)
-    res = {"rank": ds.rank, "world": ds.world_size, "broadcast_ok": got == [_trajectory()],
-           "sharded": type(next(model.parameters())).__name__,
-           "blocks": getattr(model, "_climbrl_fsdp_blocks", 0), "acc": acc, "gnorm": gnorm}
+    res = {
+        "rank": ds.rank,
+        "world": ds.world_size,
+        "broadcast_ok": got == [_trajectory()],
+        "sharded": type(next(model.parameters())).__name__,
+        "blocks": getattr(model, "_climbrl_fsdp_blocks", 0),
+        "acc": acc,
+        "gnorm": gnorm,
+    }
     (out / f"rank{ds.rank}.json").write_text(json.dumps(res))
     if ds.rank == 0:
         save_file({k: v.contiguous() for k, v in grads.items()}, str(out / "grads.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()
-                   if k != "lm_head.weight"}, str(out / "state.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items() if k != "lm_head.weight"},
+            str(out / "state.safetensors"),
+        )
     cleanup(ds)
     return 0
 
@@ -125,8 +158,11 @@ def _run_sharded(tmp_path: Path, nproc: int) -> dict:
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(nproc)]
-    return {"ranks": ranks, "grads": load_file(str(tmp_path / "grads.safetensors")),
-            "state": load_file(str(tmp_path / "state.safetensors"))}
+    return {
+        "ranks": ranks,
+        "grads": load_file(str(tmp_path / "grads.safetensors")),
+        "state": load_file(str(tmp_path / "state.safetensors")),
+    }
 
 
 def _check_against_single_process(sharded: dict, device: str, nproc: int) -> None:
@@ -155,8 +191,7 @@ def _check_against_single_process(sharded: dict, device: str, nproc: int) -> Non
 def test_rank_microbatches_cover_the_batch_once():
     for n, micro, world in [(5, 2, 2), (8, 2, 2), (7, 3, 3), (2, 4, 2), (0, 2, 2), (6, 1, 4)]:
         chunks = [(i, min(micro, n - i)) for i in range(0, n, micro)]
-        per = [rank_microbatches(chunks, DistState(rank=r, world_size=world))
-               for r in range(world)]
+        per = [rank_microbatches(chunks, DistState(rank=r, world_size=world)) for r in range(world)]
         real = sorted((s, k) for p in per for s, k, scale in p if scale == world)
         assert real == chunks  # every chunk once, at the FSDP scale
         assert len({len(p) for p in per}) == 1  # same number of passes on every rank
@@ -183,8 +218,10 @@ def test_config_fields_validate(tmp_path):
     with pytest.raises(ValueError, match="ppo"):
         load_config(None, ["model.path=m", "learner.fsdp=true", "learner.objective=ppo"])
     with pytest.raises(ValueError, match="ray.learner_gpus"):
-        load_config(None, ["model.path=m", "learner.fsdp=true", "learner.world_size=2",
-                           "ray.learner_gpus=1"])
+        load_config(
+            None,
+            ["model.path=m", "learner.fsdp=true", "learner.world_size=2", "ray.learner_gpus=1"],
+        )
 
 
 def test_single_process_is_untouched():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from climbrl.learner.grpo import clipped_pg_loss, group_advantages, kl_estimate
 
 
@@ -36,8 +37,9 @@ def test_loss_matches_hand_computation():
 def test_clip_high_bounds_positive_advantage():
     logp = torch.tensor([[0.0]], requires_grad=True)
     old = torch.tensor([[-1.0]])  # ratio e = 2.718 > 1.28
-    loss, st = clipped_pg_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 1),
-                               clip_low=0.2, clip_high=0.28)
+    loss, st = clipped_pg_loss(
+        logp, old, torch.tensor([1.0]), torch.ones(1, 1), clip_low=0.2, clip_high=0.28
+    )
     assert float(loss) == pytest.approx(-1.28)
     loss.backward()
     assert logp.grad.item() == 0.0  # clipped: no gradient
@@ -47,8 +49,9 @@ def test_clip_high_bounds_positive_advantage():
 def test_clip_low_bounds_negative_advantage():
     logp = torch.tensor([[-2.0]], requires_grad=True)
     old = torch.tensor([[0.0]])  # ratio 0.135 < 0.8
-    loss, _ = clipped_pg_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1),
-                              clip_low=0.2, clip_high=0.28)
+    loss, _ = clipped_pg_loss(
+        logp, old, torch.tensor([-1.0]), torch.ones(1, 1), clip_low=0.2, clip_high=0.28
+    )
     assert float(loss) == pytest.approx(0.8)
 
 
@@ -60,9 +63,18 @@ def test_total_tokens_normalises_micro_batches():
     mask = (torch.rand(4, 5) > 0.3).double()
     full, _ = clipped_pg_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
     tot = float(mask.sum())
-    parts = sum(clipped_pg_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2],
-                                clip_low=0.2, clip_high=0.28, total_tokens=tot)[0]
-                for i in (0, 2))
+    parts = sum(
+        clipped_pg_loss(
+            logp[i : i + 2],
+            old[i : i + 2],
+            adv[i : i + 2],
+            mask[i : i + 2],
+            clip_low=0.2,
+            clip_high=0.28,
+            total_tokens=tot,
+        )[0]
+        for i in (0, 2)
+    )
     assert float(parts) == pytest.approx(float(full), rel=1e-12)
 
 
@@ -78,8 +90,16 @@ def test_kl_estimators():
 
 def test_importance_weight_scales_loss():
     logp = torch.tensor([[-1.0]], requires_grad=True)
-    base, _ = clipped_pg_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1),
-                              clip_low=0.2, clip_high=0.2)
-    w, _ = clipped_pg_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1),
-                           clip_low=0.2, clip_high=0.2, is_weight_BT=torch.tensor([[0.5]]))
+    base, _ = clipped_pg_loss(
+        logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 1), clip_low=0.2, clip_high=0.2
+    )
+    w, _ = clipped_pg_loss(
+        logp,
+        logp.detach(),
+        torch.tensor([1.0]),
+        torch.ones(1, 1),
+        clip_low=0.2,
+        clip_high=0.2,
+        is_weight_BT=torch.tensor([[0.5]]),
+    )
     assert float(w) == pytest.approx(0.5 * float(base))

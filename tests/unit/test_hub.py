@@ -6,8 +6,8 @@ import os
 import time
 
 import zmq
-from climbrl.learner.hub import LearnerHub
 
+from climbrl.learner.hub import LearnerHub
 from climbrl.wire import ROLLOUT_ACCEPTS, Codec, Heartbeat, Hello, SamplingSpec, WorkOrder
 from climbrl.wirekeys import secure_client
 
@@ -22,8 +22,16 @@ def _dealer(ctx: zmq.Context, hub: LearnerHub, sid: str) -> zmq.Socket:
 
 
 def _hello(sid: str) -> list:
-    return Codec.encode(Hello(server_id=sid, pid=os.getpid(), hostname="h", policy_version=0,
-                              model="m", max_concurrency=1))
+    return Codec.encode(
+        Hello(
+            server_id=sid,
+            pid=os.getpid(),
+            hostname="h",
+            policy_version=0,
+            model="m",
+            max_concurrency=1,
+        )
+    )
 
 
 def _next(hub: LearnerHub, timeout: float = 5.0):
@@ -49,8 +57,17 @@ def test_malformed_frames_are_rejected_and_hub_keeps_running():
         assert hub.rejected == 3
         d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=0, inflight=0)))
         # the hub still routes: an order reaches the dealer, and pings flow
-        hub.send("r0", WorkOrder(order_id="o", policy_version=0, env="e", task_index=0,
-                                 group_size=2, sampling=SamplingSpec()))
+        hub.send(
+            "r0",
+            WorkOrder(
+                order_id="o",
+                policy_version=0,
+                env="e",
+                task_index=0,
+                group_size=2,
+                sampling=SamplingSpec(),
+            ),
+        )
         kinds = set()
         while b"work" not in kinds:
             assert d.poll(5000)
@@ -89,8 +106,13 @@ def test_heartbeats_carry_the_worst_event_loop_lag_until_taken():
         _next(hub)
         # in order on one socket; the last one's version tells when all have been read
         for version, lag in enumerate((0.3, 0.7, 0.1), start=1):
-            d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=version,
-                                                    inflight=0, loop_lag_max_s=lag)))
+            d.send_multipart(
+                Codec.encode(
+                    Heartbeat(
+                        server_id="r0", policy_version=version, inflight=0, loop_lag_max_s=lag
+                    )
+                )
+            )
         deadline = time.monotonic() + 5
         while hub.servers["r0"].version != 3 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -127,10 +149,19 @@ def test_heartbeats_carry_what_the_loop_was_running_at_its_worst_lag():
         d.send_multipart(_hello("r0"))
         _next(hub)
         for version, (lag, where) in enumerate(
-                ((0.3, "a (x.py:1)"), (0.7, "b (x.py:2)"), (0.1, "c (x.py:3)")), start=1):
-            d.send_multipart(Codec.encode(Heartbeat(server_id="r0", policy_version=version,
-                                                    inflight=0, loop_lag_max_s=lag,
-                                                    loop_lag_where=where)))
+            ((0.3, "a (x.py:1)"), (0.7, "b (x.py:2)"), (0.1, "c (x.py:3)")), start=1
+        ):
+            d.send_multipart(
+                Codec.encode(
+                    Heartbeat(
+                        server_id="r0",
+                        policy_version=version,
+                        inflight=0,
+                        loop_lag_max_s=lag,
+                        loop_lag_where=where,
+                    )
+                )
+            )
         deadline = time.monotonic() + 5
         while hub.servers["r0"].version != 3 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+
 from climbrl.kernels import (
     ENV_VAR,
     default_chunk_size,
@@ -297,9 +298,10 @@ def test_bad_input() -> None:
 
 def test_triton_kernels_compile_for_sm90() -> None:
     pytest.importorskip("triton")
-    from climbrl.kernels import triton_logprob as tk
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
+
+    from climbrl.kernels import triton_logprob as tk
 
     common = {"z_ptr": "*fp32", "stride_z": "i64", "tgt_ptr": "*i64", "thr_ptr": "*fp32",
               "keep_ptr": "*u8", "stride_keep": "i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32"}  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from climbrl.kernels import (
     logprob_impl,
     resolve_impl,

@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
-from climbrl.learner.learner import Learner
-from climbrl.learner.objectives import kl_estimate
 from torch import Tensor
 
 from climbrl.config import load_config
+from climbrl.learner.learner import Learner
+from climbrl.learner.objectives import kl_estimate
 from climbrl.wire import Sample, Trajectory
 from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
@@ -64,17 +64,34 @@ def test_reference_logprob_is_its_full_distribution_under_top_k_replay():
     k3 = math.exp(d) - d - 1
 
     L = _learner(policy, ref, ["learner.kl_coef=0.1", 'learner.kl_estimator="k3"'])
-    samples = [Sample(prompt_ids=prompt, completion_ids=[tok], completion_mask=[1],
-                      logprobs=[logp_pol], versions=[0], reward=r, finish_reason="stop",
-                      keep_counts=[KEEP]) for r in (0.0, 1.0)]
+    samples = [
+        Sample(
+            prompt_ids=prompt,
+            completion_ids=[tok],
+            completion_mask=[1],
+            logprobs=[logp_pol],
+            versions=[0],
+            reward=r,
+            finish_reason="stop",
+            keep_counts=[KEEP],
+        )
+        for r in (0.0, 1.0)
+    ]
     seq, _ = L.cursor.take()
     L.seq_of["o"] = seq
-    tr = Trajectory(order_id="o", server_id="r0", policy_version=0, samples=samples,
-                    gen_seconds=0.0, num_generated_tokens=2)
+    tr = Trajectory(
+        order_id="o",
+        server_id="r0",
+        policy_version=0,
+        samples=samples,
+        gen_seconds=0.0,
+        num_generated_tokens=2,
+    )
     seen: list[Tensor] = []
     micro_loss = L.obj.micro_loss
-    L.obj.micro_loss = lambda batch, i, b, ref_logp, *a: seen.append(ref_logp) or micro_loss(
-        batch, i, b, ref_logp, *a)
+    L.obj.micro_loss = lambda batch, i, b, ref_logp, *a: (
+        seen.append(ref_logp) or micro_loss(batch, i, b, ref_logp, *a)
+    )
     st = L.train_step([tr])
 
     assert len(seen) == 1 and seen[0] is not None
@@ -129,8 +146,7 @@ def test_k1_has_no_expected_gradient_and_k3_follows_the_reverse_kl(seed):
 
 
 def test_config_refuses_k1_and_names_k3():
-    for ov in (["learner.kl_coef=0.1", 'learner.kl_estimator="k1"'],
-               ['learner.kl_estimator="k1"']):
+    for ov in (["learner.kl_coef=0.1", 'learner.kl_estimator="k1"'], ['learner.kl_estimator="k1"']):
         with pytest.raises(ValueError, match=r"k1.*'k3'"):
             load_config(None, ["model.path=m", *ov])
     with pytest.raises(ValueError, match="k3") as e:  # kl_coef > 0 with 'off': offers k3 only

@@ -62,17 +62,26 @@ def test_describe_skips_the_standard_library() -> None:
 
 
 def test_the_learner_warns_past_the_configured_threshold(caplog) -> None:
+    from climbrl.config import load_config
     from climbrl.learner.learner import Learner
 
-    from climbrl.config import load_config
-
     cfg = load_config(None, ['model.path="m"', "rollout.loop_lag_warn_s=2.0"])
-    lags = iter([{"r0": (1.5, "slow_score (my_env.py:12)"), "r1": (0.2, "")},
-                 {"r0": (0.1, ""), "r1": (2.5, "MyEnv.respond (my_env.py:30)")}])
+    lags = iter(
+        [
+            {"r0": (1.5, "slow_score (my_env.py:12)"), "r1": (0.2, "")},
+            {"r0": (0.1, ""), "r1": (2.5, "MyEnv.respond (my_env.py:30)")},
+        ]
+    )
     records: list[dict] = []
     fake = SimpleNamespace(
-        cfg=cfg, step=1, version=1, counters={}, tokens_generated=0, t_start=time.time(),
-        _last_log=(time.time(), 0), sync_phases={},
+        cfg=cfg,
+        step=1,
+        version=1,
+        counters={},
+        tokens_generated=0,
+        t_start=time.time(),
+        _last_log=(time.time(), 0),
+        sync_phases={},
         hub=SimpleNamespace(take_loop_lag_where=lambda: next(lags)),
         metrics=SimpleNamespace(write=records.append),
     )

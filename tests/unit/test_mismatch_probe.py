@@ -33,13 +33,27 @@ def _groups(sampler: torch.nn.Module, version: int) -> list[Trajectory]:
         prompt = torch.randint(1, V, (4,), generator=g).tolist()
         for j in range(2):
             comp = torch.randint(1, V, (3 + j,), generator=g).tolist()
-            samples.append(Sample(prompt_ids=prompt, completion_ids=comp,
-                                  completion_mask=[1] * len(comp),
-                                  logprobs=_engine_logp(sampler, prompt, comp),
-                                  versions=[version] * len(comp), reward=float(j),
-                                  finish_reason="stop"))
-        out.append(Trajectory(order_id=f"o{k}", server_id="r0", policy_version=version,
-                              samples=samples, gen_seconds=0.0, num_generated_tokens=7))
+            samples.append(
+                Sample(
+                    prompt_ids=prompt,
+                    completion_ids=comp,
+                    completion_mask=[1] * len(comp),
+                    logprobs=_engine_logp(sampler, prompt, comp),
+                    versions=[version] * len(comp),
+                    reward=float(j),
+                    finish_reason="stop",
+                )
+            )
+        out.append(
+            Trajectory(
+                order_id=f"o{k}",
+                server_id="r0",
+                policy_version=version,
+                samples=samples,
+                gen_seconds=0.0,
+                num_generated_tokens=7,
+            )
+        )
     return out
 
 
@@ -77,9 +91,12 @@ def _train(L, groups: list[Trajectory]) -> dict:
 
 
 def _step(learner_model: torch.nn.Module, sampler: torch.nn.Module, probe: int) -> dict:
-    L = bare_learner(learner_model, T, version=1,
-                     overrides=[f"learner.mismatch_probe_samples={probe}",
-                                "learner.max_staleness=1"])
+    L = bare_learner(
+        learner_model,
+        T,
+        version=1,
+        overrides=[f"learner.mismatch_probe_samples={probe}", "learner.max_staleness=1"],
+    )
     L.snapshot.take(list(sampler.parameters()), 0)  # what publish gave the engine at version 0
     return _train(L, _groups(sampler, version=0))
 
@@ -99,8 +116,7 @@ def test_probe_measures_lag1_samples_at_the_weights_that_made_them():
 
 def test_probe_ignores_samples_of_another_version():
     sampler = tiny_qwen3(0, V)
-    L = bare_learner(_moved(sampler), T, version=2,
-                     overrides=["learner.max_staleness=2"])
+    L = bare_learner(_moved(sampler), T, version=2, overrides=["learner.max_staleness=2"])
     L.snapshot.take(list(sampler.parameters()), 1)  # version 1's weights; the samples are v0
     st = _train(L, _groups(sampler, version=0))
     assert st["mismatch_probe_tokens"] == 0

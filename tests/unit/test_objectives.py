@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from climbrl.learner.objectives import (
     BatchNorm,
     PolicyLoss,
@@ -28,7 +29,6 @@ from climbrl.learner.objectives_shaping import (
     pass_rate,
     truncated_mask,
 )
-
 from climbrl.wire import Sample
 
 D = torch.float64
@@ -62,7 +62,8 @@ def test_ppo_loss_and_value_loss_hand_computed():
     mask = torch.ones(1, 2, dtype=D)
     norm = BatchNorm(tokens=2.0, samples=1.0)
     loss, st = PolicyLoss("ppo", clip_low=0.1, clip_high=0.1, aggregation="token")(
-        logp, old, adv, mask, norm)
+        logp, old, adv, mask, norm
+    )
     r0 = math.exp(0.2)  # 1.221 > 1.1 with A > 0: clipped at 1.1, no gradient
     assert float(loss) == pytest.approx(-(1.1 * 1.0 + 1.0 * -2.0) / 2, abs=1e-12)
     assert st["clipped"] == 1.0 and r0 > 1.1
@@ -119,8 +120,17 @@ def test_micro_batches_add_up_to_the_full_batch(mode, objective):
     pl = PolicyLoss(objective, 0.2, 0.28, aggregation=mode, entropy_coef=0.01)
     full, _ = pl(logp, old, adv, mask, norm, entropy_BT=ent)
     (g_full,) = torch.autograd.grad(full, logp)
-    parts = [pl(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], norm,
-                entropy_BT=ent[i:i + 2])[0] for i in range(0, 6, 2)]
+    parts = [
+        pl(
+            logp[i : i + 2],
+            old[i : i + 2],
+            adv[i : i + 2],
+            mask[i : i + 2],
+            norm,
+            entropy_BT=ent[i : i + 2],
+        )[0]
+        for i in range(0, 6, 2)
+    ]
     total = sum(parts)
     (g_parts,) = torch.autograd.grad(total, logp)
     assert float(total) == pytest.approx(float(full), abs=1e-12)
@@ -153,8 +163,14 @@ def test_kl_term_uses_reference():
     logp = torch.tensor([[-1.0]], dtype=D, requires_grad=True)
     ref = torch.tensor([[-1.5]], dtype=D)
     pl = PolicyLoss("grpo", 0.2, 0.2, kl_coef=0.1, kl_estimator="k1")
-    loss, st = pl(logp, logp.detach(), torch.zeros(1, dtype=D), torch.ones(1, 1), BatchNorm(1, 1),
-                  ref_logp_BT=ref)
+    loss, st = pl(
+        logp,
+        logp.detach(),
+        torch.zeros(1, dtype=D),
+        torch.ones(1, 1),
+        BatchNorm(1, 1),
+        ref_logp_BT=ref,
+    )
     assert float(loss) == pytest.approx(0.1 * 0.5) and st["kl_sum"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="reference"):
         pl(logp, logp.detach(), torch.zeros(1, dtype=D), torch.ones(1, 1), BatchNorm(1, 1))
@@ -185,7 +201,9 @@ def test_sequence_level_uses_the_product_of_ratios():
     roll = torch.tensor([[-0.5, -0.5], [0.2, -0.1]], dtype=D)  # seq log-weights 1.0 and -0.1
     mask = torch.ones(2, 2, dtype=D)
     w, ch = offpolicy_weights(logp, roll, mask, "icepop", "sequence", 0.5, 2.0)
-    assert w[0].tolist() == [0.0, 0.0] and torch.allclose(w[1], torch.full((2,), math.exp(-0.1), dtype=D))
+    assert w[0].tolist() == [0.0, 0.0] and torch.allclose(
+        w[1], torch.full((2,), math.exp(-0.1), dtype=D)
+    )
     w, ch = offpolicy_weights(logp, roll, mask, "tis", "sequence", 0.0, 2.0)
     assert w[0].tolist() == [2.0, 2.0] and ch[0].all() and not ch[1].any()
 
@@ -194,7 +212,9 @@ def test_mismatch_sums():
     logp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=D)
     roll = torch.tensor([[-1.1, -1.7, -9.0]], dtype=D)
     mm = mismatch_sums(logp, roll, torch.tensor([[1, 1, 0]], dtype=D))
-    assert mm["n"] == 2 and mm["abs_sum"] == pytest.approx(0.4) and mm["abs_max"] == pytest.approx(0.3)
+    assert (
+        mm["n"] == 2 and mm["abs_sum"] == pytest.approx(0.4) and mm["abs_max"] == pytest.approx(0.3)
+    )
     kl = (math.exp(0.1) - 0.1 - 1) + (math.exp(-0.3) + 0.3 - 1)
     assert mm["kl_sum"] == pytest.approx(kl)
 
@@ -223,9 +243,16 @@ def test_length_penalty_difficulty_aware():
 
 
 def _s(reward: float, finish: str = "stop", correct: float | None = None) -> Sample:
-    return Sample(prompt_ids=[1], completion_ids=[2], completion_mask=[1], logprobs=[-1.0],
-                  versions=[0], reward=reward, finish_reason=finish,
-                  metrics={} if correct is None else {"correct": correct})
+    return Sample(
+        prompt_ids=[1],
+        completion_ids=[2],
+        completion_mask=[1],
+        logprobs=[-1.0],
+        versions=[0],
+        reward=reward,
+        finish_reason=finish,
+        metrics={} if correct is None else {"correct": correct},
+    )
 
 
 def test_pass_rate_and_filters():

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.logprobs import completion_logprobs
 from climbrl.learner.objectives_step import ObjectiveStep
 from climbrl.learner.weights import WeightPublisher
-
-from climbrl.config import load_config
 from climbrl.wire import Sample, Trajectory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +32,21 @@ def test_example_configs_load(name):
         assert cfg.learner.group_size == 1  # one rollout per prompt
 
 
-def _learner(tiny_model: Path, tmp_path: Path, cfg_file: str | None, overrides: list[str]) -> Learner:
+def _learner(
+    tiny_model: Path, tmp_path: Path, cfg_file: str | None, overrides: list[str]
+) -> Learner:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = load_config(ROOT / "examples" / cfg_file if cfg_file else None, [
-        f"model.path={tiny_model}", f"run.output_dir={tmp_path / 'run'}", "learner.micro_batch_size=3",
-        "rollout.max_tokens=6", *overrides])
+    cfg = load_config(
+        ROOT / "examples" / cfg_file if cfg_file else None,
+        [
+            f"model.path={tiny_model}",
+            f"run.output_dir={tmp_path / 'run'}",
+            "learner.micro_batch_size=3",
+            "rollout.max_tokens=6",
+            *overrides,
+        ],
+    )
     L = object.__new__(Learner)  # the real train_step/collect/checkpoint, no sockets or engine
     L.cfg, L.out, L.step, L.version = cfg, tmp_path / "run", 0, 0
     torch.manual_seed(0)
@@ -54,25 +63,37 @@ def _learner(tiny_model: Path, tmp_path: Path, cfg_file: str | None, overrides: 
     return L
 
 
-def _groups(L: Learner, n_groups: int, group_size: int, seed: int = 0,
-            finish: str = "stop") -> list[Trajectory]:
+def _groups(
+    L: Learner, n_groups: int, group_size: int, seed: int = 0, finish: str = "stop"
+) -> list[Trajectory]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for k in range(n_groups):
         samples = []
         for j in range(group_size):
             n = int(torch.randint(2, 7, (1,), generator=g))  # different lengths
-            s = Sample(prompt_ids=torch.randint(5, 300, (4,), generator=g).tolist(),
-                       completion_ids=torch.randint(5, 300, (n,), generator=g).tolist(),
-                       completion_mask=[1] * n, logprobs=[0.0] * n, versions=[0] * n,
-                       reward=float((k + j) % 2), finish_reason=finish)
+            s = Sample(
+                prompt_ids=torch.randint(5, 300, (4,), generator=g).tolist(),
+                completion_ids=torch.randint(5, 300, (n,), generator=g).tolist(),
+                completion_mask=[1] * n,
+                logprobs=[0.0] * n,
+                versions=[0] * n,
+                reward=float((k + j) % 2),
+                finish_reason=finish,
+            )
             with torch.no_grad():
                 lp = completion_logprobs(L.model, [s], temperature=1.0)["logp"][0, :n]
             s.logprobs = (lp - SHIFT).tolist()
             samples.append(s)
         seq, _ = L.cursor.take()
-        tr = Trajectory(order_id=f"o{seed}-{k}", server_id="r0", policy_version=L.version,
-                        samples=samples, gen_seconds=0.0, num_generated_tokens=0)
+        tr = Trajectory(
+            order_id=f"o{seed}-{k}",
+            server_id="r0",
+            policy_version=L.version,
+            samples=samples,
+            gen_seconds=0.0,
+            num_generated_tokens=0,
+        )
         L.seq_of[tr.order_id] = seq
         out.append(tr)
     return out
@@ -86,8 +107,15 @@ def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
     for step in range(2):
         st = L.train_step(_groups(L, 4 if gs > 1 else 8, gs, seed=step))
         assert st["loss"] == st["loss"] and st["grad_norm"] > 0, st
-        for k in ("mismatch_mean", "mismatch_max", "mismatch_kl", "offpolicy_masked_frac",
-                  "entropy", "clip_frac", "reward"):
+        for k in (
+            "mismatch_mean",
+            "mismatch_max",
+            "mismatch_kl",
+            "offpolicy_masked_frac",
+            "entropy",
+            "clip_frac",
+            "reward",
+        ):
             assert k in st, k
         # the fake engine is off by exactly SHIFT on every token (first step: unchanged weights)
         if step == 0:
@@ -103,7 +131,7 @@ def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
 
 
 def test_ppo_separate_value_model_trains_and_checkpoints(tiny_model, tmp_path):
-    L = _learner(tiny_model, tmp_path, "ppo.toml", ["learner.critic=\"model\""])
+    L = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.critic="model"'])
     assert L.obj.critic.backbone is not None
     v0 = {k: v.clone() for k, v in L.obj.critic.state_dict().items()}
     st = L.train_step(_groups(L, 6, 1))
@@ -113,27 +141,42 @@ def test_ppo_separate_value_model_trains_and_checkpoints(tiny_model, tmp_path):
     L.step = 1
     ckpt = L.checkpoint()
     assert (ckpt / "critic.safetensors").is_file() and (ckpt / "critic_optimizer.pt").is_file()
-    L2 = _learner(tiny_model, tmp_path, "ppo.toml", ["learner.critic=\"model\""])
+    L2 = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.critic="model"'])
     L2.obj.load_state({}, ckpt)
     for k, v in L.obj.critic.state_dict().items():
         assert torch.equal(v, L2.obj.critic.state_dict()[k]), k
 
 
 def test_clip_high_controller_state_is_checkpointed(tiny_model, tmp_path):
-    L = _learner(tiny_model, tmp_path, "dapo.toml", ["learner.target_entropy=20.0",
-                                                     "learner.clip_high_max=0.6"])
+    L = _learner(
+        tiny_model,
+        tmp_path,
+        "dapo.toml",
+        ["learner.target_entropy=20.0", "learner.clip_high_max=0.6"],
+    )
     L.train_step(_groups(L, 4, 8))  # entropy of a random model is far below 20: clip opens
     assert L.obj.loss.clip_high > 0.28
-    L2 = _learner(tiny_model, tmp_path, "dapo.toml", ["learner.target_entropy=20.0",
-                                                      "learner.clip_high_max=0.6"])
+    L2 = _learner(
+        tiny_model,
+        tmp_path,
+        "dapo.toml",
+        ["learner.target_entropy=20.0", "learner.clip_high_max=0.6"],
+    )
     L2.obj.load_state(L.obj.state())
     assert L2.obj.loss.clip_high == L.obj.loss.clip_high == L2.obj.controller.clip_high
 
 
 def test_icepop_masks_the_tokens_the_engine_disagrees_on(tiny_model, tmp_path):
-    L = _learner(tiny_model, tmp_path, "grpo.toml", [
-        "learner.offpolicy_correction=\"icepop\"", "learner.offpolicy_low=0.5",
-        "learner.offpolicy_high=2.0"])
+    L = _learner(
+        tiny_model,
+        tmp_path,
+        "grpo.toml",
+        [
+            'learner.offpolicy_correction="icepop"',
+            "learner.offpolicy_low=0.5",
+            "learner.offpolicy_high=2.0",
+        ],
+    )
     groups = _groups(L, 2, 8)
     n_tok = sum(len(s.completion_ids) for g in groups for s in g.samples)
     bad = 0
@@ -195,9 +238,17 @@ def test_decoupled_ratio_is_against_the_proximal_policy(minibatches, tiny_model,
     below pi_prox, in every step."""
     import copy
 
-    L = _learner(tiny_model, tmp_path, "grpo.toml", [
-        "learner.offpolicy_correction=\"tis\"", "learner.offpolicy_high=2.0",
-        f"learner.minibatches={minibatches}", "learner.loss_agg=\"token\""])
+    L = _learner(
+        tiny_model,
+        tmp_path,
+        "grpo.toml",
+        [
+            'learner.offpolicy_correction="tis"',
+            "learner.offpolicy_high=2.0",
+            f"learner.minibatches={minibatches}",
+            'learner.loss_agg="token"',
+        ],
+    )
     for gr in L.opt.param_groups:
         gr["lr"] = 0.05  # a step large enough to move the ratio past the clip
     groups = _groups(L, 4, 8)
@@ -241,10 +292,26 @@ def test_truncated_completions_are_masked(tiny_model, tmp_path):
 
 
 def _traj(seq: int, rewards: list[float]) -> Trajectory:
-    ss = [Sample(prompt_ids=[1], completion_ids=[2], completion_mask=[1], logprobs=[-1.0],
-                 versions=[0], reward=r, finish_reason="stop") for r in rewards]
-    return Trajectory(order_id=f"o{seq}", server_id="r0", policy_version=0, samples=ss,
-                      gen_seconds=0.0, num_generated_tokens=len(ss))
+    ss = [
+        Sample(
+            prompt_ids=[1],
+            completion_ids=[2],
+            completion_mask=[1],
+            logprobs=[-1.0],
+            versions=[0],
+            reward=r,
+            finish_reason="stop",
+        )
+        for r in rewards
+    ]
+    return Trajectory(
+        order_id=f"o{seq}",
+        server_id="r0",
+        policy_version=0,
+        samples=ss,
+        gen_seconds=0.0,
+        num_generated_tokens=len(ss),
+    )
 
 
 def _collector(overrides: list[str], group_rewards: list[list[float]]) -> Learner:
@@ -263,8 +330,9 @@ def _collector(overrides: list[str], group_rewards: list[list[float]]) -> Learne
 
 
 def test_dynamic_sampling_drops_uniform_groups_and_refills():
-    L = _collector(["learner.dynamic_sampling=true"],
-                   [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]])
+    L = _collector(
+        ["learner.dynamic_sampling=true"], [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]]
+    )
     refills = []
 
     def pump(timeout: float) -> None:  # the engine delivers a new, informative group
@@ -281,35 +349,50 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills():
 
 
 def test_pass_rate_band_keeps_trainable_prompts_only():
-    L = _collector(["learner.pass_rate_band=[0.3, 0.7]"],
-                   [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [1, 1, 1, 1]])
+    L = _collector(
+        ["learner.pass_rate_band=[0.3, 0.7]"],
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [1, 1, 1, 1]],
+    )
     L._pump = lambda timeout: None
     batch = L.collect(2)
     assert [t.order_id for t in batch] == ["o1", "o3"] and L.counters["filtered_groups"] == 3
 
 
 def test_filter_budget_trains_unfiltered_rather_than_starving():
-    L = _collector(["learner.dynamic_sampling=true", "learner.filter_max_dropped=1",
-                    "learner.batch_groups=2"], [[0, 0, 0, 0]] * 4)
+    L = _collector(
+        ["learner.dynamic_sampling=true", "learner.filter_max_dropped=1", "learner.batch_groups=2"],
+        [[0, 0, 0, 0]] * 4,
+    )
     L._pump = lambda timeout: None
     batch = L.collect(2)
     assert len(batch) == 2 and L.counters["filtered_groups"] == 2
 
 
-@pytest.mark.parametrize("ov,msg", [
-    (["learner.group_size=1"], "group_size = 1"),
-    (["learner.objective=\"ppo\"", "learner.group_size=1", "learner.dynamic_sampling=true"],
-     "group_size >= 2"),
-    (["learner.kl_coef=0.1", "learner.kl_estimator=\"off\""], "kl_estimator"),
-    (["learner.objective=\"cispo\"", "learner.ratio_cap=5"], "ratio_cap"),
-    (["learner.ratio_cap=1.1"], "must exceed"),
-    (["learner.offpolicy_correction=\"icepop\"", "learner.offpolicy_low=1.5",
-      "learner.offpolicy_high=3"], "contain 1"),
-    (["learner.pass_rate_band=[0.8, 0.1]"], "pass_rate_band"),
-    (["learner.target_entropy=1", "learner.clip_high=0.9"], "clip_high_max"),
-    (["learner.overlong_buffer=50"], "overlong_buffer"),
-    (["learner.objective=\"reinforce\""], "learner.objective"),
-])
+@pytest.mark.parametrize(
+    "ov,msg",
+    [
+        (["learner.group_size=1"], "group_size = 1"),
+        (
+            ['learner.objective="ppo"', "learner.group_size=1", "learner.dynamic_sampling=true"],
+            "group_size >= 2",
+        ),
+        (["learner.kl_coef=0.1", 'learner.kl_estimator="off"'], "kl_estimator"),
+        (['learner.objective="cispo"', "learner.ratio_cap=5"], "ratio_cap"),
+        (["learner.ratio_cap=1.1"], "must exceed"),
+        (
+            [
+                'learner.offpolicy_correction="icepop"',
+                "learner.offpolicy_low=1.5",
+                "learner.offpolicy_high=3",
+            ],
+            "contain 1",
+        ),
+        (["learner.pass_rate_band=[0.8, 0.1]"], "pass_rate_band"),
+        (["learner.target_entropy=1", "learner.clip_high=0.9"], "clip_high_max"),
+        (["learner.overlong_buffer=50"], "overlong_buffer"),
+        (['learner.objective="reinforce"'], "learner.objective"),
+    ],
+)
 def test_bad_objective_config_is_a_clear_error(ov, msg):
     with pytest.raises(ValueError, match=msg):
         load_config(None, ["model.path=m", *ov])

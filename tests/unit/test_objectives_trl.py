@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from climbrl.learner.objectives import BatchNorm, PolicyLoss
 
 with warnings.catch_warnings():
@@ -39,8 +40,9 @@ class StubLM(torch.nn.Module):
         assert fused_lm_head
         n_pad = input_ids.shape[1] - 1 - self.logp.shape[1]  # the fused head drops one position
         pad = torch.zeros(input_ids.shape[0], n_pad, dtype=self.logp.dtype)
-        return types.SimpleNamespace(log_probs=torch.cat([pad, self.logp], 1),
-                                     entropy=torch.cat([pad, self.ent], 1))
+        return types.SimpleNamespace(
+            log_probs=torch.cat([pad, self.logp], 1), entropy=torch.cat([pad, self.ent], 1)
+        )
 
 
 class _Accelerator:  # one process, no accumulation
@@ -63,16 +65,26 @@ class _Accelerator:  # one process, no accumulation
         return x
 
 
-def trl_loss(model: StubLM, inputs: dict[str, Any], *, loss_type: str, level: str,
-             eps_low: float, eps_high: float, beta: float = 0.0, delta: float | None = None,
-             entropy_coef: float = 0.0) -> torch.Tensor:
+def trl_loss(
+    model: StubLM,
+    inputs: dict[str, Any],
+    *,
+    loss_type: str,
+    level: str,
+    eps_low: float,
+    eps_high: float,
+    beta: float = 0.0,
+    delta: float | None = None,
+    entropy_coef: float = 0.0,
+) -> torch.Tensor:
     """TRL's GRPOTrainer._compute_loss on a bare instance carrying only what it reads."""
     t = object.__new__(trl.GRPOTrainer)
     t.model, t.accelerator = model, _Accelerator()
     t.loss_type, t.importance_sampling_level = loss_type, level
     t.epsilon_low, t.epsilon_high, t.beta = eps_low, eps_high, beta
-    t.args = types.SimpleNamespace(delta=delta, use_bias_correction_kl=False,
-                                   steps_per_generation=1)
+    t.args = types.SimpleNamespace(
+        delta=delta, use_bias_correction_kl=False, steps_per_generation=1
+    )
     t.top_entropy_quantile, t.aux_loss_enabled, t.off_policy_mask_threshold = 1.0, False, None
     t.use_vllm, t.vllm_importance_sampling_correction = False, False
     t.current_gradient_accumulation_steps, t.max_completion_length = 1, T
@@ -101,17 +113,42 @@ def _inputs(seed: int) -> dict[str, torch.Tensor]:
 
 # name -> (TRL loss_type, TRL IS level, TRL eps_low, eps_high, climbrl PolicyLoss kwargs)
 CASES = {
-    "grpo": ("grpo", "token", 0.2, 0.2, dict(objective="grpo", aggregation="sample",
-                                              clip_low=0.2, clip_high=0.2)),
-    "dr_grpo": ("dr_grpo", "token", 0.2, 0.2, dict(objective="grpo", aggregation="fixed",
-                                                    clip_low=0.2, clip_high=0.2)),
-    "dapo_token": ("dapo", "token", 0.2, 0.28, dict(objective="grpo", aggregation="token",
-                                                     clip_low=0.2, clip_high=0.28)),
-    "gspo": ("grpo", "sequence", 3e-2, 4e-2, dict(objective="gspo", aggregation="sample",
-                                                   clip_low=3e-2, clip_high=4e-2)),
+    "grpo": (
+        "grpo",
+        "token",
+        0.2,
+        0.2,
+        dict(objective="grpo", aggregation="sample", clip_low=0.2, clip_high=0.2),
+    ),
+    "dr_grpo": (
+        "dr_grpo",
+        "token",
+        0.2,
+        0.2,
+        dict(objective="grpo", aggregation="fixed", clip_low=0.2, clip_high=0.2),
+    ),
+    "dapo_token": (
+        "dapo",
+        "token",
+        0.2,
+        0.28,
+        dict(objective="grpo", aggregation="token", clip_low=0.2, clip_high=0.28),
+    ),
+    "gspo": (
+        "grpo",
+        "sequence",
+        3e-2,
+        4e-2,
+        dict(objective="gspo", aggregation="sample", clip_low=3e-2, clip_high=4e-2),
+    ),
     # TRL's CISPO epsilon_high is the absolute cap on the weight; climbrl's is 1 + clip_high
-    "cispo": ("cispo", "token", 0.2, 1.3, dict(objective="cispo", aggregation="token",
-                                                clip_low=1.0, clip_high=0.3)),
+    "cispo": (
+        "cispo",
+        "token",
+        0.2,
+        1.3,
+        dict(objective="cispo", aggregation="token", clip_low=1.0, clip_high=0.3),
+    ),
 }
 EXTRAS = {
     "plain": {},
@@ -131,19 +168,34 @@ def compare(case: str, extra: str, seed: int) -> dict[str, float]:
         prompt_ids=torch.ones(B, P, dtype=torch.long),
         prompt_mask=torch.ones(B, P, dtype=torch.long),
         completion_ids=torch.ones(B, T, dtype=torch.long),
-        completion_mask=x["mask"], advantages=x["adv"], old_per_token_logps=x["old"],
-        ref_per_token_logps=x["ref"], num_items_in_batch=x["mask"].sum(),
+        completion_mask=x["mask"],
+        advantages=x["adv"],
+        old_per_token_logps=x["old"],
+        ref_per_token_logps=x["ref"],
+        num_items_in_batch=x["mask"].sum(),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref_loss = trl_loss(model, inputs, loss_type=loss_type, level=level, eps_low=eps_low,
-                            eps_high=eps_high, **ex)
+        ref_loss = trl_loss(
+            model,
+            inputs,
+            loss_type=loss_type,
+            level=level,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            **ex,
+        )
     ref_loss.backward()
 
     logp = x["logp"].clone().requires_grad_()
     ent = x["ent"].clone().requires_grad_()
-    pl = PolicyLoss(**ours, kl_coef=ex.get("beta", 0.0), kl_estimator="k3",
-                    entropy_coef=ex.get("entropy_coef", 0.0), ratio_cap=ex.get("delta") or 0.0)
+    pl = PolicyLoss(
+        **ours,
+        kl_coef=ex.get("beta", 0.0),
+        kl_estimator="k3",
+        entropy_coef=ex.get("entropy_coef", 0.0),
+        ratio_cap=ex.get("delta") or 0.0,
+    )
     m = x["mask"].double()
     norm = BatchNorm(tokens=float(m.sum()), samples=float(B), fixed_len=float(T))
     loss, st = pl(logp, x["old"], x["adv"], m, norm, ref_logp_BT=x["ref"], entropy_BT=ent)
@@ -178,8 +230,13 @@ def test_loss_and_gradients_match_trl(case: str, extra: str) -> None:
 
 def test_parity_detects_a_wrong_aggregation() -> None:
     """The harness can fail: GRPO's per-sample mean is not DAPO's token mean."""
-    CASES["_wrong"] = ("grpo", "token", 0.2, 0.2, dict(objective="grpo", aggregation="token",
-                                                        clip_low=0.2, clip_high=0.2))
+    CASES["_wrong"] = (
+        "grpo",
+        "token",
+        0.2,
+        0.2,
+        dict(objective="grpo", aggregation="token", clip_low=0.2, clip_high=0.2),
+    )
     try:
         d = compare("_wrong", "plain", 0)
     finally:

@@ -34,10 +34,10 @@ sys.stderr.write("after close\n")
 
 
 def test_children_output_passes_through_and_the_cause_is_kept():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=60, check=True)
-    assert out.stdout.splitlines()[-2:] == [
-        "RuntimeError: CPU Generator does not use offset", "6"]
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.splitlines()[-2:] == ["RuntimeError: CPU Generator does not use offset", "6"]
     assert out.stdout.splitlines()[0] == "None"
     assert "RuntimeError: CPU Generator does not use offset\n" in out.stdout
     assert "EngineDeadError" in out.stderr  # passed through, though not taken as the cause
@@ -48,11 +48,14 @@ def test_a_vanished_engine_core_is_named_when_no_exception_was_printed():
     from climbrl.rollout.output_tail import OutputTail
 
     tail = OutputTail({}, max_lines=10)  # no descriptors routed: only the line parsing
-    tail._lines.extend([
-        "(MainProcess pid=1) WARNING 12-07 15:52:59 [core_client.py:817] [shutdown] MPClient: "
-        "engine core exited unexpectedly; starting cleanup",
-        "    raise EngineDeadError()",
-        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
-    ])
-    assert tail.last_exception() == ("MPClient: engine core exited unexpectedly; starting "
-                                     "cleanup (no error message: killed?)")
+    tail._lines.extend(
+        [
+            "(MainProcess pid=1) WARNING 12-07 15:52:59 [core_client.py:817] [shutdown] MPClient: "
+            "engine core exited unexpectedly; starting cleanup",
+            "    raise EngineDeadError()",
+            "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
+        ]
+    )
+    assert tail.last_exception() == (
+        "MPClient: engine core exited unexpectedly; starting cleanup (no error message: killed?)"
+    )

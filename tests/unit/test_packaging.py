@@ -13,8 +13,21 @@ FORBIDDEN = {"kernels", "envs", "rollout", "learner", "serving", "pretrain"}
 
 
 def test_wheel_has_only_the_climbrl_namespace(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
     (whl,) = tmp_path.glob("climbrl-*.whl")
     names = zipfile.ZipFile(whl).namelist()
     tops = {n.split("/")[0] for n in names}
@@ -29,8 +42,11 @@ def test_site_packages_has_no_top_level_clash():
     clashes = [p.name for p in site.iterdir() if p.name in FORBIDDEN]
     assert clashes == []
     # and the subpackages import from the mapped folders, outside the repo's cwd too
-    code = ("import importlib.util as u, climbrl.rollout, climbrl.kernels, climbrl.envs\n"
-            "print(u.find_spec('rollout'), u.find_spec('learner'), u.find_spec('envs'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd="/", check=True)
+    code = (
+        "import importlib.util as u, climbrl.rollout, climbrl.kernels, climbrl.envs\n"
+        "print(u.find_spec('rollout'), u.find_spec('learner'), u.find_spec('envs'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True
+    )
     assert out.stdout.strip() == "None None None"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from climbrl.learner.logprobs import completion_logprobs, layout, micro_chunks
 
+from climbrl.learner.logprobs import completion_logprobs, layout, micro_chunks
 from climbrl.wire import Sample
 from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
@@ -17,23 +17,36 @@ T = 0.7
 
 def _sample(prompt: list[int], completion: list[int]) -> Sample:
     n = len(completion)
-    return Sample(prompt_ids=prompt, completion_ids=completion, completion_mask=[1] * n,
-                  logprobs=[-1.0] * n, versions=[0] * n, reward=0.0, finish_reason="stop")
+    return Sample(
+        prompt_ids=prompt,
+        completion_ids=completion,
+        completion_mask=[1] * n,
+        logprobs=[-1.0] * n,
+        versions=[0] * n,
+        reward=0.0,
+        finish_reason="stop",
+    )
 
 
 def _samples(vocab: int, seed: int = 0) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for p, c in [(3, 5), (6, 2), (2, 9), (4, 4), (5, 1), (3, 7)]:
-        out.append(_sample(torch.randint(1, vocab, (p,), generator=g).tolist(),
-                           torch.randint(1, vocab, (c,), generator=g).tolist()))
+        out.append(
+            _sample(
+                torch.randint(1, vocab, (p,), generator=g).tolist(),
+                torch.randint(1, vocab, (c,), generator=g).tolist(),
+            )
+        )
     return out
 
 
 def _alone(model: torch.nn.Module, s: Sample) -> torch.Tensor:
     ids = torch.tensor([s.prompt_ids + s.completion_ids[:-1]])
     logits = model(input_ids=ids).logits[0, len(s.prompt_ids) - 1 :]
-    return torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+    return torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(s.completion_ids)[:, None])[
+        :, 0
+    ]
 
 
 def test_layout_packs_first_fit_decreasing_with_restarting_positions():
@@ -82,12 +95,23 @@ def test_a_packed_token_budget_step_equals_the_padded_step():
     samples = _samples(50)
     for i, s in enumerate(samples):
         s.reward = float(i % 2)
-    groups = [Trajectory(order_id=f"o{i}", server_id="r0", policy_version=0,
-                         samples=samples[2 * i : 2 * i + 2], sent_at=0.0, gen_seconds=0.0,
-                         num_generated_tokens=0) for i in range(3)]
+    groups = [
+        Trajectory(
+            order_id=f"o{i}",
+            server_id="r0",
+            policy_version=0,
+            samples=samples[2 * i : 2 * i + 2],
+            sent_at=0.0,
+            gen_seconds=0.0,
+            num_generated_tokens=0,
+        )
+        for i in range(3)
+    ]
     grads = {}
-    for name, over in {"padded": [], "packed": ["learner.pack_length=16",
-                                                "learner.micro_batch_tokens=24"]}.items():
+    for name, over in {
+        "padded": [],
+        "packed": ["learner.pack_length=16", "learner.micro_batch_tokens=24"],
+    }.items():
         policy = tiny_qwen3(0, 50)
         L = bare_learner(policy, T, overrides=["learner.group_size=2", *over])
         L.seq_of = {g.order_id: k for k, g in enumerate(groups)}
@@ -111,8 +135,7 @@ def test_activation_checkpointing_gives_the_same_gradients(pack):
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
             assert model.is_gradient_checkpointing
-        b = completion_logprobs(model, samples, T, impl="naive", pack_length=pack,
-                                fp32_head=False)
+        b = completion_logprobs(model, samples, T, impl="naive", pack_length=pack, fp32_head=False)
         b["logp"].sum().backward()
         grads.append([p.grad for p in model.parameters()])
     for a, r in zip(*grads):
@@ -126,8 +149,7 @@ def _grouped(vocab: int) -> list[Sample]:
     out = []
     for p, lens in [(5, [3, 1, 6, 2]), (3, [4, 4, 1, 5]), (4, [2])]:
         prompt = torch.randint(1, vocab, (p,), generator=g).tolist()
-        out += [_sample(prompt, torch.randint(1, vocab, (c,), generator=g).tolist())
-                for c in lens]
+        out += [_sample(prompt, torch.randint(1, vocab, (c,), generator=g).tolist()) for c in lens]
     return out
 
 
@@ -142,11 +164,13 @@ def test_shared_prompt_logprobs_and_grads_match_each_sample_alone(row_tokens, mo
     lay = lp.shared_prompt_layout(samples, row_tokens)
     assert lay is not None and lay.allowed_RLL is not None
     assert (len(lay.ids_RL) == 3) == (row_tokens == 2048)
-    monkeypatch.setattr(lp, "shared_prompt_layout",
-                        lambda ss, row_tokens_=row_tokens: lay if ss is samples else None)
+    monkeypatch.setattr(
+        lp,
+        "shared_prompt_layout",
+        lambda ss, row_tokens_=row_tokens: lay if ss is samples else None,
+    )
     model = tiny_qwen3(0, 50).double()
-    got = completion_logprobs(model, samples, T, impl="naive", share_prompts=True,
-                              fp32_head=False)
+    got = completion_logprobs(model, samples, T, impl="naive", share_prompts=True, fp32_head=False)
     for b, s in enumerate(samples):
         want = _alone(model, s)
         assert torch.allclose(got["logp"][b, : len(want)], want, atol=1e-10), b
@@ -175,14 +199,30 @@ def test_a_shared_prompt_step_equals_the_padded_step():
     samples = _grouped(50)[:8]
     for i, s in enumerate(samples):
         s.reward = float(i % 3 == 0)
-    groups = [Trajectory(order_id=f"o{i}", server_id="r0", policy_version=0,
-                         samples=samples[4 * i : 4 * i + 4], sent_at=0.0, gen_seconds=0.0,
-                         num_generated_tokens=0) for i in range(2)]
+    groups = [
+        Trajectory(
+            order_id=f"o{i}",
+            server_id="r0",
+            policy_version=0,
+            samples=samples[4 * i : 4 * i + 4],
+            sent_at=0.0,
+            gen_seconds=0.0,
+            num_generated_tokens=0,
+        )
+        for i in range(2)
+    ]
     out = {}
     for share in (False, True):
         policy = tiny_qwen3(0, 50)
-        L = bare_learner(policy, T, overrides=["learner.group_size=4", "learner.micro_batch_size=8",
-                                               f"learner.share_prompts={str(share).lower()}"])
+        L = bare_learner(
+            policy,
+            T,
+            overrides=[
+                "learner.group_size=4",
+                "learner.micro_batch_size=8",
+                f"learner.share_prompts={str(share).lower()}",
+            ],
+        )
         L.seq_of = {g.order_id: k for k, g in enumerate(groups)}
         st = L.train_step(groups)
         out[share] = (st["loss"], [p.grad.clone() for p in policy.parameters()])

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 import torch
+
 from climbrl.learner.objectives import BatchNorm, PolicyLoss, group_advantages, offpolicy_weights
 from climbrl.learner.objectives_step import ObjectiveStep, StepBatch
-
 from tests.unit.test_objectives_trl import StubLM, _Accelerator
 
 with warnings.catch_warnings():

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor, nn
+
+from climbrl.config import load_config
 from climbrl.learner.logprobs import completion_logprobs
 from climbrl.learner.objectives import BatchNorm, gae, value_loss
 from climbrl.learner.objectives_step import Critic, ObjectiveStep
 from climbrl.learner.replay import encode_routing, forced_routing
-from torch import Tensor, nn
-
-from climbrl.config import load_config
 from climbrl.wire import Routing, Sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,9 +62,16 @@ class _Policy(nn.Module):
 
 
 def _step(table: dict[int, float], overrides: list[str] = ()) -> tuple[ObjectiveStep, _Policy]:
-    cfg = load_config(ROOT / "examples" / "ppo.toml", [
-        "model.path=unused", f"learner.gamma={GAMMA}", f"learner.gae_lambda={LAM}",
-        "learner.adv_whiten=false", *overrides])
+    cfg = load_config(
+        ROOT / "examples" / "ppo.toml",
+        [
+            "model.path=unused",
+            f"learner.gamma={GAMMA}",
+            f"learner.gae_lambda={LAM}",
+            "learner.adv_whiten=false",
+            *overrides,
+        ],
+    )
     policy = _Policy(table)
     step = ObjectiveStep(cfg, policy, 1.0)
     with torch.no_grad():
@@ -73,14 +80,28 @@ def _step(table: dict[int, float], overrides: list[str] = ()) -> tuple[Objective
     return step, policy
 
 
-def _sample(prompt: list[int], completion: list[int], mask: list[int] | None = None, *,
-            reward: float = 1.0, finish: str = "stop", step_rewards: list[float] = (),
-            routing: Routing | None = None) -> Sample:
+def _sample(
+    prompt: list[int],
+    completion: list[int],
+    mask: list[int] | None = None,
+    *,
+    reward: float = 1.0,
+    finish: str = "stop",
+    step_rewards: list[float] = (),
+    routing: Routing | None = None,
+) -> Sample:
     mask = list(mask or [1] * len(completion))
-    return Sample(prompt_ids=list(prompt), completion_ids=list(completion), completion_mask=mask,
-                  logprobs=[0.0] * len(completion), versions=[0] * len(completion),
-                  reward=reward, finish_reason=finish, step_rewards=list(step_rewards),
-                  routing=routing)
+    return Sample(
+        prompt_ids=list(prompt),
+        completion_ids=list(completion),
+        completion_mask=mask,
+        logprobs=[0.0] * len(completion),
+        versions=[0] * len(completion),
+        reward=reward,
+        finish_reason=finish,
+        step_rewards=list(step_rewards),
+        routing=routing,
+    )
 
 
 def _prepared(step: ObjectiveStep, policy: nn.Module, samples: list[Sample]):
@@ -90,8 +111,9 @@ def _prepared(step: ObjectiveStep, policy: nn.Module, samples: list[Sample]):
     return batch
 
 
-def _gae_reference(rewards: list[float], values: list[float], v_after: float, gamma: float,
-                   lam: float) -> tuple[list[float], list[float]]:
+def _gae_reference(
+    rewards: list[float], values: list[float], v_after: float, gamma: float, lam: float
+) -> tuple[list[float], list[float]]:
     """Agent steps only, by the definition: A_t = sum_l (gamma lam)^l delta_{t+l}, float64."""
     n = len(rewards)
     v_next = values[1:] + [v_after]
@@ -157,10 +179,12 @@ def test_step_rewards_land_on_each_turns_last_generated_token():
         a, r = _gae_reference([0.0, 0.3, 0.0, 1.2], [0.5, 0.2, 0.4, 0.1], v_after, GAMMA, LAM)
         assert np.allclose(a, [adv[i] for i in (0, 1, 4, 5)], atol=1e-12)
         assert np.allclose(r, [ret[i] for i in (0, 1, 4, 5)], atol=1e-12)
-    assert torch.allclose(batch.adv_BT, torch.tensor([want_adv_end, want_adv_cut], dtype=D),
-                          atol=1e-6), batch.adv_BT
-    assert torch.allclose(batch.returns_BT, torch.tensor([want_ret_end, want_ret_cut], dtype=D),
-                          atol=1e-6), batch.returns_BT
+    assert torch.allclose(
+        batch.adv_BT, torch.tensor([want_adv_end, want_adv_cut], dtype=D), atol=1e-6
+    ), batch.adv_BT
+    assert torch.allclose(
+        batch.returns_BT, torch.tensor([want_ret_end, want_ret_cut], dtype=D), atol=1e-6
+    ), batch.returns_BT
 
 
 def test_step_rewards_that_do_not_match_the_turns_are_refused():
@@ -207,21 +231,32 @@ def test_value_clip_in_the_ppo_micro_loss(clip):
     with torch.no_grad():
         step.critic.head.bias.fill_(0.5)
     ids = torch.tensor([[1, 2, 3]])
-    hidden_BTH = policy.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)
-                                   ).last_hidden_state
+    hidden_BTH = policy.base_model(
+        input_ids=ids, attention_mask=torch.ones_like(ids)
+    ).last_hidden_state
     z = torch.zeros(1, 3)
-    b = {"logp": z.clone().requires_grad_(True), "old_logp": z, "mask": torch.ones(1, 3),
-         "entropy": z, "hidden_BTH": hidden_BTH}
+    b = {
+        "logp": z.clone().requires_grad_(True),
+        "old_logp": z,
+        "mask": torch.ones(1, 3),
+        "entropy": z,
+        "hidden_BTH": hidden_BTH,
+    }
     loss = step.micro_loss(batch, 0, b, None)
     v_old, ret = [0.5, 0.2, 0.4], [0.60624, 0.792, 1.0]  # returns of the ended 3-token example
-    terms = [max((vo + 0.5 - r) ** 2, (vo + clip - r) ** 2) if clip else (vo + 0.5 - r) ** 2
-             for vo, r in zip(v_old, ret)]
+    terms = [
+        max((vo + 0.5 - r) ** 2, (vo + clip - r) ** 2) if clip else (vo + 0.5 - r) ** 2
+        for vo, r in zip(v_old, ret)
+    ]
     want = 0.5 * sum(terms) / 3
     assert batch.acc["vloss"] == pytest.approx(want, abs=1e-6)
     loss.backward()
     # d vloss / d bias = sum_t 0.5 * 2 (V - R) / 3 over the tokens the unclipped term wins
-    grad = sum((vo + 0.5 - r) / 3 for vo, r, t in zip(v_old, ret, terms)
-               if t == pytest.approx((vo + 0.5 - r) ** 2))
+    grad = sum(
+        (vo + 0.5 - r) / 3
+        for vo, r, t in zip(v_old, ret, terms)
+        if t == pytest.approx((vo + 0.5 - r) ** 2)
+    )
     vf = step.lc.vf_coef
     assert float(step.critic.head.bias.grad) == pytest.approx(vf * grad, abs=1e-6)
     if clip:  # only token 0 keeps its gradient: (1.0 - 0.60624)^2 > (0.6 - 0.60624)^2
@@ -254,8 +289,7 @@ def _routed_sample() -> tuple[Sample, Tensor]:
     engine ran, and the [1, 7, layers, top_k] forced experts they stand for."""
     rng = np.random.default_rng(0)
     rec = np.stack([rng.permutation(6)[:2] for _ in range(6 * 2)]).reshape(6, 2, 2)
-    s = _sample(PROMPT, COMPLETION, finish="length",
-                routing=Routing(**encode_routing(rec)))
+    s = _sample(PROMPT, COMPLETION, finish="length", routing=Routing(**encode_routing(rec)))
     experts_BLNK = torch.full((1, 7, 2, 2), -1, dtype=torch.long)  # position 6: not recorded
     experts_BLNK[0, :6] = torch.from_numpy(rec)
     return s, experts_BLNK
@@ -265,8 +299,9 @@ def _reference_values(backbone: nn.Module, head: nn.Linear, experts_BLNK: Tensor
     """V at positions 3, 4, 5 (s_0..s_2) and 6 (s_T) of prompt + completion, from one forward
     of the backbone with the recorded experts forced (None: its own routing)."""
     ids = torch.tensor([PROMPT + COMPLETION])
-    route = (contextlib.nullcontext() if experts_BLNK is None
-             else forced_routing(backbone, experts_BLNK))
+    route = (
+        contextlib.nullcontext() if experts_BLNK is None else forced_routing(backbone, experts_BLNK)
+    )
     with torch.no_grad(), route:
         h = backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         return head(h[0, [3, 4, 5, 6]].float()).squeeze(-1)
@@ -296,8 +331,7 @@ def test_value_head_under_replay_equals_a_forward_with_forced_routing():
     assert torch.allclose(batch.values_BT[0].float(), want[:3], atol=1e-5)
     for pack in (0, 64):  # the loss's values: the policy forward, padded or packed
         with torch.no_grad():
-            b = completion_logprobs(model, [s, s], temperature=1.0, impl="naive",
-                                    pack_length=pack)
+            b = completion_logprobs(model, [s, s], temperature=1.0, impl="naive", pack_length=pack)
         trained = step.critic.head(b["hidden_BTH"][1].float()).squeeze(-1)
         assert torch.allclose(trained, want[:3], atol=1e-5), (pack, trained, want)
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from climbrl.pretrain.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

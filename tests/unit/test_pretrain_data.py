@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from climbrl.pretrain.config import DataConfig, FileSource
 from climbrl.pretrain.data import (
     Decontaminator,

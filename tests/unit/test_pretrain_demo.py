@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from climbrl.pretrain.presets import demo_run_config
 
 from climbrl import demo
+from climbrl.pretrain.presets import demo_run_config
 
 
 def test_base_is_reused_only_for_the_same_recipe(

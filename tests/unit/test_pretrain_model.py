@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from climbrl.pretrain import model as M
 from climbrl.pretrain.config import (
     ModelConfig,
@@ -197,8 +198,9 @@ def test_config_overrides_presets_and_validation(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fields", [TINY, TINY_MOE])
 def test_export_reloads_in_transformers(tmp_path: Path, fields: dict) -> None:
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["1+2=3", "12+30=42"] * 10, vocab_size=300, split_digits=True)
     cfg = ModelConfig(**fields)
@@ -220,6 +222,7 @@ def test_export_reloads_in_transformers(tmp_path: Path, fields: dict) -> None:
 
 def test_loss_terms_match_cross_entropy_and_z_loss() -> None:
     import torch.nn.functional as F
+
     from climbrl.pretrain.train import loss_terms
 
     m = tiny(ModelConfig(**TINY))

@@ -6,6 +6,7 @@ pytest tests/unit/test_pretrain_synthetic.py
 from __future__ import annotations
 
 import pytest
+
 from climbrl.pretrain.synthetic import TASKS, extract_answer, get_task
 
 
@@ -35,8 +36,14 @@ def test_addition_mistake_drops_every_carry() -> None:
 
     add = get_task("add")
     # worked by hand, digit by digit mod 10
-    for prompt, want in [("48+88=", "26"), ("983+97=", "970"), ("5+5=", "0"),
-                         ("999+1=", "990"), ("123+456=", "579"), ("7+0=", "7")]:
+    for prompt, want in [
+        ("48+88=", "26"),
+        ("983+97=", "970"),
+        ("5+5=", "0"),
+        ("999+1=", "990"),
+        ("123+456=", "579"),
+        ("7+0=", "7"),
+    ]:
         assert add.mistake(Example(prompt, "")) == want
 
 
@@ -50,8 +57,10 @@ def test_corpus_mistake_rate() -> None:
     for c, n in zip(clean, noisy):
         p, ans = c.split("=")
         a, b = p.split("+")
-        wrong = "".join(str((int(x) + int(y)) % 10)
-                        for x, y in zip(a.zfill(3), b.zfill(3))).lstrip("0") or "0"
+        wrong = (
+            "".join(str((int(x) + int(y)) % 10) for x, y in zip(a.zfill(3), b.zfill(3))).lstrip("0")
+            or "0"
+        )
         if wrong == ans:  # no carry: never changed
             assert n == c
             continue

@@ -67,28 +67,70 @@ def test_kept_set_equals_vllms_filter_without_ties(k, p):
 
 
 def test_sampling_params_switch_vllms_filter_off_only_when_replaying():
-    sp = replay.sampling_params(temperature=0.9, top_p=0.8, top_k=20, max_tokens=4, seed=1,
-                                replay_mask=True, replay_routing=False)
+    sp = replay.sampling_params(
+        temperature=0.9,
+        top_p=0.8,
+        top_k=20,
+        max_tokens=4,
+        seed=1,
+        replay_mask=True,
+        replay_routing=False,
+    )
     assert sp.top_p == 1.0 and sp.top_k in (0, -1)
     assert sp.extra_args == {"climbrl": {"top_p": 0.8, "top_k": 20}}
     assert replay.tag(sp, "req-1") and sp.extra_args["climbrl"]["key"] == "req-1"
-    off = replay.sampling_params(temperature=0.9, top_p=0.8, top_k=20, max_tokens=4, seed=1,
-                                 replay_mask=False, replay_routing=False)
+    off = replay.sampling_params(
+        temperature=0.9,
+        top_p=0.8,
+        top_k=20,
+        max_tokens=4,
+        seed=1,
+        replay_mask=False,
+        replay_routing=False,
+    )
     assert off.top_p == 0.8 and off.top_k == 20 and not replay.tag(off, "req-2")
-    unfiltered = replay.sampling_params(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=4,
-                                        seed=None, replay_mask=True, replay_routing=True)
+    unfiltered = replay.sampling_params(
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        max_tokens=4,
+        seed=None,
+        replay_mask=True,
+        replay_routing=True,
+    )
     assert unfiltered.extra_args == {"climbrl": {"routing": True}}
-    greedy = replay.sampling_params(temperature=0.0, top_p=0.5, top_k=3, max_tokens=4,
-                                    seed=None, replay_mask=True, replay_routing=False)
+    greedy = replay.sampling_params(
+        temperature=0.0,
+        top_p=0.5,
+        top_k=3,
+        max_tokens=4,
+        seed=None,
+        replay_mask=True,
+        replay_routing=False,
+    )
     assert greedy.extra_args is None  # greedy: nothing to filter (vLLM drops top_k too)
     with pytest.raises(ValueError, match="top_p"):
-        replay.sampling_params(temperature=1.0, top_p=0.0, top_k=0, max_tokens=4, seed=None,
-                               replay_mask=True, replay_routing=False)
+        replay.sampling_params(
+            temperature=1.0,
+            top_p=0.0,
+            top_k=0,
+            max_tokens=4,
+            seed=None,
+            replay_mask=True,
+            replay_routing=False,
+        )
 
 
 def _params(key: str | None, k: int = 0, p: float = 1.0) -> SamplingParams:
-    sp = replay.sampling_params(temperature=1.0, top_p=p, top_k=k, max_tokens=8, seed=None,
-                                replay_mask=True, replay_routing=False)
+    sp = replay.sampling_params(
+        temperature=1.0,
+        top_p=p,
+        top_k=k,
+        max_tokens=8,
+        seed=None,
+        replay_mask=True,
+        replay_routing=False,
+    )
     if key is not None:
         replay.tag(sp, key)
     return sp
@@ -97,11 +139,18 @@ def _params(key: str | None, k: int = 0, p: float = 1.0) -> SamplingParams:
 def test_logits_processor_masks_rows_and_records_by_position():
     proc = replay.TopKTopPReplay(None, torch.device("cpu"), False)
     outs = {name: [] for name in "abc"}
-    proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
-        (0, _params("ka", k=3), [1], outs["a"]),
-        (1, _params(None), [1], outs["b"]),  # not replayed
-        (2, _params("kc", p=0.5), [1], outs["c"]),
-    ]))
+    proc.update_state(
+        BatchUpdate(
+            batch_size=3,
+            removed=[],
+            moved=[],
+            added=[
+                (0, _params("ka", k=3), [1], outs["a"]),
+                (1, _params(None), [1], outs["b"]),  # not replayed
+                (2, _params("kc", p=0.5), [1], outs["c"]),
+            ],
+        )
+    )
     z = torch.randn(3, 30, generator=torch.Generator().manual_seed(0))
     for step in range(3):
         logits = z.clone() + step
@@ -114,8 +163,14 @@ def test_logits_processor_masks_rows_and_records_by_position():
             o.append(7)  # vLLM appends the sampled token after each step
     # drop row 1, condense row 2 into it, then swap: c is row 0, a is row 1. The records
     # follow the requests, not the rows.
-    proc.update_state(BatchUpdate(batch_size=2, removed=[1], added=[], moved=[
-        (2, 1, MoveDirectionality.UNIDIRECTIONAL), (0, 1, MoveDirectionality.SWAP)]))
+    proc.update_state(
+        BatchUpdate(
+            batch_size=2,
+            removed=[1],
+            added=[],
+            moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL), (0, 1, MoveDirectionality.SWAP)],
+        )
+    )
     logits = z.clone()[[2, 0]]
     got = proc.apply(logits)
     assert int(torch.isfinite(got[1]).sum()) == 3

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from climbrl.learner.logprobs import completion_logprobs
 from climbrl.learner.replay import (
     decode_routing,
@@ -20,27 +21,42 @@ from climbrl.learner.replay import (
     moe_routers,
     routing_BLNK,
 )
-
 from climbrl.wire import LEARNER_ACCEPTS, Codec, Routing, Sample, Trajectory
 
 
 def _sample(prompt, completion, keep=(), routing=None, logprobs=None) -> Sample:
-    return Sample(prompt_ids=list(prompt), completion_ids=list(completion),
-                  completion_mask=[1] * len(completion),
-                  logprobs=list(logprobs or [0.0] * len(completion)),
-                  versions=[0] * len(completion), reward=0.0, finish_reason="length",
-                  keep_counts=list(keep), routing=routing)
+    return Sample(
+        prompt_ids=list(prompt),
+        completion_ids=list(completion),
+        completion_mask=[1] * len(completion),
+        logprobs=list(logprobs or [0.0] * len(completion)),
+        versions=[0] * len(completion),
+        reward=0.0,
+        finish_reason="length",
+        keep_counts=list(keep),
+        routing=routing,
+    )
 
 
 def _moe(seed: int = 0, layers: int = 2, experts: int = 6, top_k: int = 2):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         intermediate_size=64, moe_intermediate_size=16, num_experts=experts,
-                         num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1,
-                         tie_word_embeddings=False)
+    cfg = Qwen3MoeConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        tie_word_embeddings=False,
+    )
     m = Qwen3MoeForCausalLM(cfg).float().eval()
     with torch.no_grad():  # HF leaves the router at zeros until init; make routing non-trivial
         for _, r in moe_routers(m):
@@ -64,10 +80,20 @@ def test_keep_counts_layout_and_errors():
 
 
 def test_keep_counts_survive_the_wire():
-    s = _sample([1, 2], [3, 4], keep=[5, 70000],
-                routing=Routing(**encode_routing(np.array([[[1, 2]], [[0, 3]], [[4, 5]]]))))
-    tr = Trajectory(order_id="o", server_id="r0", policy_version=0, samples=[s],
-                    gen_seconds=0.0, num_generated_tokens=2)
+    s = _sample(
+        [1, 2],
+        [3, 4],
+        keep=[5, 70000],
+        routing=Routing(**encode_routing(np.array([[[1, 2]], [[0, 3]], [[4, 5]]]))),
+    )
+    tr = Trajectory(
+        order_id="o",
+        server_id="r0",
+        policy_version=0,
+        samples=[s],
+        gen_seconds=0.0,
+        num_generated_tokens=2,
+    )
     msg, _ = Codec(LEARNER_ACCEPTS).decode(Codec.encode(tr))
     got = msg.samples[0]
     assert got.keep_counts == [5, 70000]
@@ -82,9 +108,18 @@ def test_learner_applies_keep_counts_before_log_softmax():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    m = Qwen3ForCausalLM(Qwen3Config(vocab_size=40, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     intermediate_size=64, tie_word_embeddings=False)).eval()
+    m = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=40,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     prompt, T = [3, 9, 4], 0.7
     with torch.no_grad():
         z = m(torch.tensor([prompt])).logits[0, -1].float() / T
@@ -92,8 +127,12 @@ def test_learner_applies_keep_counts_before_log_softmax():
     tgt_in, tgt_out = int(order[2]), int(order[5])
     for impl in ("naive", "chunked"):
         with torch.no_grad():
-            b = completion_logprobs(m, [_sample(prompt, [tgt_in], keep=[4]),
-                                        _sample(prompt, [tgt_out], keep=[4])], T, impl=impl)
+            b = completion_logprobs(
+                m,
+                [_sample(prompt, [tgt_in], keep=[4]), _sample(prompt, [tgt_out], keep=[4])],
+                T,
+                impl=impl,
+            )
         kept = z.masked_fill(z < z[order[3]], float("-inf"))
         want = torch.log_softmax(kept, -1)[tgt_in]
         assert torch.allclose(b["logp"][0, 0], want, atol=1e-5), impl
@@ -103,8 +142,9 @@ def test_learner_applies_keep_counts_before_log_softmax():
         assert b["mask"].tolist() == [[1.0], [1.0]]
         assert torch.allclose(b["logp"][1, 0], torch.log_softmax(union, -1)[tgt_out], atol=1e-5)
         with torch.no_grad():
-            off = completion_logprobs(m, [_sample(prompt, [tgt_in], keep=[4])], T, impl=impl,
-                                      replay_mask=False)
+            off = completion_logprobs(
+                m, [_sample(prompt, [tgt_in], keep=[4])], T, impl=impl, replay_mask=False
+            )
         assert torch.allclose(off["logp"][0, 0], torch.log_softmax(z, -1)[tgt_in], atol=1e-5)
 
 
@@ -176,8 +216,10 @@ def test_forcing_the_natural_routing_is_the_identity_and_gradients_flow():
         ref = m(ids).logits
     # the natural experts, captured from the unpatched routers
     caught: dict[int, torch.Tensor] = {}
-    hooks = [r.register_forward_hook(lambda mod, a, out, i=i: caught.__setitem__(i, out[2]))
-             for i, r in moe_routers(m)]
+    hooks = [
+        r.register_forward_hook(lambda mod, a, out, i=i: caught.__setitem__(i, out[2]))
+        for i, r in moe_routers(m)
+    ]
     with torch.no_grad():
         m(ids)
     for h in hooks:
@@ -204,9 +246,17 @@ def test_forcing_the_natural_routing_is_the_identity_and_gradients_flow():
 def test_forced_routing_refuses_dense_models_and_wrong_shapes():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    dense = Qwen3ForCausalLM(Qwen3Config(vocab_size=20, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1,
-                                         head_dim=8, intermediate_size=32))
+    dense = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=20,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            intermediate_size=32,
+        )
+    )
     with pytest.raises(ValueError, match="no MoE router"):
         with forced_routing(dense, torch.zeros(1, 2, 1, 2, dtype=torch.long)):
             pass
@@ -227,8 +277,10 @@ def test_completion_logprobs_replays_routing_from_samples():
     prompt, comp = [1, 5, 7, 2], [9, 3, 4]
     ids = torch.tensor([prompt + comp[:-1]])
     caught: dict[int, torch.Tensor] = {}
-    hooks = [r.register_forward_hook(lambda mod, a, out, i=i: caught.__setitem__(i, out[2]))
-             for i, r in moe_routers(m)]
+    hooks = [
+        r.register_forward_hook(lambda mod, a, out, i=i: caught.__setitem__(i, out[2]))
+        for i, r in moe_routers(m)
+    ]
     with torch.no_grad():
         m(ids)
     for h in hooks:
@@ -237,14 +289,24 @@ def test_completion_logprobs_replays_routing_from_samples():
     with torch.no_grad():
         base = completion_logprobs(m, [_sample(prompt, comp)], 1.0, impl="naive")["logp"]
         same = completion_logprobs(
-            m, [_sample(prompt, comp, routing=Routing(**encode_routing(natural)))], 1.0,
-            impl="naive")["logp"]
+            m,
+            [_sample(prompt, comp, routing=Routing(**encode_routing(natural)))],
+            1.0,
+            impl="naive",
+        )["logp"]
         other = completion_logprobs(
-            m, [_sample(prompt, comp, routing=Routing(**encode_routing((natural + 1) % 6)))],
-            1.0, impl="naive")
+            m,
+            [_sample(prompt, comp, routing=Routing(**encode_routing((natural + 1) % 6)))],
+            1.0,
+            impl="naive",
+        )
         off = completion_logprobs(
-            m, [_sample(prompt, comp, routing=Routing(**encode_routing((natural + 1) % 6)))],
-            1.0, impl="naive", replay_routing=False)["logp"]
+            m,
+            [_sample(prompt, comp, routing=Routing(**encode_routing((natural + 1) % 6)))],
+            1.0,
+            impl="naive",
+            replay_routing=False,
+        )["logp"]
     assert torch.allclose(base, same, atol=1e-6)
     assert (base - other["logp"]).abs().max() > 1e-3
     assert torch.allclose(base, off, atol=1e-6)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from climbrl.learner.replay import forced_routing, model_moe_shape, moe_routers
 
 TOL = 1e-5
@@ -28,47 +29,101 @@ V, H = 64, 32
 def _qwen3_moe() -> torch.nn.Module:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=16,
-        num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-        tie_word_embeddings=False))
+    return Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _qwen2_moe() -> torch.nn.Module:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
-        shared_expert_intermediate_size=32, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False))
+    return Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _mixtral() -> torch.nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=6,
-        num_experts_per_tok=2, tie_word_embeddings=False))
+    return MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=32,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _deepseek_v3() -> torch.nn.Module:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     # 3 layers, the first dense; 8 experts in 4 groups, top-2 of the 2 best groups.
-    return DeepseekV3ForCausalLM(DeepseekV3Config(
-        vocab_size=V, hidden_size=H, num_hidden_layers=3, first_k_dense_replace=1,
-        num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-        moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=4, topk_group=2, norm_topk_prob=True,
-        routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8, tie_word_embeddings=False))
+    return DeepseekV3ForCausalLM(
+        DeepseekV3Config(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 FAMILIES: dict[str, Callable[[], torch.nn.Module]] = {
-    "qwen3_moe": _qwen3_moe, "qwen2_moe": _qwen2_moe, "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
+    "qwen2_moe": _qwen2_moe,
+    "mixtral": _mixtral,
     "deepseek_v3": _deepseek_v3,
 }
 
@@ -90,8 +145,10 @@ def _model(family: str, seed: int = 0) -> torch.nn.Module:
 def _natural_routing(m: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, [B, L, layers, top_k] experts each MoE layer chose; -1 in dense layers)."""
     caught: dict[int, torch.Tensor] = {}
-    hooks = [r.register_forward_hook(lambda mod, a, out, i=i: caught.__setitem__(i, out[2]))
-             for i, r in moe_routers(m)]
+    hooks = [
+        r.register_forward_hook(lambda mod, a, out, i=i: caught.__setitem__(i, out[2]))
+        for i, r in moe_routers(m)
+    ]
     try:
         with torch.no_grad():
             logits = m(ids).logits
@@ -122,8 +179,9 @@ def test_replaying_a_models_own_routing_leaves_its_logits_unchanged(family: str)
     assert (moved - ref).abs().max().item() > 1e-3
 
 
-def _reference_weights(family: str, r: torch.nn.Module, h_NH: torch.Tensor,
-                       idx_NK: torch.Tensor) -> torch.Tensor:
+def _reference_weights(
+    family: str, r: torch.nn.Module, h_NH: torch.Tensor, idx_NK: torch.Tensor
+) -> torch.Tensor:
     """The family's routing weights at the given experts, in float64, from its paper/code."""
     logits = h_NH.double() @ r.weight.double().T
     if family == "deepseek_v3":  # sigmoid; the bias and groups only select
@@ -162,15 +220,34 @@ def test_unknown_router_classes_are_refused() -> None:
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     # DeepSeek-V2: softmax with a group-limited greedy top-k; not a family replayed here.
-    v2 = DeepseekV2ForCausalLM(DeepseekV2Config(
-        vocab_size=V, hidden_size=H, num_hidden_layers=2, first_k_dense_replace=1,
-        num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-        moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
-        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=8))
-    with pytest.raises(ValueError, match=r"deepseek_v2.*DeepseekV2TopkRouter.*"
-                                         r"rollout\.replay_routing=false"):
+    v2 = DeepseekV2ForCausalLM(
+        DeepseekV2Config(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"deepseek_v2.*DeepseekV2TopkRouter.*"
+        r"rollout\.replay_routing=false",
+    ):
         moe_routers(v2)
     with pytest.raises(ValueError, match="rollout.replay_routing=false"):
         with forced_routing(v2, torch.zeros(1, 2, 2, 2, dtype=torch.long)):
@@ -191,9 +268,17 @@ def test_unknown_router_classes_are_refused() -> None:
 def test_dense_models_have_no_moe_routers() -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    dense = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1,
-                                         head_dim=8, intermediate_size=32))
+    dense = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=V,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            intermediate_size=32,
+        )
+    )
     assert moe_routers(dense) == [] and model_moe_shape(dense) is None
 
 
@@ -202,10 +287,12 @@ def test_rollout_marks_deepseek_checkpoints_as_moe(tmp_path: Path) -> None:
     names its expert count n_routed_experts."""
     from climbrl.rollout.replay import _is_moe_checkpoint
 
-    for cfg, moe in [({"model_type": "deepseek_v3", "n_routed_experts": 8}, True),
-                     ({"model_type": "mixtral", "num_local_experts": 8}, True),
-                     ({"model_type": "qwen3_moe", "num_experts": 8}, True),
-                     ({"model_type": "qwen3", "num_experts": None}, False),
-                     ({"text_config": {"n_routed_experts": 4}}, True)]:
+    for cfg, moe in [
+        ({"model_type": "deepseek_v3", "n_routed_experts": 8}, True),
+        ({"model_type": "mixtral", "num_local_experts": 8}, True),
+        ({"model_type": "qwen3_moe", "num_experts": 8}, True),
+        ({"model_type": "qwen3", "num_experts": None}, False),
+        ({"text_config": {"n_routed_experts": 4}}, True),
+    ]:
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         assert _is_moe_checkpoint(str(tmp_path)) is moe, cfg

@@ -15,10 +15,10 @@ import math
 
 import pytest
 import torch
-from climbrl.learner.learner import Learner
-from climbrl.learner.logprobs import completion_logprobs
 from torch import Tensor
 
+from climbrl.learner.learner import Learner
+from climbrl.learner.logprobs import completion_logprobs
 from climbrl.wire import Sample, Trajectory
 from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
@@ -80,9 +80,16 @@ def _stale_case(sampler: torch.nn.Module, learner: torch.nn.Module) -> tuple[lis
 
 
 def _sample(prompt: list[int], tok: int, old_logp: float, reward: float = 0.0) -> Sample:
-    return Sample(prompt_ids=prompt, completion_ids=[tok], completion_mask=[1],
-                  logprobs=[old_logp], versions=[0], reward=reward, finish_reason="stop",
-                  keep_counts=[N])
+    return Sample(
+        prompt_ids=prompt,
+        completion_ids=[tok],
+        completion_mask=[1],
+        logprobs=[old_logp],
+        versions=[0],
+        reward=reward,
+        finish_reason="stop",
+        keep_counts=[N],
+    )
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
@@ -134,13 +141,21 @@ def test_step_metrics_log_replay_miss_frac():
     z_old, z_new = _z(sampler, prompt), _z(learner, prompt)
     hit_tok = min(_topn(z_old) & _topn(z_new))
     p_old = _softmax_over(z_old, _topn(z_old))
-    samples = [_sample(prompt, t, math.log(float(p_old[t])), reward=r)
-               for t, r in ((hit_tok, 0.0), (miss_tok, 1.0))]
+    samples = [
+        _sample(prompt, t, math.log(float(p_old[t])), reward=r)
+        for t, r in ((hit_tok, 0.0), (miss_tok, 1.0))
+    ]
     L = _learner(learner)
     seq, _ = L.cursor.take()
     L.seq_of["o"] = seq
-    tr = Trajectory(order_id="o", server_id="r0", policy_version=0, samples=samples,
-                    gen_seconds=0.0, num_generated_tokens=2)
+    tr = Trajectory(
+        order_id="o",
+        server_id="r0",
+        policy_version=0,
+        samples=samples,
+        gen_seconds=0.0,
+        num_generated_tokens=2,
+    )
     st = L.train_step([tr])
     assert st["staleness_max"] == 1.0
     assert st["replay_miss_tokens"] == 1.0

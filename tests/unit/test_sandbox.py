@@ -12,6 +12,7 @@ import warnings
 from typing import NoReturn
 
 import pytest
+
 from climbrl.envs import _seccomp
 from climbrl.envs import sandbox as sbmod
 from climbrl.envs.sandbox import Sandbox, SandboxLimits, SandboxUnavailableError

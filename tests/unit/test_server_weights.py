@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+
+from climbrl.config import load_config
 from climbrl.learner.weights import WeightPublisher
 from climbrl.rollout import server as server_mod
 from climbrl.rollout.server import RolloutServer
-
-from climbrl.config import load_config
 
 
 class FakeEngine:
@@ -71,7 +71,7 @@ async def _started(engine, deadline_s=10.0):
 
 
 def _update(pub, version):
-    (_, m, frames), = pub.messages(version, ["r0"])
+    ((_, m, frames),) = pub.messages(version, ["r0"])
     assert m.shm_path and frames == []
     return m
 
@@ -79,8 +79,14 @@ def _update(pub, version):
 async def test_same_host_update_calls_the_engine_in_order_and_packs_after_the_ack(rig):
     srv, pub = rig
     await srv._apply_weights(_update(pub, 1), [], time.time())
-    assert srv.engine.calls == ["pause", "climbrl_load_weights", "reset", "version 1", "resume",
-                                "ack 1 ok"]
+    assert srv.engine.calls == [
+        "pause",
+        "climbrl_load_weights",
+        "reset",
+        "version 1",
+        "resume",
+        "ack 1 ok",
+    ]
     await _started(srv.engine)
     assert srv.engine.calls[6:] == ["climbrl_start_repack"]
 

@@ -8,6 +8,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+
 from climbrl.serving.app import ApiKeyMiddleware, WeightVersionMiddleware
 from climbrl.serving.capture import SessionStore, expand_versions
 
@@ -17,9 +18,12 @@ def tok(tmp_path_factory):
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.pretrain.tokenizer import train_bpe_tokenizer
 
-    return train_bpe_tokenizer(corpus_for_tokenizer() + ["hello world again"] * 20,
-                               vocab_size=320, out_dir=tmp_path_factory.mktemp("tok"),
-                               min_frequency=1)
+    return train_bpe_tokenizer(
+        corpus_for_tokenizer() + ["hello world again"] * 20,
+        vocab_size=320,
+        out_dir=tmp_path_factory.mktemp("tok"),
+        min_frequency=1,
+    )
 
 
 def _chat(tok, msgs):
@@ -33,11 +37,16 @@ def test_rebase_keeps_sampled_tokens_when_retokenisation_differs(tok):
     p1 = _chat(tok, [{"role": "user", "content": "abcd="}])
     # The model sampled "aaaa" as single-byte tokens + <|im_end|>: a tokenisation BPE would
     # not produce from the text (it merges), which is exactly the drift to avoid.
-    sampled = [tok.convert_tokens_to_ids(c) for c in "aaaa"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    sampled = [tok.convert_tokens_to_ids(c) for c in "aaaa"] + [
+        tok.convert_tokens_to_ids("<|im_end|>")
+    ]
     assert tok.encode("aaaa", add_special_tokens=False) != sampled[:4]  # BPE would merge
     store.record(s, p1, False, sampled, [-0.1] * 5, [0] * 5, "stop", "aaaa")
-    msgs = [{"role": "user", "content": "abcd="}, {"role": "assistant", "content": "aaaa"},
-            {"role": "user", "content": "again"}]
+    msgs = [
+        {"role": "user", "content": "abcd="},
+        {"role": "assistant", "content": "aaaa"},
+        {"role": "user", "content": "again"},
+    ]
     rendered = _chat(tok, msgs)
     ids, cont = store.rebase(s, rendered)
     assert cont
@@ -57,9 +66,14 @@ def test_rebase_with_an_unrendered_stop_token(tok):
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     sampled = tok.encode("ab", add_special_tokens=False) + [eos]
     store.record(s, p1, False, sampled, [0.0] * len(sampled), [0] * len(sampled), "stop", "ab")
-    rendered = _chat(tok, [{"role": "user", "content": "abcd="},
-                           {"role": "assistant", "content": "ab"},
-                           {"role": "user", "content": "more"}])
+    rendered = _chat(
+        tok,
+        [
+            {"role": "user", "content": "abcd="},
+            {"role": "assistant", "content": "ab"},
+            {"role": "user", "content": "more"},
+        ],
+    )
     ids, cont = store.rebase(s, rendered)
     assert cont and ids[: len(p1) + len(sampled)] == p1 + sampled
 
@@ -84,7 +98,10 @@ def test_store_is_bounded(tok):
 
 
 def test_expand_versions():
-    spans = [SimpleNamespace(version="3", start=0, end=2), SimpleNamespace(version="4", start=2, end=5)]
+    spans = [
+        SimpleNamespace(version="3", start=0, end=2),
+        SimpleNamespace(version="4", start=2, end=5),
+    ]
     assert expand_versions(spans, 5, 0) == [3, 3, 4, 4, 4]
     assert expand_versions(None, 2, 7) == [7, 7]
 
@@ -101,8 +118,12 @@ def _run_app(app, path: str, headers: dict[str, str] | None = None) -> tuple[int
     async def send(msg: dict) -> None:
         sent.append(msg)
 
-    scope = {"type": "http", "method": "POST", "path": path,
-             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
     asyncio.run(app(scope, receive, send))
     start = sent[0]
     body = b"".join(m.get("body", b"") for m in sent[1:])
@@ -112,10 +133,18 @@ def _run_app(app, path: str, headers: dict[str, str] | None = None) -> tuple[int
 def _json_app(payload: dict, status: int = 200):
     async def app(scope, receive, send):
         raw = json.dumps(payload).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(raw)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(raw)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": raw})
+
     return app
 
 
@@ -130,29 +159,44 @@ def test_api_key_middleware():
 
 
 def test_version_middleware_stamps_json_and_sse():
-    st, h, body = _run_app(WeightVersionMiddleware(_json_app({"id": "x"}), lambda: 5),
-                           "/v1/completions")
+    st, h, body = _run_app(
+        WeightVersionMiddleware(_json_app({"id": "x"}), lambda: 5), "/v1/completions"
+    )
     assert h["x-climbrl-weight-version"] == "5"
     assert json.loads(body) == {"id": "x", "climbrl_weight_version": 5}
     assert int(h["content-length"]) == len(body)
     # errors are passed through unchanged and unstamped
-    st, h, body = _run_app(WeightVersionMiddleware(_json_app({"error": {}}, 400), lambda: 5),
-                           "/v1/completions")
+    st, h, body = _run_app(
+        WeightVersionMiddleware(_json_app({"error": {}}, 400), lambda: 5), "/v1/completions"
+    )
     assert st == 400 and "x-climbrl-weight-version" not in h and json.loads(body) == {"error": {}}
 
     async def sse(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        await send({"type": "http.response.body", "body": b'data: {"a": 1}\n\ndata: {"a"',
-                    "more_body": True})
-        await send({"type": "http.response.body", "body": b': 2}\n\ndata: [DONE]\n\n',
-                    "more_body": False})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b'data: {"a": 1}\n\ndata: {"a"',
+                "more_body": True,
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b": 2}\n\ndata: [DONE]\n\n", "more_body": False}
+        )
 
     st, h, body = _run_app(WeightVersionMiddleware(sse, lambda: 2), "/v1/chat/completions")
     events = [e for e in body.split(b"\n\n") if e]
     assert h["x-climbrl-weight-version"] == "2"
     assert [json.loads(e[6:]) for e in events[:2]] == [
-        {"a": 1, "climbrl_weight_version": 2}, {"a": 2, "climbrl_weight_version": 2}]
+        {"a": 1, "climbrl_weight_version": 2},
+        {"a": 2, "climbrl_weight_version": 2},
+    ]
     assert events[2] == b"data: [DONE]"
 
 
@@ -171,20 +215,27 @@ class FakeEngine:
         n = params.max_tokens
         toks = list(range(10, 10 + n))
         out = SimpleNamespace(
-            token_ids=toks, text="x" * n, finish_reason="length",
+            token_ids=toks,
+            text="x" * n,
+            finish_reason="length",
             logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in toks]
-            if params.logprobs is not None else None,
-            weight_versions=self.spans)
-        yield SimpleNamespace(outputs=[out], finished=True,
-                              prompt_token_ids=list(prompt["prompt_token_ids"]))
+            if params.logprobs is not None
+            else None,
+            weight_versions=self.spans,
+        )
+        yield SimpleNamespace(
+            outputs=[out], finished=True, prompt_token_ids=list(prompt["prompt_token_ids"])
+        )
 
 
 def test_engine_wrapper_records_sessions_and_versions(tok):
-    from climbrl.serving.capture import CURRENT_REQUEST, RequestInfo, instrument_engine
     from vllm.sampling_params import SamplingParams
 
-    eng = FakeEngine([SimpleNamespace(version="1", start=0, end=1),
-                      SimpleNamespace(version="2", start=1, end=3)])
+    from climbrl.serving.capture import CURRENT_REQUEST, RequestInfo, instrument_engine
+
+    eng = FakeEngine(
+        [SimpleNamespace(version="1", start=0, end=1), SimpleNamespace(version="2", start=1, end=3)]
+    )
     store = SessionStore(tok)
     instrument_engine(eng, store, lambda: 2)
     s = store.open("s")
@@ -194,8 +245,12 @@ def test_engine_wrapper_records_sessions_and_versions(tok):
         info = RequestInfo()
         CURRENT_REQUEST.set(info)
         sp = SamplingParams(max_tokens=3, temperature=1.3)
-        outs = [o async for o in eng.generate({"type": "token", "prompt_token_ids": ids}, sp,
-                                              "r", session_id=session_id)]
+        outs = [
+            o
+            async for o in eng.generate(
+                {"type": "token", "prompt_token_ids": ids}, sp, "r", session_id=session_id
+            )
+        ]
         return info, outs, sp
 
     info, outs, sp = asyncio.run(go("s", [1, 2]))

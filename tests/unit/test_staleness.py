@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
-
-from climbrl.config import load_config
 from climbrl.wire import Sample, Trajectory
 
 
 def _traj(seq: int, version: int) -> Trajectory:
-    s = Sample(prompt_ids=[1, 2], completion_ids=[3], completion_mask=[1], logprobs=[-1.0],
-               versions=[version], reward=float(seq % 2), finish_reason="length")
-    return Trajectory(order_id=f"o{seq}", server_id="r0",
-                      policy_version=version, samples=[s, s], gen_seconds=0.0,
-                      num_generated_tokens=2)
+    s = Sample(
+        prompt_ids=[1, 2],
+        completion_ids=[3],
+        completion_mask=[1],
+        logprobs=[-1.0],
+        versions=[version],
+        reward=float(seq % 2),
+        finish_reason="length",
+    )
+    return Trajectory(
+        order_id=f"o{seq}",
+        server_id="r0",
+        policy_version=version,
+        samples=[s, s],
+        gen_seconds=0.0,
+        num_generated_tokens=2,
+    )
 
 
 def _learner(policy: str) -> Learner:
     L = object.__new__(Learner)  # the real collect(), without model or sockets
-    L.cfg = load_config(None, ["model.path=m", "learner.max_staleness=1",
-                               f"learner.stale_policy={policy}"])
+    L.cfg = load_config(
+        None, ["model.path=m", "learner.max_staleness=1", f"learner.stale_policy={policy}"]
+    )
     L.counters = dict(stale_dropped=0, stale_corrected=0)
     L.cursor = DataCursor(100)
     for _ in range(4):

@@ -70,17 +70,23 @@ def test_tiny_model_with_env_fits_the_envs_prompts(ledger: str, tmp_path: Path, 
     plain = AutoTokenizer.from_pretrained(tmp_path / "plain")
     prompt = plain.apply_chat_template(
         [{"role": "user", "content": "Is this overdue? " + " ".join(WORDS[:6])}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert longest["train"] < len(plain.encode(prompt, add_special_tokens=False)) / 2
     fit = AutoTokenizer.from_pretrained(tmp_path / "fit")
-    assert fit.chat_template and json.loads((tmp_path / "fit" / "climbrl_model.json")
-                                            .read_text())["params"] > 0
+    assert (
+        fit.chat_template
+        and json.loads((tmp_path / "fit" / "climbrl_model.json").read_text())["params"] > 0
+    )
 
 
 def test_tiny_model_env_errors_are_clear(tmp_path: Path, capsys) -> None:
     assert cli_main(["tiny-model", str(tmp_path / "m"), "--env", "no_such_env"]) == 2
     assert "unknown env 'no_such_env'" in capsys.readouterr().err
-    assert cli_main(["tiny-model", str(tmp_path / "m"), "--env", "copy_first",
-                     "--env-args", "[1]"]) == 2
+    assert (
+        cli_main(["tiny-model", str(tmp_path / "m"), "--env", "copy_first", "--env-args", "[1]"])
+        == 2
+    )
     assert "--env-args must be a JSON object" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from climbrl.learner.weights import LoraCheckpoint, LoraView, WeightPublisher, setup_lora
 
 from climbrl.config import load_config
+from climbrl.learner.weights import LoraCheckpoint, LoraView, WeightPublisher, setup_lora
 from climbrl.weightsync import EngineWeights, _decode, encode_change, merge, module_key
 from climbrl.wire import WeightManifest, WireError, tensor_buffer
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     ints = {4: torch.int32, 2: torch.int16}
-    return a.shape == b.shape and torch.equal(a.contiguous().view(ints[a.element_size()]),
-                                              b.contiguous().view(ints[b.element_size()]))
+    return a.shape == b.shape and torch.equal(
+        a.contiguous().view(ints[a.element_size()]), b.contiguous().view(ints[b.element_size()])
+    )
 
 
 def _roundtrip(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -41,8 +42,11 @@ def test_encodings_round_trip_bit_exact(dtype):
     ints = torch.int32 if dtype == torch.float32 else torch.int16
     hi = 2**31 - 1 if dtype == torch.float32 else 2**15 - 1
     big = torch.randint(-hi, hi, (64, 48), generator=g, dtype=ints).view(dtype)  # noise
-    for new, want in ((sparse, "#sparse_idx"), (dense, "#xor" if dtype == torch.float32 else None),
-                      (big, None)):
+    for new, want in (
+        (sparse, "#sparse_idx"),
+        (dense, "#xor" if dtype == torch.float32 else None),
+        (big, None),
+    ):
         got, names = _roundtrip(old, new)
         assert _bits_equal(got, new)
         if want:
@@ -55,7 +59,7 @@ def test_xor_is_smaller_than_raw_for_a_small_step():
     g = torch.Generator().manual_seed(1)
     old = torch.randn(512, 512, generator=g)
     new = old - 1e-5 * torch.sign(torch.randn(old.shape, generator=g))  # Adam-like step
-    (name, t), = encode_change("w", old, new)
+    ((name, t),) = encode_change("w", old, new)
     assert name == "w#xor" and t.numel() < 0.8 * old.numel() * 4
     got, _ = _roundtrip(old, new)
     assert _bits_equal(got, new)
@@ -64,7 +68,7 @@ def test_xor_is_smaller_than_raw_for_a_small_step():
 def test_corrupt_delta_is_rejected():
     old = torch.randn(32, 32)
     new = old + 1e-6 * torch.randn(32, 32)
-    (name, t), = encode_change("w", old, new)
+    ((name, t),) = encode_change("w", old, new)
     bad = t.clone()
     bad[-4:] = 0
     with pytest.raises(WireError):
@@ -75,20 +79,27 @@ def test_corrupt_delta_is_rejected():
 
 def test_module_key_groups_what_vllm_packs():
     k = module_key
-    assert k("model.layers.0.self_attn.q_proj.weight") == k("model.layers.0.self_attn.v_proj.weight")
+    assert k("model.layers.0.self_attn.q_proj.weight") == k(
+        "model.layers.0.self_attn.v_proj.weight"
+    )
     assert k("model.layers.0.mlp.gate_proj.weight") == k("model.layers.0.mlp.up_proj.weight")
     assert k("model.layers.0.mlp.down_proj.weight") != k("model.layers.0.mlp.up_proj.weight")
-    assert k("model.layers.0.self_attn.o_proj.weight") != k("model.layers.0.self_attn.q_proj.weight")
+    assert k("model.layers.0.self_attn.o_proj.weight") != k(
+        "model.layers.0.self_attn.q_proj.weight"
+    )
     assert k("model.layers.1.mlp.experts.3.down_proj.weight") == "model.layers.1.mlp.experts"
-    assert k("model.layers.1.self_attn.q_proj.weight") != k("model.layers.0.self_attn.q_proj.weight")
+    assert k("model.layers.1.self_attn.q_proj.weight") != k(
+        "model.layers.0.self_attn.q_proj.weight"
+    )
 
 
 # ----------------------------------------------------------------------- learner <-> engine
 
 
 def _cfg(tiny_model, **learner):
-    ov = [f'model.path="{tiny_model}"'] + [f"learner.{k}={v!r}".replace("'", '"')
-                                            for k, v in learner.items()]
+    ov = [f'model.path="{tiny_model}"'] + [
+        f"learner.{k}={v!r}".replace("'", '"') for k, v in learner.items()
+    ]
     return load_config(None, ov)
 
 
@@ -113,7 +124,9 @@ def _deliver(msgs, sid):
 def _train_step(model, lr=1e-4, steps=1, params=None):
     """A real AdamW step on a real LM loss."""
     opt = torch.optim.AdamW(params or [p for p in model.parameters() if p.requires_grad], lr=lr)
-    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(2)
+    )
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -137,8 +150,9 @@ def test_delta_sync_leaves_engine_bit_identical(tiny_model):
             assert _bits_equal(eng.base[n], t), n
         if version > 1:
             # a reload covers whole vLLM modules, and only the changed ones
-            assert {module_key(n) for n in upd.load} == {module_key(n.partition("#")[0])
-                                                         for n in (x.name for x in m.tensors)}
+            assert {module_key(n) for n in upd.load} == {
+                module_key(n.partition("#")[0]) for n in (x.name for x in m.tensors)
+            }
         _train_step(model)
     # a server that failed or rejoined is not sent a delta
     pub.forget("r0")
@@ -153,14 +167,18 @@ def test_delta_of_one_tensor_reloads_its_packed_module(tiny_model):
     with torch.no_grad():
         model.model.layers[1].self_attn.k_proj.weight[0, 0] += 1.0
     m, frames = _deliver(pub.messages(2, ["r0"]), "r0")
-    assert [t.name for t in m.tensors] == ["model.layers.1.self_attn.k_proj.weight#sparse_idx",
-                                           "model.layers.1.self_attn.k_proj.weight#sparse_val"]
+    assert [t.name for t in m.tensors] == [
+        "model.layers.1.self_attn.k_proj.weight#sparse_idx",
+        "model.layers.1.self_attn.k_proj.weight#sparse_val",
+    ]
     assert sum(len(tensor_buffer(f)) if not isinstance(f, bytes) else len(f) for f in frames) == 8
     upd = eng.prepare(m, frames)
     assert sorted(upd.load) == [f"model.layers.1.self_attn.{p}_proj.weight" for p in "kqv"]
     assert set(upd.restore) == set(upd.load)
-    assert not torch.equal(upd.restore["model.layers.1.self_attn.k_proj.weight"],
-                           upd.load["model.layers.1.self_attn.k_proj.weight"])
+    assert not torch.equal(
+        upd.restore["model.layers.1.self_attn.k_proj.weight"],
+        upd.load["model.layers.1.self_attn.k_proj.weight"],
+    )
 
 
 def test_delta_on_the_wrong_version_is_refused(tiny_model):
@@ -205,7 +223,9 @@ def test_lora_merge_is_peft_merge(tiny_model):
             peft_merged = mod.get_base_layer().weight + mod.get_delta_weight("default")
             assert _bits_equal(merged[w], peft_merged), w
     # the merged dense model computes what the adapter model computes
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     plain = _model(tiny_model)
     plain.load_state_dict(merged)
     with torch.no_grad():
@@ -221,10 +241,12 @@ def test_lora_sync_sends_only_adapters_and_engine_merges(tiny_model):
     eng.commit(eng.prepare(*_deliver(full, "r0")))
     _train_step(model, lr=1e-2)
     msgs = pub.messages(2, ["r0"])
-    (_, m, tensors), = msgs
+    ((_, m, tensors),) = msgs
     assert m.kind == "delta" and m.adapters
     assert all("#lora_" in t.name for t in m.tensors)
-    assert pub.last["delta"] < 0.05 * sum(t.numel() * 4 for t in LoraView(model).base_state().values())
+    assert pub.last["delta"] < 0.05 * sum(
+        t.numel() * 4 for t in LoraView(model).base_state().values()
+    )
     upd = eng.prepare(*_deliver(msgs, "r0"))
     eng.commit(upd)
     merged = LoraView(model).merged_state()
@@ -241,13 +263,16 @@ def test_lora_targets_that_match_nothing_fail_clearly(tiny_model):
 
 
 def test_lora_checkpoint_loads_merged_and_as_adapter(tiny_model, tmp_path):
-    from climbrl.learner.weights import load_adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from climbrl.learner.weights import load_adapter
+
     model = _lora_model(tiny_model)
     LoraCheckpoint(model, str(tiny_model)).save_pretrained(str(tmp_path), safe_serialization=True)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         want = model(input_ids=ids).logits
         merged = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
@@ -269,8 +294,9 @@ def test_adapter_shape_mismatch_is_refused(tiny_model):
     eng.commit(eng.prepare(*_deliver(pub.messages(1, ["r0"]), "r0")))
     w = "model.layers.0.self_attn.q_proj.weight"
     a = torch.zeros(4, 7)
-    m = WeightManifest(version=2, kind="delta", base_version=1, adapters=True, lora_scale=4.0,
-                       tensors=[])
+    m = WeightManifest(
+        version=2, kind="delta", base_version=1, adapters=True, lora_scale=4.0, tensors=[]
+    )
     from climbrl.weightsync import metas
 
     frames = [(f"{w}#lora_A", a), (f"{w}#lora_B", torch.zeros(eng.base[w].shape[0], 4))]
@@ -282,11 +308,11 @@ def test_adapter_shape_mismatch_is_refused(tiny_model):
 
 def test_moe_state_is_published_under_checkpoint_names(tmp_path):
     """The engine loads the checkpoint's per-expert names, not transformers' fused ones."""
-    from climbrl.envs.tasks import corpus_for_tokenizer
-    from climbrl.learner.weights import WeightPublisher
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from climbrl.envs.tasks import corpus_for_tokenizer
+    from climbrl.learner.weights import WeightPublisher
     from climbrl.tinymodel import make_tiny_model
 
     path = make_tiny_model(tmp_path / "moe", corpus_for_tokenizer(), moe=True, num_experts=4)
@@ -302,15 +328,16 @@ def test_moe_state_is_published_under_checkpoint_names(tmp_path):
 def test_lora_on_moe_adapts_linear_layers_and_publishes_checkpoint_names(tmp_path):
     """MoE experts fused into 3-D tensors are not Linear layers: LoRA leaves them on their base
     weights, and the LoRA full sync carries every checkpoint tensor under its on-disk name."""
-    from climbrl.envs.tasks import corpus_for_tokenizer
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.tinymodel import make_tiny_model
 
     path = make_tiny_model(tmp_path / "moe", corpus_for_tokenizer(), moe=True, num_experts=4)
-    cfg = load_config(None, [f'model.path="{path}"', 'learner.weight_sync="lora"',
-                             "learner.lora_r=4"])
+    cfg = load_config(
+        None, [f'model.path="{path}"', 'learner.weight_sync="lora"', "learner.lora_r=4"]
+    )
     model = setup_lora(AutoModelForCausalLM.from_pretrained(str(path)), cfg.learner)
     adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n}
     assert adapted and not any(".experts" in n for n in adapted)
@@ -337,10 +364,14 @@ def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
     pub.join("far", "another-host")
     msgs = pub.messages(1, ["a", "b", "far"])
     (loc, m_loc, fr_loc), (rem, m_rem, fr_rem) = msgs
-    assert loc == ["a", "b"] and rem == ["far"] and fr_loc == [] and len(fr_rem) == len(m_rem.tensors)
+    assert (
+        loc == ["a", "b"] and rem == ["far"] and fr_loc == [] and len(fr_rem) == len(m_rem.tensors)
+    )
     assert m_loc.shm_path and len(m_loc.shm_offsets) == len(m_loc.tensors)
     assert pub.last["full"] == sum(t.numel() * t.element_size() for t in fr_rem)
-    a = EngineWeights(0).prepare(m_loc, [], map_shm(m_loc.shm_path, m_loc.tensors, m_loc.shm_offsets))
+    a = EngineWeights(0).prepare(
+        m_loc, [], map_shm(m_loc.shm_path, m_loc.tensors, m_loc.shm_offsets)
+    )
     b = EngineWeights(0).prepare(m_rem, [tensor_buffer(t) for t in fr_rem])
     assert set(a.load) == set(b.load) and all(torch.equal(a.load[n], b.load[n]) for n in a.load)
     # the mapping is a snapshot: training on does not change what the server maps
@@ -358,7 +389,12 @@ def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
         pub.forget("a")
         paths.append(pub.messages(v, ["a"])[0][1].shm_path)
     assert len({first, *paths}) == 6 and [Path(p).exists() for p in paths] == [
-        True, True, False, True, True]
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]
     assert all(torch.equal(a.load[n], snap[n]) for n in snap)  # version 1's file untouched
     with pytest.raises(WireError, match="shm weights file not readable"):
         map_shm(paths[2], m_loc.tensors, m_loc.shm_offsets)
@@ -370,7 +406,7 @@ def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
         for p in model.parameters():
             p.mul_(0.5)
     pub.forget("a")
-    (_, m7, _), = pub.messages(7, ["a"])
+    ((_, m7, _),) = pub.messages(7, ["a"])
     assert m7.shm_path == paths[0]
     got = EngineWeights(0).prepare(m7, [], map_shm(m7.shm_path, m7.tensors, m7.shm_offsets))
     sd = model.state_dict()
@@ -414,10 +450,16 @@ def test_orphaned_weights_files_are_removed(tmp_path):
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    gone = [tmp_path / f"climbrl-{dead.pid}-r0.weights", tmp_path / f"climbrl-learner-{dead.pid}-3.weights",
-            tmp_path / f"climbrl-{dead.pid}-r0.rollback"]
-    live = [tmp_path / f"climbrl-{os.getppid()}-r1.weights", tmp_path / "climbrl-learner-x.weights",
-            tmp_path / "other.weights"]
+    gone = [
+        tmp_path / f"climbrl-{dead.pid}-r0.weights",
+        tmp_path / f"climbrl-learner-{dead.pid}-3.weights",
+        tmp_path / f"climbrl-{dead.pid}-r0.rollback",
+    ]
+    live = [
+        tmp_path / f"climbrl-{os.getppid()}-r1.weights",
+        tmp_path / "climbrl-learner-x.weights",
+        tmp_path / "other.weights",
+    ]
     for f in gone + live:
         f.write_bytes(b"w")
     removed = remove_orphan_files(tmp_path)

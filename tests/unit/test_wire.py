@@ -22,18 +22,37 @@ from climbrl.wire import (
 
 
 def test_work_order_round_trip():
-    o = WorkOrder(order_id="o1", policy_version=3, env="copy_first", task_index=7,
-                  group_size=4, sampling=SamplingSpec(temperature=0.7, max_tokens=5, seed=1))
+    o = WorkOrder(
+        order_id="o1",
+        policy_version=3,
+        env="copy_first",
+        task_index=7,
+        group_size=4,
+        sampling=SamplingSpec(temperature=0.7, max_tokens=5, seed=1),
+    )
     msg, frames = Codec(ROLLOUT_ACCEPTS).decode(Codec.encode(o))
     assert msg == o and frames == []
     assert msg.schema == SCHEMA_VERSION
 
 
 def test_trajectory_round_trip():
-    s = Sample(prompt_ids=[1, 2], completion_ids=[3, 4], completion_mask=[1, 0],
-               logprobs=[-0.5, 0.0], versions=[2, -1], reward=1.0, finish_reason="stop")
-    t = Trajectory(order_id="o", server_id="r0", policy_version=2, samples=[s],
-                   gen_seconds=0.1, num_generated_tokens=1)
+    s = Sample(
+        prompt_ids=[1, 2],
+        completion_ids=[3, 4],
+        completion_mask=[1, 0],
+        logprobs=[-0.5, 0.0],
+        versions=[2, -1],
+        reward=1.0,
+        finish_reason="stop",
+    )
+    t = Trajectory(
+        order_id="o",
+        server_id="r0",
+        policy_version=2,
+        samples=[s],
+        gen_seconds=0.1,
+        num_generated_tokens=1,
+    )
     msg, _ = Codec(LEARNER_ACCEPTS).decode(Codec.encode(t))
     assert msg == t
 
@@ -58,16 +77,29 @@ def test_foreign_kind_rejected():
         Codec(ROLLOUT_ACCEPTS).decode(hb)  # a heartbeat is not for the rollout side
 
 
-@pytest.mark.parametrize("frames", [[b"work"], [b"work", b"\xff\x00garbage"], [b"\x00" * 9, b"x"],
-                                    [b"work", msgspec.msgpack.encode({"order_id": 1})]])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"work"],
+        [b"work", b"\xff\x00garbage"],
+        [b"\x00" * 9, b"x"],
+        [b"work", msgspec.msgpack.encode({"order_id": 1})],
+    ],
+)
 def test_malformed_rejected(frames):
     with pytest.raises(WireError):
         Codec(ROLLOUT_ACCEPTS).decode(frames)
 
 
 def test_schema_mismatch_rejected():
-    o = WorkOrder(order_id="o1", policy_version=0, env="x", task_index=0, group_size=2,
-                  sampling=SamplingSpec())
+    o = WorkOrder(
+        order_id="o1",
+        policy_version=0,
+        env="x",
+        task_index=0,
+        group_size=2,
+        sampling=SamplingSpec(),
+    )
     o.schema = SCHEMA_VERSION + 1
     with pytest.raises(WireError, match="schema version"):
         Codec(ROLLOUT_ACCEPTS).decode(Codec.encode(o))

@@ -9,8 +9,8 @@ import types
 
 import pytest
 import zmq
-from climbrl.learner.hub import LearnerHub
 
+from climbrl.learner.hub import LearnerHub
 from climbrl.wire import Hello
 from climbrl.wirekeys import (
     ENV_VAR,
@@ -45,14 +45,18 @@ def test_keys_are_generated_once_per_run_private_and_shared_with_rollouts(tmp_pa
     assert rollout_keys(_wire("0.0.0.0"), tmp_path) == k
     other = RunKeys.generate()
     monkeypatch.setenv(ENV_VAR, other.client_json())  # placed elsewhere: from the env,
-    got = rollout_keys(_wire("0.0.0.0"), tmp_path)   # without the learner's secret
+    got = rollout_keys(_wire("0.0.0.0"), tmp_path)  # without the learner's secret
     assert "server_secret" not in json.loads(other.client_json()) and got.server_secret == ""
     assert (got.server_public, got.client_public, got.client_secret, got.secret) == (
-        other.server_public, other.client_public, other.client_secret, other.secret)
+        other.server_public,
+        other.client_public,
+        other.client_secret,
+        other.secret,
+    )
     monkeypatch.setenv(ENV_VAR, json.dumps(other.__dict__))  # the whole file works too
     assert rollout_keys(_wire("0.0.0.0"), tmp_path) == other
     with pytest.raises(ValueError, match="wire key file .*server_secret"):  # only a server
-        RunKeys.parse(other.client_json(), "keys")                        # needs its secret
+        RunKeys.parse(other.client_json(), "keys")  # needs its secret
     monkeypatch.setenv(ENV_VAR, '{"server_public": "x"}')
     with pytest.raises(ValueError, match="not a climbrl wire key file"):
         rollout_keys(_wire("0.0.0.0"), tmp_path)
@@ -81,8 +85,10 @@ def test_hub_refuses_peers_without_the_run_key():
     hub = LearnerHub("127.0.0.1", 0, heartbeat_s=0.2, keys=keys, curve=True)
     ctx = zmq.Context()
     try:
-        peers = [_peer(ctx, hub, "plain"),  # no key at all
-                 _peer(ctx, hub, "stranger", RunKeys.generate(), keys.server_public)]  # other run
+        peers = [
+            _peer(ctx, hub, "plain"),  # no key at all
+            _peer(ctx, hub, "stranger", RunKeys.generate(), keys.server_public),
+        ]  # other run
         assert hub.recv(3.0) is None  # neither got a message through
         client = RunKeys.parse(keys.client_json(), "env", client_only=True)
         peers.append(_peer(ctx, hub, "r0", client))  # the client view is enough

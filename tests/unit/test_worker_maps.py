@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+
 from climbrl.rollout import worker_ext
 
 

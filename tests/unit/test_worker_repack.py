@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+
 from climbrl.rollout import worker_ext
 
 F = torch.nn.functional
@@ -174,8 +175,11 @@ class _Model(torch.nn.Module):
 
 def test_recorded_loads_replay_what_load_weights_did():
     model = _Model()
-    first = [("a", torch.tensor([1.0, 2.0])), ("b", torch.tensor([2.0, 4.0, 6.0])),
-             ("skip", torch.ones(1))]
+    first = [
+        ("a", torch.tensor([1.0, 2.0])),
+        ("b", torch.tensor([2.0, 4.0, 6.0])),
+        ("skip", torch.ones(1)),
+    ]
     loaded, loads = worker_ext._load_recorded(model, first)
     assert loaded == {"a", "b"} and set(loads) == {"a", "b"}
     assert model.a.tolist() == [1.0, 2.0] and model.b.tolist() == [1.0, 2.0, 3.0]
@@ -190,6 +194,7 @@ def test_recorded_loads_replay_what_load_weights_did():
 def test_loads_that_bypass_the_loaders_are_not_recorded():
     model = _Model(copy=True)
     loaded, loads = worker_ext._load_recorded(
-        model, [("a", torch.tensor([1.0, 2.0])), ("b", torch.zeros(3))])
+        model, [("a", torch.tensor([1.0, 2.0])), ("b", torch.zeros(3))]
+    )
     assert loaded == {"a", "b"} and loads is None
     assert model.a.tolist() == [1.0, 2.0]

@@ -4,31 +4,53 @@ runs the real ``train_step`` (no sockets, no engine)."""
 from __future__ import annotations
 
 import torch
+
+from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.objectives_step import ObjectiveStep
 from climbrl.learner.snapshot import WeightSnapshot
-
-from climbrl.config import load_config
 
 
 def tiny_qwen3(seed: int, vocab: int) -> torch.nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      intermediate_size=64, tie_word_embeddings=False)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+    )
     return Qwen3ForCausalLM(cfg).float().eval()
 
 
-def bare_learner(policy: torch.nn.Module, temperature: float, *, ref: torch.nn.Module | None = None,
-                 version: int = 0, overrides: list[str] | None = None) -> Learner:
+def bare_learner(
+    policy: torch.nn.Module,
+    temperature: float,
+    *,
+    ref: torch.nn.Module | None = None,
+    version: int = 0,
+    overrides: list[str] | None = None,
+) -> Learner:
     """Groups of two, micro-batches of two, a zero-lr optimizer: one ``train_step`` reports
     the loss and its statistics without moving the weights."""
-    cfg = load_config(None, ["model.path=m", "learner.group_size=2", "learner.micro_batch_size=2",
-                             f"rollout.temperature={temperature}", "rollout.max_tokens=4",
-                             "learner.mask_truncated=false", *(overrides or [])])
+    cfg = load_config(
+        None,
+        [
+            "model.path=m",
+            "learner.group_size=2",
+            "learner.micro_batch_size=2",
+            f"rollout.temperature={temperature}",
+            "rollout.max_tokens=4",
+            "learner.mask_truncated=false",
+            *(overrides or []),
+        ],
+    )
     L = object.__new__(Learner)  # the real train_step; the models are built by the caller
     L.cfg, L.step, L.version = cfg, 0, version
     L.model, L.ref = policy.train(), ref
