@@ -141,9 +141,7 @@ def climbrl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
     import torch
 
     from climbrl.config import load_config
-    from climbrl.learner.data import DataCursor
-    from climbrl.learner.learner import Learner
-    from climbrl.learner.objectives_step import ObjectiveStep
+    from climbrl.learner.trainer import Trainer
 
     cfg = load_config(
         None,
@@ -159,18 +157,10 @@ def climbrl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
             "rollout.max_model_len=4096",
         ],
     )
-    L = object.__new__(Learner)
-    L.cfg, L.model, L.ref, L.version = cfg, model, None, 0
-    L.opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    L.obj = ObjectiveStep(cfg, model, 1.0)
-    L.cursor = DataCursor(10**6)
+    trainer = Trainer(cfg, model, opt=torch.optim.AdamW(model.parameters(), lr=1e-6))
 
     def step() -> None:
-        groups = _groups(samples, a.group_size)
-        L.seq_of = {}
-        for gr in groups:
-            L.seq_of[gr.order_id] = L.cursor.take()[0]
-        L.train_step(groups)
+        trainer.train_step(_groups(samples, a.group_size), 0)
 
     return step
 

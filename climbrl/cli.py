@@ -4,21 +4,26 @@ climbrl demo                         # a tiny base is pretrained, then RL raises
 climbrl demo --model smollm2         # RL of SmolLM2-135M-Instruct on CPU (~11 min)
 climbrl run CONFIG.toml [--set k=v]  # rollout servers + learner as separate processes
 climbrl run CONFIG.toml --launcher ray   # the same, placed as Ray actors on a cluster
-climbrl learn --config C --endpoint-file F     # the learner alone
-climbrl rollout --config C --endpoint E --server-id ID   # one rollout server alone
+climbrl learn CONFIG.toml --endpoint-file F     # the learner alone
+climbrl rollout CONFIG.toml --endpoint E --server-id ID   # one rollout server alone
 climbrl tiny-model OUT_DIR [--env NAME] [--moe]   # a tokenizer + random Qwen3 for tests
 climbrl import-gguf GGUF_OR_PACKAGE OUT_DIR [--dtype float32]   # GGUF -> HF folder
 climbrl pretrain CONFIG.toml         # pretraining (see climbrl.pretrain)
-climbrl env-check ENV [--args JSON]  # contract checks on an environment (yours too)
-climbrl serve MODEL_DIR [--port 8000] [--api-key K] [-- VLLM_ARGS]   # OpenAI HTTP API
+climbrl env-check ENV_OR_CONFIG [--args JSON]   # contract checks on an environment (yours too)
+climbrl serve MODEL_DIR_OR_CONFIG [--port 8000] [--api-key K] [-- VLLM_ARGS]   # OpenAI HTTP API
+
+Every command that takes a config also takes `--set key=value` (repeatable) and
+`--print-config`, which prints the resolved config as TOML and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from typing import Any
 
 
 def _logging(level: str = "INFO") -> None:
@@ -53,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     r.add_argument("--no-live", action="store_true", help="plain log lines instead of rich")
+    _config_flags(r)
     r.add_argument(
         "--launcher",
         choices=["local", "ray"],
@@ -62,14 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     lr = sub.add_parser("learn", help="run the learner alone")
-    lr.add_argument("--config", required=True)
-    lr.add_argument("--set", dest="overrides", action="append", default=[])
+    _config_arg(lr)
+    lr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_flags(lr)
     lr.add_argument("--resume", action="store_true")
     lr.add_argument("--endpoint-file", help="write the bound endpoint here once listening")
 
     ro = sub.add_parser("rollout", help="run one rollout server alone")
-    ro.add_argument("--config", required=True)
-    ro.add_argument("--set", dest="overrides", action="append", default=[])
+    _config_arg(ro)
+    ro.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_flags(ro)
     ro.add_argument("--endpoint", required=True, help="learner endpoint, tcp://host:port")
     ro.add_argument("--server-id", default="r0")
     ro.add_argument("--initial-version", type=int, default=0)
@@ -86,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output-dir", default=None, help="default: runs/demo (tiny) or runs/demo-smollm2"
     )
     d.add_argument("--steps", type=int, default=None, help="override the number of RL steps")
-    d.add_argument("--set", dest="overrides", action="append", default=[])
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     t = sub.add_parser(
         "tiny-model", help="train a tokenizer (on an env's text with --env) and save a random Qwen3"
@@ -114,9 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sv = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (vLLM's layer)")
-    sv.add_argument("model", help="HF model directory")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    sv.add_argument(
+        "model",
+        help="an HF model directory, or a run config (.toml: model.path, [serve], "
+        "rollout.kv_cache_gb and max_model_len; the flags below override it)",
+    )
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_flags(sv)
+    sv.add_argument("--host", default=None, help="bind address (default: serve.host, loopback)")
+    sv.add_argument(
+        "--port", type=int, default=None, help="0 picks a free port (default: 8000, or serve.port)"
+    )
     sv.add_argument(
         "--api-key",
         action="append",
@@ -124,9 +140,9 @@ def _parser() -> argparse.ArgumentParser:
         help="accept this bearer key (repeatable; also CLIMBRL_API_KEY)",
     )
     sv.add_argument("--served-model-name", default=None)
-    sv.add_argument("--kv-cache-gb", type=float, default=1.0)
+    sv.add_argument("--kv-cache-gb", type=float, default=None, help="default: 1.0")
     sv.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
-    sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--dtype", default=None, help="default: auto, or the config's model.dtype")
     sv.add_argument("--ready-file", default=None, help="write {host, port} here once listening")
     for name, typ in _SERVE_LIMITS.items():  # the [serve] limits, documented in config.py
         sv.add_argument(
@@ -149,6 +165,85 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    """CONFIG as the first argument (``--config CONFIG`` also works)."""
+    p.add_argument("config", nargs="?", help="TOML config")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help=argparse.SUPPRESS)
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _config_path(a: argparse.Namespace) -> str:
+    path = a.config or a.config_opt
+    if not path:
+        raise ValueError(f"climbrl {a.cmd} needs a config: climbrl {a.cmd} CONFIG.toml")
+    return path
+
+
+def _serve_config(a: argparse.Namespace) -> Any:
+    """The config ``climbrl serve`` runs: the TOML given (or a model folder's defaults), with
+    the flags given on top."""
+    from climbrl.config import load_config
+
+    from_file = a.model.endswith(".toml")
+    overrides = list(a.overrides) + ([] if from_file else [f"model.path={json.dumps(a.model)}"])
+    cfg = load_config(a.model if from_file else None, overrides)
+    sc = cfg.serve
+    sc.host = a.host if a.host is not None else sc.host
+    if a.port is not None:
+        sc.port = a.port
+    elif not from_file:
+        sc.port = 8000
+    for k in _SERVE_LIMITS:
+        if getattr(a, k) is not None:
+            setattr(sc, k, getattr(a, k))
+    if a.kv_cache_gb is not None:
+        cfg.rollout.kv_cache_gb = a.kv_cache_gb
+    if a.max_model_len is not None:
+        cfg.rollout.max_model_len = a.max_model_len
+    if a.dtype not in (None, "auto"):
+        cfg.model.dtype = a.dtype
+    return type(cfg).model_validate(cfg.model_dump())  # the flags checked like the file
+
+
+def _serve(a: argparse.Namespace, passthrough: list[str]) -> int:
+    import uvloop
+
+    from climbrl.serving.app import check_api_keys, serve_model
+
+    cfg = _serve_config(a)
+    from_file = a.model.endswith(".toml")
+    keys = (
+        a.api_key
+        + list(cfg.serve.api_keys)
+        + (
+            [os.environ["CLIMBRL_API_KEY"]]  # set but empty: an error
+            if "CLIMBRL_API_KEY" in os.environ
+            else []
+        )
+    )
+    check_api_keys(keys, cfg.serve.host)  # before the engine starts
+    uvloop.run(
+        serve_model(
+            cfg.model.path,
+            host=cfg.serve.host,
+            port=cfg.serve.port,
+            api_keys=keys,
+            served_model_name=a.served_model_name,
+            kv_cache_gb=cfg.rollout.kv_cache_gb,
+            # a model folder alone: the model's own length and dtype unless a flag says
+            max_model_len=cfg.rollout.max_model_len if from_file else a.max_model_len,
+            dtype=cfg.model.dtype if from_file and a.dtype is None else (a.dtype or "auto"),
+            vllm_extra=passthrough,
+            ready_file=a.ready_file,
+            limits=cfg.serve,
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "pretrain":
@@ -168,6 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     from climbrl.config import load_config
 
     try:
+        if getattr(a, "print_config", False):
+            from climbrl.config import dump_toml
+
+            if a.cmd == "serve":
+                cfg = _serve_config(a)
+            else:
+                cfg = load_config(a.config if a.cmd == "run" else _config_path(a), a.overrides)
+            print(dump_toml(cfg), end="")
+            return 0
         if a.cmd == "run":
             cfg = load_config(a.config, a.overrides)
             if a.launcher == "ray":
@@ -182,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             from climbrl.learner.hub import HubError
             from climbrl.learner.learner import LearnerError, train
 
-            cfg = load_config(a.config, a.overrides)
+            cfg = load_config(_config_path(a), a.overrides)
             try:
                 train(cfg, resume=a.resume, endpoint_file=a.endpoint_file)
             except (LearnerError, HubError) as e:  # a run that cannot go on, and why
@@ -192,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "rollout":
             from climbrl.rollout.server import serve
 
-            cfg = load_config(a.config, a.overrides)
+            cfg = load_config(_config_path(a), a.overrides)
             return serve(cfg, a.endpoint, a.server_id, a.initial_version)
         if a.cmd == "demo":
             from climbrl.demo import run_demo, run_smollm2_demo
@@ -203,37 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return run_demo(a.output_dir or "runs/demo", steps=a.steps, overrides=a.overrides)
         if a.cmd == "serve":
-            import uvloop
-
-            from climbrl.config import ServeCfg
-            from climbrl.serving.app import check_api_keys, serve_model
-
-            keys = a.api_key + (
-                [os.environ["CLIMBRL_API_KEY"]]  # set but empty: an error
-                if "CLIMBRL_API_KEY" in os.environ
-                else []
-            )
-            check_api_keys(keys, a.host)  # before the engine starts
-            limits = ServeCfg(
-                **{k: getattr(a, k) for k in _SERVE_LIMITS if getattr(a, k) is not None}
-            )
-            extra = passthrough
-            uvloop.run(
-                serve_model(
-                    a.model,
-                    host=a.host,
-                    port=a.port,
-                    api_keys=keys,
-                    served_model_name=a.served_model_name,
-                    kv_cache_gb=a.kv_cache_gb,
-                    max_model_len=a.max_model_len,
-                    dtype=a.dtype,
-                    vllm_extra=extra,
-                    ready_file=a.ready_file,
-                    limits=limits,
-                )
-            )
-            return 0
+            return _serve(a, passthrough)
         if a.cmd == "import-gguf":
             from climbrl.gguf_import import import_gguf
 

@@ -142,6 +142,10 @@ class LearnerCfg(_Cfg):
     )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field(
+        (0.9, 0.99),
+        description="AdamW (beta1, beta2) of the policy (and PPO's critic), each in [0, 1).",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     clip_low: float = Field(
         0.2,
@@ -406,6 +410,13 @@ class LearnerCfg(_Cfg):
                 "(its expected gradient, E_pi[grad log pi], is 0): use "
                 "kl_estimator = 'k3'"
             )
+        return v
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"learner.adam_betas = {list(v)}: each beta must be in [0, 1)")
         return v
 
     @model_validator(mode="after")
@@ -827,7 +838,7 @@ def dump_toml(cfg: Config) -> str:
             return repr(v)
         if isinstance(v, str):
             return json.dumps(v)
-        if isinstance(v, list):
+        if isinstance(v, (list, tuple)):
             return "[" + ", ".join(lit(x) for x in v) + "]"
         if isinstance(v, dict):
             return "{" + ", ".join(f"{json.dumps(k)} = {lit(x)}" for k, x in v.items()) + "}"

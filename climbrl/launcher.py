@@ -344,10 +344,36 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
         return None
 
     if live and console.is_terminal:
-        with Live(table(), console=console, refresh_per_second=2) as lv:
+        from rich.console import Group
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(
+            TextColumn("steps"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        task = bar.add_task("steps", total=total)
+
+        def view() -> Group:
+            done = [r["step"] for r in read_metrics(metrics_path) if "reward" in r]
+            bar.update(task, completed=max(done, default=0))
+            return Group(bar, table())
+
+        with Live(view(), console=console, refresh_per_second=2) as lv:
             while (rc := check()) is None:
                 time.sleep(0.5)
-                lv.update(table())
+                lv.update(view())
         return rc
     while (rc := check()) is None:
         time.sleep(1.0)

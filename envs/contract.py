@@ -386,16 +386,42 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("env", help="entry point name, dotted path pkg.mod:Class, or built-in name")
-    p.add_argument("--args", default="{}", help="env keyword arguments as JSON")
+    p.add_argument(
+        "env",
+        help="entry point name, dotted path pkg.mod:Class, built-in name, or a run config "
+        "(.toml: its env.name and env.args)",
+    )
+    p.add_argument("--args", default=None, help="env keyword arguments as JSON")
     p.add_argument("--tasks", type=int, default=3, help="tasks per split to play")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the env it checks as TOML and exit"
+    )
     a = p.parse_args(argv)
     try:
-        args = json.loads(a.args)
+        args = json.loads(a.args) if a.args is not None else {}
     except json.JSONDecodeError as e:
         print(f"env-check: --args is not JSON: {e}", file=sys.stderr)
         return 2
-    results = check_env(a.env, args, a.tasks)
+    name = a.env
+    if name.endswith(".toml"):
+        from climbrl.config import load_config
+
+        try:
+            cfg = load_config(name, a.overrides)
+        except ValueError as e:
+            print(f"env-check: {e}", file=sys.stderr)
+            return 2
+        name, args = cfg.env.name, {**cfg.env.args, **args}
+    elif a.overrides:
+        print("env-check: --set needs a config file (ENV is not a .toml)", file=sys.stderr)
+        return 2
+    if a.print_config:
+        lit = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in args.items())
+        print(f"[env]\nname = {json.dumps(name)}\nargs = {{{lit}}}")
+        return 0
+    a.env = name
+    results = check_env(name, args, a.tasks)
     for r in results:
         print(f"{r.status} {r.name}" + (f": {r.detail}" if r.detail else ""))
     failed = sum(not r.ok for r in results)

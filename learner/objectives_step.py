@@ -228,7 +228,7 @@ class ObjectiveStep:
                 self.critic.parameters(),
                 lr=lc.critic_lr,
                 weight_decay=lc.weight_decay,
-                betas=(0.9, 0.99),
+                betas=tuple(lc.adam_betas),
             )
 
     # ------------------------------------------------------------------ batch

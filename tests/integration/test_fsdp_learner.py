@@ -1,9 +1,9 @@
 """The real learner under FSDP2 (``learner.fsdp``, ``learner.world_size = 2``) takes the same
 steps as the single-process learner, and its checkpoints are interchangeable with one's.
 
-What runs is the learner's own code: ``Learner(cfg, ds=...)`` (model load, ``shard_model``, the
-sharded optimizer, the reference model for the KL term), ``Learner.train_step`` on rank 0 and
-``Learner.follow`` on rank 1 (the loop ``climbrl learn`` runs there), ``Learner.checkpoint``
+What runs is the learner's own code: ``Learner.from_config(cfg, ds=...)`` (model load,
+``shard_model``, the sharded optimizer, the reference model for the KL term),
+``Learner.train_step`` on rank 0 and ``follower(...).follow()`` on rank 1 (the loop ``climbrl learn`` runs there), ``Learner.checkpoint``
 and ``Learner.shutdown``, started by torchrun the way ``learner.fsdp.learner_argv`` starts it.
 The edge we fake is the rollout side: fixed trajectories (3 groups x 4 samples per step, so
 micro-batches of 5 split 2:1 over the ranks and rank 1 runs a padding pass) are handed to
@@ -112,24 +112,24 @@ def _drive(
     cfg, ds, resume: bool, steps: list[list[Trajectory]], checkpoint_each: bool
 ) -> list[dict]:
     """Rank 0: the learner's loop body on given trajectories; other ranks: ``follow()``."""
-    from climbrl.learner.learner import Learner
+    from climbrl.learner.learner import Learner, follower
 
-    L = Learner(cfg, resume=resume, ds=ds)
     if not ds.is_coordinator:
-        L.follow()
+        follower(cfg, resume, ds).follow()
         return []
+    L = Learner.from_config(cfg, resume=resume, ds=ds)
     out = [
         {
-            "param_type": type(next(L.model.parameters())).__name__,
-            "blocks": getattr(L.model, "_climbrl_fsdp_blocks", 0),
-            "ref_blocks": getattr(L.ref, "_climbrl_fsdp_blocks", 0),
+            "param_type": type(next(L.trainer.model.parameters())).__name__,
+            "blocks": getattr(L.trainer.model, "_climbrl_fsdp_blocks", 0),
+            "ref_blocks": getattr(L.trainer.ref, "_climbrl_fsdp_blocks", 0),
             "world": ds.world_size,
         }
     ]
     try:
         for groups in steps:
             for tr in groups:  # as collect() would have: each group's cursor sequence
-                L.seq_of[tr.order_id], _ = L.cursor.take()
+                L.batcher.seq_of[tr.order_id], _ = L.cursor.take()
             st = L.train_step(groups)
             L.version += 1
             L.step += 1
@@ -182,13 +182,13 @@ def _single(
     cfg = load_config(None, _overrides(str(model), str(out), 1))
     ds = fsdp.setup(cfg)
     assert not ds.distributed
-    L = Learner(cfg, resume=resume, ds=ds)
-    assert type(next(L.model.parameters())).__name__ == "Parameter"  # not sharded
+    L = Learner.from_config(cfg, resume=resume, ds=ds)
+    assert type(next(L.trainer.model.parameters())).__name__ == "Parameter"  # not sharded
     res = []
     try:
         for n, groups in enumerate(steps):
             for tr in groups:
-                L.seq_of[tr.order_id], _ = L.cursor.take()
+                L.batcher.seq_of[tr.order_id], _ = L.cursor.take()
             st = L.train_step(groups)
             L.version += 1
             L.step += 1

@@ -16,7 +16,7 @@ import zmq
 from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.hub import LearnerHub
-from climbrl.learner.learner import EnvFailureStreak, Learner, LearnerError, _truncate_metrics
+from climbrl.learner.learner import Learner, LearnerError, _truncate_metrics
 from climbrl.wire import Codec, Error, Hello, Sample, Trajectory, WeightAck, WorkOrder
 
 
@@ -60,13 +60,13 @@ class FakeWeights:
     def acked(self, sid: str, version: int) -> None:
         pass
 
-    def messages(self, version: int, servers: list[str]):
+    def messages(self, version: int, servers: list[str], state: object = None):
         yield servers, SimpleNamespace(kind="full", version=version), []
 
 
 def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
-    L = object.__new__(Learner)  # the real bookkeeping, without model or sockets
-    L.cfg = load_config(
+    """The real bookkeeping (order book, batcher, weight acks), without model or sockets."""
+    cfg = load_config(
         None,
         [
             "model.path=m",
@@ -76,26 +76,17 @@ def _learner(alive: list[str], on_child_death: str = "continue") -> Learner:
             "wire.connect_timeout_s=5",
         ],
     )
-    L.hub = FakeHub(alive)
-    L.weights = FakeWeights()
-    L.run_id = "run-a"
-    L.version = L.step = 3
-    L.cursor = DataCursor(100)
-    L.orders, L.ready, L.seq_of, L.eval_results, L.eval_failures = {}, [], {}, {}, {}
-    L.pending_acks, L.sync_times = {}, []
-    L.counters = dict(
-        order_failures=0,
-        servers_dead=0,
-        engines_dead=0,
-        weight_bytes_sent=0,
-        weight_syncs_full=0,
-        weight_syncs_failed=0,
+    env = SimpleNamespace(reward_range=(0.0, 1.0), num_tasks=lambda split: 100)
+    return Learner(
+        cfg,
+        hub=FakeHub(alive),
+        env=env,
+        weights=FakeWeights(),
+        cursor=DataCursor(100),
+        step=3,
+        version=3,
+        run_id="run-a",
     )
-    L.tokens_generated = 0
-    L._no_server_since = None
-    L.benched, L.failures_in_a_row = {}, {}
-    L.env_failures = EnvFailureStreak(L.cfg.wire.max_env_failures, L.cfg.env.name)
-    return L
 
 
 def _hello(sid: str, version: int = 0) -> tuple:
@@ -138,7 +129,7 @@ def _traj(order_id: str, run_id: str) -> tuple:
 def test_training_order_ids_are_the_cursor_sequence():
     L = _learner(["r0"])
     L.dispatch()
-    assert sorted(L.orders) == ["train-0", "train-1"]
+    assert sorted(L.book.orders) == ["train-0", "train-1"]
     assert [m.order_id for _, m in L.hub.sent] == ["train-0", "train-1"]
     assert all(m.sampling.seed == L.cfg.run.seed for _, m in L.hub.sent)
 
@@ -146,13 +137,13 @@ def test_training_order_ids_are_the_cursor_sequence():
 def test_dead_server_orders_go_to_the_survivor_with_the_same_ids():
     L = _learner(["r0", "r1"])
     L.dispatch()
-    on = {oid: o["server"] for oid, o in L.orders.items()}
+    on = {oid: o.server for oid, o in L.book.orders.items()}
     assert sorted(on.values()) == ["r0", "r1"]
     L.hub.sent.clear()
     L.hub.dead = ["r1"]
     L._pump(0)
     assert L.counters["servers_dead"] == 1
-    assert {oid: o["server"] for oid, o in L.orders.items()} == dict.fromkeys(on, "r0")
+    assert {oid: o.server for oid, o in L.book.orders.items()} == dict.fromkeys(on, "r0")
     moved = [oid for oid, s in on.items() if s == "r1"]
     assert [(s, m.order_id) for s, m in L.hub.sent] == [("r0", moved[0])]
 
@@ -167,7 +158,7 @@ def test_a_hello_under_a_known_id_gets_the_weights_and_its_orders_again():
         type(m).__name__ if not isinstance(m, SimpleNamespace) else "weights" for _, m in L.hub.sent
     ]
     assert kinds == ["weights", "WorkOrder", "WorkOrder"]  # weights first, then the orders
-    assert L.hub.sent[0][1].version == 3 and L.weights.forgotten == ["r0"]
+    assert L.hub.sent[0][1].version == 3 and L.publishing.weights.forgotten == ["r0"]
     assert sorted(m.order_id for _, m in L.hub.sent[1:]) == ["train-0", "train-1"]
 
 
@@ -177,12 +168,12 @@ def test_restart_mode_orders_wait_for_a_server_then_go_out():
     L.hub.sent.clear()
     L.hub.dead = ["r0"]
     L._pump(0)
-    assert all(o["server"] is None for o in L.orders.values()) and len(L.orders) == 2
+    assert all(o.server is None for o in L.book.orders.values()) and len(L.book.orders) == 2
     assert L.hub.sent == []
     L.hub.alive = ["r0"]
     L.hub.inbox.append(_hello("r0"))
     L._pump(0)
-    assert all(o["server"] == "r0" for o in L.orders.values())
+    assert all(o.server == "r0" for o in L.book.orders.values())
     assert sorted(m.order_id for _, m in L.hub.sent if isinstance(m, WorkOrder)) == [
         "train-0",
         "train-1",
@@ -213,17 +204,19 @@ def test_trajectory_of_another_learner_run_is_dropped():
     L.dispatch()
     L.hub.inbox.append(_traj("train-0", "run-old"))  # same order id, previous learner
     L._pump(0)
-    assert L.ready == [] and "train-0" in L.orders
+    assert L.batcher.ready == [] and "train-0" in L.book.orders
     L.hub.inbox.append(_traj("train-0", "run-a"))
     L._pump(0)
-    assert [t.order_id for t in L.ready] == ["train-0"] and L.seq_of == {"train-0": 0}
+    assert [t.order_id for t in L.batcher.ready] == ["train-0"] and L.batcher.seq_of == {
+        "train-0": 0
+    }
 
 
 def test_error_from_a_server_that_lost_the_order_is_ignored():
     L = _learner(["r0", "r1"])
     L.dispatch()
-    oid, o = next(iter(L.orders.items()))
-    other = "r1" if o["server"] == "r0" else "r0"
+    oid, o = next(iter(L.book.orders.items()))
+    other = "r1" if o.server == "r0" else "r0"
     L.hub.inbox.append(
         (
             other,
@@ -233,17 +226,17 @@ def test_error_from_a_server_that_lost_the_order_is_ignored():
         )
     )
     L._pump(0)
-    assert oid in L.orders and o["seq"] in L.cursor.outstanding
+    assert oid in L.book.orders and o.seq in L.cursor.outstanding
     L.hub.inbox.append(
         (
-            o["server"],
-            Error(origin=o["server"], code="order_failed", message="x", ref_id=oid),
+            o.server,
+            Error(origin=o.server, code="order_failed", message="x", ref_id=oid),
             [],
             time.monotonic(),
         )
     )
     L._pump(0)
-    assert oid not in L.orders
+    assert oid not in L.book.orders
 
 
 def test_batch_is_trained_in_sequence_order():
@@ -251,8 +244,8 @@ def test_batch_is_trained_in_sequence_order():
     L.dispatch = lambda: None
     L.counters.update(stale_dropped=0, stale_corrected=0)
     for seq in (1, 0):
-        L.ready.append(_traj(f"train-{seq}", "run-a")[1])
-        L.seq_of[f"train-{seq}"] = seq
+        L.batcher.ready.append(_traj(f"train-{seq}", "run-a")[1])
+        L.batcher.seq_of[f"train-{seq}"] = seq
     assert [t.order_id for t in L.collect(2)] == ["train-0", "train-1"]
 
 
@@ -407,15 +400,17 @@ def test_every_published_version_waits_for_its_own_ack():
     own version, and none is lost from the sync timeout's watch."""
     L = _learner(["r0"])
     L.publish_weights()  # version 3
-    t3 = L.pending_acks["r0"][3]
+    t3 = L.publishing.pending["r0"][3]
     L.version = 4
     L.publish_weights()
-    assert sorted(L.pending_acks["r0"]) == [3, 4]
-    L._on_ack("r0", WeightAck(server_id="r0", version=3, ok=True), t3 + 0.5)
-    assert L.sync_times == [pytest.approx(0.5)] and sorted(L.pending_acks["r0"]) == [4]
-    t4 = L.pending_acks["r0"][4]
-    L._on_ack("r0", WeightAck(server_id="r0", version=4, ok=True), t4 + 0.25)
-    assert L.sync_times[-1] == pytest.approx(0.25) and not L.pending_acks["r0"]
+    assert sorted(L.publishing.pending["r0"]) == [3, 4]
+    L.publishing.on_ack("r0", WeightAck(server_id="r0", version=3, ok=True), t3 + 0.5)
+    assert L.publishing.sync_times == [pytest.approx(0.5)] and sorted(
+        L.publishing.pending["r0"]
+    ) == [4]
+    t4 = L.publishing.pending["r0"][4]
+    L.publishing.on_ack("r0", WeightAck(server_id="r0", version=4, ok=True), t4 + 0.25)
+    assert L.publishing.sync_times[-1] == pytest.approx(0.25) and not L.publishing.pending["r0"]
 
 
 def test_a_failed_update_answers_the_oldest_and_a_late_one_times_out():
@@ -423,12 +418,14 @@ def test_a_failed_update_answers_the_oldest_and_a_late_one_times_out():
     L.publish_weights()
     L.version = 4
     L.publish_weights()
-    L._on_ack("r0", WeightAck(server_id="r0", version=2, ok=False, error="boom"), time.monotonic())
-    assert sorted(L.pending_acks["r0"]) == [4] and L.counters["weight_syncs_failed"] == 1
-    assert "r0" in L.weights.forgotten  # the next update is a full sync
-    L.pending_acks["r0"][4] -= L.cfg.wire.weight_sync_timeout_s + 1  # published long ago
+    L.publishing.on_ack(
+        "r0", WeightAck(server_id="r0", version=2, ok=False, error="boom"), time.monotonic()
+    )
+    assert sorted(L.publishing.pending["r0"]) == [4] and L.counters["weight_syncs_failed"] == 1
+    assert "r0" in L.publishing.weights.forgotten  # the next update is a full sync
+    L.publishing.pending["r0"][4] -= L.cfg.wire.weight_sync_timeout_s + 1  # published long ago
     L._pump(0)
-    assert "r0" not in L.pending_acks and L.counters["weight_syncs_failed"] == 2
+    assert "r0" not in L.publishing.pending and L.counters["weight_syncs_failed"] == 2
 
 
 def _error(sid: str, code: str, message: str, ref_id: str = "") -> tuple:
@@ -441,18 +438,18 @@ DEAD = "vLLM engine died: RuntimeError: CPU Generator does not use offset"
 def test_engine_death_moves_every_order_to_the_survivor_and_loses_none():
     L = _learner(["r0", "r1"])
     L.dispatch()
-    on = {oid: o["server"] for oid, o in L.orders.items()}
+    on = {oid: o.server for oid, o in L.book.orders.items()}
     L.hub.sent.clear()
     failed = next(oid for oid, s in on.items() if s == "r0")
     L.hub.inbox.append(_error("r0", "engine_dead", DEAD, failed))
     L._pump(0)
-    assert {o["server"] for o in L.orders.values()} == {"r1"}
-    assert sorted(L.orders) == sorted(on)  # the same sequences: nothing skipped or marked done
-    assert L.cursor.state()["pending"] == sorted(o["seq"] for o in L.orders.values())
+    assert {o.server for o in L.book.orders.values()} == {"r1"}
+    assert sorted(L.book.orders) == sorted(on)  # the same sequences: nothing skipped or marked done
+    assert L.cursor.state()["pending"] == sorted(o.seq for o in L.book.orders.values())
     assert L.counters["engines_dead"] == 1 and L.counters["order_failures"] == 0
     L.hub.sent.clear()
     for _ in range(3):  # a later order never goes to r0
-        L._send_order(*L.cursor.take(), "train", False)
+        L.book.send(*L.cursor.take(), "train", False, L.version)
     assert {s for s, _ in L.hub.sent} == {"r1"}
 
 
@@ -470,7 +467,7 @@ def test_engine_death_with_restart_waits_for_the_new_process():
     L.dispatch()
     L.hub.inbox.append(_error("r0", "engine_dead", DEAD, "train-0"))
     L._pump(0)
-    assert {o["server"] for o in L.orders.values()} == {None}  # waiting, not failing
+    assert {o.server for o in L.book.orders.values()} == {None}  # waiting, not failing
     L.hub.sent.clear()
     L.hub.inbox.append(_hello("r0"))
     L._pump(0)
@@ -478,7 +475,7 @@ def test_engine_death_with_restart_waits_for_the_new_process():
         "train-0",
         "train-1",
     ]
-    assert "r0" not in L.benched
+    assert "r0" not in L.book.benched
 
 
 def test_a_server_whose_orders_all_fail_stops_the_run_instead_of_spinning():
@@ -502,4 +499,4 @@ def test_a_trajectory_resets_the_failure_count():
     L.hub.inbox += [_error("r0", "order_failed", "x", "train-0"), _traj("train-1", "run-a")]
     L._pump(0)
     L._pump(0)
-    assert L.failures_in_a_row["r0"] == 0 and not L.benched
+    assert L.book.failures_in_a_row["r0"] == 0 and not L.book.benched

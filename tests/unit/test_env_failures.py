@@ -104,7 +104,9 @@ def test_a_failed_eval_episode_scores_zero_and_is_reported(caplog):
     assert L.counters["eval_env_errors"] == 2 and L.counters["eval_timeouts"] == 0
     assert L.metrics.records[-1]["eval/test_env_errors"] == 2
     assert "2 of 4 episodes failed and score 0" in caplog.text and "no such table" in caplog.text
-    assert not L.benched and L.failures_in_a_row.get("r0", 0) == 0  # eval says nothing of r0
+    assert (
+        not L.book.benched and L.book.failures_in_a_row.get("r0", 0) == 0
+    )  # eval says nothing of r0
     assert L.env_failures.in_a_row == 0  # nor of the training episodes
 
 
@@ -132,7 +134,7 @@ def test_an_eval_that_fails_every_episode_ends(caplog):
     L = _eval_learner(max_order_failures=2, max_env_failures=2)
     _answer(L, dict.fromkeys(range(4), BOOM))
     assert L.evaluate("test") == 0.0
-    assert L.counters["eval_env_errors"] == 4 and not L.benched
+    assert L.counters["eval_env_errors"] == 4 and not L.book.benched
 
 
 def test_order_timeout_bounds_an_eval_order_that_never_answers(monkeypatch):
@@ -143,7 +145,7 @@ def test_order_timeout_bounds_an_eval_order_that_never_answers(monkeypatch):
     monkeypatch.setattr(time, "monotonic", lambda: t0 + 100 * next(clock))
     assert L.evaluate("test") == 0.5
     assert L.counters["eval_timeouts"] == 2 and L.counters["eval_env_errors"] == 0
-    assert not L.orders  # nothing sent again
+    assert not L.book.orders  # nothing sent again
 
 
 def _run_training(L: Learner, answer: object, rounds: int = 200) -> None:
@@ -180,7 +182,7 @@ def _run_training(L: Learner, answer: object, rounds: int = 200) -> None:
                 )
         L.hub.sent.clear()
         L._pump(0)
-        L.ready.clear()  # trained (a group with an episode that ran)
+        L.batcher.ready.clear()  # trained (a group with an episode that ran)
 
 
 def test_an_env_that_fails_every_episode_ends_the_run_quoting_its_error():
@@ -193,7 +195,7 @@ def test_an_env_that_fails_every_episode_ends_the_run_quoting_its_error():
     ):
         _run_training(L, BOOM)
     assert L.counters["order_failures"] == 64 // L.cfg.learner.group_size
-    assert not L.benched
+    assert not L.book.benched
 
 
 def test_failed_episodes_inside_trajectories_count_and_one_success_resets():
@@ -253,10 +255,8 @@ def test_streak_message_names_the_env_check_command():
 
 
 def test_summary_json_is_strict_with_null_where_no_eval_ran(tmp_path):
-    L = object.__new__(Learner)
-    L.step, L.t_start, L.eval_outcomes, L.eval_metrics = 2, time.time(), {}, {}
-    L.counters = {"eval_env_errors": 0}
-    L.metrics = MetricsWriter(tmp_path)
+    L = _learner(["r0"])
+    L.step, L.metrics = 2, MetricsWriter(tmp_path)
     try:
         summary = L.finish(float("nan"), float("nan"))
     finally:

@@ -57,7 +57,7 @@ def _guard(L: Learner, pumps: int = 5000) -> None:
 def test_a_heartbeat_reporting_a_dead_engine_moves_its_orders():
     L = _learner(["r0", "r1"])
     L.dispatch()
-    mine = [oid for oid, o in L.orders.items() if o["server"] == "r0"]
+    mine = [oid for oid, o in L.book.orders.items() if o.server == "r0"]
     assert mine
     L.hub.inbox.append(
         (
@@ -74,8 +74,8 @@ def test_a_heartbeat_reporting_a_dead_engine_moves_its_orders():
         )
     )
     L._pump(0.0)
-    assert L.benched == {"r0": DEAD} and L.counters["engines_dead"] == 1
-    assert all(o["server"] == "r1" for o in L.orders.values())
+    assert L.book.benched == {"r0": DEAD} and L.counters["engines_dead"] == 1
+    assert all(o.server == "r1" for o in L.book.orders.values())
 
 
 def test_no_progress_ends_the_run_with_the_servers_state(monkeypatch):
@@ -83,7 +83,7 @@ def test_no_progress_ends_the_run_with_the_servers_state(monkeypatch):
     without a progress deadline the learner would wait forever."""
     L = _learner(["r0"])
     L.cfg.wire.progress_timeout_s = 1000.0
-    L._last_error = "r0: order_failed: RuntimeError: stuck"
+    L.book.last_error = "r0: order_failed: RuntimeError: stuck"
     _guard(L)
     _fake_clock(monkeypatch)
     with pytest.raises(
@@ -103,7 +103,7 @@ def test_a_trajectory_is_progress(monkeypatch):
     L._pump(0.0)  # the clock starts
     L.hub.inbox.append(_traj("train-0", "run-a"))
     L._pump(0.0)
-    assert L._last_progress is not None and "train-0" not in L.orders
+    assert L.book.last_progress is not None and "train-0" not in L.book.orders
 
 
 def test_a_high_order_failure_rate_ends_the_run():
@@ -140,8 +140,8 @@ def test_a_high_order_failure_rate_ends_the_run():
                     )
             L.hub.sent.clear()
             L._pump(0.0)
-            L.ready.clear()  # (trained)
-    assert not L.benched
+            L.batcher.ready.clear()  # (trained)
+    assert not L.book.benched
 
 
 def test_failures_below_the_rate_go_on():
@@ -149,7 +149,7 @@ def test_failures_below_the_rate_go_on():
     w = L.cfg.wire
     w.max_order_failure_rate, w.order_failure_window = 0.5, 4
     for failed in [True, False, True, False, True, False]:
-        L._order_outcome(failed)  # never more than half of the last 4
+        L.book.outcome(failed)  # never more than half of the last 4
 
 
 def test_evaluation_ends_when_an_eval_order_keeps_moving(monkeypatch):

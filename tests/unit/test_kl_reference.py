@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from climbrl.config import load_config
-from climbrl.learner.learner import Learner
 from climbrl.learner.objectives import kl_estimate
+from climbrl.learner.trainer import Trainer
 from climbrl.wire import Sample, Trajectory
 from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
@@ -29,7 +29,7 @@ def _qwen3(seed: int) -> torch.nn.Module:
     return tiny_qwen3(seed, V)
 
 
-def _learner(policy: torch.nn.Module, ref: torch.nn.Module, overrides: list[str]) -> Learner:
+def _learner(policy: torch.nn.Module, ref: torch.nn.Module, overrides: list[str]) -> Trainer:
     return bare_learner(policy, T, ref=ref, overrides=overrides)
 
 
@@ -77,8 +77,6 @@ def test_reference_logprob_is_its_full_distribution_under_top_k_replay():
         )
         for r in (0.0, 1.0)
     ]
-    seq, _ = L.cursor.take()
-    L.seq_of["o"] = seq
     tr = Trajectory(
         order_id="o",
         server_id="r0",
@@ -92,7 +90,7 @@ def test_reference_logprob_is_its_full_distribution_under_top_k_replay():
     L.obj.micro_loss = lambda batch, i, b, ref_logp, *a: (
         seen.append(ref_logp) or micro_loss(batch, i, b, ref_logp, *a)
     )
-    st = L.train_step([tr])
+    st = L.train_step([tr], 0)
 
     assert len(seen) == 1 and seen[0] is not None
     assert seen[0][:, 0].tolist() == pytest.approx([logp_ref] * 2, abs=1e-5)

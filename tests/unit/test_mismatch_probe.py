@@ -84,21 +84,14 @@ def test_snapshot_swaps_the_old_weights_in_and_back():
     assert not torch.equal(want_old, want_new)
 
 
-def _train(L, groups: list[Trajectory]) -> dict:
-    for g in groups:  # the learner's bookkeeping of the orders these groups answer
-        L.seq_of[g.order_id], _ = L.cursor.take()
-    return L.train_step(groups)
-
-
 def _step(learner_model: torch.nn.Module, sampler: torch.nn.Module, probe: int) -> dict:
     L = bare_learner(
         learner_model,
         T,
-        version=1,
         overrides=[f"learner.mismatch_probe_samples={probe}", "learner.max_staleness=1"],
     )
     L.snapshot.take(list(sampler.parameters()), 0)  # what publish gave the engine at version 0
-    return _train(L, _groups(sampler, version=0))
+    return L.train_step(_groups(sampler, version=0), 1)  # lag 1
 
 
 def test_probe_measures_lag1_samples_at_the_weights_that_made_them():
@@ -116,7 +109,7 @@ def test_probe_measures_lag1_samples_at_the_weights_that_made_them():
 
 def test_probe_ignores_samples_of_another_version():
     sampler = tiny_qwen3(0, V)
-    L = bare_learner(_moved(sampler), T, version=2, overrides=["learner.max_staleness=2"])
+    L = bare_learner(_moved(sampler), T, overrides=["learner.max_staleness=2"])
     L.snapshot.take(list(sampler.parameters()), 1)  # version 1's weights; the samples are v0
-    st = _train(L, _groups(sampler, version=0))
+    st = L.train_step(_groups(sampler, version=0), 2)  # lag 2
     assert st["mismatch_probe_tokens"] == 0

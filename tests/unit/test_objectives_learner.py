@@ -14,7 +14,7 @@ from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
 from climbrl.learner.logprobs import completion_logprobs
-from climbrl.learner.objectives_step import ObjectiveStep
+from climbrl.learner.trainer import Trainer
 from climbrl.learner.weights import WeightPublisher
 from climbrl.wire import Sample, Trajectory
 
@@ -47,20 +47,20 @@ def _learner(
             *overrides,
         ],
     )
-    L = object.__new__(Learner)  # the real train_step/collect/checkpoint, no sockets or engine
-    L.cfg, L.out, L.step, L.version = cfg, tmp_path / "run", 0, 0
     torch.manual_seed(0)
-    L.model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
-    L.tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    L.opt = torch.optim.AdamW(L.model.parameters(), lr=1e-2)
-    L.ref = None
-    L.env = types.SimpleNamespace(reward_range=(0.0, 1.0))
-    L.obj = ObjectiveStep(cfg, L.model, 1.0)
-    L.weights = WeightPublisher(L.model, "full", str(tiny_model))
-    L.cursor = DataCursor(1000)
-    L.seq_of, L.ready = {}, []
-    L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)
-    return L
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    trainer = Trainer(cfg, model, opt=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    env = types.SimpleNamespace(reward_range=(0.0, 1.0), num_tasks=lambda split: 1000)
+    # the real train_step/collect/checkpoint, no sockets or engine
+    return Learner(
+        cfg,
+        hub=None,
+        env=env,
+        trainer=trainer,
+        weights=WeightPublisher(model, "full", str(tiny_model)),
+        tokenizer=AutoTokenizer.from_pretrained(str(tiny_model)),
+        cursor=DataCursor(1000),
+    )
 
 
 def _groups(
@@ -82,7 +82,7 @@ def _groups(
                 finish_reason=finish,
             )
             with torch.no_grad():
-                lp = completion_logprobs(L.model, [s], temperature=1.0)["logp"][0, :n]
+                lp = completion_logprobs(L.trainer.model, [s], temperature=1.0)["logp"][0, :n]
             s.logprobs = (lp - SHIFT).tolist()
             samples.append(s)
         seq, _ = L.cursor.take()
@@ -94,7 +94,7 @@ def _groups(
             gen_seconds=0.0,
             num_generated_tokens=0,
         )
-        L.seq_of[tr.order_id] = seq
+        L.batcher.seq_of[tr.order_id] = seq
         out.append(tr)
     return out
 
@@ -103,7 +103,7 @@ def _groups(
 def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
     L = _learner(tiny_model, tmp_path, f"{name}.toml", ["learner.mask_truncated=false"])
     gs = L.cfg.learner.group_size
-    before = {k: v.clone() for k, v in L.model.state_dict().items()}
+    before = {k: v.clone() for k, v in L.trainer.model.state_dict().items()}
     for step in range(2):
         st = L.train_step(_groups(L, 4 if gs > 1 else 8, gs, seed=step))
         assert st["loss"] == st["loss"] and st["grad_norm"] > 0, st
@@ -124,27 +124,27 @@ def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
             assert st["replay_miss_tokens"] == 0  # no kept sets recorded: nothing to miss
             # k3 with d = log pi_train - log mu = SHIFT
             assert st["mismatch_kl"] == pytest.approx(math.exp(SHIFT) - SHIFT - 1, rel=1e-3)
-    assert any(not torch.equal(before[k], v) for k, v in L.model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in L.trainer.model.state_dict().items())
     if name == "ppo":
-        assert "value_loss" in st and L.obj.critic is not None
-        assert L.obj.critic.head.weight.abs().sum() > 0  # the critic was trained
+        assert "value_loss" in st and L.trainer.obj.critic is not None
+        assert L.trainer.obj.critic.head.weight.abs().sum() > 0  # the critic was trained
 
 
 def test_ppo_separate_value_model_trains_and_checkpoints(tiny_model, tmp_path):
     L = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.critic="model"'])
-    assert L.obj.critic.backbone is not None
-    v0 = {k: v.clone() for k, v in L.obj.critic.state_dict().items()}
+    assert L.trainer.obj.critic.backbone is not None
+    v0 = {k: v.clone() for k, v in L.trainer.obj.critic.state_dict().items()}
     st = L.train_step(_groups(L, 6, 1))
     assert st["value_loss"] > 0 and st["critic_grad_norm"] > 0
-    changed = [k for k, v in L.obj.critic.state_dict().items() if not torch.equal(v0[k], v)]
+    changed = [k for k, v in L.trainer.obj.critic.state_dict().items() if not torch.equal(v0[k], v)]
     assert any(k.startswith("backbone.") for k in changed) and "head.weight" in changed
     L.step = 1
     ckpt = L.checkpoint()
     assert (ckpt / "critic.safetensors").is_file() and (ckpt / "critic_optimizer.pt").is_file()
     L2 = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.critic="model"'])
-    L2.obj.load_state({}, ckpt)
-    for k, v in L.obj.critic.state_dict().items():
-        assert torch.equal(v, L2.obj.critic.state_dict()[k]), k
+    L2.trainer.obj.load_state({}, ckpt)
+    for k, v in L.trainer.obj.critic.state_dict().items():
+        assert torch.equal(v, L2.trainer.obj.critic.state_dict()[k]), k
 
 
 def test_clip_high_controller_state_is_checkpointed(tiny_model, tmp_path):
@@ -155,15 +155,15 @@ def test_clip_high_controller_state_is_checkpointed(tiny_model, tmp_path):
         ["learner.target_entropy=20.0", "learner.clip_high_max=0.6"],
     )
     L.train_step(_groups(L, 4, 8))  # entropy of a random model is far below 20: clip opens
-    assert L.obj.loss.clip_high > 0.28
+    assert L.trainer.obj.loss.clip_high > 0.28
     L2 = _learner(
         tiny_model,
         tmp_path,
         "dapo.toml",
         ["learner.target_entropy=20.0", "learner.clip_high_max=0.6"],
     )
-    L2.obj.load_state(L.obj.state())
-    assert L2.obj.loss.clip_high == L.obj.loss.clip_high == L2.obj.controller.clip_high
+    L2.trainer.obj.load_state(L.trainer.obj.state())
+    assert L2.trainer.obj.loss.clip_high == L.trainer.obj.loss.clip_high == L2.trainer.obj.controller.clip_high
 
 
 def test_icepop_masks_the_tokens_the_engine_disagrees_on(tiny_model, tmp_path):
@@ -249,7 +249,7 @@ def test_decoupled_ratio_is_against_the_proximal_policy(minibatches, tiny_model,
             'learner.loss_agg="token"',
         ],
     )
-    for gr in L.opt.param_groups:
+    for gr in L.trainer.opt.param_groups:
         gr["lr"] = 0.05  # a step large enough to move the ratio past the clip
     groups = _groups(L, 4, 8)
     truncated = 0
@@ -260,10 +260,10 @@ def test_decoupled_ratio_is_against_the_proximal_policy(minibatches, tiny_model,
                 truncated += len(s.completion_ids)
     n_tok = sum(len(s.completion_ids) for g in groups for s in g.samples)
     samples = [s for g in groups for s in g.samples]
-    want_prox = _hand_logp(copy.deepcopy(L.model), samples, L.cfg.rollout.temperature)
+    want_prox = _hand_logp(copy.deepcopy(L.trainer.model), samples, L.cfg.rollout.temperature)
     seen = []
-    micro_loss = L.obj.micro_loss
-    L.obj.micro_loss = lambda batch, *a: seen.append(batch.prox_BT) or micro_loss(batch, *a)
+    micro_loss = L.trainer.obj.micro_loss
+    L.trainer.obj.micro_loss = lambda batch, *a: seen.append(batch.prox_BT) or micro_loss(batch, *a)
     st = L.train_step(groups)
     assert st["optimizer_steps"] == minibatches
     assert st["offpolicy_masked_frac"] == pytest.approx(truncated / n_tok)
@@ -283,7 +283,7 @@ def test_truncated_completions_are_masked(tiny_model, tmp_path):
     st = L.train_step(groups)
     assert st["truncated_masked_frac"] == 0.5
     # a batch of only truncated completions has nothing to learn from
-    L.opt.zero_grad()
+    L.trainer.opt.zero_grad()
     st = L.train_step(_groups(L, 2, 8, seed=2, finish="length"))
     assert st["grad_norm"] == 0.0 and st["mismatch_tokens"] == 0
 
@@ -315,16 +315,12 @@ def _traj(seq: int, rewards: list[float]) -> Trajectory:
 
 
 def _collector(overrides: list[str], group_rewards: list[list[float]]) -> Learner:
-    L = object.__new__(Learner)
-    L.cfg = load_config(None, ["model.path=m", "learner.group_size=4", *overrides])
-    L.env = types.SimpleNamespace(reward_range=(0.0, 1.0))
-    L.counters = dict(stale_dropped=0, stale_corrected=0, filtered_groups=0)
-    L.cursor = DataCursor(100)
-    L.version, L.ready, L.seq_of = 0, [], {}
+    cfg = load_config(None, ["model.path=m", "learner.group_size=4", *overrides])
+    env = types.SimpleNamespace(reward_range=(0.0, 1.0), num_tasks=lambda split: 100)
+    L = Learner(cfg, hub=None, env=env, cursor=DataCursor(100))
     for rw in group_rewards:
         seq, _ = L.cursor.take()
-        L.ready.append(_traj(seq, rw))
-        L.seq_of[f"o{seq}"] = seq
+        L.batcher.add(_traj(seq, rw), seq)
     L.dispatch = lambda: None
     return L
 
@@ -337,8 +333,8 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills():
 
     def pump(timeout: float) -> None:  # the engine delivers a new, informative group
         seq, _ = L.cursor.take()
-        L.ready.append(_traj(seq, [1, 0, 1, 1]))
-        L.seq_of[f"o{seq}"] = seq
+        L.batcher.ready.append(_traj(seq, [1, 0, 1, 1]))
+        L.batcher.seq_of[f"o{seq}"] = seq
         refills.append(seq)
 
     L._pump = pump
@@ -421,7 +417,7 @@ def test_failed_episodes_cost_only_themselves(tiny_model, tmp_path):
             groups[0].samples.insert(1, _failed(task, "env.respond raised RuntimeError: boom"))
             groups[1].samples.append(_failed(task, "env.respond ran past env.step_timeout_s=5s"))
         st = L.train_step(groups)
-        runs.append((st, {k: v.clone() for k, v in L.model.state_dict().items()}))
+        runs.append((st, {k: v.clone() for k, v in L.trainer.model.state_dict().items()}))
     (st0, w0), (st1, w1) = runs
     assert st0["env_errors"] == 0 and st1["env_errors"] == 2
     assert st1["loss"] == pytest.approx(st0["loss"], rel=1e-6)

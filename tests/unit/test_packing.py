@@ -114,8 +114,7 @@ def test_a_packed_token_budget_step_equals_the_padded_step():
     }.items():
         policy = tiny_qwen3(0, 50)
         L = bare_learner(policy, T, overrides=["learner.group_size=2", *over])
-        L.seq_of = {g.order_id: k for k, g in enumerate(groups)}
-        st = L.train_step(groups)
+        st = L.train_step(groups, 0)
         grads[name] = (st["loss"], [p.grad.clone() for p in policy.parameters()])
     assert any(float(g.abs().max()) > 1e-4 for g in grads["padded"][1])
     assert grads["packed"][0] == pytest.approx(grads["padded"][0], abs=1e-6)
@@ -223,8 +222,7 @@ def test_a_shared_prompt_step_equals_the_padded_step():
                 f"learner.share_prompts={str(share).lower()}",
             ],
         )
-        L.seq_of = {g.order_id: k for k, g in enumerate(groups)}
-        st = L.train_step(groups)
+        st = L.train_step(groups, 0)
         out[share] = (st["loss"], [p.grad.clone() for p in policy.parameters()])
     assert any(float(g.abs().max()) > 1e-4 for g in out[False][1])
     assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)

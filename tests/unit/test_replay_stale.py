@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from climbrl.learner.learner import Learner
 from climbrl.learner.logprobs import completion_logprobs
+from climbrl.learner.trainer import Trainer
 from climbrl.wire import Sample, Trajectory
 from tests.unit.tiny_learner import bare_learner, tiny_qwen3
 
@@ -30,8 +30,8 @@ def _qwen3(seed: int) -> torch.nn.Module:
     return tiny_qwen3(seed, V)
 
 
-def _learner(policy: torch.nn.Module) -> Learner:
-    return bare_learner(policy, T, version=1)  # one version ahead of the sampler: lag 1
+def _learner(policy: torch.nn.Module) -> Trainer:
+    return bare_learner(policy, T)
 
 
 def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -146,8 +146,6 @@ def test_step_metrics_log_replay_miss_frac():
         for t, r in ((hit_tok, 0.0), (miss_tok, 1.0))
     ]
     L = _learner(learner)
-    seq, _ = L.cursor.take()
-    L.seq_of["o"] = seq
     tr = Trajectory(
         order_id="o",
         server_id="r0",
@@ -156,7 +154,7 @@ def test_step_metrics_log_replay_miss_frac():
         gen_seconds=0.0,
         num_generated_tokens=2,
     )
-    st = L.train_step([tr])
+    st = L.train_step([tr], 1)  # one version ahead of the sampler: lag 1
     assert st["staleness_max"] == 1.0
     assert st["replay_miss_tokens"] == 1.0
     assert st["replay_miss_frac"] == pytest.approx(0.5)  # 1 miss / 2 trainable tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from climbrl.config import load_config
 from climbrl.learner.data import DataCursor
 from climbrl.learner.learner import Learner
@@ -29,17 +31,16 @@ def _traj(seq: int, version: int) -> Trajectory:
 
 
 def _learner(policy: str) -> Learner:
-    L = object.__new__(Learner)  # the real collect(), without model or sockets
-    L.cfg = load_config(
+    """The real collect(), without model or sockets."""
+    cfg = load_config(
         None, ["model.path=m", "learner.max_staleness=1", f"learner.stale_policy={policy}"]
     )
-    L.counters = dict(stale_dropped=0, stale_corrected=0)
-    L.cursor = DataCursor(100)
+    env = SimpleNamespace(reward_range=(0.0, 1.0), num_tasks=lambda split: 100)
+    L = Learner(cfg, hub=None, env=env, cursor=DataCursor(100), version=5)
     for _ in range(4):
         L.cursor.take()
-    L.version = 5
-    L.ready = [_traj(0, 5), _traj(1, 3), _traj(2, 4), _traj(3, 2)]
-    L.seq_of = {f"o{i}": i for i in range(4)}
+    for i, tr in enumerate([_traj(0, 5), _traj(1, 3), _traj(2, 4), _traj(3, 2)]):
+        L.batcher.add(tr, i)
     L.dispatch = lambda: None
     return L
 
@@ -67,8 +68,8 @@ def test_collect_waits_for_enough_fresh_groups():
     def pump(timeout):
         calls.append(timeout)
         if len(calls) == 2:
-            L.ready.append(_traj(4, 5))
-            L.seq_of["o4"] = 4
+            L.batcher.ready.append(_traj(4, 5))
+            L.batcher.seq_of["o4"] = 4
 
     L._pump = pump
     batch = L.collect(3)
@@ -81,8 +82,8 @@ def test_correct_counts_a_group_once_while_collect_waits_for_more():
 
     def pump(timeout: float) -> None:  # collect() re-scans `ready` after every receive
         if arrivals:
-            L.ready.append(arrivals.pop())
-            L.seq_of["o4"] = 4
+            L.batcher.ready.append(arrivals.pop())
+            L.batcher.seq_of["o4"] = 4
 
     L._pump = pump
     batch = L.collect(5)

@@ -1,4 +1,4 @@
-"""Shared by the learner unit tests: a tiny dense Qwen3 and a Learner around given models that
+"""Shared by the learner unit tests: a tiny dense Qwen3 and a Trainer around given models that
 runs the real ``train_step`` (no sockets, no engine)."""
 
 from __future__ import annotations
@@ -6,10 +6,7 @@ from __future__ import annotations
 import torch
 
 from climbrl.config import load_config
-from climbrl.learner.data import DataCursor
-from climbrl.learner.learner import Learner
-from climbrl.learner.objectives_step import ObjectiveStep
-from climbrl.learner.snapshot import WeightSnapshot
+from climbrl.learner.trainer import Trainer
 
 
 def tiny_qwen3(seed: int, vocab: int) -> torch.nn.Module:
@@ -34,9 +31,8 @@ def bare_learner(
     temperature: float,
     *,
     ref: torch.nn.Module | None = None,
-    version: int = 0,
     overrides: list[str] | None = None,
-) -> Learner:
+) -> Trainer:
     """Groups of two, micro-batches of two, a zero-lr optimizer: one ``train_step`` reports
     the loss and its statistics without moving the weights."""
     cfg = load_config(
@@ -51,11 +47,4 @@ def bare_learner(
             *(overrides or []),
         ],
     )
-    L = object.__new__(Learner)  # the real train_step; the models are built by the caller
-    L.cfg, L.step, L.version = cfg, 0, version
-    L.model, L.ref = policy.train(), ref
-    L.opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    L.obj = ObjectiveStep(cfg, policy, 1.0)
-    L.cursor, L.seq_of = DataCursor(10), {}
-    L.snapshot = WeightSnapshot()
-    return L
+    return Trainer(cfg, policy, ref=ref, opt=torch.optim.SGD(policy.parameters(), lr=0.0))
