@@ -1,4 +1,4 @@
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo test test-all lint typecheck bench
 install:
 	bash scripts/install.sh
 demo: install
@@ -8,7 +8,9 @@ test: install
 test-all:
 	.venv/bin/python -m pytest
 lint:
-	.venv/bin/ruff check . && .venv/bin/ruff format --check climbrl rollout learner
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+typecheck:
+	bash scripts/typing_root.sh && .venv/bin/pyright
 bench:
 	.venv/bin/python benchmarks/rollout_overhead.py
 	.venv/bin/python benchmarks/weight_sync.py
