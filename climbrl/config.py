@@ -88,7 +88,12 @@ class RolloutCfg(_Cfg):
         "env is refused: the wire selects among the environments the config names, it never "
         "names code to import.",
     )
-    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM KV cache size per server, GiB.")
+    kv_cache_gb: float = Field(
+        1.0,
+        gt=0,
+        description="vLLM KV cache size per server, GiB, on the CPU (on CUDA "
+        "placement.gpu_memory_utilization sizes it).",
+    )
     max_model_len: int = Field(512, ge=16, description="Max prompt+completion tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for training.")
     top_p: float = Field(1.0, gt=0, le=1, description="Top-p for training samples.")
@@ -250,6 +255,21 @@ class LearnerCfg(_Cfg):
         True,
         description="LM-head matmul and log-softmax in float32 (matching the engine's sampler); "
         "false does the matmul in the model dtype and only the softmax in float32.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where a single-process learner trains (climbrl/learner/device.py): 'auto' "
+        "= the first visible CUDA device when there is one, else the CPU; 'cuda' without a "
+        "CUDA device is an error. An FSDP learner (learner.fsdp) takes its rank's GPU.",
+    )
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="Mixed precision of the learner's forward: 'bf16' = torch.autocast to "
+        "bfloat16 with float32 master weights (the model is loaded in float32; AdamW and "
+        "gradients stay float32) and, with fp32_lm_head, the LM head outside autocast in "
+        "float32. 'auto' = bf16 on CUDA for bfloat16/float16 models (model.dtype), off on the "
+        "CPU (bf16 is several times slower there) and for float32 models, so the learner "
+        "computes in the engine's dtype. 'off' = the model dtype throughout.",
     )
     # --- objective (learner/objectives*.py; examples/*.toml has one config per objective)
     objective: Literal["grpo", "gspo", "cispo", "ppo"] = Field(
@@ -727,6 +747,53 @@ class RayCfg(_Cfg):
     )
 
 
+class PlacementCfg(_Cfg):
+    """Which GPUs the learner and the rollout servers get (climbrl/placement.py). Inert on a
+    machine without CUDA. GPU indices count the devices the local launcher sees (its own
+    CUDA_VISIBLE_DEVICES, when set, is the list they index); under --launcher ray, Ray picks
+    the GPUs and the mode sets how many each actor asks for."""
+
+    mode: Literal["auto", "separate", "colocated"] = Field(
+        "auto",
+        description="'separate': the learner on its own GPUs (learner.world_size of them), "
+        "each rollout server on one GPU of its own. 'colocated': rollout server i shares the "
+        "GPU of learner rank i: the engine takes placement.gpu_memory_utilization of it and, "
+        "with sleep_level > 0, starts with vLLM's sleep mode, so it can free its memory while "
+        "the learner steps (how TRL, verl and OpenRLHF train on one GPU). 'auto': separate "
+        "when the machine has a GPU for every process, else colocated; the local launcher "
+        "writes the mode it picks into the resolved config (under --launcher ray, 'auto' asks "
+        "Ray for no GPUs). A rollout server started alone treats 'auto' as separate.",
+    )
+    learner_gpus: list[int] = Field(
+        default_factory=list,
+        description="GPU indices of the learner's processes, one per rank (learner.world_size "
+        "of them). Empty: the first ones.",
+    )
+    rollout_gpus: list[int] = Field(
+        default_factory=list,
+        description="GPU index of each rollout server (rollout.num_servers of them). Empty: "
+        "'separate' takes the GPUs after the learner's, 'colocated' server i takes the GPU of "
+        "learner rank i.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of its GPU's memory each vLLM engine may take, weights and KV "
+        "cache included (vLLM's gpu_memory_utilization; on CUDA it sizes the KV cache in "
+        "place of rollout.kv_cache_gb). 0 = 0.9 when separate, 0.5 when colocated (the rest "
+        "is the learner's).",
+    )
+    sleep_level: Literal[0, 1, 2] = Field(
+        1,
+        description="Colocated: the level of vLLM's sleep mode (the engine starts with "
+        "enable_sleep_mode). 1 = a sleeping engine keeps its weights in CPU memory and frees "
+        "the KV cache; 2 = it frees both (the next weight sync reloads the weights); 0 = no "
+        "sleep mode (the memory fraction alone shares the GPU). Ignored when separate and on "
+        "the CPU.",
+    )
+
+
 class Config(_Cfg):
     run: RunCfg = Field(default_factory=RunCfg)
     model: ModelCfg
@@ -736,6 +803,14 @@ class Config(_Cfg):
     wire: WireCfg = Field(default_factory=WireCfg)
     serve: ServeCfg = Field(default_factory=ServeCfg)
     ray: RayCfg = Field(default_factory=RayCfg)
+    placement: PlacementCfg = Field(default_factory=PlacementCfg)
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> Config:
+        from climbrl.placement import check_config
+
+        check_config(self)
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Config:

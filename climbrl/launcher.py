@@ -38,10 +38,13 @@ def _die_with_parent() -> None:
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], log_path: Path):
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+    ):
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = env  # added to the launcher's environment (its GPUs: climbrl/placement.py)
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             argv,
@@ -50,6 +53,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            env={**os.environ, **env} if env else None,
         )
         self.known: dict[int, float] = {}  # descendant pid -> create_time
         self.reported = False  # its death was reported (on_child_death = "continue")
@@ -223,6 +227,13 @@ def _pct(x: float) -> str:
 
 
 def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
+    from climbrl import placement
+
+    # which GPUs each child gets (none without CUDA); the config the children read says so
+    n_gpus = placement.gpu_count()
+    plan = placement.plan_local(cfg, n_gpus)
+    cfg = placement.resolve(cfg, plan)
+    visible = placement.visible_devices(os.environ, n_gpus)
     out = Path(cfg.run.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.resolved.toml"
@@ -248,7 +259,12 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
             + ["learn", "--config", str(cfg_path), "--endpoint-file", str(ep_file)]
             + (["--resume"] if resume else []),
         )
-        learner = Child("learner", learner_argv, out / "logs" / "learner.log")
+        learner = Child(
+            "learner",
+            learner_argv,
+            out / "logs" / "learner.log",
+            placement.child_env(plan, "learner", visible),
+        )
         children.append(learner)
         deadline = time.monotonic() + 300
         while not ep_file.exists():
@@ -266,7 +282,9 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
                 "--server-id",
                 f"r{i}",
             ]
-            children.append(Child(f"rollout-{i}", argv, out / "logs" / f"rollout-{i}.log"))
+            log_path = out / "logs" / f"rollout-{i}.log"
+            env = placement.child_env(plan, i, visible)
+            children.append(Child(f"rollout-{i}", argv, log_path, env))
         rc = _monitor(cfg, children, learner, stopping, live)
     except RuntimeError as e:
         print(f"climbrl: {e}", file=sys.stderr)
@@ -336,7 +354,7 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
                     return 1
                 restarts[c.name] = n + 1
                 c.stop(grace_s=2.0)  # its engine core and anything else it left behind
-                children[i] = Child(c.name, c.argv, c.log_path)
+                children[i] = Child(c.name, c.argv, c.log_path, c.env)
                 console.print(
                     f"[yellow]restarted {c.name} as pid {children[i].pid} "
                     f"(restart {n + 1}/{cfg.run.max_restarts})[/]"

@@ -88,9 +88,13 @@ def bundles(cfg: Config) -> list[dict[str, float]]:
         out = {"CPU": cpus, "GPU": gpus}
         return {k: v for k, v in out.items() if v > 0} or {"CPU": 0.001}
 
+    from climbrl.placement import ray_num_gpus
+
     r = cfg.ray
-    return [b(r.learner_cpus, r.learner_gpus)] + [
-        b(r.rollout_cpus, r.rollout_gpus) for _ in range(cfg.rollout.num_servers)
+    # the actors' num_gpus follow their bundle: placement.mode, or ray.*_gpus when set
+    learner_gpus, rollout_gpus = ray_num_gpus(cfg)
+    return [b(r.learner_cpus, learner_gpus)] + [
+        b(r.rollout_cpus, rollout_gpus) for _ in range(cfg.rollout.num_servers)
     ]
 
 

@@ -119,7 +119,9 @@ def setup(cfg: Any) -> DistState:
     from torch.distributed.device_mesh import init_device_mesh
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    from climbrl.learner.device import resolve_device
+
+    if resolve_device(cfg.learner).type == "cuda":  # learner.device: NCCL on GPUs
         torch.cuda.set_device(local_rank)
         device, backend, kind = torch.device("cuda", local_rank), "nccl", "cuda"
     else:

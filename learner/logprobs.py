@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from climbrl.kernels import token_logprobs_and_entropy
+from climbrl.learner.device import lm_head_scope
 from climbrl.learner.replay import (
     forced_routing,
     keep_counts_BT,
@@ -51,15 +52,16 @@ def head_logprobs(
     keep_count_N: Tensor | None = None,
     fp32_head: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    return token_logprobs_and_entropy(
-        hidden_NH,
-        weight_VH,
-        targets_N,
-        temperature=temperature,
-        keep_count_N=keep_count_N,
-        fp32_head=fp32_head,
-        impl=impl,
-    )
+    with lm_head_scope(hidden_NH.device.type, fp32_head):  # float32 under bf16 autocast too
+        return token_logprobs_and_entropy(
+            hidden_NH,
+            weight_VH,
+            targets_N,
+            temperature=temperature,
+            keep_count_N=keep_count_N,
+            fp32_head=fp32_head,
+            impl=impl,
+        )
 
 
 def pack_positions(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -324,18 +326,19 @@ def completion_logprobs(
         assert keep_BT is not None, "only a replayed kept set can exclude the sampled token"
         idx = miss.reshape(-1).nonzero().squeeze(1)
         h_MH = hidden_BTH.reshape(B * Tc, -1)[idx]
-        keep_MV = keep_mask_with_targets(
-            h_MH, W, tgt.reshape(-1)[idx], keep_BT.reshape(-1)[idx], fp32_head=fp32_head
-        )
-        logp_M, ent_M = token_logprobs_and_entropy(
-            h_MH,
-            W,
-            tgt.reshape(-1)[idx],
-            temperature=temperature,
-            keep_mask_NV=keep_MV,
-            fp32_head=fp32_head,
-            impl=impl,
-        )
+        with lm_head_scope(h_MH.device.type, fp32_head):
+            keep_MV = keep_mask_with_targets(
+                h_MH, W, tgt.reshape(-1)[idx], keep_BT.reshape(-1)[idx], fp32_head=fp32_head
+            )
+            logp_M, ent_M = token_logprobs_and_entropy(
+                h_MH,
+                W,
+                tgt.reshape(-1)[idx],
+                temperature=temperature,
+                keep_mask_NV=keep_MV,
+                fp32_head=fp32_head,
+                impl=impl,
+            )
         logp = logp.index_put((idx,), logp_M.to(logp.dtype))
         ent = ent.index_put((idx,), ent_M.to(ent.dtype))
     logp, ent = logp.view(B, Tc), ent.view(B, Tc)

@@ -19,6 +19,7 @@ import torch
 from climbrl.config import Config
 from climbrl.learner import fsdp
 from climbrl.learner.checkpoint import load_state
+from climbrl.learner.device import Precision, learner_precision
 from climbrl.learner.logprobs import completion_logprobs, micro_chunks, reference_logprobs
 from climbrl.learner.objectives import mismatch_sums
 from climbrl.learner.objectives_step import ObjectiveStep
@@ -42,16 +43,22 @@ class Trainer:
         ref: torch.nn.Module | None = None,
         opt: torch.optim.Optimizer | None = None,
         ds: fsdp.DistState | None = None,
+        precision: Precision | None = None,
     ):
-        """``model`` (and ``ref``, the KL reference) as built; ``opt`` defaults to AdamW over
-        the parameters that train (``learner.lr``, ``weight_decay``)."""
+        """``model`` (and ``ref``, the KL reference) as built, on ``precision.device`` (by
+        default the model's own device and dtype, no autocast); ``opt`` defaults to AdamW
+        over the parameters that train (``learner.lr``, ``weight_decay``, ``adam_betas``)."""
         lc = cfg.learner
         self.cfg, self.ds = cfg, ds or fsdp.DistState()
         self.model, self.ref = model.train(), ref
+        p0 = next(model.parameters())
+        self.prec = precision or Precision(p0.device, None, p0.dtype, lc.fp32_lm_head)
         self.opt = opt or torch.optim.AdamW(
             self.trainable(), lr=lc.lr, weight_decay=lc.weight_decay, betas=tuple(lc.adam_betas)
         )
         self.obj = ObjectiveStep(cfg, model, reward_max)
+        if self.obj.critic is not None:
+            self.obj.critic.to(self.prec.device)  # (in place: its optimizer keeps the params)
         self.snapshot = WeightSnapshot()  # the last published version's trainable weights
 
     @classmethod
@@ -63,7 +70,9 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         lc = cfg.learner
-        dtype = getattr(torch, cfg.model.dtype)
+        # learner.device and learner.autocast (learner/device.py); FSDP: the rank's device
+        prec = learner_precision(cfg, ds.device if ds.distributed else None)
+        dtype = prec.param_dtype  # float32 master weights under autocast
         # LoRA resumes from the frozen base plus the checkpoint's adapter (merged on load)
         src = str(ckpt) if ckpt and lc.weight_sync != "lora" else cfg.model.path
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
@@ -72,6 +81,8 @@ class Trainer:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         if lc.weight_sync == "lora":
             model = setup_lora(model, lc, ckpt)
+        if not ds.distributed:
+            model = model.to(prec.device)
         model = fsdp.shard_model(model, cfg, ds)  # no-op for one process
         ref = None
         if lc.kl_coef > 0 and lc.kl_estimator != "off":
@@ -79,8 +90,10 @@ class Trainer:
                 lc.ref_model_path or cfg.model.path, dtype=dtype
             ).eval()
             ref.requires_grad_(False)
+            if not ds.distributed:
+                ref = ref.to(prec.device)
             ref = fsdp.shard_model(ref, cfg, ds)
-        return cls(cfg, model, reward_max=reward_max, ref=ref, ds=ds)
+        return cls(cfg, model, reward_max=reward_max, ref=ref, ds=ds, precision=prec)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -164,7 +177,8 @@ class Trainer:
                 # the weights the servers hold from now on (version 0 and each publish)
                 self.snapshot.take(self.trainable(), version)
         if self.obj.critic is not None:
-            self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
+            with self.prec.autocast():
+                self.obj.prepare_values(self.model, batch)  # PPO: V(s_t) -> GAE(gamma, lambda)
         plan = [
             (lo, hi, norm, self._micro(batch.samples, lo, hi))
             for lo, hi, norm in self.obj.minibatches(batch)
@@ -241,6 +255,10 @@ class Trainer:
 
     def _policy_logprobs(self, mb: list[Any]) -> dict[str, torch.Tensor]:
         lc = self.cfg.learner
+        with self.prec.autocast():  # (the LM head stays float32: learner/logprobs.py)
+            return self._forward(mb, lc)
+
+    def _forward(self, mb: list[Any], lc: Any) -> dict[str, torch.Tensor]:
         return fsdp.root_forward(
             self.model,
             completion_logprobs,
@@ -273,7 +291,7 @@ class Trainer:
         ref = None
         if self.ref is not None:
             lc = self.cfg.learner
-            with torch.no_grad():
+            with torch.no_grad(), self.prec.autocast():
                 ref = fsdp.root_forward(  # its own full distribution: no replay
                     self.ref,
                     reference_logprobs,
@@ -285,7 +303,8 @@ class Trainer:
                     pack_length=lc.pack_length,
                     share_prompts=lc.share_prompts,
                 )
-        loss = self.obj.micro_loss(batch, i, b, ref, norm, epoch)
+        with self.prec.autocast():  # (PPO's critic runs in it; backward stays outside)
+            loss = self.obj.micro_loss(batch, i, b, ref, norm, epoch)
         if self.ds.distributed:
             loss = loss * scale
         if acc is not None:  # the padding pass ran for the collectives, not the statistics

@@ -43,3 +43,35 @@ def test_a_trainer_has_no_socket_and_trains_only_what_requires_grad():
     assert params == {id(p) for p in t.trainable()}
     assert not hasattr(t, "hub") and t.snapshot.version is None
     assert isinstance(t.opt, torch.optim.AdamW)
+
+
+def test_build_follows_learner_device_and_autocast(tiny_model):
+    """``Trainer.build``: float32 master weights on ``learner.device`` under bf16 autocast, and
+    a step runs there (CPU here; learner/device.py resolves "auto" to CUDA on a GPU)."""
+    from climbrl.learner import fsdp
+    from tests.unit.test_objectives_learner import _groups
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model}",
+            'learner.device="cpu"',
+            'learner.autocast="bf16"',
+            "learner.micro_batch_size=4",
+            "rollout.max_tokens=6",
+            "learner.mask_truncated=false",
+        ],
+    )
+    t = Trainer.build(cfg, fsdp.DistState(), 1.0)
+    assert t.prec.device.type == "cpu" and t.prec.autocast_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    from types import SimpleNamespace
+
+    from climbrl.learner.data import DataCursor
+
+    # what _groups reads of a learner: the model (for the fake engine's log-probs), a cursor
+    L = SimpleNamespace(
+        trainer=t, version=0, cursor=DataCursor(100), batcher=SimpleNamespace(seq_of={})
+    )
+    st = t.train_step(_groups(L, 2, 4), 0)
+    assert st["loss"] == st["loss"] and st["grad_norm"] > 0
