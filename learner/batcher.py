@@ -38,21 +38,20 @@ class Batcher:
         ready; groups the rules drop leave ``ready``."""
         lc = self.lc
         filtering = lc.dynamic_sampling or list(lc.pass_rate_band) != [0.0, 1.0]
-        if self._budget is None:
-            self._budget = lc.filter_max_dropped * n
+        budget = lc.filter_max_dropped * n if self._budget is None else self._budget
         keep = []
         for tr in self.ready:
             if version - tr.policy_version > lc.max_staleness and lc.stale_policy == "drop":
                 self.counters["stale_dropped"] += 1
                 self.cursor.requeue(self.seq_of.pop(tr.order_id))
                 continue
-            if filtering and self._budget > 0:
+            if filtering and budget > 0:
                 rate = pass_rate(tr.samples, self.reward_max)
                 if not keep_group(rate, lc.dynamic_sampling, tuple(lc.pass_rate_band)):
-                    self._budget -= 1
+                    budget -= 1
                     self.counters["filtered_groups"] += 1
                     self.cursor.done(self.seq_of.pop(tr.order_id))
-                    if self._budget == 0:
+                    if budget == 0:
                         log.warning(
                             "filters dropped %d groups this step; training on the next ones "
                             "unfiltered",
@@ -60,7 +59,7 @@ class Batcher:
                         )
                     continue
             keep.append(tr)
-        self.ready = keep
+        self.ready, self._budget = keep, budget
         if len(self.ready) < n:
             return None
         batch, self.ready = self.ready[:n], self.ready[n:]

@@ -169,7 +169,7 @@ class Learner:
         self.out = Path(cfg.run.output_dir)
         self.step, self.version = step, version
         self.cursor = cursor or DataCursor(env.num_tasks("train"), seed=cfg.run.seed)
-        self.counters = dict.fromkeys(
+        self.counters: dict[str, int] = dict.fromkeys(
             "stale_dropped stale_corrected order_failures servers_dead engines_dead "
             "eval_env_errors eval_timeouts filtered_groups weight_bytes_sent weight_syncs_full "
             "weight_syncs_delta weight_syncs_lora weight_syncs_failed".split(),

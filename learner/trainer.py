@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -54,7 +54,10 @@ class Trainer:
         p0 = next(model.parameters())
         self.prec = precision or Precision(p0.device, None, p0.dtype, lc.fp32_lm_head)
         self.opt = opt or torch.optim.AdamW(
-            self.trainable(), lr=lc.lr, weight_decay=lc.weight_decay, betas=tuple(lc.adam_betas)
+            self.trainable(),
+            lr=lc.lr,
+            weight_decay=lc.weight_decay,
+            betas=(lc.adam_betas[0], lc.adam_betas[1]),
         )
         self.obj = ObjectiveStep(cfg, model, reward_max)
         if self.obj.critic is not None:
@@ -75,7 +78,7 @@ class Trainer:
         dtype = prec.param_dtype  # float32 master weights under autocast
         # LoRA resumes from the frozen base plus the checkpoint's adapter (merged on load)
         src = str(ckpt) if ckpt and lc.weight_sync != "lora" else cfg.model.path
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
         if lc.activation_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -84,10 +87,13 @@ class Trainer:
         if not ds.distributed:
             model = model.to(prec.device)
         model = fsdp.shard_model(model, cfg, ds)  # no-op for one process
-        ref = None
+        ref: torch.nn.Module | None = None
         if lc.kl_coef > 0 and lc.kl_estimator != "off":
-            ref = AutoModelForCausalLM.from_pretrained(
-                lc.ref_model_path or cfg.model.path, dtype=dtype
+            ref = cast(
+                torch.nn.Module,
+                AutoModelForCausalLM.from_pretrained(
+                    lc.ref_model_path or cfg.model.path, dtype=dtype
+                ),
             ).eval()
             ref.requires_grad_(False)
             if not ds.distributed:
@@ -114,7 +120,7 @@ class Trainer:
         self.obj.load_state(st.get("objective", {}), ckpt)
         return st
 
-    def checkpoint_views(self, base_path: str) -> tuple[Any, torch.optim.Optimizer]:
+    def checkpoint_views(self, base_path: str) -> tuple[Any, Any]:
         """(model, optimizer) as ``save_checkpoint`` writes them: the full ones gathered on
         rank 0 under FSDP; a LoRA model as its adapter plus the merged weights."""
         if self.ds.distributed:
