@@ -785,12 +785,14 @@ class PlacementCfg(_Cfg):
         "is the learner's).",
     )
     sleep_level: Literal[0, 1, 2] = Field(
-        1,
-        description="Colocated: the level of vLLM's sleep mode (the engine starts with "
-        "enable_sleep_mode). 1 = a sleeping engine keeps its weights in CPU memory and frees "
-        "the KV cache; 2 = it frees both (the next weight sync reloads the weights); 0 = no "
-        "sleep mode (the memory fraction alone shares the GPU). Ignored when separate and on "
-        "the CPU.",
+        0,
+        description="Colocated: the engines sleep (vLLM's sleep mode) while the learner steps "
+        "and wake before the weight update that follows, so the learner has the GPU's memory "
+        "to itself; needs learner.max_staleness = 0 (no generation overlaps a step). 1 = a "
+        "sleeping engine keeps its weights in CPU memory and frees the KV cache; 2 = it frees "
+        "both (the next weight sync is a full one); 0 = no sleep (the memory fraction alone "
+        "shares the GPU, and generation overlaps the learner's steps). Ignored when separate "
+        "and on the CPU.",
     )
 
 

@@ -132,6 +132,13 @@ def check_config(cfg: Config) -> None:
                 "servers, but learner.device = 'cpu': set placement.mode = 'separate' (or "
                 "'auto'), or learner.device = 'auto'"
             )
+        if p.sleep_level and cfg.learner.max_staleness > 0:
+            raise ValueError(
+                f"placement.sleep_level = {p.sleep_level} puts the colocated engines to sleep "
+                "while the learner steps, so no generation can overlap a step: set "
+                "learner.max_staleness = 0, or placement.sleep_level = 0 to keep both in "
+                "memory at once"
+            )
         if N > W:
             raise ValueError(
                 f"placement.mode = 'colocated' puts one rollout server on each learner GPU: "

@@ -67,6 +67,9 @@ class Heartbeat(_Msg, kw_only=True):
     # Engine health: "" while the server's vLLM engine runs, else why it died (the server
     # stops then, and the learner moves its orders at once)
     engine_error: str = ""
+    # vLLM's sleep mode: the engine freed its GPU memory (Control "sleep:<level>"), and takes
+    # it back on "wake" (colocated placement: the learner steps meanwhile)
+    asleep: bool = False
 
 
 class Routing(msgspec.Struct, array_like=True):
@@ -190,7 +193,9 @@ class WeightManifest(_Msg, kw_only=True):
 
 
 class Control(_Msg, kw_only=True):
-    command: str  # "shutdown", "ping", "welcome" (the learner accepted this server's Hello)
+    # "shutdown", "ping", "welcome" (the learner accepted this server's Hello), "sleep:<level>"
+    # and "wake" (vLLM's sleep mode around the learner's step, colocated on one GPU)
+    command: str
 
 
 LEARNER_ACCEPTS: dict[bytes, type[_Msg]] = {

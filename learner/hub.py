@@ -62,6 +62,7 @@ class ServerState:
     inflight_orders: set[str] = field(default_factory=set)
     loop_lag_max_s: float = 0.0  # worst event-loop lag reported since take_loop_lag()
     loop_lag_where: str = ""  # what the server's loop was running then ("" if not caught)
+    asleep: bool = False  # its engine is in vLLM's sleep mode (its last heartbeat says)
 
 
 class HubError(RuntimeError):
@@ -232,6 +233,11 @@ class LearnerHub:
                 st.loop_lag_max_s, st.loop_lag_where = 0.0, ""
         return out
 
+    def asleep_servers(self) -> list[str]:
+        """Live servers whose engine is in vLLM's sleep mode."""
+        with self.lock:
+            return [s for s, st in self.servers.items() if st.alive and st.asleep]
+
     def order_servers(self) -> list[str]:
         """Live servers that take work orders (a server pinned for serving does not)."""
         with self.lock:
@@ -358,6 +364,7 @@ class LearnerHub:
                 if isinstance(msg, Heartbeat):
                     st.version = msg.policy_version
                     st.accepting_orders = msg.accepting_orders
+                    st.asleep = msg.asleep
                     if msg.loop_lag_max_s > st.loop_lag_max_s:
                         st.loop_lag_max_s = msg.loop_lag_max_s
                         st.loop_lag_where = msg.loop_lag_where

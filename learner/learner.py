@@ -76,7 +76,7 @@ from climbrl.learner.publishing import Publishing
 from climbrl.learner.trainer import Trainer
 from climbrl.learner.weights import WeightPublisher
 from climbrl.metrics import MetricsWriter, paired_change
-from climbrl.wire import ENV_ERROR, Error, Heartbeat, Hello, Trajectory, WeightAck
+from climbrl.wire import ENV_ERROR, Control, Error, Heartbeat, Hello, Trajectory, WeightAck
 
 __all__ = ["EnvFailureStreak", "Learner", "LearnerError", "Order", "follower", "train"]
 
@@ -103,7 +103,9 @@ def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -
         ):
             L.dispatch()  # keep orders queued, at most (max_staleness + 1) batches ahead
             groups = L.collect(cfg.learner.batch_groups)  # fresh-enough groups, stale counted
+            L.engines_asleep(True)  # colocated on the GPU: the engines free it meanwhile
             stats = L.train_step(groups)  # advantages -> clipped loss -> optimizer step
+            L.engines_asleep(False)
             L.version += 1
             L.step += 1
             if L.step % cfg.learner.publish_every == 0:
@@ -365,6 +367,35 @@ class Learner:
         state = self.trainer.full_state() if self.trainer else None
         self.publishing.publish(self.version, servers, state)
 
+    def engines_asleep(self, asleep: bool) -> None:
+        """Colocated placement with ``placement.sleep_level`` > 0: the rollout engines free
+        their GPU memory (vLLM's sleep mode) while the learner steps, and take it back before
+        the weight update that follows (level 2 drops the weights too: that update is a full
+        sync). Returns once every live server's heartbeat says so; LearnerError after
+        ``wire.weight_sync_timeout_s``. Nothing to do in any other placement."""
+        p = self.cfg.placement
+        if p.mode != "colocated" or not p.sleep_level:
+            return
+        cmd = Control(command=f"sleep:{p.sleep_level}" if asleep else "wake")
+        for sid in self.hub.alive_servers():
+            self.hub.send(sid, cmd)
+        limit = self.cfg.wire.weight_sync_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            alive, sleeping = self.hub.alive_servers(), set(self.hub.asleep_servers())
+            waiting = [s for s in alive if (s in sleeping) != asleep]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise LearnerError(
+                    f"rollout servers {waiting} did not {'sleep' if asleep else 'wake'} within "
+                    f"{limit:g}s (wire.weight_sync_timeout_s); see their logs"
+                )
+            self._pump(0.1)
+        if not asleep and p.sleep_level == 2 and self.publishing is not None:
+            for sid in alive:
+                self.publishing.weights.forget(sid)  # its weights are gone: a full sync next
+
     def wait_weight_acks(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.publishing and self.publishing.outstanding() and time.monotonic() < deadline:
@@ -470,8 +501,6 @@ class Learner:
         return summary
 
     def shutdown(self) -> None:
-        from climbrl.wire import Control
-
         try:
             for sid in self.hub.alive_servers():
                 self.hub.send(sid, Control(command="shutdown"))

