@@ -20,8 +20,9 @@ placement is STRICT_PACK (one node), since no other node could reach the learner
 
 On Ctrl-C, SIGTERM or the end of the run every actor stops its process (SIGTERM, then SIGKILL
 to the group and to every recorded descendant), the actors are killed and the placement group
-removed. If this driver dies, Ray ends its actors; their processes get SIGTERM from the
-parent-death signal.
+removed. When an actor dies without stopping its process (killed, its worker or the driver
+gone), the process gets SIGTERM from the parent-death signal, and the actor's
+``climbrl.reaper`` ends the rest of the process's session (vLLM's engine core and workers).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from climbrl import reaper
 from climbrl.config import Config, dump_toml
 from climbrl.launcher import Child, _py, run_report, step_line
 from climbrl.metrics import read_metrics
@@ -107,13 +110,16 @@ class ProcessActor:
     """Runs one climbrl command on its Ray node, through the local launcher's ``Child``.
 
     Methods run one at a time on the actor's main thread, so the child's parent-death signal
-    (sent when the thread that forked it ends) fires only when the actor itself goes away.
+    (sent when the thread that forked it ends) fires only when the actor itself goes away. A
+    ``climbrl.reaper`` started next to the child gets the same signal and ends the child's whole
+    session (vLLM's engine core and workers too) when the actor dies without stopping it.
     """
 
     def __init__(self, name: str, log_path: str, cwd: str, env: dict[str, str]):
         self.name = name
         self.log_path = Path(log_path)
         self.child: Child | None = None
+        self.reaper: subprocess.Popen | None = None
         os.environ.update(env)
         if Path(cwd).is_dir():  # the driver's folder, when this node has it (same as local)
             os.chdir(cwd)
@@ -132,9 +138,11 @@ class ProcessActor:
         self.child = Child(
             self.name, [sys.executable, *argv[1:]] if argv[0] == "python" else argv, self.log_path
         )
+        self.reaper = reaper.start(self.child.pid)
         return {
             "pid": self.child.pid,
             "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(),
             "actor_pid": os.getpid(),
         }
@@ -165,6 +173,12 @@ class ProcessActor:
         if self.child is None:
             return None
         self.child.stop(grace_s)
+        if self.reaper is not None:  # it ends what is left of the child's session, and exits
+            self.reaper.terminate()
+            try:
+                self.reaper.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.reaper.kill()
         return self.child.poll()
 
 
@@ -344,7 +358,8 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
             ).remote(name, str(log_path), os.getcwd(), actor_env)
             info = ray.get(actor.start.remote(argv, files), timeout=cfg.ray.start_timeout_s)
             print(
-                f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']})",
+                f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']}, "
+                f"Ray node {info['node_id'][:12]})",
                 file=sys.stderr,
                 flush=True,
             )

@@ -1,20 +1,36 @@
-"""`climbrl run --launcher ray` on a real local Ray cluster (`ray start --head` on loopback).
+"""`climbrl run --launcher ray` on real Ray clusters of this module's own.
 
-The cluster is this module's own: started in a session of its own, with its own temp dir and
-ports, and torn down by killing that session's processes by PID (never `ray stop`, which would
-stop every Ray on the machine). The run itself is the same config as under the local launcher.
+Each cluster is isolated from whatever Ray the machine or the user has: it starts with
+``ray start`` in a session of its own, with its own temp dir, free ports, no dashboard, and its
+own token (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH`` to a fresh file), and every
+``RAY_*`` variable of the calling environment is dropped for it and its drivers, so neither a
+``~/.ray/auth_token`` nor a ``RAY_ADDRESS`` of the user's reaches the test. It is torn down by
+killing its sessions' processes by PID (never ``ray stop``, which stops every Ray on the
+machine).
+
+- Default suite: one node on 127.0.0.1; a run trains, then the rollout server's Ray actor is
+  killed; the launcher reports the dead actor and stops the run (``run.on_child_death = "stop"``)
+  with nothing left behind. The driver runs with a stray, wrong ``~/.ray/auth_token``.
+- ``slow``: runs to the end (one server; two over CURVE), the actor killed and restarted, the
+  learner killed, and two Ray nodes on this machine (the multi-node recipe of docs/ray.md).
+  With multi-node on, Ray swaps the loopback ``--node-ip-address`` for the machine's address
+  and its daemons listen there: that cluster relies on its token.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -65,11 +81,11 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def _kill_session(sid: int, grace: float = 5.0) -> None:
-    """Kill every process of one session (this module's throwaway Ray cluster), by PID."""
-    for sig in (signal.SIGKILL, signal.SIGKILL):
+    """Kill every process of one session (one node of a throwaway Ray cluster), by PID."""
+    for _ in range(2):
         for pid in _session_pids(sid):
             try:
-                os.kill(pid, sig)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace
@@ -77,60 +93,137 @@ def _kill_session(sid: int, grace: float = 5.0) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    tmp = tempfile.mkdtemp(prefix="crlray", dir="/tmp")  # Ray's socket paths must stay short
-    port = _free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    log = open(Path(tmp) / "ray-start.log", "wb")
-    starter = subprocess.Popen(
-        [
-            ray_bin,
+@dataclass
+class RayCluster:
+    """A throwaway Ray cluster on this machine: its address, the environment its drivers
+    use, and the session of each node (its daemons and workers stay in it)."""
+
+    root: Path
+    env: dict[str, str]
+    address: str = ""
+    sids: list[int] = field(default_factory=list)
+
+    @property
+    def sid(self) -> int:
+        return self.sids[0]
+
+    def add_node(self, num_cpus: int = 4) -> None:
+        """``ray start`` one node (the head first) in its own session and temp dir."""
+        head = not self.sids
+        n = len(self.sids)
+        port = _free_port() if head else None
+        args = [
+            str(Path(sys.executable).parent / "ray"),
             "start",
-            "--head",
+            *(["--head", "--port", str(port)] if head else ["--address", self.address]),
             "--node-ip-address",
             "127.0.0.1",
-            "--port",
-            str(port),
             "--num-cpus",
-            "4",
+            str(num_cpus),
             "--num-gpus",
             "0",
             "--temp-dir",
-            tmp,
-            "--include-dashboard",
-            "false",
-            "--ray-client-server-port",
-            str(_free_port()),
+            str(self.root / f"n{n}"),
             "--object-store-memory",
             str(100 * 1024**2),
+            "--min-worker-port",  # 0: any free port, so two nodes' workers never collide
+            "0",
+            "--max-worker-port",
+            "0",
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
             "--disable-usage-stats",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        ]
+        if head:
+            args += ["--include-dashboard", "false"]
+            args += ["--ray-client-server-port", str(_free_port())]
+        log = self.root / f"ray-start-{n}.log"
+        with open(log, "wb") as f:
+            starter = subprocess.Popen(
+                args, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+            )
+        self.sids.append(starter.pid)  # `ray start` leads a new session; the node stays in it
+        try:
+            rc = starter.wait(timeout=180)
+        finally:
+            if starter.poll() is None:
+                starter.kill()
+        assert rc == 0, log.read_text()[-3000:]
+        if head:
+            self.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for sid in reversed(self.sids):
+            _kill_session(sid)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def isolated_ray_env(root: Path, multi_node: bool = False) -> dict[str, str]:
+    """This environment without any ``RAY_*`` setting of the user's, plus a token of the
+    cluster's own: ``RAY_AUTH_TOKEN_PATH`` outranks ``~/.ray/auth_token``, so a stray token
+    file there is never read. One node keeps 127.0.0.1 as its address (Ray swaps a loopback
+    ``--node-ip-address`` for the machine's address unless multi-node clusters are off)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    token = root / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
     )
-    sid = starter.pid  # `ray start` leads a new session; the cluster's daemons stay in it
+    if not multi_node:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def start_cluster(nodes: int = 1, num_cpus: int = 4) -> RayCluster:
+    root = Path(tempfile.mkdtemp(prefix="crlray", dir="/tmp"))  # Ray's socket paths stay short
+    cluster = RayCluster(root, isolated_ray_env(root, multi_node=nodes > 1))
     try:
-        rc = starter.wait(timeout=180)
-        assert rc == 0, (Path(tmp) / "ray-start.log").read_text()[-3000:]
-        yield {"address": f"127.0.0.1:{port}", "sid": sid, "temp_dir": tmp}
+        for _ in range(nodes):
+            cluster.add_node(num_cpus)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    cluster = start_cluster()
+    try:
+        yield cluster
     finally:
-        if starter.poll() is None:
-            starter.kill()
-        _kill_session(sid)
-        log.close()
+        cluster.stop()
 
 
-def _launch(cfg: Path, log: Path, cluster: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "climbrl.cli", "run", str(cfg), "--launcher", "ray", "--no-live"],
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "CLIMBRL_LOG": "INFO", "RAY_ADDRESS": cluster["address"]},
-    )
+def _launch(
+    cfg: Path, log: Path, cluster: RayCluster, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "climbrl.cli",
+                "run",
+                str(cfg),
+                "--launcher",
+                "ray",
+                "--no-live",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={
+                **cluster.env,
+                "CLIMBRL_LOG": "INFO",
+                "RAY_ADDRESS": cluster.address,
+                **(env or {}),
+            },
+        )
 
 
 def _run_processes(cfg_path: Path) -> dict[int, str]:
@@ -154,10 +247,17 @@ def _run_processes(cfg_path: Path) -> dict[int, str]:
     return found
 
 
-def _watch(proc: subprocess.Popen, cfg_path: Path, until=None, timeout: float = 500):
+def _watch(
+    proc: subprocess.Popen,
+    cfg_path: Path,
+    until: Callable[[], bool] | None = None,
+    timeout: float = 500,
+    seen: dict[int, str] | None = None,
+    sids: set[int] | None = None,
+) -> tuple[dict[int, str], set[int]]:
     """Record the run's processes (and their sessions) until the launcher exits or `until()`."""
-    seen: dict[int, str] = {}
-    sids: set[int] = set()
+    seen = {} if seen is None else seen
+    sids = set() if sids is None else sids
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         for pid, role in _run_processes(cfg_path).items():
@@ -183,15 +283,36 @@ def _leftovers(seen: dict[int, str], sids: set[int]) -> list[int]:
         time.sleep(0.5)
 
 
-def _actor_workers(cluster: dict) -> list[int]:
-    out = []
-    for pid in _session_pids(cluster["sid"]):
+def _is_actor_worker(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ProcessActor")
+    except OSError:
+        return False
+
+
+def _actor_workers(cluster: RayCluster) -> list[int]:
+    return [p for sid in cluster.sids for p in _session_pids(sid) if _is_actor_worker(p)]
+
+
+def _listening(cluster: RayCluster) -> set[str]:
+    """The addresses the cluster's processes (daemons, actors' workers) listen on."""
+    import psutil
+
+    found = set()
+    for pid in (p for sid in cluster.sids for p in _session_pids(sid)):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ProcessActor"):
-                out.append(pid)
-        except OSError:
-            pass
-    return out
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found |= {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def _no_actor_workers_left(cluster: RayCluster) -> None:
+    deadline = time.monotonic() + 30  # Ray reaps the killed actors' workers
+    while _actor_workers(cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _actor_workers(cluster) == []
 
 
 def _steps(out: Path) -> list[dict]:
@@ -232,20 +353,38 @@ def _config(tmp_path: Path, model: Path, out: Path, servers: int, steps: int, **
     )
 
 
+def _check_checkpoint(out: Path, step: int) -> None:
+    d = out / "checkpoints" / f"step_{step}"
+    assert json.loads((d / "learner_state.json").read_text())["step"] == step
+    assert (d / "model.safetensors").is_file()
+
+
 def _check_trained(out: Path, steps: int) -> None:
     assert [r["step"] for r in _steps(out)] == list(range(1, steps + 1))
     assert json.loads((out / "summary.json").read_text())["steps"] == steps
-    ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == f"step_{steps}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
     for s in range(1, steps + 1):
-        st = json.loads((ckpts / f"step_{s}" / "learner_state.json").read_text())
-        assert st["step"] == s
-        assert (ckpts / f"step_{s}" / "model.safetensors").is_file()
+        _check_checkpoint(out, s)
+
+
+def _placed(launcher_log: str, name: str) -> tuple[int, str]:
+    """(pid, Ray node id) of a placed process, from the launcher's 'NAME pid P on ...' line."""
+    line = next(ln for ln in launcher_log.splitlines() if f"climbrl: {name} pid " in ln)
+    pid = int(line.split(f"{name} pid ", 1)[1].split()[0])
+    return pid, line.rsplit("Ray node ", 1)[1].rstrip(")")
 
 
 def _run_to_end(
-    tmp_path: Path, model: Path, cluster: dict, servers: int, steps: int, **extra
-) -> None:
+    tmp_path: Path,
+    model: Path,
+    cluster: RayCluster,
+    servers: int,
+    steps: int,
+    strategy: str = "STRICT_PACK",
+    **extra,
+) -> str:
+    """Run to the end; checks the training, that each server ran episodes and that nothing is
+    left behind. Returns the launcher's log."""
     out = tmp_path / "run"
     cfg = _config(tmp_path, model, out, servers, steps, **extra)
     proc = _launch(cfg, tmp_path / "launcher.log", cluster)
@@ -256,7 +395,7 @@ def _run_to_end(
         kill_tree(proc)
     assert rc == 0, _fail_msg(tmp_path, out)
     launcher_log = (tmp_path / "launcher.log").read_text()
-    assert "Ray launcher on" in launcher_log and "STRICT_PACK" in launcher_log
+    assert "Ray launcher on" in launcher_log and strategy in launcher_log
     for i in range(servers):
         assert f"rollout-{i} pid" in launcher_log
     _check_trained(out, steps)
@@ -269,15 +408,110 @@ def _run_to_end(
     assert roles.count("learn") == 1 and roles.count("rollout") == servers, seen
     assert roles.count("descendant") >= servers, seen  # each server's vLLM engine core
     assert _leftovers(seen, sids) == [], f"orphaned processes: {seen}"
-    deadline = time.monotonic() + 30  # Ray reaps the killed actors' workers
-    while _actor_workers(cluster) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _actor_workers(cluster) == []
+    _no_actor_workers_left(cluster)
+    return launcher_log
 
 
-# slow for now: in the clean-clone CI run of session 3 it failed to connect to its own cluster
-# (Ray's GCS answered InvalidAuthToken while a stray ~/.ray/auth_token existed on the machine);
-# the placement/endpoint rules below stay in the default suite.
+def _kill_rollout_actor(
+    tmp_path: Path,
+    model: Path,
+    cluster: RayCluster,
+    steps: int,
+    policy: str,
+    env: dict[str, str] | None = None,
+    before_kill: Callable[[], None] = lambda: None,
+) -> tuple[int, int, int, dict[int, str], set[int]]:
+    """Start a one-server run, wait for its first checkpoint, SIGKILL the Ray worker process
+    of the rollout server's actor (the actor dies; its process gets its parent-death signal),
+    and wait for the launcher to end. Returns (rc, server pid, actor pid, seen, sessions)."""
+    out = tmp_path / "run"
+    cfg = _config(tmp_path, model, out, 1, steps, run={"on_child_death": policy})
+    proc = _launch(cfg, tmp_path / "launcher.log", cluster, env)
+    resolved = out / "config.resolved.toml"
+    try:
+        seen, sids = _watch(proc, resolved, until=lambda: (out / "checkpoints" / "latest").exists())
+        assert proc.poll() is None, _fail_msg(tmp_path, out)
+        server = [p for p, r in seen.items() if r == "rollout"]
+        assert len(server) == 1, seen
+        import psutil
+
+        actor = psutil.Process(server[0]).ppid()
+        assert _is_actor_worker(actor), (actor, Path(f"/proc/{actor}/cmdline").read_bytes())
+        before_kill()
+        os.kill(actor, signal.SIGKILL)
+        _watch(proc, resolved, seen=seen, sids=sids)
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_tree(proc)
+    return rc, server[0], actor, seen, sids
+
+
+def test_ray_run_one_node_stops_when_a_rollout_actor_dies(tiny_model, tmp_path, ray_cluster):
+    """One node, one server, ``run.on_child_death = "stop"``: the run trains and checkpoints;
+    the server's Ray actor is killed; the launcher reports that actor's death with the server
+    it ran and stops the run with exit code 1; the checkpoints so far stay whole, and no
+    process (learner, server, vLLM engine core) or actor worker is left. The driver sees a
+    stray, wrong ``~/.ray/auth_token``: the cluster's own token is the one used. While the run
+    trains, every process of the cluster listens on loopback only."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a-stray-token-of-another-cluster")
+    listening: set[str] = set()
+    rc, server, _actor, seen, sids = _kill_rollout_actor(
+        tmp_path,
+        tiny_model,
+        ray_cluster,
+        steps=500,
+        policy="stop",
+        env={"HOME": str(home)},
+        before_kill=lambda: listening.update(_listening(ray_cluster)),
+    )
+    out = tmp_path / "run"
+    launcher_log = (tmp_path / "launcher.log").read_text()
+    assert rc == 1, _fail_msg(tmp_path, out)
+    assert "STRICT_PACK" in launcher_log
+    # the cluster (its daemons and the actors' workers) listens on loopback only
+    assert listening and all(a.removeprefix("::ffff:").startswith("127.") for a in listening)
+    assert _placed(launcher_log, "rollout-0")[0] == server
+    assert "rollout-0: its Ray actor died" in launcher_log, launcher_log
+    assert f"rollout-0 (pid {server}) died with -9" in launcher_log, launcher_log
+    assert "learner exited" not in launcher_log  # the launcher stopped it
+    steps = [r["step"] for r in _steps(out)]
+    assert steps and steps == list(range(1, len(steps) + 1)), steps
+    _check_checkpoint(out, 1)
+    roles = sorted(seen.values())
+    assert roles.count("learn") == 1 and roles.count("rollout") == 1, seen
+    assert _leftovers(seen, sids) == [], f"orphaned processes: {seen}"
+    _no_actor_workers_left(ray_cluster)
+
+
+@pytest.mark.slow
+def test_ray_run_restarts_a_dead_rollout_actor(tiny_model, tmp_path, ray_cluster):
+    """``run.on_child_death = "restart"``: the killed actor's server is started again in a new
+    actor on the same bundle, the learner sees the old one dead and brings the new one to the
+    current weights, and the run finishes every step."""
+    steps = 4
+    rc, server, _actor, seen, sids = _kill_rollout_actor(
+        tmp_path, tiny_model, ray_cluster, steps=steps, policy="restart"
+    )
+    out = tmp_path / "run"
+    launcher_log = (tmp_path / "launcher.log").read_text()
+    assert rc == 0, _fail_msg(tmp_path, out)
+    assert "rollout-0: its Ray actor died" in launcher_log, launcher_log
+    assert f"rollout-0 (pid {server}) died with -9" in launcher_log, launcher_log
+    assert "restarted rollout-0 as pid" in launcher_log, launcher_log
+    learner_log = (out / "logs" / "learner.log").read_text()
+    assert "rollout server r0 is dead" in learner_log, _fail_msg(tmp_path, out)
+    assert "sending r0 the weights of version" in learner_log, _fail_msg(tmp_path, out)
+    _check_trained(out, steps)
+    assert _steps(out)[-1]["servers_dead"] == 1
+    assert sorted(seen.values()).count("rollout") == 2, seen  # the first server and its restart
+    assert _leftovers(seen, sids) == [], f"orphaned processes: {seen}"
+    _no_actor_workers_left(ray_cluster)
+
+
+# The full runs below take a minute or more each on 2 cores; the default suite keeps the one
+# above (a one-node run with an actor's death) and the placement rules at the end.
 @pytest.mark.slow
 def test_ray_launcher_trains_one_server(tiny_model, tmp_path, ray_cluster):
     """One rollout server, two steps, checkpoints, nothing left behind."""
@@ -318,10 +552,31 @@ def test_ray_launcher_killed_learner_stops_everything(tiny_model, tmp_path, ray_
     assert "learner exited with -9" in (tmp_path / "launcher.log").read_text()
     assert (out / "checkpoints" / "step_1" / "learner_state.json").is_file()
     assert _leftovers(seen, sids) == [], f"orphaned processes: {seen}"
-    deadline = time.monotonic() + 30
-    while _actor_workers(ray_cluster) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _actor_workers(ray_cluster) == []
+    _no_actor_workers_left(ray_cluster)
+
+
+@pytest.mark.slow
+def test_ray_launcher_two_nodes_on_one_machine(tiny_model, tmp_path):
+    """The multi-node recipe (docs/ray.md) with a simulated second node: two ``ray start``
+    nodes on this machine, ``STRICT_SPREAD`` puts the learner and the rollout server on
+    different Ray nodes, CURVE on as across machines, and the run trains to the end."""
+    cluster = start_cluster(nodes=2, num_cpus=2)
+    try:
+        launcher_log = _run_to_end(
+            tmp_path,
+            tiny_model,
+            cluster,
+            servers=1,
+            steps=2,
+            strategy="STRICT_SPREAD",
+            ray={"placement_strategy": "STRICT_SPREAD"},
+            wire={"curve": "on"},
+        )
+    finally:
+        cluster.stop()
+    _, learner_node = _placed(launcher_log, "learner")
+    _, server_node = _placed(launcher_log, "rollout-0")
+    assert learner_node != server_node, launcher_log
 
 
 def test_endpoint_placement_and_bundles_follow_the_config():
