@@ -38,12 +38,12 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import Module
 
-_UNSET = {"uint8": 255, "int16": -1}
+from climbrl.routing_codec import decode_routing
+from climbrl.routing_codec import encode_routing as encode_routing  # re-exported for callers
 
 
 def keep_counts_BT(samples: Sequence[Any], Tc: int) -> Tensor | None:
@@ -94,38 +94,6 @@ def keep_mask_with_targets(
             keep_NV[s : s + chunk] = z_CV >= thr_C[:, None]
         keep_NV.scatter_(1, targets_N[:, None].to(keep_NV.device), True)
     return keep_NV
-
-
-def decode_routing(r: Any) -> np.ndarray:
-    """``wire.Routing`` -> int64 array [T, layers, top_k] with -1 where not recorded."""
-    if r.dtype not in _UNSET:
-        raise ValueError(f"routing dtype must be one of {sorted(_UNSET)}; got {r.dtype!r}")
-    if len(r.shape) != 3:
-        raise ValueError(f"routing shape must be [T, layers, top_k]; got {r.shape}")
-    arr = np.frombuffer(r.data, dtype=np.dtype(r.dtype))
-    if arr.size != int(np.prod(r.shape)):
-        raise ValueError(
-            f"routing data holds {arr.size} ids, shape {r.shape} needs {int(np.prod(r.shape))}"
-        )
-    out = arr.reshape(r.shape).astype(np.int64)
-    out[out == _UNSET[r.dtype]] = -1
-    return out
-
-
-def encode_routing(experts_TNK: np.ndarray) -> dict[str, Any]:
-    """The inverse of ``decode_routing`` (-1 = not recorded), as ``wire.Routing`` fields."""
-    a = np.asarray(experts_TNK)
-    if a.ndim != 3:
-        raise ValueError(f"routing must be [T, layers, top_k]; got shape {a.shape}")
-    if a.size and int(a.max()) < 255:
-        dtype = "uint8"
-    elif not a.size or int(a.max()) < 32767:
-        dtype = "int16"
-    else:
-        raise ValueError("routing supports expert ids < 32767")
-    b = a.astype(np.int64)
-    b[b < 0] = _UNSET[dtype]
-    return {"dtype": dtype, "shape": list(a.shape), "data": b.astype(dtype).tobytes()}
 
 
 def routing_BLNK(samples: Sequence[Any], L: int, num_layers: int, top_k: int) -> Tensor | None:

@@ -143,7 +143,7 @@ async def take(engine: Any, key: str, output: Any = None, prompt_len: int = 0) -
     rec = (await engine.collective_rpc("climbrl_take_replay", args=(key,)))[0]
     native = getattr(output, "routed_experts", None)
     if native is not None and rec.get("routing") is None:
-        from climbrl.learner.replay import encode_routing
+        from climbrl.routing_codec import encode_routing
 
         n_pos = prompt_len + len(output.token_ids) - 1  # the last sampled token is never input
         rec["routing"] = encode_routing(np.asarray(native)[:n_pos])

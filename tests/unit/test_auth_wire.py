@@ -213,16 +213,11 @@ def test_log_limiter_logs_a_flood_once_per_period_with_the_count(caplog):
     assert "999 more like it" in caplog.records[-1].getMessage()
 
 
-def _server(extra_envs: list[str] | None = None):
-    from climbrl.rollout.server import RolloutServer
-
-    cfg = SimpleNamespace(
+def _cfg(extra_envs: list[str] | None = None) -> SimpleNamespace:
+    return SimpleNamespace(
         env=SimpleNamespace(name="copy_first", args={"n": 3}),
         rollout=SimpleNamespace(extra_envs=extra_envs or []),
     )
-    srv = RolloutServer.__new__(RolloutServer)
-    srv.cfg, srv.server_id = cfg, "r0"
-    return srv
 
 
 def _order(env: str, env_args: dict | None = None) -> WorkOrder:
@@ -238,32 +233,35 @@ def _order(env: str, env_args: dict | None = None) -> WorkOrder:
 
 
 def test_a_work_order_picks_a_configured_env_and_never_names_code_or_args():
-    srv = _server(["math"])
-    assert srv._env_args(_order("copy_first")) == {"n": 3}  # the config's args
-    assert srv._env_args(_order("copy_first", {"n": 3})) == {"n": 3}
-    assert srv._env_args(_order("math")) == {}
+    from climbrl.rollout.group import env_args
+
+    cfg = _cfg(["math"])
+    assert env_args(cfg, _order("copy_first")) == {"n": 3}  # the config's args
+    assert env_args(cfg, _order("copy_first", {"n": 3})) == {"n": 3}
+    assert env_args(cfg, _order("math")) == {}
     with pytest.raises(ValueError, match="unknown env 'os:system'.*rollout.extra_envs"):
-        srv._env_args(_order("os:system"))
+        env_args(cfg, _order("os:system"))
     with pytest.raises(ValueError, match="unknown env"):
-        srv._env_args(_order("/tmp/evil.py:Env"))
+        env_args(cfg, _order("/tmp/evil.py:Env"))
     with pytest.raises(ValueError, match="cannot change how an env is built"):
-        srv._env_args(_order("copy_first", {"n": 99}))
+        env_args(cfg, _order("copy_first", {"n": 99}))
 
 
 async def test_a_rollout_server_takes_only_its_learners_welcome_and_run():
     import asyncio
 
-    srv = _server()
-    srv.run_id, srv.welcomed, srv._limit = "", asyncio.Event(), LogLimiter(logging.getLogger("t"))
+    from climbrl.rollout.client import LearnerClient
+
+    srv = LearnerClient(SimpleNamespace(), "tcp://127.0.0.1:1", "r0", asyncio.Event())
     order = _order("copy_first")
     order.run_id = "run-A"
-    assert srv._check_session(order) is None  # before the welcome: ignored
-    assert srv._check_session(Error(origin="learner", code=HELLO_REFUSED, message="m")) is None
-    assert srv._check_session(Control(command="welcome", run_id="run-A")) is None
+    assert srv.check_session(order) is None  # before the welcome: ignored
+    assert srv.check_session(Error(origin="learner", code=HELLO_REFUSED, message="m")) is None
+    assert srv.check_session(Control(command="welcome", run_id="run-A")) is None
     assert srv.welcomed.is_set() and srv.run_id == "run-A"
-    assert srv._check_session(order) is order
+    assert srv.check_session(order) is order
     order.run_id = "run-B"
     with pytest.raises(WireError, match="of run 'run-B'"):
-        srv._check_session(order)
+        srv.check_session(order)
     with pytest.raises(WireError, match="welcome of run 'run-B'"):
-        srv._check_session(Control(command="welcome", run_id="run-B"))
+        srv.check_session(Control(command="welcome", run_id="run-B"))

@@ -24,11 +24,12 @@ import zmq
 from climbrl.config import load_config
 from climbrl.learner.learner import Learner, LearnerError
 from climbrl.learner.weights import WeightPublisher
+from climbrl.rollout.client import LearnerClient
 from climbrl.rollout.server import LearnerStuck, RolloutServer
 from climbrl.wire import Error, Heartbeat, WorkOrder, term_context
 from tests.unit.test_crash_consistency import _hello, _learner, _traj
 from tests.unit.test_env_failures import _eval_learner, _sample
-from tests.unit.test_server_weights import FakeEngine, _update
+from tests.unit.test_server_weights import FakeEngine, _update, receiver
 
 DEAD = "vLLM engine died: MPClient: engine core exited unexpectedly"
 
@@ -192,48 +193,48 @@ def test_evaluation_ends_when_an_eval_order_keeps_moving(monkeypatch):
 def _server(tmp_path, *overrides: str) -> RolloutServer:
     cfg = load_config(None, [f'model.path="{tmp_path}"', *overrides])
     srv = RolloutServer(cfg, "tcp://127.0.0.1:1", "r0")
-    srv.engine = FakeEngine()
+    srv.attach(FakeEngine(), tokenizer=None)
     srv.engine.errored = False
-    srv.wstate.base = {}
     return srv
 
 
 async def test_a_send_to_a_learner_that_stops_reading_is_bounded(tmp_path):
     """A DEALER with no peer to take the message blocks like one at its high-water mark."""
-    srv = _server(tmp_path, "wire.send_timeout_s=0.2")
-    srv.ctx = zmq.asyncio.Context()
-    srv.sock = srv.ctx.socket(zmq.DEALER)
-    srv.sock.setsockopt(zmq.LINGER, 0)
-    port = srv.sock.bind_to_random_port("tcp://127.0.0.1")  # bound, nobody connects
+    cfg = load_config(None, [f'model.path="{tmp_path}"', "wire.send_timeout_s=0.2"])
+    client = LearnerClient(cfg.wire, "tcp://127.0.0.1:1", "r0", asyncio.Event())
+    client.ctx = zmq.asyncio.Context()
+    client.sock = client.ctx.socket(zmq.DEALER)
+    client.sock.setsockopt(zmq.LINGER, 0)
+    port = client.sock.bind_to_random_port("tcp://127.0.0.1")  # bound, nobody connects
     assert port
     hb = Heartbeat(server_id="r0", policy_version=0, inflight=0)
     try:
         with pytest.raises(LearnerStuck, match=r"waited 0.2s \(wire.send_timeout_s\)"):
-            await asyncio.wait_for(srv._send(hb), timeout=60)
-        assert srv._stop.is_set()
+            await asyncio.wait_for(client.send(hb), timeout=60)
+        assert client.stop.is_set()
         with pytest.raises(LearnerStuck):  # at once from now on
-            await asyncio.wait_for(srv._send(hb), timeout=60)
+            await asyncio.wait_for(client.send(hb), timeout=60)
     finally:
-        srv.sock.close(linger=0)
-        srv.ctx.term()
+        client.sock.close(linger=0)
+        client.ctx.term()
 
 
 async def test_a_heartbeat_carries_engine_health_and_the_server_stops(tmp_path):
     srv = _server(tmp_path)
     srv.engine.errored = True
-    srv.welcomed.set()
+    srv.client.welcomed.set()
     sent = []
 
     async def send(msg, tensors=None):
         sent.append(msg)
 
-    srv._send = send
-    await asyncio.wait_for(srv._heartbeat_loop(), timeout=60)
+    srv.client.send = send
+    await asyncio.wait_for(srv.client.heartbeat_loop(srv._beat), timeout=60)
     err, hb = sent
     assert isinstance(err, Error) and err.code == "engine_dead"
     assert isinstance(hb, Heartbeat) and hb.engine_error == srv.engine_dead
     assert hb.engine_error.startswith("vLLM engine died") and not hb.accepting_orders
-    assert srv._stop.is_set()
+    assert srv.stop.is_set()
 
 
 class _Hangs(FakeEngine):
@@ -264,33 +265,32 @@ class _Hangs(FakeEngine):
 async def test_version_and_reset_after_a_reload_are_bounded(tmp_path, what):
     """The weight lock is held meanwhile: an engine that never answers fails the update
     (the learner then sends a full sync), the engine resumes and the lock is free."""
-    srv = _server(tmp_path, "wire.weight_phase_timeout_s=0.2")
-    srv.engine = _Hangs(what)
     acks = []
 
     async def send(msg, tensors=None):
         acks.append(msg)
 
-    srv._send = send
+    rx = receiver(tmp_path, _Hangs(what), send, "wire.weight_phase_timeout_s=0.2")
     pub = WeightPublisher(torch.nn.Linear(4, 3), "full", shm_dir=str(tmp_path))
     pub.join("r0", socket.gethostname())
     try:
-        await asyncio.wait_for(srv._apply_weights(_update(pub, 1), [], time.time()), timeout=60)
+        await asyncio.wait_for(rx.on_manifest(_update(pub, 1), [], time.time()), timeout=60)
     finally:
         pub.close()
+        rx.close()
     (ack,) = acks
     assert not ack.ok and ack.version == 0 and f"phase {what!r} took longer" in ack.error
-    assert srv.engine.calls[-1] == "resume" and not srv.weight_lock.locked()
-    assert srv.wstate.base is None and srv.version == 0  # unknown now: a full sync next
+    assert rx.engine.calls[-1] == "resume" and not rx.lock.locked()
+    assert rx.wstate.base is None and rx.version == 0  # unknown now: a full sync next
 
 
 async def test_a_generation_request_has_a_deadline(tmp_path):
     # (imports vLLM, as other unit tests do: in the suite that cost is paid once)
     srv = _server(tmp_path, "rollout.request_timeout_s=0.2")
-    srv.engine = _Hangs("generate")
+    srv.attach(_Hangs("generate"), tokenizer=None)
     sp = types.SimpleNamespace(extra_args=None)  # vllm.SamplingParams as far as it matters
     with pytest.raises(TimeoutError, match=r"r0-1 ran past rollout.request_timeout_s = 0.2s"):
-        await asyncio.wait_for(srv._generate([1, 2], sp), timeout=60)
+        await asyncio.wait_for(srv.generator.generate([1, 2], sp), timeout=60)
     assert srv.engine.aborted == ["r0-1"]
 
 

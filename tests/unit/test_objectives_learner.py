@@ -400,7 +400,7 @@ def test_bad_objective_config_is_a_clear_error(ov, msg):
 def test_failed_episodes_cost_only_themselves(tiny_model, tmp_path):
     """A group with an episode whose env failed trains exactly like the group without it."""
     from climbrl.learner.objectives import group_advantages
-    from climbrl.rollout.server import _failed
+    from climbrl.rollout.episode import failed_sample as _failed
 
     r = torch.tensor([[1.0, 0.0, 9.0, 1.0, 0.0]], dtype=torch.float64)
     valid = torch.tensor([[True, True, False, True, True]])

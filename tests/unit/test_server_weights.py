@@ -1,7 +1,7 @@
 """The rollout server's weight update, against a fake engine that records its calls
-(``rollout.server.RolloutServer._apply_weights``): the order of the engine calls, the
-background packing started only after the ack, and the resume of an update that fails before
-its reload. The real engine's side is in tests/integration/test_weight_sync_engine.py."""
+(``rollout.weight_receiver.WeightUpdateReceiver.on_manifest``): the order of the engine calls,
+the background packing started only after the ack, and the resume of an update that fails
+before its reload. The real engine's side is in tests/integration/test_weight_sync_engine.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 
 from climbrl.config import load_config
 from climbrl.learner.weights import WeightPublisher
-from climbrl.rollout import server as server_mod
-from climbrl.rollout.server import RolloutServer
+from climbrl.rollout import weight_receiver as receiver_mod
+from climbrl.rollout.weight_receiver import WeightUpdateReceiver
 
 
 class FakeEngine:
@@ -45,21 +45,37 @@ class FakeEngine:
         self.calls.append("resume")
 
 
+def receiver(tmp_path, engine, send, *overrides: str) -> WeightUpdateReceiver:
+    """A receiver for server r0 whose engine's weights are known (no initial load)."""
+    cfg = load_config(None, [f'model.path="{tmp_path}"', *overrides])
+    tasks: list[asyncio.Task] = []
+    rx = WeightUpdateReceiver(
+        engine,
+        server_id="r0",
+        model_path=str(tmp_path),
+        dtype=cfg.model.dtype,
+        phase_timeout_s=cfg.wire.weight_phase_timeout_s,
+        version=0,
+        send=send,
+        spawn=lambda coro: tasks.append(asyncio.ensure_future(coro)),
+    )
+    rx.wstate.base = {}
+    return rx
+
+
 @pytest.fixture
 def rig(tmp_path):
-    cfg = load_config(None, [f'model.path="{tmp_path}"'])
-    srv = RolloutServer(cfg, "tcp://127.0.0.1:1", "r0")
-    srv.engine = FakeEngine()
-    srv.wstate.base = {}  # the engine's weights are known: no initial load from model.path
+    engine = FakeEngine()
 
     async def send(msg, tensors=None):
-        srv.engine.calls.append(f"ack {msg.version} {'ok' if msg.ok else 'failed'}")
+        engine.calls.append(f"ack {msg.version} {'ok' if msg.ok else 'failed'}")
 
-    srv._send = send
+    srv = receiver(tmp_path, engine, send)
     pub = WeightPublisher(torch.nn.Linear(4, 3), "full", shm_dir=str(tmp_path))
     pub.join("r0", socket.gethostname())  # same host: full syncs through a weights file
     yield srv, pub
     pub.close()
+    srv.close()
 
 
 async def _started(engine, deadline_s=10.0):
@@ -78,7 +94,7 @@ def _update(pub, version):
 
 async def test_same_host_update_calls_the_engine_in_order_and_packs_after_the_ack(rig):
     srv, pub = rig
-    await srv._apply_weights(_update(pub, 1), [], time.time())
+    await srv.on_manifest(_update(pub, 1), [], time.time())
     assert srv.engine.calls == [
         "pause",
         "climbrl_load_weights",
@@ -93,12 +109,12 @@ async def test_same_host_update_calls_the_engine_in_order_and_packs_after_the_ac
 
 async def test_a_next_update_takes_over_the_packing_not_started_yet(rig, monkeypatch):
     srv, pub = rig
-    monkeypatch.setattr(server_mod, "REPACK_AFTER_ACK_S", 0.5)  # the next update comes first
-    await srv._apply_weights(_update(pub, 1), [], time.time())
+    monkeypatch.setattr(receiver_mod, "REPACK_AFTER_ACK_S", 0.5)  # the next update comes first
+    await srv.on_manifest(_update(pub, 1), [], time.time())
     pub.acked("r0", 1)
-    await srv._apply_weights(_update(pub, 2), [], time.time())
+    await srv.on_manifest(_update(pub, 2), [], time.time())
     await _started(srv.engine)
-    await asyncio.sleep(server_mod.REPACK_AFTER_ACK_S + 0.05)  # the first one's, had it stayed
+    await asyncio.sleep(receiver_mod.REPACK_AFTER_ACK_S + 0.05)  # the first one's, had it stayed
     calls = srv.engine.calls
     assert calls.count("climbrl_start_repack") == 1  # the first one's was cancelled
     assert calls.index("climbrl_start_repack") > calls.index("ack 2 ok")
@@ -108,7 +124,47 @@ async def test_an_update_failing_before_its_reload_resumes_the_engine(rig, tmp_p
     srv, pub = rig
     m = _update(pub, 1)
     m.shm_path = str(tmp_path / "gone.weights")
-    await srv._apply_weights(m, [], time.time())
+    await srv.on_manifest(m, [], time.time())
     assert srv.engine.calls == ["pause", "resume", "ack 0 failed"]
-    await asyncio.sleep(server_mod.REPACK_AFTER_ACK_S + 0.05)
+    await asyncio.sleep(receiver_mod.REPACK_AFTER_ACK_S + 0.05)
     assert "climbrl_start_repack" not in srv.engine.calls
+
+
+class _ReloadFails(FakeEngine):
+    """The first reload fails midway; the rollback's reload goes through."""
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        if method == "climbrl_load_weights" and method not in self.calls:
+            self.calls.append(method)
+            raise RuntimeError("reload failed midway")
+        return await super().collective_rpc(method, args)
+
+
+async def test_a_failed_reload_is_rolled_back_and_acked_so(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    engine = _ReloadFails()
+    acks = []
+
+    async def send(msg, tensors=None):
+        acks.append(msg)
+
+    rx = receiver(tmp_path, engine, send)
+    rx.wstate.base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pub = WeightPublisher(model, "full", shm_dir=str(tmp_path))
+    pub.join("r0", socket.gethostname())
+    try:
+        await rx.on_manifest(_update(pub, 1), [], time.time())
+    finally:
+        pub.close()
+        rx.close()
+    (ack,) = acks
+    assert not ack.ok and ack.rolled_back and ack.version == 0
+    assert "reload failed midway" in ack.error and "rollback" in ack.phases
+    assert engine.calls == [
+        "pause",
+        "climbrl_load_weights",
+        "reset",
+        "climbrl_load_weights",  # the previous weights, back
+        "resume",
+    ]
+    assert rx.version == 0 and rx.wstate.base is not None and not rx.lock.locked()
