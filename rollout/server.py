@@ -92,6 +92,7 @@ class RolloutServer:
         self.http: HttpApi | None = None  # the OpenAI API on this engine, when it runs
         self.output_tail: Any = None  # rollout.output_tail.OutputTail, set by serve()
         self.engine_dead: str | None = None  # the cause, once the engine is found dead
+        self.asleep = False  # the engine is in vLLM's sleep mode (Control "sleep:<level>")
         # set by attach(), once the engine is up
         self.engine: Any = None
         self.prefix_reset: PrefixCacheReset
@@ -110,20 +111,11 @@ class RolloutServer:
         from transformers import AutoTokenizer
 
         from climbrl.rollout import replay
-        from climbrl.rollout.engine import build_engine
+        from climbrl.rollout.engine import build_engine, engine_kwargs
 
         r = self.cfg.rollout
-        engine = build_engine(
-            self.model_path,
-            dtype=self.cfg.model.dtype,
-            kv_cache_gb=r.kv_cache_gb,
-            max_model_len=r.max_model_len,
-            enforce_eager=r.enforce_eager,
-            max_num_seqs=r.max_concurrency,
-            seed=self.cfg.run.seed,
-            replay_routing=r.replay_routing,
-            fp32_lm_head=r.fp32_lm_head,
-        )
+        # the config's engine size, and on a GPU its placement (memory fraction, sleep mode)
+        engine = build_engine(self.model_path, **engine_kwargs(self.cfg))
         await engine.update_weight_version(str(self.initial_version))
         replay_info = await replay.install(engine, routing=r.replay_routing)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -225,6 +217,7 @@ class RolloutServer:
                 loop_lag_max_s=lag,
                 loop_lag_where=lag_where,
                 engine_error=self.engine_dead or "",
+                asleep=self.asleep,
             )
         )
         self.prefix_reset.when_idle()  # an update's reset that waited for in-flight requests
@@ -248,8 +241,30 @@ class RolloutServer:
             if msg.command == "shutdown":
                 log.info("shutdown requested by the learner")
                 self.stop.set()
+            elif msg.command.startswith("sleep:") or msg.command == "wake":
+                self._spawn(self._sleep_or_wake(msg.command))
         elif isinstance(msg, Error):
             log.error("learner reported: %s: %s", msg.code, msg.message)
+
+    async def _sleep_or_wake(self, command: str) -> None:
+        """Colocated placement: vLLM's sleep mode frees the engine's GPU memory while the
+        learner steps ("sleep:<level>"), "wake" takes it back. The next heartbeat, sent at
+        once, tells the learner; a failure is logged and reported, and the learner's wait for
+        this server ends in its error."""
+        try:
+            if command == "wake" and self.asleep:
+                await self.engine.wake_up()
+                self.asleep = False
+            elif command.startswith("sleep:") and not self.asleep:
+                await self.engine.sleep(int(command.partition(":")[2]))
+                self.asleep = True
+        except Exception as e:
+            log.exception("%s failed", command)
+            await self.client.send(
+                Error(origin=self.server_id, code="sleep_failed", message=f"{command}: {e!r}")
+            )
+            return
+        await self._beat()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         t = asyncio.get_running_loop().create_task(coro)

@@ -102,3 +102,54 @@ def test_sleeping_engines_need_a_synchronous_run():
                 'learner.device="cuda"',
             ],
         )
+
+
+# ------------------------------------------------------------------ the rollout server's side
+
+
+class SleepyEngine:
+    """The calls the server makes of vLLM's AsyncLLM sleep mode (``fail``: sleep raises)."""
+
+    errored = False
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[str] = []
+        self.fail = fail
+
+    async def sleep(self, level: int = 1) -> None:
+        if self.fail:
+            raise RuntimeError("sleep mode is not enabled")
+        self.calls.append(f"sleep {level}")
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        self.calls.append("wake")
+
+
+async def test_the_server_sleeps_and_wakes_its_engine_and_says_so(tmp_path):
+    from climbrl.wire import Error, Heartbeat
+    from tests.unit.test_failure_paths_waits import _server
+
+    srv = _server(tmp_path)
+    srv.engine = SleepyEngine()
+    srv.client.welcomed.set()
+    sent: list[object] = []
+
+    async def send(msg: object, *frames: object) -> None:
+        sent.append(msg)
+
+    srv.client.send = send
+    await srv._sleep_or_wake("sleep:2")
+    await srv._sleep_or_wake("sleep:2")  # already asleep: nothing more
+    assert srv.engine.calls == ["sleep 2"] and srv.asleep
+    beats = [m for m in sent if isinstance(m, Heartbeat)]
+    assert beats and beats[-1].asleep  # the learner learns it at once
+    await srv._sleep_or_wake("wake")
+    assert srv.engine.calls == ["sleep 2", "wake"] and not srv.asleep
+    assert not [m for m in sent if isinstance(m, Heartbeat)][-1].asleep
+
+    srv.engine, sent[:] = SleepyEngine(fail=True), []
+    await srv._sleep_or_wake("sleep:1")
+    assert not srv.asleep
+    assert [(m.code, "not enabled" in m.message) for m in sent if isinstance(m, Error)] == [
+        ("sleep_failed", True)
+    ]
