@@ -35,7 +35,14 @@ def write_cfg(path: Path, model: Path, **sections: dict[str, Any]) -> Path:
 class RolloutProc:
     """`climbrl rollout` in its own process group, connected to a LearnerHub in this process."""
 
-    def __init__(self, cfg: Path, log: Path, timeout: float = 600):
+    def __init__(
+        self,
+        cfg: Path,
+        log: Path,
+        timeout: float = 600,
+        python_args: tuple[str, ...] = ("-m", "climbrl.cli"),
+    ):
+        """``python_args``: what runs the CLI (a ``-c`` script may patch the server first)."""
         from climbrl.learner.hub import LearnerHub
 
         self.hub = LearnerHub("127.0.0.1", 0)
@@ -43,8 +50,7 @@ class RolloutProc:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "climbrl.cli",
+                *python_args,
                 "rollout",
                 "--config",
                 str(cfg),

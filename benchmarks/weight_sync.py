@@ -12,11 +12,17 @@ round trip, and the packing left to the first forward pass, on top). The floor i
 move the same bytes through a loopback ZeroMQ socket to another process, measured in the same
 run, before the server starts and after it stops (the faster of the two), each send right
 after the same ``settle()`` (a 2 s pause) and stand-in optimizer step as each timed sync.
-Prints one JSON line; ``ratio`` = sync seconds / floor seconds (goal <= 2) for the transport a
-run uses on one host
-(``wire.weight_transport = "auto"``: the learner writes one file under /dev/shm that the engine
-reloads from, the time to write it included), ``zmq_ratio`` for frames over the socket (what
-servers on other hosts get). The two are interleaved, update by update.
+Prints one JSON line and writes it under ``benchmarks/results/``; ``ratio`` = sync seconds /
+floor seconds (goal <= 2) for the transport a run uses on one host (``wire.weight_transport =
+"auto"``: the learner writes one file under /dev/shm that the engine reloads from, the time to
+write it included), ``zmq_ratio`` for frames over the socket (what servers on other hosts get):
+the ``WeightPublisher``'s snapshot of the step in a ring slot (``weightsync.ShmRing``) sent as
+zero-copy frames, which the server lands in a file of its own (``weightsync.FrameLanding``) and
+reloads from like the same-host file, packing in the background after the ack.
+``zmq_staged_ratio`` is the frames path without those two (the baseline): the step cloned, the
+frames decoded and copied into the server's staging file, and the engine's packing done before
+the ack. The three are interleaved, update by update, into the same server, which runs under
+``_LANDING_SHIM``: frames of odd versions land, those of even versions take the staged path.
 
 ``floor_back_to_back_s`` / ``ratio_back_to_back``: the floor timed with its sends back to back
 instead (the minimum of a warm loop, no step in between). Work that follows an idle spell runs
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -63,6 +70,40 @@ SIZES = {  # hidden, layers, intermediate, heads, kv heads -> ~params (384-token
     "50m": (640, 10, 1920, 8, 4),
     "500m": (1536, 18, 4608, 12, 4),
 }
+
+# Runs `climbrl rollout` with frames of odd versions landed (weightsync.FrameLanding) and those of
+# even versions staged: the receiver's call to FrameLanding.land is added here unless it has one.
+_LANDING_SHIM = r"""
+import asyncio, sys
+from climbrl.rollout import weight_receiver as wr
+from climbrl.weightsync import FrameLanding
+
+_land, _init, _receive = FrameLanding.land, wr.WeightUpdateReceiver.__init__, wr.WeightUpdateReceiver._receive
+
+def land(self, m, frames, in_use):
+    return _land(self, m, frames, in_use) if m.version % 2 else None
+
+def __init__(self, *a, **kw):
+    _init(self, *a, **kw)
+    if getattr(self, "landing", None) is None:
+        self._shim_landing = FrameLanding(self.shm_path.parent)
+
+async def _landing_receive(self, u, frames):
+    lander = getattr(self, "_shim_landing", None)
+    if lander is not None and FrameLanding.takes(u.m):
+        landed = await u.timed(
+            "land", asyncio.to_thread(lander.land, u.m, frames, self.wstate.files_in_use())
+        )
+        if landed is not None:
+            u.m, frames = landed, []
+    await _receive(self, u, frames)
+
+FrameLanding.land = land
+wr.WeightUpdateReceiver.__init__ = __init__
+wr.WeightUpdateReceiver._receive = _landing_receive
+from climbrl.cli import main
+sys.exit(main())
+"""
 
 _SINK = r"""
 import sys, zmq
@@ -224,6 +265,7 @@ def sync_modes(server, mdir: Path, a) -> dict:
             server.hub.send("r0", m, frames)
             _, ack, _, _ = server.wait_for(WeightAck, lambda x, v=v: x.version == v or not x.ok)
             assert ack.ok, ack.error
+            pub.acked("r0", v)
             rows.append((pub.last[m.kind], time.perf_counter() - t0, t_enc, ack.phases))
         first, rest = rows[0], rows[1:]
         best = min(rest, key=lambda r: r[1])
@@ -294,7 +336,7 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.common import RolloutProc, settle, write_cfg
+    from benchmarks.common import RolloutProc, settle, write_cfg, write_result
     from climbrl.envs.tasks import corpus_for_tokenizer
     from climbrl.learner.weights import WeightPublisher
     from climbrl.tinymodel import make_tiny_model
@@ -328,6 +370,7 @@ def main() -> None:
         tensors = [sd[n] for n in names]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         params = sum(t.numel() for t in tensors)
+        load_before = os.getloadavg()[0]
         floor_before = floors(tensors, max(a.repeats, 5))  # quiet: no engine yet
         cfg = write_cfg(
             tmp / f"{size}.toml",
@@ -335,32 +378,41 @@ def main() -> None:
             rollout={"max_model_len": 64, "kv_cache_gb": 0.25},
             wire={"weight_sync_timeout_s": 600.0},
         )
-        server = RolloutProc(cfg, tmp / f"{size}.log")
+        server = RolloutProc(cfg, tmp / f"{size}.log", python_args=("-c", _LANDING_SHIM))
         shm_pub = WeightPublisher(model, "full", shm_dir=str(SHM_DIR))
         shm_pub.join("r0", socket.gethostname())
-        runs = {"zmq": ([], [], []), "shm": ([], [], [])}  # sync, first token, phases
+        zmq_pub = WeightPublisher(model, "full", shm_dir=str(SHM_DIR))  # as the learner's
+        zmq_pub.join("r0", "another-host")  # frames, not the file
+        pubs = {"shm": shm_pub, "zmq": zmq_pub}
+        # sync, first token, phases; zmq: odd versions (landed), zmq_staged: even ones
+        runs = {t: ([], [], []) for t in ("zmq_staged", "zmq", "shm")}
         v = 0
         try:
             for r in range(a.repeats + 1):
-                for transport in ("zmq", "shm"):  # interleaved: same machine state for both
+                for transport in runs:  # interleaved: same machine state for each
                     v += 1
+                    if transport != "shm" and v % 2 != (transport == "zmq"):
+                        v += 1  # zmq: odd, landed; zmq_staged: even, staged (_LANDING_SHIM)
                     settle()  # after the previous first token and background packing
                     optimizer_step(tensors)
                     t0 = time.perf_counter()  # step end
-                    if transport == "zmq":
+                    if transport == "zmq_staged":  # the step cloned, as a snapshot
                         m = WeightManifest(
                             version=v, tensors=[tensor_meta(n, sd[n]) for n in names]
                         )
-                        server.hub.send("r0", m, tensors)
+                        frames = [t.detach().clone() for t in tensors]
                     else:
-                        shm_pub.forget("r0")
-                        ((_, m, frames),) = shm_pub.messages(v, ["r0"])
-                        t_pub = time.perf_counter() - t0  # writing the weights file
-                        server.hub.send("r0", m, frames)
+                        pubs[transport].forget("r0")
+                        ((_, m, frames),) = pubs[transport].messages(v, ["r0"])
+                    assert bool(m.shm_path) == (transport == "shm")
+                    t_pub = time.perf_counter() - t0  # the snapshot (a clone, a ring slot)
+                    server.hub.send("r0", m, frames)
+                    del frames
                     _, ack, _, t_ack = server.wait_for(WeightAck, lambda x, v=v: x.version == v)
                     assert ack.ok, ack.error
                     t1 = time.perf_counter()
-                    shm_pub.acked("r0", v)  # as the learner does: older ring files are free
+                    for pub in pubs.values():  # as the learner does: older ring slots are free
+                        pub.acked("r0", v)
                     server.hub.send(
                         "r0",
                         WorkOrder(
@@ -379,13 +431,12 @@ def main() -> None:
                         sync, first, phases = runs[transport]
                         sync.append(t1 - t0)
                         first.append(t2 - t0)
-                        phases.append(
-                            {"publish": t_pub if transport == "shm" else 0.0, **ack.phases}
-                        )
+                        phases.append({"publish": t_pub, **ack.phases})
             modes = {} if a.no_modes else sync_modes(server, mdir, a)
         finally:
             server.close()
-            shm_pub.close()
+            for pub in pubs.values():
+                pub.close()
         floor_after = floors(tensors, max(a.repeats, 5))
         # the faster of before and after: the stricter ratio
         fl = min(floor_before[True], floor_after[True])
@@ -396,13 +447,16 @@ def main() -> None:
             "floor_s": round(fl, 4),
             "floor_before_after_s": [round(floor_before[True], 4), round(floor_after[True], 4)],
             "floor_back_to_back_s": round(fl_b2b, 4),
+            # other work on the machine slows the socket and the copies unevenly: the 1-minute
+            # load average before the floors and after the last one
+            "load_avg_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         rp = repack_seconds(sd, a.repeats)
         if rp is not None:
             row.update({"repack_s": round(rp, 4), "repack_ratio": round(rp / fl, 2)})
         for transport, (sync, first, phases) in runs.items():
             best = min(range(len(sync)), key=lambda i: sync[i])
-            pre = "" if transport == "shm" else "zmq_"
+            pre = "" if transport == "shm" else f"{transport}_"
             row.update(
                 {
                     f"{pre}sync_s": round(sync[best], 4),
@@ -423,7 +477,9 @@ def main() -> None:
                 }
             )
         del model, sd, tensors
-    print(json.dumps({"benchmark": "weight_sync", **results}))
+    out = {"benchmark": "weight_sync", **results}
+    print(json.dumps(out))
+    print(f"wrote {write_result('weight_sync', out)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

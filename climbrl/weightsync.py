@@ -21,6 +21,13 @@ as HF-named tensors: it decodes an update against them, works out which vLLM mod
 (vLLM reloads module by module and a partly loaded module is garbage, so q/k/v, gate/up and a
 layer's experts always go together, ``module_key``) and keeps the previous values of those
 modules, which the server reloads if the engine fails midway. Nothing here imports vLLM.
+
+A full update travels one of two ways. To a server on the learner's host, as one file under
+/dev/shm that the engine maps (``ShmRing``, ``map_shm``). To the others, as frames: the learner
+copies the step into a ring slot and sends views of it (``ShmRing.views``), and the server
+lands the frames in a file of its own (``FrameLanding``), from which it then reloads as from
+the learner's file: the engine repacks in the background after the ack in both cases. Either
+file is rewritten in place, never while a reader may still use it.
 """
 
 from __future__ import annotations
@@ -152,6 +159,7 @@ class Update:
     load: dict[str, torch.Tensor]
     restore: dict[str, torch.Tensor] | None
     wire_bytes: int = 0
+    files: dict[str, str] = field(default_factory=dict)  # name -> the file its tensors view
 
 
 @dataclass
@@ -162,6 +170,13 @@ class EngineWeights:
     base: dict[str, torch.Tensor] | None = None  # None: unknown, only a full sync applies
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scale: float = 0.0
+    # name -> the weights file (``map_shm``) its base or adapter tensors view: such a file must
+    # not be rewritten while these weights are the engine's (``files_in_use``, ``FrameLanding``)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def files_in_use(self) -> set[str]:
+        """The weights files that tensors of these weights view (mapped, not copied)."""
+        return set(self.files.values()) if self.base is not None else set()
 
     def effective(self, name: str) -> torch.Tensor:
         assert self.base is not None
@@ -244,7 +259,16 @@ class EngineWeights:
             }
         keys = {module_key(n) for n in touched}
         names = [n for n in new_base if module_key(n) in keys]
-        upd = Update(m.version, new_base, adapters, scale, {}, None, wire)
+        # which file each tensor views: this update's file for what it brings, the previous
+        # one's for what a delta leaves in place (a decoded delta is a copy: counted anyway)
+        src = m.shm_path if tensors is not None else ""
+        files = {n: f for n, f in self.files.items() if n in new_base} if m.kind == "delta" else {}
+        for name in parts:
+            if src:
+                files[name] = src
+            else:
+                files.pop(name, None)
+        upd = Update(m.version, new_base, adapters, scale, {}, None, wire, files)
         upd.load = {n: _effective(new_base, adapters, scale, n) for n in names}
         if self.base is not None:
             upd.restore = {n: self.effective(n) for n in names if n in self.base}
@@ -252,6 +276,7 @@ class EngineWeights:
 
     def commit(self, u: Update) -> None:
         self.version, self.base, self.adapters, self.scale = u.version, u.base, u.adapters, u.scale
+        self.files = u.files
 
     def load_initial(self, model_dir: str, dtype: str) -> None:
         """The engine's start-up weights, read from the model folder (for rollback of the
@@ -406,6 +431,22 @@ def _create(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
+def copy_at(dst: Any, srcs: list[memoryview], offs: list[int]) -> None:
+    """Copy each buffer of ``srcs`` into the byte array ``dst`` (numpy uint8) at its offset.
+
+    Plain single-threaded memcpys by numpy, which releases the GIL while it copies, so an event
+    loop or a hub thread in the same process runs meanwhile (a second thread does not help:
+    the copy is bound by memory bandwidth). Not torch's ``copy_``: it splits a copy over OpenMP
+    threads that spin at a barrier, and with the engine busy on the same cores that made a
+    20 MB copy take 0.25 s instead of 3 ms."""
+    import numpy as np
+
+    for src, off in zip(srcs, offs):
+        if src.nbytes:
+            b = src.cast("B") if src.ndim != 1 or src.format != "B" else src
+            np.copyto(dst[off : off + src.nbytes], np.frombuffer(b, np.uint8))
+
+
 class ShmRing:
     """Weights files under shm_dir that the learner rewrites in place, for full syncs.
 
@@ -417,14 +458,19 @@ class ShmRing:
     A file is rewritten only when no server can still read it: each server's engine keeps
     zero-copy views of the file it last loaded (``EngineWeights.base``, used for rollback), so a
     slot sent to a server stays taken until that server acks a newer version (``acked``). A
-    server that never acks (dead, failing, pinned) pins its slots; with every slot taken
-    ``write`` returns None and the caller writes a new file as before. Only for the ``full``
-    mode: a delta or LoRA engine keeps views of its first full file for good.
+    server that never acks (dead, failing, pinned) pins its slots until ``dropped``; with every
+    slot taken ``write`` returns None and the caller writes a new file as before. Only for the
+    ``full`` mode: a delta or LoRA engine keeps views of its first full file for good.
+
+    With ``shm_dir`` None the slots are plain memory, not files: the snapshot of a step that
+    goes out as frames to servers on other hosts (``views``), pinned the same way until every
+    server it went to has it.
     """
 
-    def __init__(self, shm_dir: Path, prefix: str, slots: int = 3):
-        self.shm_dir, self.prefix, self.n = Path(shm_dir), prefix, slots
-        self.slots: list[tuple[Path, int, memoryview]] = []  # path, size, shared mapping
+    def __init__(self, shm_dir: Path | None, prefix: str, slots: int = 3):
+        self.shm_dir = Path(shm_dir) if shm_dir is not None else None
+        self.prefix, self.n = prefix, slots
+        self.slots: list[tuple[Path | None, int, torch.Tensor]] = []  # path, size, bytes
         self.refs: dict[str, dict[int, int]] = {}  # server -> {version sent: slot index}
 
     def _free(self, size: int) -> int | None:
@@ -433,6 +479,9 @@ class ShmRing:
             if k not in taken and sz == size:
                 return k
         if len(self.slots) < self.n:
+            if self.shm_dir is None:
+                self.slots.append((None, size, torch.empty(size, dtype=torch.uint8)))
+                return len(self.slots) - 1
             path = self.shm_dir / f"{self.prefix}-slot{len(self.slots)}.weights"
             fd = _create(path)
             try:
@@ -444,14 +493,15 @@ class ShmRing:
                 if size
                 else torch.empty(0, dtype=torch.uint8)
             )
-            self.slots.append((path, size, memoryview(blob.numpy())))  # holds the mapping
+            self.slots.append((path, size, blob))  # the tensor holds the mapping
             return len(self.slots) - 1
         return None
 
-    def write(
+    def put(
         self, version: int, servers: list[str], tensors: list[torch.Tensor]
-    ) -> tuple[str, list[int]] | None:
-        """Copy ``tensors`` into a free slot for ``servers``; None when every slot is taken."""
+    ) -> tuple[int, list[int]] | None:
+        """Copy ``tensors`` into a free slot for ``servers``: (slot, byte offsets), or None when
+        every slot is taken."""
         from climbrl.wire import _DTYPES, dtype_name, tensor_buffer
 
         for t in tensors:
@@ -462,16 +512,30 @@ class ShmRing:
         k = self._free(total)
         if k is None:
             return None
-        path, _, dst = self.slots[k]
-        for src, off in zip(srcs, offs):
-            if src.nbytes:
-                # a plain single-threaded memcpy: torch's copy_ splits it over OpenMP threads
-                # that spin at a barrier, and with the engine busy on the same cores that made
-                # a 20 MB copy take 0.25 s instead of 3 ms
-                dst[off : off + src.nbytes] = src.cast("B") if src.ndim != 1 else src
+        if total:
+            copy_at(self.slots[k][2].numpy(), srcs, offs)
         for s in servers:
             self.refs.setdefault(s, {})[version] = k
-        return str(path), offs
+        return k, offs
+
+    def write(
+        self, version: int, servers: list[str], tensors: list[torch.Tensor]
+    ) -> tuple[str, list[int]] | None:
+        """``put``, as (file path, offsets) for a manifest's ``shm_path``."""
+        got = self.put(version, servers, tensors)
+        if got is None:
+            return None
+        return str(self.slots[got[0]][0] or ""), got[1]
+
+    def views(self, k: int, tensors: list[torch.Tensor], offs: list[int]) -> list[torch.Tensor]:
+        """Tensors shaped like ``tensors`` over slot ``k`` at ``offs`` (as ``put`` wrote them)."""
+        blob = self.slots[k][2]
+        return [
+            blob[off : off + nbytes(t)].view(t.dtype).view(t.shape)
+            if t.numel()
+            else torch.empty(t.shape, dtype=t.dtype)
+            for t, off in zip(tensors, offs)
+        ]
 
     def acked(self, server: str, version: int) -> None:
         """``server`` runs ``version`` now: the files of older versions are free of it."""
@@ -480,10 +544,109 @@ class ShmRing:
             for v in [v for v in r if v < version]:
                 del r[v]
 
+    def dropped(self, server: str) -> None:
+        """``server`` is gone (dead, not restarted under its id): nothing of it pins a slot."""
+        self.refs.pop(server, None)
+
     def close(self) -> None:
         self.slots.clear()  # the mappings go with the tensors
-        for p in self.shm_dir.glob(f"{self.prefix}-slot*.weights"):
-            p.unlink(missing_ok=True)
+        if self.shm_dir is not None:
+            for p in self.shm_dir.glob(f"{self.prefix}-slot*.weights"):
+                p.unlink(missing_ok=True)
+
+
+class FrameLanding:
+    """Frames of a full update landed in a weights file of the rollout server's own, which the
+    receiver then loads as it loads the learner's same-host file (``map_shm``): the engine
+    reloads straight from the file and finishes its packing in the background after the ack
+    (``climbrl.rollout.worker_ext``), instead of a copy of the decoded frames into a staging
+    file and a reload that packs before it returns; and the engine's weights (``EngineWeights``,
+    kept for rollback) view the file, not the frames, which go with the update.
+
+    Two files in ``folder`` (the server's private folder, ``private_dir``), each mapped once
+    (``MAP_SHARED``) and rewritten in place, so their pages are reused. ``land`` writes into
+    one that neither the engine's current weights view (``EngineWeights.files_in_use``) nor
+    the last landed update's background packing may still read; with none free it returns
+    None and the receiver decodes and stages the frames as before. Only plain full updates
+    land (``takes``): a delta or a LoRA update is small, and a LoRA base is merged, not mapped.
+    """
+
+    def __init__(self, folder: Path, slots: int = 2):
+        self.folder, self.n = Path(folder), slots
+        self.maps: dict[int, tuple[int, Any]] = {}  # slot -> (size, mmap)
+        self.last: int | None = None  # slot of the last landed update
+
+    def path(self, k: int) -> Path:
+        return self.folder / f"landed{k}.weights"
+
+    @staticmethod
+    def takes(m: WeightManifest) -> bool:
+        return not m.shm_path and m.kind == "full" and not m.adapters
+
+    def land(self, m: WeightManifest, frames: list[Any], in_use: set[str]) -> WeightManifest | None:
+        """Copy ``frames`` into a free file; return ``m`` naming that file and its offsets
+        (``shm_path``, ``shm_offsets``; no frames follow), or None (not a plain full update,
+        or no file free). Raises ``WireError`` for frames that do not fit the manifest."""
+        import msgspec
+        import numpy as np
+
+        from climbrl.wire import nbytes_of
+
+        if not self.takes(m):
+            return None
+        if len(frames) != len(m.tensors):
+            raise WireError(f"manifest lists {len(m.tensors)} tensors, got {len(frames)}")
+        offs, total = shm_offsets(m.tensors)
+        bufs = []
+        for meta, fr in zip(m.tensors, frames):
+            buf = fr.buffer if hasattr(fr, "buffer") else memoryview(fr)
+            if buf.nbytes != nbytes_of(meta):
+                raise WireError(
+                    f"tensor {meta.name!r}: frame has {buf.nbytes} bytes, shape {meta.shape} "
+                    f"of {meta.dtype} needs {nbytes_of(meta)}"
+                )
+            bufs.append(buf)
+        k = next(
+            (k for k in range(self.n) if k != self.last and str(self.path(k)) not in in_use),
+            None,
+        )
+        if k is None:
+            return None
+        dst = self._mapping(k, total)
+        if total:
+            copy_at(np.frombuffer(dst, dtype=np.uint8), bufs, offs)
+        self.last = k
+        return msgspec.structs.replace(m, shm_path=str(self.path(k)), shm_offsets=offs)
+
+    def _mapping(self, k: int, size: int) -> Any:
+        """Slot ``k``'s file, ``size`` bytes, mapped shared (made anew for another size)."""
+        import mmap
+
+        got = self.maps.get(k)
+        if got is not None and got[0] == size:
+            return got[1]
+        if got is not None:
+            got[1].close()
+            del self.maps[k]
+        path = self.path(k)
+        path.unlink(missing_ok=True)
+        # as _create, but readable too: a shared mapping needs both
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size) if size else None
+        finally:
+            os.close(fd)
+        self.maps[k] = (size, mm)
+        return mm
+
+    def close(self) -> None:
+        for _, mm in self.maps.values():
+            if mm is not None:
+                mm.close()
+        self.maps.clear()
+        for k in range(self.n):
+            self.path(k).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ private weights folders

@@ -540,6 +540,7 @@ def build_parts(cfg: Config, resume: bool, ds: fsdp.DistState) -> dict[str, Any]
         cfg.learner.weight_sync,
         cfg.model.path,
         shm_dir=shm if shm and os.path.isdir(shm) else None,
+        wire_dtype=getattr(torch, cfg.model.dtype),  # the engine's (the learner's may be fp32)
     )
     step = version = 0
     cursor = None

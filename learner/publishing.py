@@ -52,8 +52,10 @@ class Publishing:
         self.pending.pop(sid, None)
 
     def lost(self, sid: str) -> None:
-        """A dead server: nothing it was sent is coming back."""
+        """A dead server: nothing it was sent is coming back (nor will it read what it was
+        sent: the frames it pinned are free again)."""
         self.pending.pop(sid, None)
+        self.weights.dropped(sid)
 
     def outstanding(self) -> bool:
         return any(self.pending.values())

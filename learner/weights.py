@@ -37,6 +37,7 @@ import torch
 
 from climbrl.config import LearnerCfg
 from climbrl.weightsync import (
+    ShmRing,
     checkpoint_names,
     encode_change,
     merge,
@@ -187,8 +188,19 @@ def load_adapter(model: Any, folder: Path) -> None:
 class WeightPublisher:
     """What to send each server so that its engine runs the learner's current weights."""
 
-    def __init__(self, model: Any, mode: str, base_path: str = "", shm_dir: str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        mode: str,
+        base_path: str = "",
+        shm_dir: str | None = None,
+        wire_dtype: torch.dtype | None = None,
+    ):
+        """``wire_dtype``: the engine's dtype (``model.dtype``), when the learner's weights
+        are in another (float32 master weights under bf16 autocast): floating-point tensors
+        are sent in it, from CPU memory."""
         self.model, self.mode, self.base_path = model, mode, base_path
+        self.wire_dtype = wire_dtype
         self.lora = LoraView(model) if mode == "lora" else None
         self.ref: dict[str, torch.Tensor] | None = None  # delta: weights at ref_version
         self.ref_version = -1
@@ -202,13 +214,16 @@ class WeightPublisher:
         self.local: set[str] = set()
         self._files: list[Path] = []
         self._seq = 0
-        self.ring = None  # full mode: files rewritten in place (climbrl.weightsync.ShmRing)
+        # full mode: the step's snapshot, in slots rewritten in place (climbrl.weightsync.ShmRing):
+        # files under shm_dir that servers on this host map (ring), and plain memory that goes
+        # out as frames to the others (frames_ring). Not one for both: a socket sends from
+        # /dev/shm pages at about half the speed it sends from process memory (no huge pages).
+        self.ring: ShmRing | None = None
+        self.frames_ring = ShmRing(None, "frames", slots=2) if mode == "full" else None
         if shm_dir:
             remove_orphan_files(Path(shm_dir))
             self.shm_dir = private_dir(shm_dir, "climbrl-learner")
             if mode == "full":
-                from climbrl.weightsync import ShmRing
-
                 self.ring = ShmRing(self.shm_dir, "ring")
 
     def join(self, server: str, hostname: str) -> None:
@@ -231,30 +246,41 @@ class WeightPublisher:
             self.local.discard(server)
 
     def acked(self, server: str, version: int) -> None:
-        """``server`` acked ``version`` (ok): the weights files of older versions are free."""
+        """``server`` acked ``version`` (ok): the weights files of older versions are free,
+        and for a server on another host, whose engine keeps nothing of the frames, the
+        snapshot of ``version`` too."""
         if self.ring is not None:
             self.ring.acked(server, version)
+        if self.frames_ring is not None:
+            self.frames_ring.acked(server, version + 1)
+
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the engine loads it: in CPU memory, in ``wire_dtype`` if floating point
+        (no copy when it already is)."""
+        dtype = self.wire_dtype if self.wire_dtype is not None and t.is_floating_point() else None
+        return t.to(device="cpu", dtype=dtype or t.dtype)
+
+    def dropped(self, server: str) -> None:
+        """``server`` is gone for good: what it was sent pins no snapshot slot any more."""
+        for ring in (self.ring, self.frames_ring):
+            if ring is not None:
+                ring.dropped(server)
 
     def close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
+        for ring in (self.ring, self.frames_ring):
+            if ring is not None:
+                ring.close()
         for f in self._files:
             f.unlink(missing_ok=True)
         self._files.clear()
         remove_private_dir(self.shm_dir)
 
-    def _shm_file(
-        self, tensors: list[torch.Tensor], version: int = -1, servers: list[str] | None = None
-    ) -> tuple[str, list[int]]:
-        """A ring file no server reads any more, rewritten in place; else a new weights file
-        (never one a server may still map), keeping the last two."""
+    def _new_shm_file(self, tensors: list[torch.Tensor]) -> tuple[str, list[int]]:
+        """A new weights file (never one a server may still map), keeping the last two: for
+        the delta and LoRA modes, and for a full sync with every ring slot pinned."""
         from climbrl.weightsync import write_shm
 
         assert self.shm_dir is not None
-        if self.ring is not None and servers:
-            got = self.ring.write(version, servers, tensors)
-            if got is not None:
-                return got
         self._seq += 1
         path = self.shm_dir / f"{self._seq}.weights"
         offs = write_shm(path, tensors)
@@ -283,6 +309,7 @@ class WeightPublisher:
             state = self.lora.base_state()  # frozen: never changes, so never in a delta
         else:
             state = {n: t.detach() for n, t in self.model.state_dict().items()}
+        state = {n: self._wire(t) for n, t in state.items()}
         state = checkpoint_names(state)  # per-expert MoE names, as the engine loads them
         known = [
             s
@@ -307,7 +334,8 @@ class WeightPublisher:
             frames = list(state.items()) + adapter
             tensors = [t for _, t in frames]
         if local:
-            path, offs = self._shm_file(tensors, version, local)
+            got = self.ring.write(version, local, tensors) if self.ring is not None else None
+            path, offs = got if got is not None else self._new_shm_file(tensors)
             out.append(
                 (
                     local,
@@ -323,14 +351,20 @@ class WeightPublisher:
                 )
             )
         if remote:
+            # delta: frames come from the private copy, whose tensors are replaced, never
+            # written; lora: the base is frozen and the factors are copies
             sent = tensors
-            if self.mode == "full":
-                # The frames go out zero-copy on the hub's thread while training goes on, and
-                # the next optimizer step writes the parameters in place: send a snapshot, or
-                # a server could load a mix of two versions. (delta: frames come from the
-                # private copy, whose tensors are replaced, never written; lora: the base is
-                # frozen and the factors are copies.)
-                sent = [t.detach().clone() for t in tensors]
+            if self.frames_ring is not None:
+                # Frames go out zero-copy on the hub's thread while training goes on, and the
+                # next optimizer step writes the parameters in place: a snapshot, or a server
+                # could load a mix of two versions. A slot is memory that stays allocated (a
+                # plain copy, no new pages to allocate and zero), rewritten once every server
+                # it went to has acked that version.
+                snap = self.frames_ring.put(version, remote, tensors)
+                if snap is not None:
+                    sent = self.frames_ring.views(snap[0], tensors, snap[1])
+                else:  # every slot still pinned by a server behind
+                    sent = [t.detach().clone() for t in tensors]
             out.append(
                 (
                     remote,

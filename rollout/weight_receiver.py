@@ -104,7 +104,12 @@ class WeightUpdateReceiver:
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         prefix_reset: PrefixCacheReset | None = None,
     ):
-        from climbrl.weightsync import EngineWeights, private_dir, remove_orphan_files
+        from climbrl.weightsync import (
+            EngineWeights,
+            FrameLanding,
+            private_dir,
+            remove_orphan_files,
+        )
 
         self.engine = engine
         self.server_id = server_id
@@ -123,6 +128,9 @@ class WeightUpdateReceiver:
         # staging files go in a folder of this process (0700, a random name), removed at exit
         # and on SIGTERM (climbrl.weightsync.private_dir)
         self.shm_path = private_dir(shm_root, "climbrl-rollout") / "staged.weights"
+        # a full update's frames land in one of two files here, loaded as the learner's own
+        # file on this host would be (climbrl.weightsync.FrameLanding)
+        self.landing = FrameLanding(self.shm_path.parent)
         self._deferred: tuple[WeightManifest, list[Any]] | None = None
         self._retired: dict[str, Any] | None = None  # the previous weights, freed after the ack
         self._repack_pending = False
@@ -132,6 +140,7 @@ class WeightUpdateReceiver:
     def close(self) -> None:
         from climbrl.weightsync import remove_private_dir
 
+        self.landing.close()
         remove_private_dir(self.shm_path.parent)
 
     # ------------------------------------------------------------------ an update's way
@@ -232,8 +241,15 @@ class WeightUpdateReceiver:
             await u.timed(
                 "load_initial", asyncio.to_thread(ws.load_initial, self.model_path, self.dtype)
             )
+        if self.landing.takes(m):  # frames of a full update: written once, into a file here
+            landed = await u.timed(
+                "land", asyncio.to_thread(self.landing.land, m, frames, ws.files_in_use())
+            )
+            if landed is not None:
+                u.m = m = landed
+                frames = []
         u.path = str(self.shm_path)
-        if m.shm_path:  # same host: the learner's file is mapped, not copied
+        if m.shm_path:  # the learner's file on this host, or the frames' landing file here
             if not m.adapters:
                 # nothing to copy or merge here, so the engine pauses at once, while the
                 # file is mapped and the manifest checked ("pause" is timed from this send)

@@ -168,3 +168,34 @@ async def test_a_failed_reload_is_rolled_back_and_acked_so(tmp_path):
         "resume",
     ]
     assert rx.version == 0 and rx.wstate.base is not None and not rx.lock.locked()
+
+
+async def test_frames_of_a_full_update_land_in_a_file_and_pack_after_the_ack(tmp_path):
+    """Another host's full update comes as frames: the receiver writes them once into a file
+    of its own (weightsync.FrameLanding) and reloads from it like the learner's file on this
+    host, so the engine's packing waits until after the ack."""
+    engine = FakeEngine()
+
+    async def send(msg, tensors=None):
+        engine.calls.append(f"ack {msg.version} {'ok' if msg.ok else 'failed'}")
+
+    srv = receiver(tmp_path, engine, send)
+    pub = WeightPublisher(torch.nn.Linear(4, 3), "full", shm_dir=str(tmp_path))
+    pub.join("r0", "another-host")
+    try:
+        ((_, m, frames),) = pub.messages(1, ["r0"])
+        assert not m.shm_path and frames  # frames on the wire
+        await srv.on_manifest(m, [memoryview(f.numpy()).cast("B") for f in frames], time.time())
+        assert engine.calls[:6] == [
+            "pause",
+            "climbrl_load_weights",
+            "reset",
+            "version 1",
+            "resume",
+            "ack 1 ok",
+        ]
+        await _started(engine)  # deferred, as for a file on this host
+        assert srv.wstate.files_in_use()  # the engine's weights view a landed file
+    finally:
+        pub.close()
+        srv.close()
