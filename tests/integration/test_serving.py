@@ -327,7 +327,7 @@ def _fuzz(server, tmp_path, examples: int, max_time: int) -> None:
 
 
 def test_fuzz_openapi_short_finds_no_5xx(server, tmp_path):
-    _fuzz(server, tmp_path, examples=3, max_time=45)  # the short form; the full one is slow
+    _fuzz(server, tmp_path, examples=3, max_time=20)  # the short form; the full one is slow
 
 
 @pytest.mark.slow

@@ -60,6 +60,9 @@ class FakeWeights:
     def acked(self, sid: str, version: int) -> None:
         pass
 
+    def dropped(self, sid: str) -> None:  # a dead server's frames slots are free
+        self.forgotten.append(f"dropped {sid}")
+
     def messages(self, version: int, servers: list[str], state: object = None):
         yield servers, SimpleNamespace(kind="full", version=version), []
 
