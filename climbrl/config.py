@@ -905,29 +905,30 @@ def _did_you_mean(err: Any) -> str:
     return "; did you mean " + " or ".join(f"`{c}`" for c in close) + "?" if close else ""
 
 
+def toml_literal(v: Any) -> str:
+    """``v`` as a TOML value (inline tables and arrays for dicts and lists)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_literal(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_literal(x)}" for k, x in v.items()) + "}"
+    if v is None:
+        raise ValueError("TOML has no null; leave the field out")
+    raise TypeError(type(v))
+
+
 def dump_toml(cfg: Config) -> str:
     """Serialise a config as TOML (flat tables, values as TOML literals)."""
-
-    def lit(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(lit(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {lit(x)}" for k, x in v.items()) + "}"
-        if v is None:
-            raise ValueError("TOML has no null; leave the field out")
-        raise TypeError(type(v))
-
     out = []
     for section, values in cfg.model_dump().items():
         out.append(f"[{section}]")
         for k, v in values.items():
             if v is not None:
-                out.append(f"{k} = {lit(v)}")
+                out.append(f"{k} = {toml_literal(v)}")
         out.append("")
     return "\n".join(out)

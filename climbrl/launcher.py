@@ -309,8 +309,8 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
     total = cfg.learner.total_steps
     last_step = -1
 
-    def table() -> Table:
-        recs = read_metrics(metrics_path)
+    def table(recs: list[dict[str, Any]] | None = None) -> Table:
+        recs = read_metrics(metrics_path) if recs is None else recs
         steps = [r for r in recs if "reward" in r]
         evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
         keys = step_keys(steps[-8:])
@@ -384,9 +384,9 @@ def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict,
         task = bar.add_task("steps", total=total)
 
         def view() -> Group:
-            done = [r["step"] for r in read_metrics(metrics_path) if "reward" in r]
-            bar.update(task, completed=max(done, default=0))
-            return Group(bar, table())
+            recs = read_metrics(metrics_path)
+            bar.update(task, completed=max((r["step"] for r in recs if "reward" in r), default=0))
+            return Group(bar, table(recs))
 
         with Live(view(), console=console, refresh_per_second=2) as lv:
             while (rc := check()) is None:

@@ -417,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         print("env-check: --set needs a config file (ENV is not a .toml)", file=sys.stderr)
         return 2
     if a.print_config:
-        lit = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in args.items())
-        print(f"[env]\nname = {json.dumps(name)}\nargs = {{{lit}}}")
+        from climbrl.config import toml_literal
+
+        print(f"[env]\nname = {toml_literal(name)}\nargs = {toml_literal(args)}")
         return 0
     a.env = name
     results = check_env(name, args, a.tasks)

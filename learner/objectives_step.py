@@ -443,11 +443,7 @@ class ObjectiveStep:
             if epoch == 0 and (batch.prox_BT is not None or not batch.stepped):
                 # engine/trainer mismatch: same weights (lag 0), before this batch's updates
                 fresh = m & (lag == 0)
-                mm = mismatch_sums(prox, rollout, fresh)
-                acc["mm_abs"] += mm["abs_sum"]
-                acc["mm_kl"] += mm["kl_sum"]
-                acc["mm_n"] += mm["n"]
-                acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
+                add_mismatch(acc, mismatch_sums(prox, rollout, fresh))
             if "replay_miss" in b and epoch == 0:  # sampled tokens outside the learner's top-n
                 acc["replay_miss"] += float((b["replay_miss"] * mask).sum())
             acc["loss"] += float(loss)
@@ -533,6 +529,17 @@ class ObjectiveStep:
 
         save_model(self.critic, str(folder / "critic.safetensors"))
         torch.save(self.critic_opt.state_dict(), folder / "critic_optimizer.pt")
+
+
+def add_mismatch(acc: dict[str, float], mm: dict[str, float], probe: bool = False) -> None:
+    """Add ``mismatch_sums`` to a step's accumulators (``probe``: measured under the weight
+    snapshot, learner/snapshot.py)."""
+    acc["mm_abs"] += mm["abs_sum"]
+    acc["mm_kl"] += mm["kl_sum"]
+    acc["mm_n"] += mm["n"]
+    acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
+    if probe:
+        acc["mm_probe_n"] += mm["n"]
 
 
 def _nanmean(xs: list[float]) -> float:

@@ -9,6 +9,7 @@ others, before each collective, which one follows (``command``); they run ``foll
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from climbrl.learner.checkpoint import load_state
 from climbrl.learner.device import Precision, learner_precision
 from climbrl.learner.logprobs import completion_logprobs, micro_chunks, reference_logprobs
 from climbrl.learner.objectives import mismatch_sums
-from climbrl.learner.objectives_step import ObjectiveStep
+from climbrl.learner.objectives_step import ObjectiveStep, add_mismatch
 from climbrl.learner.snapshot import WeightSnapshot
 from climbrl.learner.weights import LoraCheckpoint, setup_lora
 from climbrl.wire import Trajectory
@@ -112,8 +113,6 @@ class Trainer:
         if self.ds.distributed:
             sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
             fsdp.load_optimizer_state(self.model, self.opt, sd, self.ds)
-            import json
-
             st = json.loads((ckpt / "learner_state.json").read_text())
         else:
             st = load_state(ckpt, self.opt)
@@ -177,7 +176,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.command(f"train@{version}", groups)  # FSDP: every rank trains this batch
         batch = self.obj.prepare(groups, version)  # shaped rewards, advantages, norms
-        if lc.mismatch_probe_samples and not ds.distributed:
+        # (only where a lag >= 1 sample can be trained: the copy costs a model's memory)
+        lagged = lc.max_staleness > 0 or lc.stale_policy == "correct"
+        if lc.mismatch_probe_samples and lagged and not ds.distributed:
             self._probe_mismatch(batch, version)  # lag >= 1 under the weights that made them
             if self.snapshot.version is None or version % lc.publish_every == 0:
                 # the weights the servers hold from now on (version 0 and each publish)
@@ -242,12 +243,7 @@ class Trainer:
         with torch.no_grad(), snap.swapped_in(self.trainable()):
             for i, n in micro_chunks(samples, lc.micro_batch_size, lc.micro_batch_tokens):
                 b = self._policy_logprobs(samples[i : i + n])
-                mm = mismatch_sums(b["logp"], b["old_logp"], b["mask"])
-                acc["mm_abs"] += mm["abs_sum"]
-                acc["mm_kl"] += mm["kl_sum"]
-                acc["mm_n"] += mm["n"]
-                acc["mm_probe_n"] += mm["n"]
-                acc["mm_max"] = max(acc["mm_max"], mm["abs_max"])
+                add_mismatch(acc, mismatch_sums(b["logp"], b["old_logp"], b["mask"]), probe=True)
 
     def _micro(self, samples: list[Any], lo: int, hi: int) -> list[tuple[int, int, float]]:
         """``(start, size, loss_scale)`` of the micro-batches of samples[lo:hi] this process

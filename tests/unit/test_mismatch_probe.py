@@ -113,3 +113,13 @@ def test_probe_ignores_samples_of_another_version():
     L.snapshot.take(list(sampler.parameters()), 1)  # version 1's weights; the samples are v0
     st = L.train_step(_groups(sampler, version=0), 2)  # lag 2
     assert st["mismatch_probe_tokens"] == 0
+
+
+def test_a_synchronous_run_keeps_no_weight_copy():
+    """max_staleness = 0 with stale groups dropped: no lag >= 1 sample is ever trained, so
+    the learner copies no weights (and measures the lag-0 samples in its own forward)."""
+    sampler = tiny_qwen3(0, V)
+    L = bare_learner(sampler, T, overrides=["learner.max_staleness=0"])
+    st = L.train_step(_groups(sampler, version=0), 0)
+    assert L.snapshot.version is None and st["mismatch_tokens"] == 3 + 4 + 3 + 4
+    assert st["mismatch_probe_tokens"] == 0
