@@ -300,16 +300,19 @@ def _payload(cfg: dict, program: bytes) -> None:
             f.write("1000")
         lim = cfg["limits"]
         uid = cfg["uid"] if os.getuid() == 0 else os.getuid()
-        nproc = lim["nproc"]
-        if not cfg["cgroup_fds"]:  # else the cgroup's pids.max counts per run
-            nproc += _count_tasks(uid)  # per uid here: no user namespace
-        for res, value in (
+        rlimits = [
             (resource.RLIMIT_AS, lim["memory_mb"] << 20),
             (resource.RLIMIT_FSIZE, lim["disk_mb"] << 20),
             (resource.RLIMIT_NOFILE, lim["nofile"]),
-            (resource.RLIMIT_NPROC, nproc),
             (resource.RLIMIT_CORE, 0),
-        ):
+        ]
+        if not cfg["cgroup_fds"]:
+            # RLIMIT_NPROC counts every process of the uid on the host (no user namespace
+            # here), other runs' included: the bound is this run's nproc above those. With a
+            # cgroup, its pids.max counts this run alone, and a per-uid limit would fail a
+            # fork while other runs hold processes.
+            rlimits.append((resource.RLIMIT_NPROC, lim["nproc"] + _count_tasks(uid)))
+        for res, value in rlimits:
             resource.setrlimit(res, (value, value))
         resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1))
         if os.getuid() == 0:

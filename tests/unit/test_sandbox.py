@@ -260,6 +260,33 @@ def test_memory_is_limited_across_processes(sb: Sandbox) -> None:
     assert int(res.stdout.split()[1]) <= 1, res
 
 
+FORK_AND_HOLD = """
+import os, time
+n = 0
+try:
+    while n < 20:
+        if os.fork() == 0:
+            time.sleep(4); os._exit(0)
+        n += 1
+except OSError as e:
+    print('REFUSED', e)
+print('FORKED', n, flush=True)
+"""
+
+
+def test_concurrent_runs_do_not_share_a_process_limit(sb: Sandbox) -> None:
+    # Three runs of 20 processes each, at once: 60 processes of one uid, each run well under
+    # its own nproc (32). A per-uid limit would refuse the third run's forks.
+    _needs_cgroup(sb)
+
+    async def main() -> list:
+        lim = SandboxLimits(nproc=32, wall_s=30)
+        return await asyncio.gather(*(sb.run_python(FORK_AND_HOLD, limits=lim) for _ in range(3)))
+
+    for res in asyncio.run(main()):
+        assert res.ok and res.stdout.split()[:2] == ["FORKED", "20"], res
+
+
 def test_processes_are_limited_per_run(sb: Sandbox) -> None:
     _needs_cgroup(sb)
     code = (
