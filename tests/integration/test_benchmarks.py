@@ -1,7 +1,7 @@
-"""The rollout benchmark runs in the default suite in a small variant with the long-prompt
-setting (chat prompts of 127-161 tokens, seeded): both paths produce tokens and the benchmark
-reports a ratio. No timing is asserted. The 64-request variant is slow; the default suite
-puts the same 64 long seeded requests on one engine in test_rollout_engine.py."""
+"""The rollout benchmark with the long-prompt setting (chat prompts of 127-161 tokens, seeded):
+both paths produce tokens and the benchmark reports a ratio. No timing is asserted. Both
+variants start two engines and are ``slow``; the default suite puts the same 64 long seeded
+requests on one engine in test_rollout_engine.py, and checks vs_trl's arguments and ratio."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
     "tasks,group,max_tokens",
     [
         pytest.param(8, 8, 8, marks=pytest.mark.slow, id="64-requests"),
-        pytest.param(2, 4, 4, id="8-requests"),
+        pytest.param(2, 4, 4, marks=pytest.mark.slow, id="8-requests"),
     ],
 )
 def test_rollout_benchmark_with_long_seeded_chat_prompts(tasks: int, group: int, max_tokens: int):
