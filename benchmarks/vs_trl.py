@@ -12,7 +12,11 @@ learning-rate schedule), for the same training budget (``--minutes``), one after
   optimizer step that ends past the budget.
 - **climbrl**: ``climbrl run`` (a vLLM rollout server and the learner, the SmolLM2 demo's
   recipe ``climbrl/configs/demo_smollm2.toml``) with ``learner.max_train_minutes``: no step
-  starts past the budget.
+  starts past the budget. ``--climbrl-loop sync`` (the default) runs it synchronously
+  (``max_staleness = 0``) with the learner on every core: on a 2-core machine the engine and
+  the learner otherwise share the cores, so overlapping them gains little time per step and
+  the one-step-old samples teach less per step. ``--climbrl-loop async`` runs the demo's
+  asynchronous loop (``max_staleness = 1``, one learner thread).
 
 Then one evaluator scores the base model and both final models on the same held-out tasks
 (the first ``--eval-size`` of the env's test split, which no training task has): greedy
@@ -71,6 +75,14 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         help="arith_chat's share of the reward for an answer that is only the number",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--climbrl-loop",
+        choices=["sync", "async"],
+        default="sync",
+        help="climbrl's loop: sync (max_staleness 0, the learner on every core while the "
+        "engine waits) or async (the demo's max_staleness 1, one learner thread beside the "
+        "engine)",
+    )
     p.add_argument("--no-results-file", action="store_true")
     p.add_argument("--worker", choices=["trl", "eval"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -324,6 +336,11 @@ def _climbrl(a: argparse.Namespace, model: Path, out: Path) -> tuple[dict[str, A
         "learner.eval_size=0",
         "learner.eval_every=0",
         "learner.checkpoint_every=0",
+        *(
+            ["learner.max_staleness=0", f"learner.threads={os.cpu_count() or 1}"]
+            if a.climbrl_loop == "sync"
+            else ["learner.max_staleness=1", "learner.threads=1"]
+        ),
     ]
     cfg = load_config(str(cfg_file), ov)
     cfg.env.args = {"max_shots": 0, "strict_weight": a.strict_weight, "num_test": a.eval_size}
@@ -432,6 +449,7 @@ def main() -> None:
             "temperature": a.temperature,
             "strict_weight": a.strict_weight,
             "seed": a.seed,
+            "climbrl_loop": a.climbrl_loop,
             "evaluator": "transformers generate, greedy, float32",
         },
         "base_samples": base["samples"],
