@@ -13,7 +13,8 @@ learning-rate schedule), for the same training budget (``--minutes``), one after
 - **climbrl**: ``climbrl run`` (a vLLM rollout server and the learner, the SmolLM2 demo's
   recipe ``climbrl/configs/demo_smollm2.toml``) with ``learner.max_train_minutes``: no step
   starts past the budget. ``--climbrl-loop sync`` (the default) runs it synchronously
-  (``max_staleness = 0``) with the learner on every core: on a 2-core machine the engine and
+  (``max_staleness = 0``), the learner and the engine taking turns on every core
+  (``learner.threads``, ``rollout.cpu_threads``): on a 2-core machine the engine and
   the learner otherwise share the cores, so overlapping them gains little time per step and
   the one-step-old samples teach less per step. ``--climbrl-loop async`` runs the demo's
   asynchronous loop (``max_staleness = 1``, one learner thread).
@@ -79,9 +80,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         "--climbrl-loop",
         choices=["sync", "async"],
         default="sync",
-        help="climbrl's loop: sync (max_staleness 0, the learner on every core while the "
-        "engine waits) or async (the demo's max_staleness 1, one learner thread beside the "
-        "engine)",
+        help="climbrl's loop: sync (max_staleness 0; the learner and the engine take turns, "
+        "each on every core) or async (the demo's max_staleness 1, one learner thread beside "
+        "the engine)",
     )
     p.add_argument("--no-results-file", action="store_true")
     p.add_argument("--worker", choices=["trl", "eval"], help=argparse.SUPPRESS)
@@ -337,7 +338,11 @@ def _climbrl(a: argparse.Namespace, model: Path, out: Path) -> tuple[dict[str, A
         "learner.eval_every=0",
         "learner.checkpoint_every=0",
         *(
-            ["learner.max_staleness=0", f"learner.threads={os.cpu_count() or 1}"]
+            [
+                "learner.max_staleness=0",
+                f"learner.threads={os.cpu_count() or 1}",
+                f"rollout.cpu_threads={len(os.sched_getaffinity(0))}",
+            ]
             if a.climbrl_loop == "sync"
             else ["learner.max_staleness=1", "learner.threads=1"]
         ),

