@@ -308,6 +308,10 @@ def _run_battery(backend: str, as_user: bool, h: Host) -> dict[str, dict] | None
             "_landlock.py",
             "_cgroup.py",
             "_procs.py",
+            "_limits.py",
+            "_specs.py",
+            "_runner.py",
+            "_backends.py",
         ):
             src = ENVS_DIR / f if f != "__init__.py" else None
             (pkg / "sbx" / f).write_text(src.read_text() if src else "")
