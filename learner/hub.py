@@ -1,9 +1,12 @@
 """The learner's socket: a ROUTER that rollout servers connect to, run on its own thread.
 
-The training thread never touches ZeroMQ. It calls ``send`` (which hands frames to the hub
-over an inproc PUSH/PULL pair, so encoding overlaps compute) and ``recv`` (a queue with a
-timeout). The hub thread tracks every server's last heartbeat, pings servers so they can tell
-the learner is alive, and logs and drops malformed or foreign frames without stopping.
+The training thread never touches ZeroMQ. It calls ``send`` (which hands frames to the socket
+thread over an inproc PUSH/PULL pair, so encoding overlaps compute) and ``recv`` (a queue with
+a timeout). ``LearnerHub`` builds the sockets and offers that API; the work is split by job:
+
+- ``hub_socket.HubSocket``: the socket thread (outbox, inbox bounding, pings).
+- ``gate.Gate``: admission of each inbound message and the ``Hello`` handshake.
+- ``peers.PeerTable``: every server's last heartbeat and liveness.
 
 Every peer is authenticated before ZeroMQ attaches its connection (``climbrl.wirekeys``: CURVE
 off loopback, the run's secret over PLAIN on loopback), so only a process holding the run's
@@ -25,44 +28,19 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from climbrl.wire import (
-    HELLO_REFUSED,
-    LEARNER_ACCEPTS,
-    Codec,
-    Control,
-    Error,
-    Heartbeat,
-    Hello,
-    LogLimiter,
-    WeightAck,
-    WireError,
-    term_context,
-)
+from climbrl.learner.gate import LOG_EVERY_S, Gate
+from climbrl.learner.hub_socket import HubSocket
+from climbrl.learner.peers import PeerTable, ServerState
+from climbrl.wire import Codec, term_context
+
+__all__ = ["LOG_EVERY_S", "HubError", "LearnerHub", "ServerState"]
 
 log = logging.getLogger("climbrl.learner.hub")
-LOG_EVERY_S = 10.0
-
-
-@dataclass
-class ServerState:
-    server_id: str
-    pid: int
-    hostname: str
-    version: int
-    last_seen: float
-    alive: bool = True
-    accepting_orders: bool = True
-    inflight_orders: set[str] = field(default_factory=set)
-    loop_lag_max_s: float = 0.0  # worst event-loop lag reported since take_loop_lag()
-    loop_lag_where: str = ""  # what the server's loop was running then ("" if not caught)
-    asleep: bool = False  # its engine is in vLLM's sleep mode (its last heartbeat says)
 
 
 class HubError(RuntimeError):
@@ -70,6 +48,8 @@ class HubError(RuntimeError):
 
 
 class LearnerHub:
+    """The training thread's side of the learner's socket: send, receive, and who is alive."""
+
     def __init__(
         self,
         host: str,
@@ -83,7 +63,7 @@ class LearnerHub:
         recv_hwm: int = 1000,
         inbox_max: int = 10_000,
         send_timeout_s: float = 60.0,
-    ):
+    ) -> None:
         """``keys``: the run's ``RunKeys`` (fresh ones when None: peers then need
         ``client_env()``); ``curve``: CURVE instead of PLAIN (default: off loopback)."""
         from climbrl.wirekeys import RunKeys, is_loopback, secure_server
@@ -95,57 +75,51 @@ class LearnerHub:
         self.keys = keys if keys is not None else RunKeys.generate()
         self.curve = (not is_loopback(host)) if curve is None else curve
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self._auth = secure_server(self.ctx, self.router, self.keys, self.curve)
+        router = self.ctx.socket(zmq.ROUTER)
+        self._auth = secure_server(self.ctx, router, self.keys, self.curve)
         log.info(
             "wire: %s",
             "CURVE on, only peers with this run's client key are admitted"
             if self.curve
             else "PLAIN, only peers with this run's secret are admitted",
         )
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # a restarted server reconnects under its old id: the new (authenticated) connection
         # takes it, and its Hello is accepted once the old process counts as dead
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.router.setsockopt(zmq.MAXMSGSIZE, int(max_message_mb * 2**20))
-        self.router.setsockopt(zmq.RCVHWM, recv_hwm)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, int(max_message_mb * 2**20))
+        router.setsockopt(zmq.RCVHWM, recv_hwm)
         # ZMTP pings drop a connection whose peer vanished without closing it (a dead node),
         # so that its server id is free for the restarted server
-        self.router.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
-        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(dead_after_s * 1000)))
+        router.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(dead_after_s * 1000)))
         if port == 0:
-            self.port = self.router.bind_to_random_port(f"tcp://{host}")
+            self.port = router.bind_to_random_port(f"tcp://{host}")
         else:
-            self.router.bind(f"tcp://{host}:{port}")
+            router.bind(f"tcp://{host}:{port}")
             self.port = port
         self.endpoint = f"tcp://{host}:{self.port}"
-        self._outbox_addr = f"inproc://climbrl-outbox-{id(self)}"
+        outbox_addr = f"inproc://climbrl-outbox-{id(self)}"
         pull = self.ctx.socket(zmq.PULL)
-        pull.bind(self._outbox_addr)
+        pull.bind(outbox_addr)
         self._push = self.ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
-        # a hub thread that stops draining the outbox fills it to its high-water mark: a send
-        # then fails after this long instead of blocking the training thread for good
+        # a socket thread that stops draining the outbox fills it to its high-water mark: a
+        # send then fails after this long instead of blocking the training thread for good
         self._push.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))
         self.send_timeout_s = send_timeout_s
-        self._push.connect(self._outbox_addr)
+        self._push.connect(outbox_addr)
         self._push_lock = threading.Lock()
         self.inbox: queue.Queue[tuple[str, Any, list[Any], float]] = queue.Queue(inbox_max)
-        self.codec = Codec(LEARNER_ACCEPTS)
-        self.servers: dict[str, ServerState] = {}
-        self.lock = threading.Lock()
-        self.rejected = 0  # frames dropped: malformed, foreign, unknown peer, wrong run
-        self.refused_hellos = 0
-        self.inbox_full = 0  # times the hub stopped reading because the inbox was full
-        self._limit = LogLimiter(log, LOG_EVERY_S)
-        self._unreachable: set[str] = set()
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
         self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(pull,), daemon=True)
-        self._thread.start()
+        self.peers = PeerTable(dead_after_s)
+        self.gate = Gate(self.peers, run_id)
+        self._io = HubSocket(router, pull, self.inbox, self.gate, heartbeat_s)
+        self._stop, self._thread = self._io.stop, self._io.thread
+        self._io.start()
         self._finalizer = weakref.finalize(self, LearnerHub._cleanup, self._stop, self._thread)
 
     @classmethod
@@ -183,7 +157,32 @@ class LearnerHub:
         self._thread.join(timeout=5)
         self._push.close(linger=0)
         self._auth.stop()
-        term_context(self.ctx, 5.0)  # the hub thread's sockets stay open if it did not stop
+        term_context(self.ctx, 5.0)  # the socket thread's sockets stay open if it did not stop
+
+    # ----------------------------------------------------------- counters and peers
+
+    @property
+    def servers(self) -> dict[str, ServerState]:
+        """Every server that said ``Hello``, by id (read under ``lock``)."""
+        return self.peers.servers
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self.peers.lock
+
+    @property
+    def rejected(self) -> int:
+        """Frames dropped: malformed, foreign, unknown peer, wrong run."""
+        return self.gate.rejected
+
+    @property
+    def refused_hellos(self) -> int:
+        return self.gate.refused_hellos
+
+    @property
+    def inbox_full(self) -> int:
+        """Times the socket thread stopped reading because the inbox was full."""
+        return self._io.inbox_full
 
     # ----------------------------------------------------------- training-thread API
 
@@ -192,7 +191,7 @@ class LearnerHub:
         self.send_frames(server_id, Codec.encode(msg, tensors))
 
     def send_frames(self, server_id: str, frames: list[Any]) -> None:
-        """Queue already-encoded frames for ``server_id``. Only the hub thread touches the
+        """Queue already-encoded frames for ``server_id``. Only the socket thread touches the
         ROUTER (ZeroMQ sockets are not thread-safe), so every send goes through the outbox."""
         with self._push_lock:
             try:
@@ -213,8 +212,7 @@ class LearnerHub:
             return None
 
     def alive_servers(self) -> list[str]:
-        with self.lock:
-            return [s for s, st in self.servers.items() if st.alive]
+        return self.peers.alive()
 
     def take_loop_lag(self) -> dict[str, float]:
         """Each live server's worst event-loop lag (seconds) since the previous call."""
@@ -223,186 +221,16 @@ class LearnerHub:
     def take_loop_lag_where(self) -> dict[str, tuple[float, str]]:
         """Each live server's worst event-loop lag (seconds) since the previous call, and what
         its loop was running then ("" if not caught; climbrl.rollout.loop_lag)."""
-        with self.lock:
-            out = {
-                s: (st.loop_lag_max_s, st.loop_lag_where)
-                for s, st in self.servers.items()
-                if st.alive
-            }
-            for st in self.servers.values():
-                st.loop_lag_max_s, st.loop_lag_where = 0.0, ""
-        return out
+        return self.peers.take_loop_lag_where()
 
     def asleep_servers(self) -> list[str]:
         """Live servers whose engine is in vLLM's sleep mode."""
-        with self.lock:
-            return [s for s, st in self.servers.items() if st.alive and st.asleep]
+        return self.peers.asleep()
 
     def order_servers(self) -> list[str]:
         """Live servers that take work orders (a server pinned for serving does not)."""
-        with self.lock:
-            return [s for s, st in self.servers.items() if st.alive and st.accepting_orders]
+        return self.peers.taking_orders()
 
     def check_dead(self, dead_after_s: float) -> list[str]:
         """Mark servers silent for longer than ``dead_after_s`` dead; return the new deaths."""
-        now = time.monotonic()
-        died = []
-        with self.lock:
-            for st in self.servers.values():
-                if st.alive and now - st.last_seen > dead_after_s:
-                    st.alive = False
-                    died.append(st.server_id)
-        return died
-
-    # ----------------------------------------------------------- hub thread
-
-    def _loop(self, pull: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
-        next_ping = time.monotonic()
-        reading_paused = False
-        try:
-            while not self._stop.is_set():
-                # a full inbox: leave the socket unread, so ZeroMQ holds back the senders
-                full = self.inbox.full()
-                if full != reading_paused:
-                    reading_paused = full
-                    if full:
-                        self.inbox_full += 1
-                        self._limit(
-                            logging.WARNING,
-                            "inbox",
-                            "learner inbox full (%d "
-                            "messages): not reading the socket until the training "
-                            "thread catches up",
-                            self.inbox.maxsize,
-                        )
-                    poller.modify(self.router, 0 if full else zmq.POLLIN)
-                events = dict(poller.poll(timeout=int(self.heartbeat_s * 1000 / 2)))
-                if pull in events:
-                    while True:
-                        try:
-                            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._route(frames)
-                if self.router in events:
-                    while not self.inbox.full():
-                        try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_frames(frames)
-                if time.monotonic() >= next_ping:
-                    next_ping = time.monotonic() + self.heartbeat_s
-                    for sid in self.alive_servers():
-                        self._route(
-                            [
-                                sid.encode(),
-                                *Codec.encode(Control(command="ping", run_id=self.run_id)),
-                            ]
-                        )
-        finally:
-            pull.close(linger=0)
-            self.router.close(linger=0)
-
-    def _route(self, frames: list[Any]) -> None:
-        try:
-            self.router.send_multipart(frames, copy=False)
-        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY): report, don't crash
-            sid = bytes(frames[0].bytes if hasattr(frames[0], "bytes") else frames[0]).decode()
-            if sid not in self._unreachable:
-                self._unreachable.add(sid)
-                log.warning("cannot send to %s: %s", sid, e)
-            return
-        self._unreachable.discard(
-            frames[0].bytes.decode() if hasattr(frames[0], "bytes") else bytes(frames[0]).decode()
-        )
-
-    def _reject(self, sid: str, why: str) -> None:
-        self.rejected += 1
-        self._limit(
-            logging.ERROR, f"reject:{sid[:64]}", "rejected a message from %r: %s", sid[:64], why
-        )
-
-    def _welcome(self, sid: str) -> None:
-        self._route([sid.encode(), *Codec.encode(Control(command="welcome", run_id=self.run_id))])
-
-    def _on_frames(self, frames: list[Any]) -> None:
-        sid = frames[0].bytes.decode(errors="replace")
-        try:
-            msg, tensors = self.codec.decode(frames[1:])
-        except WireError as e:
-            return self._reject(sid, str(e))
-        if getattr(msg, "server_id", sid) != sid:
-            return self._reject(
-                sid, f"{type(msg).__name__} names server {msg.server_id[:64]!r}, not its sender"
-            )
-        if msg.run_id != self.run_id and not (isinstance(msg, Hello) and msg.run_id == ""):
-            return self._reject(
-                sid,
-                f"{type(msg).__name__} of run {msg.run_id[:64]!r}, not of this run {self.run_id!r}",
-            )
-        now = time.monotonic()
-        with self.lock:
-            st = self.servers.get(sid)
-            if isinstance(msg, Hello):
-                live = st is not None and st.alive and now - st.last_seen <= self.dead_after_s
-                if live and (st.pid, st.hostname) == (msg.pid, msg.hostname):
-                    st.last_seen = now  # the server repeats its Hello until it is welcomed
-                    verdict = "again"
-                elif live:
-                    verdict = "refused"
-                else:
-                    self.servers[sid] = ServerState(
-                        sid, msg.pid, msg.hostname, msg.policy_version, now
-                    )
-                    verdict = "new"
-            elif st is not None:
-                st.last_seen = now
-                if isinstance(msg, Heartbeat):
-                    st.version = msg.policy_version
-                    st.accepting_orders = msg.accepting_orders
-                    st.asleep = msg.asleep
-                    if msg.loop_lag_max_s > st.loop_lag_max_s:
-                        st.loop_lag_max_s = msg.loop_lag_max_s
-                        st.loop_lag_where = msg.loop_lag_where
-                elif isinstance(msg, WeightAck) and msg.ok:
-                    st.version = msg.version
-        if isinstance(msg, Hello):
-            if verdict == "refused":
-                self.refused_hellos += 1
-                self._limit(
-                    logging.WARNING,
-                    f"hello:{sid[:64]}",
-                    "refused a Hello from %r (pid %d on %s): server %r is alive (pid %d on %s)",
-                    sid[:64],
-                    msg.pid,
-                    msg.hostname[:64],
-                    sid[:64],
-                    st.pid,
-                    st.hostname,
-                )
-                self._route(
-                    [
-                        sid.encode(),
-                        *Codec.encode(
-                            Error(
-                                run_id=self.run_id,
-                                origin="learner",
-                                code=HELLO_REFUSED,
-                                message=f"server id {sid!r} is alive (pid {st.pid} on {st.hostname}); "
-                                f"retry after it has been silent for {self.dead_after_s:g}s",
-                            )
-                        ),
-                    ]
-                )
-                return
-            self._welcome(sid)
-            if verdict == "again":
-                return
-        elif st is None:
-            return self._reject(sid, f"{type(msg).__name__} from a server that has not said Hello")
-        if not isinstance(msg, Heartbeat) or msg.engine_error:  # a dead engine: the learner acts
-            self.inbox.put((sid, msg, tensors, now))
+        return self.peers.check_dead(dead_after_s)
