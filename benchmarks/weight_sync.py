@@ -6,18 +6,18 @@ For each model size (Qwen3, float32) it starts a real rollout server and publish
 learner's state dict over ZeroMQ, timing from the publish call to the server's ack (weights
 reloaded, prefix cache reset, version set, generation resumed with the new weights; on CPU,
 with the same-host file, vLLM's oneDNN packing may still be under way then, each layer
-computing ``F.linear`` on the file until it is packed: ``rollout/worker_ext.py``) and to the
+computing ``F.linear`` on the file until it is packed: ``climbrl/weights/vllm_cpu.py``) and to the
 first token of a new work order generated under the new version (``first_token_s``: an order
 round trip, and the packing left to the first forward pass, on top). The floor is the time to
 move the same bytes through a loopback ZeroMQ socket to another process, measured in the same
 run, before the server starts and after it stops (the faster of the two), each send right
 after the same ``settle()`` (a 2 s pause) and stand-in optimizer step as each timed sync.
 Prints one JSON line and writes it under ``benchmarks/results/``; ``ratio`` = sync seconds /
-floor seconds (goal <= 2) for the transport a run uses on one host (``wire.weight_transport =
+floor seconds (goal <= 2) for the transport a run uses on one host (``learner.weights.transport =
 "auto"``: the learner writes one file under /dev/shm that the engine reloads from, the time to
 write it included), ``zmq_ratio`` for frames over the socket (what servers on other hosts get):
-the ``WeightPublisher``'s snapshot of the step in a ring slot (``weightsync.ShmRing``) sent as
-zero-copy frames, which the server lands in a file of its own (``weightsync.FrameLanding``) and
+the ``WeightPublisher``'s snapshot of the step in a ring slot (``weights.files.ShmRing``) sent as
+zero-copy frames, which the server lands in a file of its own (``weights.files.FrameLanding``) and
 reloads from like the same-host file, packing in the background after the ack.
 ``zmq_staged_ratio`` is the frames path without those two (the baseline): the step cloned, the
 frames decoded and copied into the server's staging file, and the engine's packing done before
@@ -31,11 +31,11 @@ alike: after a settle (the previous update's first token and background packing 
 a stand-in optimizer step. Both ratios are reported.
 
 Then, on the same model and server, bytes and seconds per update for each
-``learner.weight_sync`` mode (``modes``), each after its own first (full) sync, with a real
+``learner.weights.mode`` mode (``modes``), each after its own first (full) sync, with a real
 RL-sized step in between: AdamW (lr ``--lr``) on a real LM loss over the task corpus.
 
 - ``full``: every tensor, every time.
-- ``delta``: full finetuning, only what changed, bit-exact (climbrl.weightsync). AdamW moves
+- ``delta``: full finetuning, only what changed, bit-exact (climbrl.weights.codecs). AdamW moves
   every element every step, so skipping does nothing here: the gain is the compressed xor of the
   low mantissa bits. ``delta_bf16`` measures real steps on a bfloat16 copy of the model, at
   ``--lr`` and a tenth of it (encode and decode, bit-exact check, no engine), where most updates
@@ -71,12 +71,12 @@ SIZES = {  # hidden, layers, intermediate, heads, kv heads -> ~params (384-token
     "500m": (1536, 18, 4608, 12, 4),
 }
 
-# Runs `climbrl rollout` with frames of odd versions landed (weightsync.FrameLanding) and those of
+# Runs `climbrl rollout` with frames of odd versions landed (weights.files.FrameLanding) and those of
 # even versions staged: the receiver's call to FrameLanding.land is added here unless it has one.
 _LANDING_SHIM = r"""
 import asyncio, sys
 from climbrl.rollout import weight_receiver as wr
-from climbrl.weightsync import FrameLanding
+from climbrl.weights.files import FrameLanding
 
 _land, _init, _receive = FrameLanding.land, wr.WeightUpdateReceiver.__init__, wr.WeightUpdateReceiver._receive
 
@@ -247,8 +247,8 @@ def sync_modes(server, mdir: Path, a) -> dict:
                 None,
                 [
                     f'model.path="{mdir}"',
-                    'learner.weight_sync="lora"',
-                    f"learner.lora_r={a.lora_r}",
+                    'learner.weights.mode="lora"',
+                    f"learner.weights.lora.r={a.lora_r}",
                 ],
             )
             model = setup_lora(model, cfg.learner)
@@ -287,7 +287,7 @@ def bf16_delta(mdir: Path, a) -> dict:
     from transformers import AutoModelForCausalLM
 
     from climbrl.learner.weights import WeightPublisher
-    from climbrl.weightsync import EngineWeights
+    from climbrl.weights.codecs import EngineWeights
     from climbrl.wire import tensor_buffer
 
     out = {}

@@ -177,7 +177,7 @@ class TensorMeta(msgspec.Struct, array_like=True):
 
 class WeightManifest(_Msg, kw_only=True):
     """New weights: one frame per entry of ``tensors`` follows the body. ``kind``, the frame
-    name suffixes and the LoRA fields are read by ``climbrl.weightsync``."""
+    name suffixes and the LoRA fields are read by ``climbrl.weights.codecs``."""
 
     version: int
     tensors: list[TensorMeta]
@@ -186,7 +186,7 @@ class WeightManifest(_Msg, kw_only=True):
     adapters: bool = False  # True: the "#lora_A"/"#lora_B" frames replace the adapter set
     lora_scale: float = 0.0  # alpha / r: merged weight = W + (B @ A) * lora_scale
     # Same-host transport: no frames follow; the tensors are in this file (under /dev/shm) at
-    # these byte offsets (climbrl.weightsync.write_shm / map_shm).
+    # these byte offsets (climbrl.weights.files.write_shm / map_shm).
     shm_path: str = ""
     shm_offsets: list[int] = []
     digest: bool = False  # ack with WeightAck.param_digests (tests compare against a fresh load)

@@ -1,7 +1,7 @@
 """Weight updates in flight: what each rollout server was sent and has acknowledged.
 
 A server at an unknown version gets a full sync, the others a delta or the adapters
-(``learner.weight_sync``; the frames come from ``WeightPublisher`` in learner/weights.py). A
+(``learner.weights.mode``; the frames come from ``WeightPublisher`` in learner/weights.py). A
 server applies updates in order and acks each one: ok (its engine runs that version),
 deferred (pinned for serving; it takes the latest version when unpinned), or failed (it
 stays on its version, rolled back). A failed, deferred or late update makes the server's

@@ -1,9 +1,9 @@
-"""Learner side of weight sync: full, delta and LoRA (``learner.weight_sync``), and LoRA via peft.
+"""Learner side of weight sync: full, delta and LoRA (``learner.weights.mode``), and LoRA via peft.
 
 ``WeightPublisher.messages(version, servers)`` turns the model's current weights into one
 ``WeightManifest`` (+ frames) per group of servers: a full sync for servers whose version the
 publisher does not trust (new, rejoined, failed, pinned), a delta for the others. The encodings
-are in ``climbrl.weightsync``; the engine ends up with bit-identical weights either way.
+are in ``climbrl.weights.codecs``; the engine ends up with bit-identical weights either way.
 
 - **delta**: keeps a private copy of the last published weights (one model's worth of memory)
   and sends only tensors whose bits changed, each as raw, sparse or compressed-xor frames,
@@ -36,18 +36,9 @@ from typing import Any
 import torch
 
 from climbrl.config import LearnerCfg
-from climbrl.weightsync import (
-    ShmRing,
-    checkpoint_names,
-    encode_change,
-    merge,
-    metas,
-    nbytes,
-    private_dir,
-    remove_orphan_files,
-    remove_private_dir,
-    same_bits,
-)
+from climbrl.weights.codecs import checkpoint_names, encode_change, merge, metas, nbytes, same_bits
+from climbrl.weights.files import ShmRing, private_dir, remove_orphan_files, remove_private_dir
+from climbrl.weights.transport import FrameSender, ShmSender, WeightSender
 from climbrl.wire import WeightManifest
 
 _ADAPTER = "default"
@@ -62,7 +53,7 @@ def setup_lora(model: Any, lc: LearnerCfg, resume_from: Path | None = None) -> A
     otherwise wrap them in parameter adapters, which the LoRA sync cannot merge)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    wanted = set(lc.lora_targets)
+    wanted = set(lc.weights.lora.targets)
     targets = sorted(
         n
         for n, m in model.named_modules()
@@ -70,24 +61,30 @@ def setup_lora(model: Any, lc: LearnerCfg, resume_from: Path | None = None) -> A
     )
     if not targets:
         raise ValueError(
-            f"learner.lora_targets = {list(lc.lora_targets)} matched no Linear "
+            f"learner.weights.lora.targets = {list(lc.weights.lora.targets)} matched no Linear "
             "layer of the model; use the last name component of its Linear "
             "layers, e.g. 'q_proj', 'v_proj'"
         )
     conf = LoraConfig(
-        r=lc.lora_r, lora_alpha=lc.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none"
+        r=lc.weights.lora.r,
+        lora_alpha=lc.weights.lora.alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
     )
     try:
         model = inject_adapter_in_model(conf, model, adapter_name=_ADAPTER)
     except ValueError as e:
-        raise ValueError(f"learner.lora_targets = {list(lc.lora_targets)}: {e}") from None
+        raise ValueError(
+            f"learner.weights.lora.targets = {list(lc.weights.lora.targets)}: {e}"
+        ) from None
     n_lora = 0
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)
         n_lora += ".lora_" in n
     if n_lora == 0:
         raise ValueError(
-            f"learner.lora_targets = {list(lc.lora_targets)} matched no module of "
+            f"learner.weights.lora.targets = {list(lc.weights.lora.targets)} matched no module of "
             "the model; use the last name component of its Linear layers, e.g. "
             "'q_proj', 'v_proj'"
         )
@@ -167,7 +164,7 @@ def load_adapter(model: Any, folder: Path) -> None:
     f = folder / "adapter_model.safetensors"
     if not f.is_file():
         raise ValueError(
-            f"resume with learner.weight_sync = 'lora': {f} is missing; was the "
+            f"resume with learner.weights.mode = 'lora': {f} is missing; was the "
             "checkpoint written by a LoRA run with the same lora_targets?"
         )
     want = {n for n in model.state_dict() if ".lora_" in n}
@@ -179,7 +176,7 @@ def load_adapter(model: Any, folder: Path) -> None:
         sd[name] = v
     if set(sd) != want:
         raise ValueError(
-            f"adapter in {folder} does not match learner.lora_targets / lora_r: "
+            f"adapter in {folder} does not match learner.weights.lora.targets / lora_r: "
             f"{len(set(sd) ^ want)} tensors differ"
         )
     model.load_state_dict(sd, strict=False)
@@ -206,25 +203,28 @@ class WeightPublisher:
         self.ref_version = -1
         self.sent: dict[str, int] = {}  # server -> version of the last update it was sent
         self.last: dict[str, int] = {}  # bytes of the last full / delta message
-        # Same-host transport (wire.weight_transport = "auto"): a full sync to servers on this
+        # Same-host transport (learner.weights.transport = "auto"): a full sync to servers on this
         # host is one file under shm_dir that every such server maps, instead of frames.
         # The files go in a folder of this process under shm_dir, 0700 with a random name
-        # (climbrl.weightsync.private_dir), removed at exit and on SIGTERM.
+        # (climbrl.weights.files.private_dir), removed at exit and on SIGTERM.
         self.shm_dir: Path | None = None
         self.local: set[str] = set()
-        self._files: list[Path] = []
-        self._seq = 0
-        # full mode: the step's snapshot, in slots rewritten in place (climbrl.weightsync.ShmRing):
-        # files under shm_dir that servers on this host map (ring), and plain memory that goes
-        # out as frames to the others (frames_ring). Not one for both: a socket sends from
-        # /dev/shm pages at about half the speed it sends from process memory (no huge pages).
-        self.ring: ShmRing | None = None
-        self.frames_ring = ShmRing(None, "frames", slots=2) if mode == "full" else None
+        # The transports (climbrl.weights.transport). Full mode sends the step's snapshot, in
+        # slots rewritten in place (climbrl.weights.files.ShmRing): files under shm_dir that
+        # servers on this host map (ShmSender), and plain memory that goes out as frames to
+        # the others (FrameSender). Not one for both: a socket sends from /dev/shm pages at
+        # about half the speed it sends from process memory (no huge pages).
+        self.frames = FrameSender(snapshot=mode == "full")
+        self.shm: ShmSender | None = None
         if shm_dir:
             remove_orphan_files(Path(shm_dir))
             self.shm_dir = private_dir(shm_dir, "climbrl-learner")
-            if mode == "full":
-                self.ring = ShmRing(self.shm_dir, "ring")
+            self.shm = ShmSender(self.shm_dir, ring=mode == "full")
+
+    @property
+    def ring(self) -> ShmRing | None:
+        """The same-host ring of full syncs (None without shm_dir, or outside full mode)."""
+        return self.shm.ring if self.shm is not None else None
 
     def join(self, server: str, hostname: str) -> None:
         """A server (re)connected from ``hostname``: its next update is a full sync, through
@@ -249,10 +249,11 @@ class WeightPublisher:
         """``server`` acked ``version`` (ok): the weights files of older versions are free,
         and for a server on another host, whose engine keeps nothing of the frames, the
         snapshot of ``version`` too."""
-        if self.ring is not None:
-            self.ring.acked(server, version)
-        if self.frames_ring is not None:
-            self.frames_ring.acked(server, version + 1)
+        for t in self._transports():
+            t.acked(server, version)
+
+    def _transports(self) -> list[WeightSender]:
+        return [self.frames] + ([self.shm] if self.shm is not None else [])
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the engine loads it: in CPU memory, in ``wire_dtype`` if floating point
@@ -262,32 +263,13 @@ class WeightPublisher:
 
     def dropped(self, server: str) -> None:
         """``server`` is gone for good: what it was sent pins no snapshot slot any more."""
-        for ring in (self.ring, self.frames_ring):
-            if ring is not None:
-                ring.dropped(server)
+        for t in self._transports():
+            t.dropped(server)
 
     def close(self) -> None:
-        for ring in (self.ring, self.frames_ring):
-            if ring is not None:
-                ring.close()
-        for f in self._files:
-            f.unlink(missing_ok=True)
-        self._files.clear()
+        for t in self._transports():
+            t.close()
         remove_private_dir(self.shm_dir)
-
-    def _new_shm_file(self, tensors: list[torch.Tensor]) -> tuple[str, list[int]]:
-        """A new weights file (never one a server may still map), keeping the last two: for
-        the delta and LoRA modes, and for a full sync with every ring slot pinned."""
-        from climbrl.weightsync import write_shm
-
-        assert self.shm_dir is not None
-        self._seq += 1
-        path = self.shm_dir / f"{self._seq}.weights"
-        offs = write_shm(path, tensors)
-        self._files.append(path)
-        while len(self._files) > 2:  # a server that has not read it yet fails over to frames
-            self._files.pop(0).unlink(missing_ok=True)
-        return str(path), offs
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -333,45 +315,15 @@ class WeightPublisher:
         if fresh:
             frames = list(state.items()) + adapter
             tensors = [t for _, t in frames]
-        if local:
-            got = self.ring.write(version, local, tensors) if self.ring is not None else None
-            path, offs = got if got is not None else self._new_shm_file(tensors)
-            out.append(
-                (
-                    local,
-                    WeightManifest(
-                        version=version,
-                        tensors=metas(frames),
-                        kind="full",
-                        shm_path=path,
-                        shm_offsets=offs,
-                        **extra,
-                    ),
-                    [],
-                )
-            )
-        if remote:
-            # delta: frames come from the private copy, whose tensors are replaced, never
-            # written; lora: the base is frozen and the factors are copies
-            sent = tensors
-            if self.frames_ring is not None:
-                # Frames go out zero-copy on the hub's thread while training goes on, and the
-                # next optimizer step writes the parameters in place: a snapshot, or a server
-                # could load a mix of two versions. A slot is memory that stays allocated (a
-                # plain copy, no new pages to allocate and zero), rewritten once every server
-                # it went to has acked that version.
-                snap = self.frames_ring.put(version, remote, tensors)
-                if snap is not None:
-                    sent = self.frames_ring.views(snap[0], tensors, snap[1])
-                else:  # every slot still pinned by a server behind
-                    sent = [t.detach().clone() for t in tensors]
-            out.append(
-                (
-                    remote,
-                    WeightManifest(version=version, tensors=metas(frames), kind="full", **extra),
-                    sent,
-                )
-            )
+        for group, transport in ((local, self.shm), (remote, self.frames)):
+            if not group or transport is None:
+                continue
+            # full mode: frames go out zero-copy on the hub's thread while training goes on,
+            # and the next optimizer step writes the parameters in place, so each transport
+            # sends from a snapshot. delta: frames come from the private copy, whose tensors
+            # are replaced, never written; lora: the base is frozen and the factors are copies
+            full = WeightManifest(version=version, tensors=metas(frames), kind="full", **extra)
+            out.append((group, *transport.send(version, group, full, tensors)))
         if known:
             frames = delta + adapter
             out.append(

@@ -7,12 +7,12 @@ update at a time (the weight lock), each phase under ``wire.weight_phase_timeout
 1. **receive**: the update's age on arrival, the engine's current weights if this server does
    not know them yet (delta and LoRA updates apply on top of them), then the new tensors:
    the learner's file mapped, or the frames decoded and staged in this server's private file
-   (``climbrl.weightsync.private_dir``);
+   (``climbrl.weights.files.private_dir``);
 2. **load**: pause (``keep``: requests stay in flight, caches kept), the worker extension's
    reload (``climbrl_load_weights``, ``climbrl.rollout.worker_ext``) and the prefix-cache reset
    (``climbrl.rollout.prefix_cache``) go out together;
 3. **commit**: the new version label and the resume go out together; once the reset and the
-   label are done, the engine's weights are committed (``climbrl.weightsync.EngineWeights``);
+   label are done, the engine's weights are committed (``climbrl.weights.codecs.EngineWeights``);
 4. **resume**: awaited whatever happened before;
 5. **verify**: parameter digests, when the learner asks for them;
 6. **ack**: a ``WeightAck`` with the phase timings.
@@ -42,8 +42,6 @@ from climbrl.rollout.prefix_cache import PrefixCacheReset
 from climbrl.wire import WeightAck, WeightManifest, WireError
 
 log = logging.getLogger("climbrl.rollout")
-# a full update's background packing starts this long after its ack (on_manifest)
-REPACK_AFTER_ACK_S = 0.005
 
 
 class ShmUnreadable(Exception):
@@ -57,7 +55,7 @@ class _Update:
     m: WeightManifest
     phases: dict[str, float]
     timeout_s: float  # each phase's (wire.weight_phase_timeout_s)
-    upd: Any = None  # the prepared update (climbrl.weightsync.EngineWeights.prepare)
+    upd: Any = None  # the prepared update (climbrl.weights.codecs.EngineWeights.prepare)
     path: str = ""  # the file the engine reloads from
     layout: list[Any] | None = None  # (name, dtype, shape, offset) of each tensor in it
     full: bool = False  # every weight is replaced
@@ -103,13 +101,11 @@ class WeightUpdateReceiver:
         send: Callable[[WeightAck], Awaitable[None]],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         prefix_reset: PrefixCacheReset | None = None,
+        cpu_fast_path: bool = True,
+        repack_delay_s: float = 0.005,
     ):
-        from climbrl.weightsync import (
-            EngineWeights,
-            FrameLanding,
-            private_dir,
-            remove_orphan_files,
-        )
+        from climbrl.weights.codecs import EngineWeights
+        from climbrl.weights.files import FrameLanding, private_dir, remove_orphan_files
 
         self.engine = engine
         self.server_id = server_id
@@ -120,16 +116,21 @@ class WeightUpdateReceiver:
         self.send = send
         self.spawn = spawn
         self.prefix_reset = prefix_reset or PrefixCacheReset(engine)
+        # rollout.cpu_fast_path: the worker's reload may use climbrl.weights.vllm_cpu
+        self.cpu_fast_path = cpu_fast_path
+        # rollout.repack_delay_s: a full update's background packing starts this long after
+        # its ack (on_manifest), so the ack leaves first
+        self.repack_delay_s = repack_delay_s
         self.control: Any = None  # serving.app.ServingControl when the HTTP API is up (pin)
         self.lock = asyncio.Lock()
         self.wstate = EngineWeights(version)  # the engine's weights, for delta/rollback
         shm_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
         remove_orphan_files(shm_root)  # left by servers killed with -9
         # staging files go in a folder of this process (0700, a random name), removed at exit
-        # and on SIGTERM (climbrl.weightsync.private_dir)
+        # and on SIGTERM (climbrl.weights.files.private_dir)
         self.shm_path = private_dir(shm_root, "climbrl-rollout") / "staged.weights"
         # a full update's frames land in one of two files here, loaded as the learner's own
-        # file on this host would be (climbrl.weightsync.FrameLanding)
+        # file on this host would be (climbrl.weights.files.FrameLanding)
         self.landing = FrameLanding(self.shm_path.parent)
         self._deferred: tuple[WeightManifest, list[Any]] | None = None
         self._retired: dict[str, Any] | None = None  # the previous weights, freed after the ack
@@ -138,7 +139,7 @@ class WeightUpdateReceiver:
         self._logged_full_path = False
 
     def close(self) -> None:
-        from climbrl.weightsync import remove_private_dir
+        from climbrl.weights.files import remove_private_dir
 
         self.landing.close()
         remove_private_dir(self.shm_path.parent)
@@ -175,7 +176,7 @@ class WeightUpdateReceiver:
                 # 2-CPU machine, idle priority or not (two hyperthreads of one core, and one
                 # memory bus). A next update cancels it: its reload packs what is left.
                 self._repack_timer = asyncio.get_running_loop().call_later(
-                    REPACK_AFTER_ACK_S, lambda: self.spawn(self._start_repack())
+                    self.repack_delay_s, lambda: self.spawn(self._start_repack())
                 )
 
     async def on_unpin(self) -> None:
@@ -229,7 +230,8 @@ class WeightUpdateReceiver:
 
     async def _receive(self, u: _Update, frames: list[Any]) -> None:
         """The new tensors, mapped from the learner's file or decoded and staged here."""
-        from climbrl.weightsync import map_shm, stage
+        from climbrl.weights.files import stage
+        from climbrl.weights.transport import ShmReceiver
 
         m, ws = u.m, self.wstate
         if u.phases["recv"] > u.timeout_s:
@@ -256,7 +258,7 @@ class WeightUpdateReceiver:
                 u.t_pause = time.perf_counter()
                 u.paused = asyncio.ensure_future(_pause_keep(self.engine))
             try:
-                mapped = map_shm(m.shm_path, m.tensors, m.shm_offsets)
+                mapped = ShmReceiver().receive(m, [])  # read-only views of the file
             except WireError as e:
                 raise ShmUnreadable(str(e)) from None
             if m.adapters:  # LoRA factors: merged on top of the base, off the loop
@@ -279,7 +281,7 @@ class WeightUpdateReceiver:
             u.layout = await u.timed("stage", asyncio.to_thread(stage, self.shm_path, u.upd.load))
         u.full = m.kind == "full" and set(u.upd.load) == set(u.upd.base)
         # the learner's file stays as it is until this server acks a newer version
-        # (weightsync.ShmRing), so the engine may go on reading it after this reload;
+        # (weights.files.ShmRing), so the engine may go on reading it after this reload;
         # this server's staging file is rewritten by the next update
         u.defer = u.path == m.shm_path
 
@@ -293,7 +295,8 @@ class WeightUpdateReceiver:
             u.paused = asyncio.ensure_future(_pause_keep(self.engine))
         reload = asyncio.ensure_future(
             self.engine.collective_rpc(
-                "climbrl_load_weights", args=(u.path, u.layout, u.full, u.defer)
+                "climbrl_load_weights",
+                args=(u.path, u.layout, u.full, u.defer, self.cpu_fast_path),
             )
         )
         # sent now if the engine is idle, else once it is (climbrl.rollout.prefix_cache)
@@ -316,7 +319,7 @@ class WeightUpdateReceiver:
                 self._logged_full_path = True
                 log.info(
                     "full weight updates load by the short CPU path "
-                    "(climbrl.rollout.worker_ext._full_reload_cpu)"
+                    "(climbrl.weights.vllm_cpu.CpuFastPath.full_reload)"
                 )
         except Exception:
             await asyncio.wait([reload, reset], timeout=u.timeout_s)  # done with the file
@@ -362,7 +365,7 @@ class WeightUpdateReceiver:
 
     async def _roll_back(self, u: _Update) -> bool:
         """Reload the previous values of the modules a failed reload touched."""
-        from climbrl.weightsync import stage
+        from climbrl.weights.files import stage
 
         restore = u.upd.restore
         if restore is None:
@@ -374,7 +377,10 @@ class WeightUpdateReceiver:
             layout = await asyncio.to_thread(stage, path, restore)
             await u.timed(
                 "rollback",
-                self.engine.collective_rpc("climbrl_load_weights", args=(str(path), layout)),
+                self.engine.collective_rpc(
+                    "climbrl_load_weights",
+                    args=(str(path), layout, False, False, self.cpu_fast_path),
+                ),
             )
             return True
         except Exception:

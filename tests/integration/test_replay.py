@@ -296,7 +296,7 @@ def test_capture_survives_a_weight_update(after_update):
 
 def test_replay_parity_after_a_weight_update(after_update):
     """The engine computes with the published experts after a reload (vLLM's CPU experts are
-    prepacked again on reload: climbrl.rollout.worker_ext._repack_cpu_moe_on_reload)."""
+    prepacked again on reload: climbrl.weights.vllm_cpu.CpuFastPath.repack_moe_on_reload)."""
     model, samples = after_update
     on = _mismatch(model, samples)
     print(f"\nafter a weight update: replay on mean {on[0]:.3e} max {on[1]:.3e} miss {on[2]}")
@@ -532,7 +532,8 @@ def test_moe_lora_and_trained_delta_syncs_match_a_fresh_load(moe_server, tmp_pat
     assert _sample_parity(rs, model, 402)[1] < REPLAY_TOL
 
     cfg = load_config(
-        None, [f'model.path="{rs["model"]}"', 'learner.weight_sync="lora"', "learner.lora_r=4"]
+        None,
+        [f'model.path="{rs["model"]}"', 'learner.weights.mode="lora"', "learner.weights.lora.r=4"],
     )
     lora = setup_lora(
         AutoModelForCausalLM.from_pretrained(str(rs["model"]), dtype=torch.float32), cfg.learner
@@ -566,7 +567,7 @@ def test_moe_run_stays_at_dense_parity_through_weight_updates(tie_moe, tmp_path)
             "max_staleness": 0,
             "batch_groups": 4,
             "group_size": 4,
-            "lr": 1e-3,
+            "optim.lr": 1e-3,
         },
         rollout={
             "temperature": TEMP,

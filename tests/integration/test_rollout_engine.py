@@ -175,7 +175,7 @@ def test_weight_update_changes_generations_and_versions(rollout_server):
             p.add_(torch.randn_like(p) * 0.5)
     ack = _publish(rs, model, version=7)
     assert ack.ok, ack.error
-    # frames of a full update land once in a file of the server's own (weightsync.FrameLanding)
+    # frames of a full update land once in a file of the server's own (weights.files.FrameLanding)
     assert {"land", "pause", "reload", "reload_worker", "resume"} <= set(ack.phases)
     assert 0 < ack.phases["reload_worker"] <= ack.phases["reload"]
     # a full update of this dense model took the short CPU path; the checks below hold for it

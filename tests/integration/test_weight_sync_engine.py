@@ -65,7 +65,8 @@ def test_delta_sync_matches_learner(rollout_server):
 def test_lora_sync_matches_learner(rollout_server):
     rs = rollout_server
     cfg = load_config(
-        None, [f'model.path="{rs["model"]}"', 'learner.weight_sync="lora"', "learner.lora_r=4"]
+        None,
+        [f'model.path="{rs["model"]}"', 'learner.weights.mode="lora"', "learner.weights.lora.r=4"],
     )
     model = setup_lora(_hf(rs), cfg.learner)
     pub = WeightPublisher(model, "lora")
@@ -166,9 +167,9 @@ def test_run_with_weight_sync(mode, tiny_model, tmp_path):
             "group_size": 4,
             "max_staleness": 0,
             "eval_size": 4,
-            "weight_sync": mode,
-            "lr": 5e-3,
-            "lora_r": 4,
+            "weights.mode": mode,
+            "optim.lr": 5e-3,
+            "weights.lora.r": 4,
         },
         rollout={"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.25},
         wire={"curve": "on"},  # CURVE with the run's keys, as across machines

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from climbrl.learner.weights import WeightPublisher
-from climbrl.weightsync import (
+from climbrl.weights.files import (
     check_private,
     map_shm,
     private_dir,
@@ -116,7 +116,7 @@ def test_private_dirs_are_removed_on_sigterm(tmp_path: Path) -> None:
     still dies of the signal."""
     code = (
         "import sys, time\n"
-        "from climbrl.weightsync import private_dir, write_shm\n"
+        "from climbrl.weights.files import private_dir, write_shm\n"
         "import torch\n"
         f"d = private_dir({str(tmp_path)!r}, 'climbrl-learner')\n"
         "write_shm(d / '1.weights', [torch.ones(8)])\n"
@@ -139,7 +139,7 @@ def test_private_dirs_are_removed_on_sigterm(tmp_path: Path) -> None:
 def test_remove_orphan_files_survives_what_is_planted(tmp_path: Path, monkeypatch) -> None:
     """Folders, links and entries it cannot remove are skipped or removed, never a crash; a
     dead process's private folder goes, a live one's stays, a link's target is untouched."""
-    from climbrl import weightsync
+    from climbrl.weights import files
 
     dead = _dead_pid()
     planted_dir = tmp_path / f"climbrl-{dead}-r0.weights"  # a folder under a file's name
@@ -154,14 +154,14 @@ def test_remove_orphan_files_survives_what_is_planted(tmp_path: Path, monkeypatc
     live = private_dir(tmp_path, "climbrl-rollout")
     stuck = tmp_path / f"climbrl-rollout-{dead}-stuck"
     stuck.mkdir()
-    real_rmtree = weightsync.shutil.rmtree
+    real_rmtree = files.shutil.rmtree
 
     def rmtree(p, *a, **kw):
         if Path(p) == stuck:
             raise PermissionError(13, "Permission denied", str(p))
         return real_rmtree(p, *a, **kw)
 
-    monkeypatch.setattr(weightsync.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
     removed = remove_orphan_files(tmp_path)
     assert sorted(removed) == sorted([planted_dir, orphan])
     assert (

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from climbrl.learner.weights import WeightPublisher
-from climbrl.weightsync import EngineWeights, FrameLanding, map_shm, private_dir
+from climbrl.weights.codecs import EngineWeights
+from climbrl.weights.files import FrameLanding, map_shm, private_dir
 from climbrl.wire import WeightManifest, WireError, tensor_buffer, tensor_meta
 
 

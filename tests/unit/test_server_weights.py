@@ -14,13 +14,13 @@ import torch
 
 from climbrl.config import load_config
 from climbrl.learner.weights import WeightPublisher
-from climbrl.rollout import weight_receiver as receiver_mod
 from climbrl.rollout.weight_receiver import WeightUpdateReceiver
 
 
 class FakeEngine:
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.args: dict[str, tuple] = {}  # the last call's arguments, by method
         self.engine_core = self
 
     async def pause_scheduler_async(self, mode: str, clear_cache: bool) -> None:
@@ -29,6 +29,7 @@ class FakeEngine:
 
     async def collective_rpc(self, method: str, args: tuple = ()) -> list:
         self.calls.append(method)
+        self.args[method] = args
         return [(0.001, "cpu_full")] if method == "climbrl_load_weights" else [None]
 
     def get_num_unfinished_requests(self) -> int:
@@ -58,6 +59,8 @@ def receiver(tmp_path, engine, send, *overrides: str) -> WeightUpdateReceiver:
         version=0,
         send=send,
         spawn=lambda coro: tasks.append(asyncio.ensure_future(coro)),
+        cpu_fast_path=cfg.rollout.cpu_fast_path,
+        repack_delay_s=cfg.rollout.repack_delay_s,
     )
     rx.wstate.base = {}
     return rx
@@ -92,6 +95,27 @@ def _update(pub, version):
     return m
 
 
+@pytest.mark.parametrize("on", [True, False])
+async def test_the_cpu_fast_path_flag_reaches_the_worker(tmp_path, on):
+    """``rollout.cpu_fast_path`` travels with every reload (climbrl.weights.vllm_cpu)."""
+    engine = FakeEngine()
+
+    async def send(msg, tensors=None):
+        engine.calls.append(f"ack {msg.version} {'ok' if msg.ok else 'failed'}")
+
+    srv = receiver(tmp_path, engine, send, f"rollout.cpu_fast_path={str(on).lower()}")
+    pub = WeightPublisher(torch.nn.Linear(4, 3), "full", shm_dir=str(tmp_path))
+    pub.join("r0", socket.gethostname())
+    try:
+        await srv.on_manifest(_update(pub, 1), [], time.time())
+        assert "ack 1 ok" in engine.calls
+        path, layout, full, defer, fast = engine.args["climbrl_load_weights"]
+        assert full and defer and fast is on
+    finally:
+        pub.close()
+        srv.close()
+
+
 async def test_same_host_update_calls_the_engine_in_order_and_packs_after_the_ack(rig):
     srv, pub = rig
     await srv.on_manifest(_update(pub, 1), [], time.time())
@@ -109,15 +133,20 @@ async def test_same_host_update_calls_the_engine_in_order_and_packs_after_the_ac
 
 async def test_a_next_update_takes_over_the_packing_not_started_yet(rig, monkeypatch):
     srv, pub = rig
-    monkeypatch.setattr(receiver_mod, "REPACK_AFTER_ACK_S", 0.5)  # the next update comes first
+    srv.repack_delay_s = 0.5  # the next update comes first
     await srv.on_manifest(_update(pub, 1), [], time.time())
     pub.acked("r0", 1)
     await srv.on_manifest(_update(pub, 2), [], time.time())
     await _started(srv.engine)
-    await asyncio.sleep(receiver_mod.REPACK_AFTER_ACK_S + 0.05)  # the first one's, had it stayed
+    await asyncio.sleep(srv.repack_delay_s + 0.05)  # the first one's, had it stayed
     calls = srv.engine.calls
     assert calls.count("climbrl_start_repack") == 1  # the first one's was cancelled
     assert calls.index("climbrl_start_repack") > calls.index("ack 2 ok")
+
+
+def test_the_repack_delay_is_the_configs(tmp_path):
+    rx = receiver(tmp_path, FakeEngine(), None, "rollout.repack_delay_s=0.25")
+    assert rx.repack_delay_s == 0.25
 
 
 async def test_an_update_failing_before_its_reload_resumes_the_engine(rig, tmp_path):
@@ -126,7 +155,7 @@ async def test_an_update_failing_before_its_reload_resumes_the_engine(rig, tmp_p
     m.shm_path = str(tmp_path / "gone.weights")
     await srv.on_manifest(m, [], time.time())
     assert srv.engine.calls == ["pause", "resume", "ack 0 failed"]
-    await asyncio.sleep(receiver_mod.REPACK_AFTER_ACK_S + 0.05)
+    await asyncio.sleep(srv.repack_delay_s + 0.05)
     assert "climbrl_start_repack" not in srv.engine.calls
 
 
@@ -172,7 +201,7 @@ async def test_a_failed_reload_is_rolled_back_and_acked_so(tmp_path):
 
 async def test_frames_of_a_full_update_land_in_a_file_and_pack_after_the_ack(tmp_path):
     """Another host's full update comes as frames: the receiver writes them once into a file
-    of its own (weightsync.FrameLanding) and reloads from it like the learner's file on this
+    of its own (weights.files.FrameLanding) and reloads from it like the learner's file on this
     host, so the engine's packing waits until after the ack."""
     engine = FakeEngine()
 

@@ -9,7 +9,7 @@ import torch
 
 from climbrl.config import load_config
 from climbrl.learner.weights import LoraCheckpoint, LoraView, WeightPublisher, setup_lora
-from climbrl.weightsync import EngineWeights, _decode, encode_change, merge, module_key
+from climbrl.weights.codecs import EngineWeights, _decode, encode_change, merge, module_key
 from climbrl.wire import WeightManifest, WireError, tensor_buffer
 
 
@@ -200,7 +200,7 @@ def test_delta_on_the_wrong_version_is_refused(tiny_model):
 
 
 def _lora_model(tiny_model, **kw):
-    cfg = _cfg(tiny_model, weight_sync="lora", lora_r=4, **kw)
+    cfg = _cfg(tiny_model, **{"weights.mode": "lora", "weights.lora.r": 4}, **kw)
     model = setup_lora(_model(tiny_model), cfg.learner)
     with torch.no_grad():  # B starts at zero; make the adapters do something
         for n, p in model.named_parameters():
@@ -234,7 +234,7 @@ def test_lora_merge_is_peft_merge(tiny_model):
 
 
 def test_lora_sync_sends_only_adapters_and_engine_merges(tiny_model):
-    model = _lora_model(tiny_model, lora_targets=["q_proj", "v_proj"])
+    model = _lora_model(tiny_model, **{"weights.lora.targets": ["q_proj", "v_proj"]})
     pub = WeightPublisher(model, "lora")
     eng = EngineWeights(version=0)
     full = pub.messages(1, ["r0"])
@@ -257,8 +257,8 @@ def test_lora_sync_sends_only_adapters_and_engine_merges(tiny_model):
 
 
 def test_lora_targets_that_match_nothing_fail_clearly(tiny_model):
-    cfg = _cfg(tiny_model, weight_sync="lora", lora_targets=["nope_proj"])
-    with pytest.raises(ValueError, match="lora_targets"):
+    cfg = _cfg(tiny_model, **{"weights.mode": "lora", "weights.lora.targets": ["nope_proj"]})
+    with pytest.raises(ValueError, match="lora.targets"):
         setup_lora(_model(tiny_model), cfg.learner)
 
 
@@ -280,7 +280,7 @@ def test_lora_checkpoint_loads_merged_and_as_adapter(tiny_model, tmp_path):
         peft_model = PeftModel.from_pretrained(_model(tiny_model), str(tmp_path / "adapter"))
         assert (peft_model(input_ids=ids).logits - want).abs().max() < 1e-5
     # resume: fresh base + adapter == the saved model, bit for bit
-    cfg = _cfg(tiny_model, weight_sync="lora", lora_r=4)
+    cfg = _cfg(tiny_model, **{"weights.mode": "lora", "weights.lora.r": 4})
     again = setup_lora(_model(tiny_model), cfg.learner)
     load_adapter(again, tmp_path / "adapter")
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -297,7 +297,7 @@ def test_adapter_shape_mismatch_is_refused(tiny_model):
     m = WeightManifest(
         version=2, kind="delta", base_version=1, adapters=True, lora_scale=4.0, tensors=[]
     )
-    from climbrl.weightsync import metas
+    from climbrl.weights.codecs import metas
 
     frames = [(f"{w}#lora_A", a), (f"{w}#lora_B", torch.zeros(eng.base[w].shape[0], 4))]
     m.tensors = metas(frames)
@@ -336,7 +336,7 @@ def test_lora_on_moe_adapts_linear_layers_and_publishes_checkpoint_names(tmp_pat
 
     path = make_tiny_model(tmp_path / "moe", corpus_for_tokenizer(), moe=True, num_experts=4)
     cfg = load_config(
-        None, [f'model.path="{path}"', 'learner.weight_sync="lora"', "learner.lora_r=4"]
+        None, [f'model.path="{path}"', 'learner.weights.mode="lora"', "learner.weights.lora.r=4"]
     )
     model = setup_lora(AutoModelForCausalLM.from_pretrained(str(path)), cfg.learner)
     adapted = {n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n}
@@ -355,7 +355,7 @@ def test_same_host_full_sync_goes_through_one_shm_file(tiny_model, tmp_path):
     import socket
     from pathlib import Path
 
-    from climbrl.weightsync import map_shm
+    from climbrl.weights.files import map_shm
 
     model = _model(tiny_model)
     pub = WeightPublisher(model, "full", shm_dir=str(tmp_path))
@@ -446,7 +446,7 @@ def test_orphaned_weights_files_are_removed(tmp_path):
     import os
     import subprocess
 
-    from climbrl.weightsync import remove_orphan_files
+    from climbrl.weights.files import remove_orphan_files
 
     dead = subprocess.Popen(["true"])
     dead.wait()

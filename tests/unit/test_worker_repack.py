@@ -1,6 +1,6 @@
-"""The worker's full reload on CPU (``rollout.worker_ext``): packing left to a helper thread
-(``_repack_later``, finished by ``_settle_repack``), and the model's loader calls recorded for
-the next reload of the same layout (``_load_recorded``). Fake layers stand in for vLLM's:
+"""The worker's CPU fast path (``climbrl.weights.vllm_cpu.CpuFastPath``): packing left to a
+helper thread (``repack_later``, finished by ``settle``), and the model's loader calls recorded
+for the next reload of the same layout (``load_recorded``). Fake layers stand in for vLLM's:
 their "packing", like vLLM's CPU GEMM dispatch, computes from its own copy of the weight and
 leaves the layer's weight empty."""
 
@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from climbrl.rollout import worker_ext
+from climbrl.weights import vllm_cpu
+from climbrl.weights.vllm_cpu import CpuFastPath
 
 F = torch.nn.functional
 
@@ -50,15 +51,20 @@ class _Layer(torch.nn.Module):
 
 
 @pytest.fixture
-def helper(monkeypatch):
+def fast():
+    return CpuFastPath()
+
+
+@pytest.fixture
+def helper(fast, monkeypatch):
     pool = ThreadPoolExecutor(1, thread_name_prefix="helper")
-    monkeypatch.setattr(worker_ext, "_repack_helper", lambda idle=False: pool)
+    monkeypatch.setattr(fast, "helper", lambda idle=False: pool)
     yield pool
-    worker_ext._settle_repack()
+    fast.settle()
     pool.shutdown()
 
 
-def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_there(helper):
+def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_there(fast, helper):
     started, gate = threading.Event(), threading.Event()
     # the helper takes the last layer first, and is held there until the worker thread has
     # packed the first one
@@ -67,9 +73,9 @@ def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_t
     file = torch.randn(3, 4, 5)  # the weights file: three 4x5 weights
     want = file.clone()
     x = torch.randn(2, 5)
-    assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
-    assert worker_ext._PENDING[1] is None  # the helper waits for the server's ack
-    worker_ext._start_repack()
+    assert fast.repack_later([(m, file[i]) for i, m in enumerate(layers)])
+    assert fast.pending[1] is None  # the helper waits for the server's ack
+    fast.start_repack()
     assert started.wait(10)
     # the layer the helper is packing computes on its file view meanwhile
     assert torch.equal(layers[2](x), F.linear(x, want[2]))
@@ -77,8 +83,8 @@ def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_t
     # the others are packed by the worker the first time they compute
     assert torch.equal(layers[1](x), F.linear(x, want[1]))
     assert methods[1].by == "MainThread" and methods[0].by is None
-    worker_ext._settle_repack()  # packs layer 0 here, which lets the helper finish layer 2
-    assert worker_ext._PENDING is None
+    fast.settle()  # packs layer 0 here, which lets the helper finish layer 2
+    assert fast.pending is None
     assert methods[0].by == "MainThread" and methods[2].by.startswith("helper")
     file.mul_(2)  # the learner rewrites its file: no layer reads it any more
     for i, m in enumerate(layers):
@@ -86,59 +92,59 @@ def test_deferred_layers_compute_on_new_weights_and_are_packed_by_whoever_gets_t
         assert m.weight.numel() == 0
 
 
-def test_a_layer_that_fails_to_pack_in_the_background_keeps_its_weights(helper, caplog):
+def test_a_layer_that_fails_to_pack_in_the_background_keeps_its_weights(fast, helper, caplog):
     layers = [_Layer(_Method(fail=True)), _Layer(_Method())]
     file = torch.randn(2, 4, 5)
     want = file.clone()
     x = torch.randn(3, 5)
-    with caplog.at_level(logging.ERROR, logger="climbrl.rollout.worker_ext"):
-        assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
-        worker_ext._start_repack()
-        worker_ext._settle_repack()
+    with caplog.at_level(logging.ERROR, logger="climbrl.weights.vllm_cpu"):
+        assert fast.repack_later([(m, file[i]) for i, m in enumerate(layers)])
+        fast.start_repack()
+        fast.settle()
     assert "packing a layer in the background failed" in caplog.text
     file.zero_()
     for i, m in enumerate(layers):
         assert torch.equal(m(x), F.linear(x, want[i]))
 
 
-def test_the_helper_packs_nothing_until_started(helper):
+def test_the_helper_packs_nothing_until_started(fast, helper):
     """The server starts it after its ack; a next reload before that packs it all itself."""
     methods = [_Method(), _Method()]
     layers = [_Layer(m) for m in methods]
     file = torch.randn(2, 4, 5)
-    assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
+    assert fast.repack_later([(m, file[i]) for i, m in enumerate(layers)])
     helper.submit(lambda: None).result()  # the helper has had its turn
     assert [m.by for m in methods] == [None, None]
-    worker_ext._settle_repack()
+    fast.settle()
     assert [m.by for m in methods] == ["MainThread", "MainThread"]
-    worker_ext._start_repack()  # nothing left: a no-op
-    assert worker_ext._PENDING is None
+    fast.start_repack()  # nothing left: a no-op
+    assert fast.pending is None
 
 
-def test_the_first_layer_used_starts_the_helper(helper):
+def test_the_first_layer_used_starts_the_helper(fast, helper):
     started, gate = threading.Event(), threading.Event()
     methods = [_Method(done=gate), _Method(started=started, wait=gate)]
     layers = [_Layer(m) for m in methods]
     file = torch.randn(2, 4, 5)
     x = torch.randn(3, 5)
-    assert worker_ext._repack_later([(m, file[i]) for i, m in enumerate(layers)])
+    assert fast.repack_later([(m, file[i]) for i, m in enumerate(layers)])
     assert torch.equal(layers[0](x), F.linear(x, file[0]))  # packs layer 0 here...
     assert started.wait(10)  # ...and the helper has taken layer 1 meanwhile
-    worker_ext._settle_repack()
+    fast.settle()
     assert methods[0].by == "MainThread" and methods[1].by.startswith("helper")
 
 
-def test_a_layer_that_fails_to_pack_in_the_foreground_fails_the_reload(monkeypatch):
-    monkeypatch.setattr(worker_ext, "_repack_helper", lambda idle=False: None)
+def test_a_layer_that_fails_to_pack_in_the_foreground_fails_the_reload(fast, monkeypatch):
+    monkeypatch.setattr(fast, "helper", lambda idle=False: None)
     with pytest.raises(RuntimeError, match="no kernel"):
-        worker_ext._repack([(_Layer(_Method(fail=True)), torch.randn(4, 5))])
+        fast.repack([(_Layer(_Method(fail=True)), torch.randn(4, 5))])
 
 
-def test_no_helper_means_no_deferral(monkeypatch):
-    monkeypatch.setattr(worker_ext, "_repack_helper", lambda idle=False: None)
+def test_no_helper_means_no_deferral(fast, monkeypatch):
+    monkeypatch.setattr(fast, "helper", lambda idle=False: None)
     m = _Layer(_Method())
-    assert not worker_ext._repack_later([(m, torch.randn(4, 5))])
-    assert m.cpu_linear is None and worker_ext._PENDING is None
+    assert not fast.repack_later([(m, torch.randn(4, 5))])
+    assert m.cpu_linear is None and fast.pending is None
 
 
 class _Model(torch.nn.Module):
@@ -180,7 +186,7 @@ def test_recorded_loads_replay_what_load_weights_did():
         ("b", torch.tensor([2.0, 4.0, 6.0])),
         ("skip", torch.ones(1)),
     ]
-    loaded, loads = worker_ext._load_recorded(model, first)
+    loaded, loads = vllm_cpu.load_recorded(model, first)
     assert loaded == {"a", "b"} and set(loads) == {"a", "b"}
     assert model.a.tolist() == [1.0, 2.0] and model.b.tolist() == [1.0, 2.0, 3.0]
     assert not hasattr(model.a, "weight_loader")  # the loaders are put back as they were
@@ -193,7 +199,7 @@ def test_recorded_loads_replay_what_load_weights_did():
 
 def test_loads_that_bypass_the_loaders_are_not_recorded():
     model = _Model(copy=True)
-    loaded, loads = worker_ext._load_recorded(
+    loaded, loads = vllm_cpu.load_recorded(
         model, [("a", torch.tensor([1.0, 2.0])), ("b", torch.zeros(3))]
     )
     assert loaded == {"a", "b"} and loads is None
