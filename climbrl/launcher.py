@@ -4,14 +4,14 @@
 
 Writes ``OUTPUT_DIR/config.resolved.toml`` and hands it to every process, starts the learner
 (which binds the ZeroMQ endpoint on loopback and writes it to a file), then the rollout
-servers. Shows progress with rich from ``metrics.jsonl``. Each child runs in its own process
-group; on Ctrl-C, SIGTERM, or a child that dies (``run.on_child_death = "stop"``) every group is
-terminated, then killed, by PID, so nothing is orphaned. With ``run.on_child_death =
-"restart"`` a dead rollout server is cleaned up and started again under the same server id (up
-to ``run.max_restarts`` times each); the learner sends it the current weights when it says
-Hello. vLLM's engine core runs in a process
-group of its own, so the launcher also records every descendant (PID + start time, safe from
-PID reuse) while it watches, and kills the ones still running at the end.
+servers. Shows progress from ``metrics.jsonl``: on a terminal a live bar with an ETA and a
+table of the last steps, elsewhere one line per step. Each child runs in its own process
+group; ``climbrl.supervisor`` watches them and applies ``run.on_child_death`` (stop, continue,
+or restart a dead rollout server under the same server id, up to ``run.max_restarts`` times).
+On Ctrl-C, SIGTERM or the end of the run every group is terminated, then killed, by PID, so
+nothing is orphaned. vLLM's engine core runs in a process group of its own, so a ``Child``
+also records every descendant (PID + start time, safe from PID reuse) while it is watched,
+and kills the ones still running when it stops.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from climbrl.commands import learn_command, rollout_command
 from climbrl.config import Config, dump_toml
 from climbrl.metrics import read_metrics
+from climbrl.supervisor import Supervisor, stop_all
 
 
 def _die_with_parent() -> None:
@@ -38,6 +40,8 @@ def _die_with_parent() -> None:
 
 
 class Child:
+    """One command run as a process group on this machine, its output in ``log_path``."""
+
     def __init__(
         self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
     ):
@@ -56,7 +60,6 @@ class Child:
             env={**os.environ, **env} if env else None,
         )
         self.known: dict[int, float] = {}  # descendant pid -> create_time
-        self.reported = False  # its death was reported (on_child_death = "continue")
 
     def track(self) -> None:
         import psutil
@@ -110,10 +113,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _py() -> list[str]:
-    return [sys.executable, "-m", "climbrl.cli"]
 
 
 # The metrics of a step the progress display shows; STEP_IF_NONZERO ones only where not 0.
@@ -241,7 +240,7 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
     ep_file = out / "endpoint"
     ep_file.unlink(missing_ok=True)
     children: list[Child] = []
-    stopping = {"sig": None}
+    stopping: dict[str, Any] = {"sig": None}
 
     def on_signal(signum: int, _frame: Any) -> None:
         stopping["sig"] = signum
@@ -249,19 +248,11 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     rc = 1
     try:
-        from climbrl.learner.fsdp import learner_argv as fsdp_argv
-
         # one process, or learner.fsdp: torchrun starts learner.world_size ranks (rank 0 binds
         # the endpoint and writes the file)
-        learner_argv = fsdp_argv(
-            cfg,
-            _py()
-            + ["learn", "--config", str(cfg_path), "--endpoint-file", str(ep_file)]
-            + (["--resume"] if resume else []),
-        )
         learner = Child(
             "learner",
-            learner_argv,
+            learn_command(cfg, cfg_path, ep_file, resume),
             out / "logs" / "learner.log",
             placement.child_env(plan, "learner", visible),
         )
@@ -273,15 +264,7 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
             time.sleep(0.2)
         endpoint = ep_file.read_text().strip()
         for i in range(cfg.rollout.num_servers):
-            argv = _py() + [
-                "rollout",
-                "--config",
-                str(cfg_path),
-                "--endpoint",
-                endpoint,
-                "--server-id",
-                f"r{i}",
-            ]
+            argv = rollout_command(cfg_path, endpoint, f"r{i}")
             log_path = out / "logs" / f"rollout-{i}.log"
             env = placement.child_env(plan, i, visible)
             children.append(Child(f"rollout-{i}", argv, log_path, env))
@@ -290,8 +273,7 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
         print(f"climbrl: {e}", file=sys.stderr)
         rc = 1
     finally:
-        for c in reversed(children):
-            c.stop()
+        stop_all(children)
         for s, h in old.items():
             signal.signal(s, h)
     print(run_report(out, rc), flush=True)
@@ -299,107 +281,101 @@ def launch(cfg: Config, resume: bool = False, live: bool = True) -> int:
 
 
 def _monitor(cfg: Config, children: list[Child], learner: Child, stopping: dict, live: bool) -> int:
+    """Supervise ``children`` until the run ends (``climbrl.supervisor``) while showing its
+    progress; returns the run's exit code. A restarted child replaces its entry in
+    ``children``."""
     from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
 
     console = Console(stderr=True)
-    restarts: dict[str, int] = {}
-    metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
-    total = cfg.learner.total_steps
-    last_step = -1
+    sup = Supervisor(
+        children,
+        learner,
+        lambda c: Child(c.name, c.argv, c.log_path, c.env),
+        on_child_death=cfg.run.on_child_death,
+        max_restarts=cfg.run.max_restarts,
+        console=console,
+    )
+    return watch_run(sup, cfg, stopping, live)
 
-    def table(recs: list[dict[str, Any]] | None = None) -> Table:
-        recs = read_metrics(metrics_path) if recs is None else recs
+
+def watch_run(sup: Supervisor[Any], cfg: Config, stopping: dict, live: bool) -> int:
+    """``sup.watch`` with the run's progress: on a terminal (and ``live``) a live bar and
+    table, else one plain line per step. Returns the run's exit code."""
+    view = RunView(cfg, sup.console)
+    if live and sup.console.is_terminal:
+        from rich.live import Live
+
+        with Live(view.render(), console=sup.console, refresh_per_second=2) as lv:
+            return sup.watch(lambda: stopping["sig"], 0.5, lambda: lv.update(view.render()))
+    return sup.watch(lambda: stopping["sig"], 1.0, view.print_new_steps)
+
+
+class RunView:
+    """A run's progress from ``metrics.jsonl``: a bar with an ETA over a table of the last
+    steps (``render``, for a terminal), or one plain line per new step (``print_new_steps``).
+    While the learner evaluates (``eval_progress.json``), a second bar shows the evaluation."""
+
+    def __init__(self, cfg: Config, console: Any) -> None:
+        from climbrl.progress import progress_bar
+
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.total = cfg.learner.total_steps
+        self.last_step = -1
+        self.bar = progress_bar(console)
+        self.task = self.bar.add_task("steps", total=self.total)
+        self.eval_task: Any = None
+        self.eval_key: tuple[str, int] | None = None  # (split, step) of the eval on its bar
+
+    def update_eval(self) -> None:
+        """The evaluation bar: added when an evaluation starts, removed when it ends."""
+        from climbrl.progress import read_eval_progress
+
+        ev = read_eval_progress(self.out)
+        key = None if ev is None else (str(ev["split"]), int(ev.get("step", 0)))
+        if key != self.eval_key and self.eval_task is not None:
+            self.bar.remove_task(self.eval_task)
+            self.eval_task = None
+        self.eval_key = key
+        if ev is None:
+            return
+        if self.eval_task is None:
+            self.eval_task = self.bar.add_task(
+                f"eval {ev['split']} @ step {ev.get('step', 0)}", total=ev["total"]
+            )
+        self.bar.update(self.eval_task, completed=ev["done"])
+
+    def table(self, recs: list[dict[str, Any]]) -> Any:
+        from rich.table import Table
+
         steps = [r for r in recs if "reward" in r]
         evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
         keys = step_keys(steps[-8:])
-        t = Table(title=f"climbrl run {cfg.run.name}", show_header=True)
+        t = Table(title=f"climbrl run {self.cfg.run.name}", show_header=True)
         t.add_column("step")
         for k in keys:
             t.add_column(k)
         for r in steps[-8:]:
-            t.add_row(f"{r['step']}/{total}", *[_fmt(r.get(k)) for k in keys])
+            t.add_row(f"{r['step']}/{self.total}", *[_fmt(r.get(k)) for k in keys])
         for r in evals:
             t.caption = " ".join(f"{k}={_fmt(v)}@{r['step']}" for k, v in r.items() if "/" in k)
         return t
 
-    def check() -> int | None:
-        for c in children:
-            c.track()
-        if stopping["sig"] is not None:
-            console.print(f"[yellow]signal {stopping['sig']}: stopping every process[/]")
-            return 130
-        lrc = learner.poll()
-        if lrc is not None:
-            if lrc != 0:
-                console.print(f"[red]learner exited with {lrc}[/]\n{learner.tail()}")
-            return lrc
-        for i, c in enumerate(children):
-            if c is learner or c.poll() is None:
-                continue
-            if c.reported:
-                continue  # 'continue': reported once, the learner carries on without it
-            console.print(f"[red]{c.name} (pid {c.pid}) died with {c.poll()}[/]\n{c.tail()}")
-            c.reported = True
-            if cfg.run.on_child_death == "stop":
-                return 1
-            if cfg.run.on_child_death == "restart":
-                n = restarts.get(c.name, 0)
-                if n >= cfg.run.max_restarts:
-                    console.print(
-                        f"[red]{c.name} died {n + 1} times "
-                        f"(run.max_restarts = {cfg.run.max_restarts}): stopping[/]"
-                    )
-                    return 1
-                restarts[c.name] = n + 1
-                c.stop(grace_s=2.0)  # its engine core and anything else it left behind
-                children[i] = Child(c.name, c.argv, c.log_path, c.env)
-                console.print(
-                    f"[yellow]restarted {c.name} as pid {children[i].pid} "
-                    f"(restart {n + 1}/{cfg.run.max_restarts})[/]"
-                )
-        return None
-
-    if live and console.is_terminal:
+    def render(self) -> Any:
         from rich.console import Group
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
 
-        bar = Progress(
-            TextColumn("steps"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        task = bar.add_task("steps", total=total)
+        recs = read_metrics(self.metrics_path)
+        done = max((r["step"] for r in recs if "reward" in r), default=0)
+        self.bar.update(self.task, completed=done)
+        self.update_eval()
+        return Group(self.bar, self.table(recs))
 
-        def view() -> Group:
-            recs = read_metrics(metrics_path)
-            bar.update(task, completed=max((r["step"] for r in recs if "reward" in r), default=0))
-            return Group(bar, table(recs))
-
-        with Live(view(), console=console, refresh_per_second=2) as lv:
-            while (rc := check()) is None:
-                time.sleep(0.5)
-                lv.update(view())
-        return rc
-    while (rc := check()) is None:
-        time.sleep(1.0)
-        for r in read_metrics(metrics_path):
-            if "reward" in r and r["step"] > last_step:
-                last_step = r["step"]
-                print(step_line(r, total), flush=True)
-    return rc
+    def print_new_steps(self) -> None:
+        for r in read_metrics(self.metrics_path):
+            if "reward" in r and r["step"] > self.last_step:
+                self.last_step = r["step"]
+                print(step_line(r, self.total), flush=True)
 
 
 def _fmt(v: Any) -> str:

@@ -12,10 +12,12 @@ exactly as they do locally. Ray sets ``CUDA_VISIBLE_DEVICES`` of a GPU bundle, a
 inherits it.
 
 ZeroMQ stays the data plane. Ray only places the processes, supervises them (this driver polls
-each actor; a dead process, a dead actor or a lost node stops the run like a dead child does
-locally) and passes addresses: the learner actor reads the endpoint file the learner writes on
-its node and hands it back, with a wildcard bind (``wire.host = "0.0.0.0"``) rewritten to the
-learner node's IP so servers on other nodes can connect. While ``wire.host`` is loopback the
+each actor through ``climbrl.supervisor``, the local launcher's supervisor: a dead process, a
+dead actor or a lost node is a dead child, and ``run.on_child_death`` applies; a restarted
+server gets a new actor in its bundle) and passes addresses: the learner actor reads the
+endpoint file the learner writes on its node and hands it back, with a wildcard bind
+(``wire.host = "0.0.0.0"``) rewritten to the learner node's IP so servers on other nodes can
+connect. While ``wire.host`` is loopback the
 placement is STRICT_PACK (one node), since no other node could reach the learner.
 
 On Ctrl-C, SIGTERM or the end of the run every actor stops its process (SIGTERM, then SIGKILL
@@ -35,13 +37,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from climbrl import reaper
+from climbrl.commands import learn_command, rollout_command
 from climbrl.config import Config, dump_toml
-from climbrl.launcher import Child, _py, run_report, step_line
-from climbrl.metrics import read_metrics
+from climbrl.launcher import Child, run_report, watch_run
+from climbrl.supervisor import Supervisor, stop_all
 
 log = logging.getLogger("climbrl.launcher_ray")
 
@@ -183,12 +187,21 @@ class ProcessActor:
 
 
 class RayChild:
-    """The driver's handle on a ProcessActor, shaped like ``launcher.Child`` for ``_monitor``."""
+    """The driver's handle on a ProcessActor (in placement-group bundle ``bundle``, running
+    ``argv``), shaped like ``launcher.Child`` for ``climbrl.supervisor``."""
 
-    def __init__(self, name: str, actor: Any, info: dict[str, Any], log_path: Path):
+    def __init__(
+        self,
+        name: str,
+        actor: Any,
+        info: dict[str, Any],
+        log_path: Path,
+        bundle: int = 0,
+        argv: list[str] | None = None,
+    ):
         self.name, self.actor, self.info, self.log_path = name, actor, info, log_path
+        self.bundle, self.argv = bundle, list(argv or [])
         self.dead_rc: int | None = None
-        self.reported = False
 
     @property
     def pid(self) -> int:
@@ -289,8 +302,8 @@ def _check_resources(need: list[dict[str, float]]) -> None:
 
 
 def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
-    """Place and supervise the run on Ray; returns its exit code. Progress is printed as plain
-    lines (``live`` is accepted for the local launcher's signature)."""
+    """Place and supervise the run on Ray; returns its exit code. Progress shows as under the
+    local launcher: a live bar on a terminal (``live``), else one line per step."""
     try:
         import ray
     except ImportError:
@@ -363,20 +376,11 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            c = RayChild(name, actor, info, log_path)
-            c.bundle, c.argv = i, argv  # type: ignore[attr-defined]
-            return c
+            return RayChild(name, actor, info, log_path, i, argv)
 
-        py = ["python", *_py()[1:]]
-        learner_argv = (
-            py
-            + ["learn", "--config", str(cfg_path), "--endpoint-file", str(ep_file)]
-            + (["--resume"] if resume else [])
-        )
-        if cfg.learner.world_size > 1:  # FSDP2: torchrun starts one learner per GPU
-            from climbrl.learner.fsdp import learner_argv as fsdp_argv
-
-            learner_argv = fsdp_argv(cfg, learner_argv)
+        # "python": the actor runs its own interpreter (ProcessActor.start); FSDP2: torchrun
+        # starts one learner per GPU
+        learner_argv = learn_command(cfg, cfg_path, ep_file, resume, python="python")
         learner = place(0, "learner", learner_argv, out / "logs" / "learner.log")
         children.append(learner)
         deadline = time.monotonic() + cfg.ray.start_timeout_s
@@ -392,23 +396,14 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         print(f"climbrl: learner endpoint {endpoint}", file=sys.stderr, flush=True)
         rollout_env.update(_rollout_keys_env(cfg, learner, out))
         for i in range(cfg.rollout.num_servers):
-            argv = py + [
-                "rollout",
-                "--config",
-                str(cfg_path),
-                "--endpoint",
-                endpoint,
-                "--server-id",
-                f"r{i}",
-            ]
+            argv = rollout_command(cfg_path, endpoint, f"r{i}", python="python")
             children.append(place(i + 1, f"rollout-{i}", argv, out / "logs" / f"rollout-{i}.log"))
-        rc = _supervise(cfg, children, learner, stopping, place)
+        rc = _supervise(cfg, children, learner, stopping, place, live)
     except (RuntimeError, ray.exceptions.RayError) as e:
         print(f"climbrl: {e}", file=sys.stderr)
         rc = 1
     finally:
-        for c in reversed(children):
-            c.stop()
+        stop_all(children)
         if pg is not None:
             try:
                 remove_placement_group(pg)
@@ -439,55 +434,25 @@ def _rollout_keys_env(cfg: Config, learner: RayChild, out: Path) -> dict[str, st
 
 
 def _supervise(
-    cfg: Config, children: list[RayChild], learner: RayChild, stopping: dict, place: Any
+    cfg: Config,
+    children: list[RayChild],
+    learner: RayChild,
+    stopping: dict,
+    place: Callable[[int, str, list[str], Path], RayChild],
+    live: bool = False,
 ) -> int:
-    """Poll every actor until the learner ends; returns the run's exit code.
+    """Poll every actor until the run ends (``climbrl.supervisor``); returns its exit code.
 
-    A dead rollout server (its process, its actor or its node) follows ``run.on_child_death``:
-    'stop' ends the run, 'continue' lets the learner carry on without it (its heartbeat check
-    reassigns the orders), 'restart' starts the same command again in the same bundle, up to
-    ``run.max_restarts`` times per server, and the learner brings it to the current weights.
-    Progress is printed as one line per step from ``metrics.jsonl`` when this machine sees
-    the learner's output folder.
+    A dead rollout server (its process, its actor or its node) follows ``run.on_child_death``;
+    'restart' starts the same command again in a new actor in the same bundle. Progress comes
+    from ``metrics.jsonl`` when this machine sees the learner's output folder: a live bar on a
+    terminal (``live``), else one line per step.
     """
-    policy = cfg.run.on_child_death
-    max_restarts = getattr(cfg.run, "max_restarts", 3)
-    restarts: dict[str, int] = {}
-    metrics_path = Path(cfg.run.output_dir) / "metrics.jsonl"
-    last_step = -1
-
-    def err(msg: str) -> None:
-        print(f"climbrl: {msg}", file=sys.stderr, flush=True)
-
-    while True:
-        if stopping["sig"] is not None:
-            err(f"signal {stopping['sig']}: stopping every process")
-            return 130
-        lrc = learner.poll()
-        if lrc is not None:
-            if lrc != 0:
-                err(f"learner exited with {lrc}\n{learner.tail()}")
-            return lrc
-        for i, c in enumerate(children):
-            if c is learner or c.reported or c.poll() is None:
-                continue
-            c.reported = True
-            err(f"{c.name} (pid {c.pid}) died with {c.poll()}\n{c.tail()}")
-            if policy == "stop":
-                return 1
-            if policy == "restart":
-                n = restarts.get(c.name, 0)
-                if n >= max_restarts:
-                    err(
-                        f"{c.name} died {n + 1} times (run.max_restarts = {max_restarts}): stopping"
-                    )
-                    return 1
-                restarts[c.name] = n + 1
-                c.stop(grace_s=2.0)
-                children[i] = place(c.bundle, c.name, c.argv, c.log_path)  # type: ignore
-                err(f"restarted {c.name} as pid {children[i].pid} (restart {n + 1}/{max_restarts})")
-        for r in read_metrics(metrics_path):
-            if "reward" in r and r["step"] > last_step:
-                last_step = r["step"]
-                print(step_line(r, cfg.learner.total_steps), flush=True)
-        time.sleep(1.0)
+    sup = Supervisor(
+        children,
+        learner,
+        lambda c: place(c.bundle, c.name, c.argv, c.log_path),
+        on_child_death=cfg.run.on_child_death,
+        max_restarts=cfg.run.max_restarts,
+    )
+    return watch_run(sup, cfg, stopping, live)

@@ -3,14 +3,79 @@
 A task's outcome is its episode's ``correct`` metric (or reward at the env's maximum). An
 episode that failed in the env, or got no answer within ``wire.order_timeout_s``, scores 0.
 The env's other numeric metrics are averaged over the tasks, a failed one counting 0.
+
+While it runs, ``EvalProgress`` says how far it is: in ``OUTPUT_DIR/eval_progress.json``,
+which ``climbrl run``'s live view shows as a bar with an ETA, and in a plain line per tenth of
+the tasks in the learner's log.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
 
+from climbrl.progress import EVAL_PROGRESS_FILE
 from climbrl.wire import ENV_ERROR, Trajectory
+
+log = logging.getLogger("climbrl.learner")
+
+
+class EvalProgress:
+    """How far one held-out evaluation is: ``OUT/eval_progress.json`` (split, step, done,
+    total), rewritten at most every ``every_s`` while it runs and removed when it ends, and a
+    log line per tenth of the tasks.
+
+        with EvalProgress(out, "test", step, n) as progress:
+            while not finished:
+                ...
+                progress.update(done)
+    """
+
+    def __init__(
+        self, out: Path | None, split: str, step: int, total: int, every_s: float = 0.5
+    ) -> None:
+        # (no file where the learner has no output folder: unit tests build one without)
+        self.path = Path(out) / EVAL_PROGRESS_FILE if out and Path(out).is_dir() else None
+        self.split, self.step, self.total, self.every_s = split, step, total, every_s
+        self.done = -1
+        self._written = 0.0
+        self._logged = 0  # tenths logged
+
+    def __enter__(self) -> EvalProgress:
+        self.update(0)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def update(self, done: int) -> None:
+        if done == self.done:
+            return
+        self.done = done
+        # (perf_counter: the learner's deadlines read time.monotonic, which tests may drive)
+        now = time.perf_counter() if self.path is not None else 0.0
+        if self.path is not None and (now - self._written >= self.every_s or done >= self.total):
+            self._written = now
+            rec = {"split": self.split, "step": self.step, "done": done, "total": self.total}
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, self.path)
+        tenths = 10 * done // max(self.total, 1)
+        if tenths > self._logged:
+            self._logged = tenths
+            log.info("eval %s at step %d: %d/%d tasks", self.split, self.step, done, self.total)
 
 
 @dataclass

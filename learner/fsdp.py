@@ -3,11 +3,8 @@
 Config: ``learner.fsdp = true`` and ``learner.world_size = N`` (one process per GPU; gloo on
 CPU, NCCL on GPU). Nothing here acts when ``learner.fsdp`` is false.
 
-Process model (torchrun-style)::
-
-    learner_argv(cfg, [python, -m, climbrl.cli, learn, ...])
-      -> [python, -m, torch.distributed.run, --standalone, --nproc-per-node, N,
-          -m, climbrl.cli, learn, ...]
+Process model (torchrun-style): the launchers start N ranks with ``torch.distributed.run``
+(``climbrl.commands.learner_argv``).
 
 Rank 0 is the coordinator the rollout servers know: it alone binds the ZeroMQ hub, owns the
 data cursor, writes metrics and checkpoints. Every rank holds one shard of the parameters,
@@ -42,7 +39,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -70,35 +66,6 @@ class DistState:
         return self.world_size > 1
 
 
-def torchrun_argv(nproc: int, module_argv: list[str], python: str | None = None) -> list[str]:
-    """``[-m, pkg.mod, args...]`` (or ``[script, args...]``) as ``nproc`` torchrun processes
-    on this node."""
-    return [
-        python or sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(nproc),
-        *module_argv,
-    ]
-
-
-def learner_argv(cfg: Any, argv: list[str]) -> list[str]:
-    """The learner command for ``cfg``: unchanged for one process, else run by torchrun.
-
-    ``argv`` is the single-process command, ``[python, -m, climbrl.cli, learn, ...]``.
-    """
-    lc = cfg.learner
-    if not lc.fsdp or lc.world_size <= 1:
-        return list(argv)
-    if len(argv) < 3 or argv[1] != "-m":
-        raise ValueError(f"expected [python, -m, module, ...], got {argv[:3]}")
-    return torchrun_argv(lc.world_size, argv[1:], python=argv[0])
-
-
 def setup(cfg: Any) -> DistState:
     """Join the process group torchrun set up (RANK/WORLD_SIZE/MASTER_* in the environment).
 
@@ -109,7 +76,7 @@ def setup(cfg: Any) -> DistState:
         if lc.fsdp and lc.world_size > 1:
             raise RuntimeError(
                 f"learner.world_size = {lc.world_size} but this process was not started by "
-                "torchrun (WORLD_SIZE unset): start it with learner.fsdp.learner_argv"
+                "torchrun (WORLD_SIZE unset): start it with climbrl.commands.learner_argv"
             )
         return DistState()
     if world != lc.world_size:

@@ -25,7 +25,7 @@ import glob
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ class FuzzyDedup:
         self.n = shingle_words
         self.seed = seed
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.kept: dict[int, Any] = {}
+        self.kept: dict[Hashable, Any] = {}  # MinHashLSH key -> MinHash
 
     def __call__(self, d: Doc) -> bool:
         from datasketch import MinHash
@@ -516,7 +516,7 @@ def train_tokenizer_on_files(cfg: DataConfig, out_dir: str | Path) -> Any:
     """Train the BPE tokenizer on the first `tokenizer_train_docs` docs of the inputs."""
     from itertools import islice
 
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
+    from climbrl.tokenizer import train_bpe_tokenizer
 
     texts = islice((d.text for s in cfg.files for d in read_source(s)), cfg.tokenizer_train_docs)
     return train_bpe_tokenizer(texts, cfg.vocab_size, out_dir, split_digits=cfg.split_digits)

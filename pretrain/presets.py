@@ -5,7 +5,10 @@ A model preset is a dict of `ModelConfig` fields; a TOML config names one with
 `PretrainConfig` as a dict, such as ``demo``: the ~5-minute CPU run that makes the base
 model `climbrl demo` starts from.
 
-    python -m climbrl.pretrain.presets          # list presets with parameter counts
+Plain data, importing nothing of the package: ``config`` expands a preset and ``model``
+counts its parameters, and both import this module, never the reverse.
+
+    python -m climbrl.pretrain.model            # list presets with parameter counts
 """
 
 from __future__ import annotations
@@ -119,13 +122,3 @@ def demo_run_config(out_dir: str, *, seed: int = 0) -> dict[str, Any]:
         },
         "eval_task_examples": 500,
     }
-
-
-if __name__ == "__main__":
-    from climbrl.pretrain.config import ModelConfig
-    from climbrl.pretrain.model import count_params_from_config
-
-    for name, fields in MODEL_PRESETS.items():
-        cfg = ModelConfig(**fields)
-        total, active = count_params_from_config(cfg, vocab_size=32_000)
-        print(f"{name:18s} total={total / 1e6:8.2f}M active={active / 1e6:8.2f}M (vocab 32k)")

@@ -2,7 +2,7 @@
 
 TRL serves here: its ``assistant_only_loss`` masks everything but the assistant turns, using a
 chat template whose assistant content sits inside ``{% generation %}`` blocks. The ChatML
-template of `climbrl.pretrain.tokenizer` is swapped for the same template with those markers
+template of `climbrl.tokenizer` is swapped for the same template with those markers
 while training; the saved model keeps the plain template (what vLLM serves).
 
 Data: a jsonl file, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line.
@@ -57,8 +57,8 @@ def run_sft(cfg: PretrainConfig) -> dict[str, Any]:
     """Fine-tune `cfg.init.from_dir` on `cfg.sft.data`; the result goes to ``run_dir/model``."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from trl import SFTConfig, SFTTrainer  # pyright: ignore[reportPrivateImportUsage]  # lazy exports
 
     assert cfg.sft is not None and cfg.init.from_dir is not None
     run_dir = Path(cfg.run_dir)
@@ -95,6 +95,7 @@ def run_sft(cfg: PretrainConfig) -> dict[str, Any]:
     result = trainer.train()
     tok.chat_template = plain_template
     out = run_dir / "model"
+    assert isinstance(trainer.model, PreTrainedModel)  # no PEFT wrapper here
     trainer.model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     summary = {

@@ -35,6 +35,7 @@ from climbrl.pretrain.config import PretrainConfig, TrainConfig
 from climbrl.pretrain.data import Packed, pack_docs, run_pipeline, train_tokenizer_on_files
 from climbrl.pretrain.evaluate import batch_tensors, heldout_nll, task_accuracy
 from climbrl.pretrain.synthetic import get_task
+from climbrl.progress import Steps
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _build_data(cfg: PretrainConfig, out: Path, *, quiet: bool) -> None:
 
 
 def _tokenizer_for(cfg: PretrainConfig, out: Path, texts: list[str]) -> Any:
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
+    from climbrl.tokenizer import train_bpe_tokenizer
 
     src = cfg.init.from_dir or cfg.data.tokenizer
     if src:
@@ -400,84 +401,93 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
     t_int, tok_int, flops_int, flops_total = time.perf_counter(), 0, 0.0, 0.0
     last_nll: float | None = None
     stopped_early = False
-    while step < plan.steps:
-        ce_sum = z_sum = aux_sum = 0.0
-        for _ in range(tc.grad_accum):
-            rows = main_rows.rows(cursor, tc.batch_size - n_replay)
-            cursor += len(rows)
-            toks, poss = data.train.tokens[rows], data.train.positions[rows]
-            if replay_rows is not None and data.replay is not None and n_replay:
-                r = replay_rows.rows(replay_cursor, n_replay)
-                replay_cursor += n_replay
-                toks = np.concatenate([toks, data.replay.tokens[r]])
-                poss = np.concatenate([poss, data.replay.positions[r]])
-            ids, pos, labels = batch_tensors(toks, poss, tok.pad_token_id, device)
-            ce, zl, aux = stepper.micro(ids, pos, labels, 1.0 / tc.grad_accum)
-            ce_sum += ce.item() / tc.grad_accum
-            z_sum += zl.item() / tc.grad_accum
-            aux_sum += aux.item() / tc.grad_accum if aux is not None else 0.0
-            tok_int += ids.numel()
-            flops_int += count_flops(poss)
-        gnorm = stepper.finish()
-        for s in scheds:
-            s.step()
-        moe_stats = M.end_step_balance(model, cfg.model)
-        step += 1
-        if tc.fit_steps_to_budget and tc.max_seconds and step == 10 and elapsed_before == 0.0:
-            per_step = (time.perf_counter() - t_loop) / step
-            fit = step + int(0.95 * (tc.max_seconds - per_step * step) / per_step)
-            plan.steps = max(min(tc.steps, fit), tc.warmup_steps + 1, step)
-            console.print(
-                f"{per_step:.2f}s/step: planning {plan.steps} steps to fit {tc.max_seconds:.0f}s"
-            )
+    # a live bar with an ETA on a terminal; the log lines print either way (above the bar)
+    progress = Steps("pretraining", plan.steps, console, completed=step, live=not quiet)
+    with progress:
+        while step < plan.steps:
+            ce_sum = z_sum = aux_sum = 0.0
+            for _ in range(tc.grad_accum):
+                rows = main_rows.rows(cursor, tc.batch_size - n_replay)
+                cursor += len(rows)
+                toks, poss = data.train.tokens[rows], data.train.positions[rows]
+                if replay_rows is not None and data.replay is not None and n_replay:
+                    r = replay_rows.rows(replay_cursor, n_replay)
+                    replay_cursor += n_replay
+                    toks = np.concatenate([toks, data.replay.tokens[r]])
+                    poss = np.concatenate([poss, data.replay.positions[r]])
+                ids, pos, labels = batch_tensors(toks, poss, tok.pad_token_id, device)
+                ce, zl, aux = stepper.micro(ids, pos, labels, 1.0 / tc.grad_accum)
+                ce_sum += ce.item() / tc.grad_accum
+                z_sum += zl.item() / tc.grad_accum
+                aux_sum += aux.item() / tc.grad_accum if aux is not None else 0.0
+                tok_int += ids.numel()
+                flops_int += count_flops(poss)
+            gnorm = stepper.finish()
+            for s in scheds:
+                s.step()
+            moe_stats = M.end_step_balance(model, cfg.model)
+            step += 1
+            progress.update(step)
+            if tc.fit_steps_to_budget and tc.max_seconds and step == 10 and elapsed_before == 0.0:
+                per_step = (time.perf_counter() - t_loop) / step
+                fit = step + int(0.95 * (tc.max_seconds - per_step * step) / per_step)
+                plan.steps = max(min(tc.steps, fit), tc.warmup_steps + 1, step)
+                progress.update(step, total=plan.steps)
+                progress.log(
+                    f"{per_step:.2f}s/step: planning {plan.steps} steps "
+                    f"to fit {tc.max_seconds:.0f}s"
+                )
 
-        if step % tc.log_every == 0 or step == plan.steps:
-            dt = time.perf_counter() - t_int
-            tps = tok_int / dt
-            rec = {
-                "step": step,
-                "loss": ce_sum,
-                "z_loss": z_sum,
-                "aux_loss": aux_sum,
-                "lr": scheds[0].get_last_lr()[0],
-                "grad_norm": float(gnorm),
-                "tokens_per_s": tps,
-                "flops_per_s": flops_int / dt,
-                **moe_stats,
-            }
-            if peak:
-                rec["mfu"] = rec["flops_per_s"] / peak
-            log(rec)
-            console.print(
-                f"step {step:6d} loss {ce_sum:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "
-                f"{tps:,.0f} tok/s {rec['flops_per_s'] / 1e9:.2f} GFLOP/s"
-                + (f" mfu {rec['mfu']:.1%}" if peak else "")
-            )
-            flops_total += flops_int
-            t_int, tok_int, flops_int = time.perf_counter(), 0, 0.0
-        if step % tc.eval_every == 0 and len(data.eval.tokens):
-            last_nll = heldout_nll(
-                model,
-                data.eval,
-                tok.pad_token_id,
-                batch_size=tc.batch_size,
-                max_batches=tc.eval_batches,
-                device=device,
-                autocast=amp,
-            )
-            log({"step": step, "eval_nll": last_nll})
-            console.print(f"step {step:6d} [cyan]held-out NLL {last_nll:.4f}[/]")
-        if step % tc.ckpt_every == 0 or step == plan.steps:
-            checkpoint()
-        if (
-            tc.max_seconds
-            and elapsed_before + time.perf_counter() - t_loop > tc.max_seconds
-            and step < plan.steps
-        ):
-            console.print(f"[yellow]time budget of {tc.max_seconds:.0f}s reached at step {step}[/]")
-            checkpoint()
-            stopped_early = True
-            break
+            if step % tc.log_every == 0 or step == plan.steps:
+                dt = time.perf_counter() - t_int
+                tps = tok_int / dt
+                rec = {
+                    "step": step,
+                    "loss": ce_sum,
+                    "z_loss": z_sum,
+                    "aux_loss": aux_sum,
+                    "lr": scheds[0].get_last_lr()[0],
+                    "grad_norm": float(gnorm),
+                    "tokens_per_s": tps,
+                    "flops_per_s": flops_int / dt,
+                    **moe_stats,
+                }
+                if peak:
+                    rec["mfu"] = rec["flops_per_s"] / peak
+                log(rec)
+                progress.log(
+                    f"step {step:6d} loss {ce_sum:.4f} lr {rec['lr']:.2e} "
+                    f"gnorm {rec['grad_norm']:.2f} "
+                    f"{tps:,.0f} tok/s {rec['flops_per_s'] / 1e9:.2f} GFLOP/s"
+                    + (f" mfu {rec['mfu']:.1%}" if peak else "")
+                )
+                flops_total += flops_int
+                t_int, tok_int, flops_int = time.perf_counter(), 0, 0.0
+            if step % tc.eval_every == 0 and len(data.eval.tokens):
+                last_nll = heldout_nll(
+                    model,
+                    data.eval,
+                    tok.pad_token_id,
+                    batch_size=tc.batch_size,
+                    max_batches=tc.eval_batches,
+                    device=device,
+                    autocast=amp,
+                )
+                log({"step": step, "eval_nll": last_nll})
+                progress.log(f"step {step:6d} [cyan]held-out NLL {last_nll:.4f}[/]")
+            if step % tc.ckpt_every == 0 or step == plan.steps:
+                checkpoint()
+            if (
+                tc.max_seconds
+                and elapsed_before + time.perf_counter() - t_loop > tc.max_seconds
+                and step < plan.steps
+            ):
+                progress.log(
+                    f"[yellow]time budget of {tc.max_seconds:.0f}s reached at step {step}[/]"
+                )
+                checkpoint()
+                stopped_early = True
+                break
 
     train_seconds = elapsed_before + time.perf_counter() - t_loop
     if len(data.eval.tokens):

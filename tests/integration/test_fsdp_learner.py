@@ -4,7 +4,7 @@ steps as the single-process learner, and its checkpoints are interchangeable wit
 What runs is the learner's own code: ``Learner.from_config(cfg, ds=...)`` (model load,
 ``shard_model``, the sharded optimizer, the reference model for the KL term),
 ``Learner.train_step`` on rank 0 and ``follower(...).follow()`` on rank 1 (the loop ``climbrl learn`` runs there), ``Learner.checkpoint``
-and ``Learner.shutdown``, started by torchrun the way ``learner.fsdp.learner_argv`` starts it.
+and ``Learner.shutdown``, started by torchrun the way ``climbrl.commands.learner_argv`` starts it.
 The edge we fake is the rollout side: fixed trajectories (3 groups x 4 samples per step, so
 micro-batches of 5 split 2:1 over the ranks and rank 1 runs a padding pass) are handed to
 ``train_step`` instead of arriving over ZeroMQ.
@@ -59,10 +59,10 @@ def _overrides(model: str, out: str, world: int) -> list[str]:
         "learner.micro_batch_size=5",
         "learner.group_size=4",
         "learner.batch_groups=3",
-        "learner.lr=1e-3",
-        "learner.grad_clip=0.5",
-        "learner.kl_coef=0.05",
-        'learner.kl_estimator="k3"',
+        "learner.optim.lr=1e-3",
+        "learner.optim.grad_clip=0.5",
+        "learner.algo.kl_coef=0.05",
+        'learner.algo.kl_estimator="k3"',
         "rollout.max_tokens=6",
         'wire.host="127.0.0.1"',
         *fsdp,
@@ -253,7 +253,7 @@ def _check(tiny_model: Path, tmp_path: Path, nproc: int, rel: float, atol: float
         },
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    from climbrl.learner.fsdp import learner_argv
+    from climbrl.commands import learner_argv
 
     cfg = load_config(None, _overrides(str(tiny_model), str(tmp_path / "fsdp"), nproc))
     argv = learner_argv(

@@ -25,7 +25,7 @@ CONVS = [
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
     from climbrl.pretrain import model as M
-    from climbrl.pretrain.tokenizer import CHAT_TEMPLATE, train_bpe_tokenizer
+    from climbrl.tokenizer import CHAT_TEMPLATE, train_bpe_tokenizer
 
     texts = [m["content"] for c in CONVS for m in c] * 5
     tok = train_bpe_tokenizer(texts, vocab_size=300, split_digits=True)

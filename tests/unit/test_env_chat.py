@@ -16,7 +16,7 @@ from climbrl.envs.tool_use import TOOLS
 
 @pytest.fixture(scope="module")
 def tok():
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
+    from climbrl.tokenizer import train_bpe_tokenizer
 
     t = train_bpe_tokenizer(
         ["compute the calculator result 12 + 7 tool_response"] * 20, vocab_size=300

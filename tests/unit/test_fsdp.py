@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from climbrl.commands import learner_argv, torchrun_argv
 from climbrl.config import LearnerCfg, load_config
 from climbrl.learner.fsdp import (
     DistState,
@@ -25,11 +26,9 @@ from climbrl.learner.fsdp import (
     clip_grad_norm,
     full_grads,
     full_state_dict,
-    learner_argv,
     rank_microbatches,
     reduce_stats,
     shard_model,
-    torchrun_argv,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -214,9 +213,9 @@ def test_config_fields_validate(tmp_path):
     with pytest.raises(ValueError, match="learner.fsdp"):
         load_config(None, ["model.path=m", "learner.world_size=2"])
     with pytest.raises(ValueError, match="lora"):
-        load_config(None, ["model.path=m", "learner.fsdp=true", "learner.weight_sync=lora"])
+        load_config(None, ["model.path=m", "learner.fsdp=true", "learner.weights.mode=lora"])
     with pytest.raises(ValueError, match="ppo"):
-        load_config(None, ["model.path=m", "learner.fsdp=true", "learner.objective=ppo"])
+        load_config(None, ["model.path=m", "learner.fsdp=true", "learner.algo.name=ppo"])
     with pytest.raises(ValueError, match="ray.learner_gpus"):
         load_config(
             None,

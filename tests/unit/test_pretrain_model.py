@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from climbrl.config import apply_overrides
 from climbrl.pretrain import model as M
 from climbrl.pretrain.config import (
     ModelConfig,
     PretrainConfig,
     TrainConfig,
-    apply_overrides,
     load_config,
 )
 from climbrl.pretrain.train import build_optimizers, lr_factor
@@ -200,7 +200,7 @@ def test_config_overrides_presets_and_validation(tmp_path: Path) -> None:
 def test_export_reloads_in_transformers(tmp_path: Path, fields: dict) -> None:
     from transformers import AutoModelForCausalLM
 
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
+    from climbrl.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["1+2=3", "12+30=42"] * 10, vocab_size=300, split_digits=True)
     cfg = ModelConfig(**fields)

@@ -16,7 +16,7 @@ from climbrl.serving.capture import SessionStore, expand_versions
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from climbrl.envs.tasks import corpus_for_tokenizer
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
+    from climbrl.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(
         corpus_for_tokenizer() + ["hello world again"] * 20,

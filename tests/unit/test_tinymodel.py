@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from climbrl.cli import main as cli_main
-from climbrl.tinymodel import env_corpus
+from climbrl.envs.tinymodel import env_corpus
 
 WORDS = ["invoice", "shipment", "warehouse", "customer", "quarterly", "overdue", "refund"]
 ENV = f'''

@@ -1,9 +1,10 @@
 """Byte-level BPE tokenizer training with `tokenizers`, saved as a transformers fast tokenizer.
 
-Used by the pretrain module and by the tiny test models (climbrl.tinymodel). Nothing is
-downloaded: the tokenizer is trained on text you pass in.
+Used by pretraining (climbrl.pretrain) and by the tiny test models (climbrl.tinymodel), so it
+lives in the core and imports neither. Nothing is downloaded: the tokenizer is trained on text
+you pass in.
 
-    from climbrl.pretrain.tokenizer import train_bpe_tokenizer
+    from climbrl.tokenizer import train_bpe_tokenizer
     tok = train_bpe_tokenizer(["some text", ...], vocab_size=512, out_dir="tok/")
 """
 
