@@ -59,7 +59,7 @@ def import_gguf(source: str, out_dir: str | Path, dtype: str = "float32") -> Pat
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     if hasattr(config, "quantization_config"):
-        del config.quantization_config
+        delattr(config, "quantization_config")  # set only by the GGUF loader, not in the stubs
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()

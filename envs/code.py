@@ -286,7 +286,7 @@ class CodeEnv(Env):
         code = extract_code(turn.content)
         extra: dict[str, Any] = {"passed": []}
         info: dict[str, float] = {}
-        if defines_function(code, task.meta["fn"]):
+        if code is not None and defines_function(code, task.meta["fn"]):
             sb = _sandbox(self.wall_s, self.memory_mb, self.allow_unsandboxed)
             passed, res = await run_tests(
                 sb,
@@ -311,5 +311,6 @@ class CodeEnv(Env):
         out = []
         for i in range(100):
             t = self.get_task("train", i)
+            assert isinstance(t.prompt, list)  # this env's tasks are chat prompts
             out += [t.prompt[-1]["content"], self.reference_turns(t)[0]]
         return out

@@ -85,7 +85,10 @@ def _check(cond: bool, msg: str) -> None:
 def _check_prompt(p: Any, where: str) -> None:
     if isinstance(p, str):
         return
-    _check(isinstance(p, list) and p, f"{where}: prompt must be a str or a non-empty message list")
+    _check(
+        isinstance(p, list) and bool(p),
+        f"{where}: prompt must be a str or a non-empty message list",
+    )
     for m in p:
         _check(
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str),
@@ -99,10 +102,8 @@ def _check_result(env: Env, r: Any, chat: bool, where: str) -> None:
     for name, v in (("reward", r.reward), ("step_reward", r.step_reward)):
         if v is None and name == "step_reward":
             continue
-        _check(
-            isinstance(v, int | float) and math.isfinite(v),
-            f"{where}: {name} {v!r} is not a finite number",
-        )
+        if not (isinstance(v, int | float) and math.isfinite(v)):
+            raise ContractError(f"{where}: {name} {v!r} is not a finite number")
         _check(lo <= v <= hi, f"{where}: {name} {v} outside reward_range {env.reward_range}")
     _check(isinstance(r.done, bool), f"{where}: done must be a bool")
     _check(
@@ -243,7 +244,10 @@ async def _run(spec: str, args: dict[str, Any], n_tasks: int) -> list[CheckResul
             for i, t in zip(idx, out[split]):
                 _check(isinstance(t, Task), f"get_task({split!r}, {i}) is not a Task")
                 _check(t.split == split, f"get_task({split!r}, {i}).split is {t.split!r}")
-                _check(isinstance(t.task_id, str) and t.task_id, "task_id must be a non-empty str")
+                _check(
+                    isinstance(t.task_id, str) and bool(t.task_id),
+                    "task_id must be a non-empty str",
+                )
                 _check(
                     t.task_id not in seen,
                     f"task id {t.task_id!r} appears in {seen.get(t.task_id)!r} and {split!r}",

@@ -104,8 +104,9 @@ def verify_math(answer: str, gold: str) -> bool:
     if not main:
         for name in ("math_verify.parser", "math_verify.grader"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    g = parse(f"${gold}$", parsing_timeout=to)
-    a = parse(f"${answer}$", parsing_timeout=to)
+    # math-verify documents parsing_timeout=None (no SIGALRM) but annotates it as int
+    g = parse(f"${gold}$", parsing_timeout=to)  # pyright: ignore[reportArgumentType]
+    a = parse(f"${answer}$", parsing_timeout=to)  # pyright: ignore[reportArgumentType]
     return bool(g and a and verify(g, a, timeout_seconds=to))
 
 
@@ -195,5 +196,6 @@ class MathEnv(Env):
         out = []
         for i in range(200):
             t = self.get_task("train", i)
+            assert isinstance(t.prompt, list)  # this env's tasks are chat prompts
             out.append(t.prompt[-1]["content"] + " " + self.reference_turns(t)[0])
         return out

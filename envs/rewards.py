@@ -125,6 +125,7 @@ class Gate(RewardFn):
         self.on_fail = inner.range[0] if on_fail is None and cap is None else on_fail
         lo, hi = inner.range
         fail_lo = min(lo, cap) if cap is not None else self.on_fail
+        assert fail_lo is not None  # on_fail is set whenever cap is None
         self.range = (min(lo, fail_lo), hi)
 
     async def score(self, ctx: RewardContext) -> tuple[float, dict[str, float]]:
@@ -136,8 +137,11 @@ class Gate(RewardFn):
         total, inner_parts = await self.inner.score(ctx)
         parts.update(inner_parts)
         parts["gate"] = float(passed)
-        if not passed:
-            total = min(total, self.cap) if self.cap is not None else float(self.on_fail)
+        if not passed and self.cap is not None:
+            total = min(total, self.cap)
+        elif not passed:
+            assert self.on_fail is not None  # __init__ sets it whenever cap is None
+            total = float(self.on_fail)
         return total, parts
 
 

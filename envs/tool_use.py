@@ -85,7 +85,11 @@ def calculator(expression: str) -> str:
     def ev(node: ast.AST) -> int | float:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int | float)
+            and not isinstance(node.value, bool)
+        ):
             return node.value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](ev(node.operand))
@@ -220,6 +224,7 @@ class ToolUseEnv(Env):
         return TOOLS
 
     async def reset(self, task: Task) -> Prompt:
+        assert isinstance(task.prompt, list)  # get_task builds chat prompts
         self._task, self._messages, self._calls = task, list(task.prompt), 0
         return task.prompt
 
@@ -294,5 +299,6 @@ class ToolUseEnv(Env):
         out = []
         for i in range(100):
             t = self.get_task("train", i)
+            assert isinstance(t.prompt, list)  # this env's tasks are chat prompts
             out += [t.prompt[-1]["content"], *self.reference_turns(t)]
         return out

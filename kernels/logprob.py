@@ -41,6 +41,7 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -177,6 +178,38 @@ def _out_dtype(cdt: torch.dtype) -> torch.dtype:
 # Chunked torch
 
 
+class RowMath(Protocol):
+    """A chunk's row math: ``_RowMath`` (torch ops) or ``triton_logprob.TritonRowMath``."""
+
+    fold_temperature: bool
+    needs_scratch: bool
+
+    def forward(
+        self,
+        z_CV: Tensor,
+        p_CV: Tensor,
+        targets_C: Tensor,
+        inv_t: float,
+        thr_C: Tensor | None,
+        keep_CV: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def backward(
+        self,
+        z_CV: Tensor,
+        p_CV: Tensor,
+        targets_C: Tensor,
+        inv_t: float,
+        thr_C: Tensor | None,
+        keep_CV: Tensor | None,
+        lse_C: Tensor,
+        ent_C: Tensor,
+        g_logp_C: Tensor | None,
+        g_ent_C: Tensor | None,
+        target_kept_C: Tensor,
+    ) -> Tensor: ...
+
+
 class _RowMath:
     """Row-wise softmax statistics and logits gradient on one chunk, in torch ops.
 
@@ -239,7 +272,8 @@ class _RowMath:
         if drop_CV is not None:
             p_CV.masked_fill_(drop_CV, 0.0)
         if g_ent_C is None:
-            # dz = -g_logp p
+            # dz = -g_logp p; the chunk loop skips the backward when both grads are None
+            assert g_logp_C is not None
             torch.mul(p_CV, -g_logp_C[:, None], out=z_CV)
         else:
             # dz = p * (-g_ent (z - lse + ent) - g_logp) = p * (-g_ent z + c)
@@ -255,9 +289,7 @@ class _RowMath:
         return z_CV
 
 
-def _scratch(
-    row_math: _RowMath, rows: int, V: int, dtype: torch.dtype, dev: torch.device
-) -> Tensor:
+def _scratch(row_math: RowMath, rows: int, V: int, dtype: torch.dtype, dev: torch.device) -> Tensor:
     if row_math.needs_scratch:
         return torch.empty(rows, V, dtype=dtype, device=dev)
     return torch.empty(rows, 0, dtype=dtype, device=dev)
@@ -276,7 +308,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # torch's FunctionCtx stub lacks the fields a Function stores on it
         hidden_NH: Tensor,
         weight_VH: Tensor,
         targets_N: Tensor,
@@ -285,7 +317,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         keep_mask_NV: Tensor | None,
         fp32_head: bool,
         chunk: int,
-        row_math: _RowMath,
+        row_math: RowMath,
     ) -> tuple[Tensor, Tensor]:
         N = hidden_NH.shape[0]
         V = weight_VH.shape[0]
@@ -318,6 +350,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             if keep_count_N is not None:
                 # the m-th highest of z / T is the m-th highest of z, scaled (monotone)
                 thr_C = keep_count_threshold(z_CV, keep_count_N[s:e]) * inv_t_rows
+                assert thr_N is not None
                 thr_N[s:e] = thr_C
             keep_CV = None if keep_mask_NV is None else keep_mask_NV[s:e]
             lse_C, ent_C, zt_C = row_math.forward(
@@ -337,7 +370,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g_logp_N: Tensor | None, g_ent_N: Tensor | None
+        ctx: Any, g_logp_N: Tensor | None, g_ent_N: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         hidden_NH, weight_VH, targets_N, lse_N, ent_N, kept_N = ctx.saved_tensors
         temperature, fp32_head, chunk, row_math = ctx.cfg
@@ -450,7 +483,7 @@ def token_logprobs_and_entropy(
     if which == "triton":
         from climbrl.kernels.triton_logprob import TritonRowMath
 
-        row_math: _RowMath = TritonRowMath()
+        row_math: RowMath = TritonRowMath()
     else:
         row_math = _RowMath()
     if keep_mask_NV is not None:

@@ -70,6 +70,7 @@ def pack_positions(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor]:
     hidden state predicts completion token t (0 past a completion's end). The PPO critic's
     own forwards use it."""
     lay = layout(samples)
+    assert lay.attn_RL is not None  # the padded layout has an attention mask
     L = lay.ids_RL.shape[1]
     pos = (lay.index_BT - torch.arange(len(samples)).unsqueeze(1) * L).clamp(min=0)
     return lay.ids_RL, lay.attn_RL, pos
@@ -127,14 +128,16 @@ class Layout:
         return out.view(R, Lr, *x_BL.shape[2:])
 
     def to(self, dev: torch.device) -> Layout:
-        mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dev)
+
         return Layout(
-            mv(self.ids_RL),
+            self.ids_RL.to(dev),
             mv(self.attn_RL),
             mv(self.posids_RL),
             self.start_B,
             self.len_B,
-            mv(self.index_BT),
+            self.index_BT.to(dev),
             mv(self.allowed_RLL),
         )
 
@@ -152,7 +155,8 @@ def layout(samples: list[Any], pack_length: int = 0) -> Layout:
         for b in sorted(range(B), key=lambda b: -n_B[b]):
             r = next((r for r, f in enumerate(free) if f >= n_B[b]), None)
             if r is None:
-                rows.append([]), free.append(Lr)
+                rows.append([])
+                free.append(Lr)
                 r = len(rows) - 1
             rows[r].append(b)
             free[r] -= n_B[b]

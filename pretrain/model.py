@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from climbrl.pretrain.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def hf_config(cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int) -> Any:
@@ -72,10 +75,11 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, eos_id: int, pad_id: int) ->
         return Qwen2MoeConfig(
             **common, **moe, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size
         )
-    return Qwen3MoeConfig(**common, **moe, head_dim=head_dim)
+    # head_dim is no field of Qwen3MoeConfig, but its attention reads it when present
+    return Qwen3MoeConfig(**common, **moe, head_dim=head_dim)  # pyright: ignore[reportCallIssue]
 
 
-def model_class(hf_cfg: Any) -> type:
+def model_class(hf_cfg: Any) -> type[PreTrainedModel]:
     from transformers import Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
     return {
@@ -123,6 +127,9 @@ class BalancedRouter(nn.Module):
     Same parameter (``weight``) and outputs as transformers' Qwen3-MoE router, so state dicts
     stay compatible. ``expert_bias`` (aux-free balancing) shifts only the top-k choice.
     """
+
+    expert_bias: torch.Tensor  # [E] buffers
+    step_counts: torch.Tensor
 
     def __init__(self, weight: nn.Parameter, top_k: int, norm_topk_prob: bool, use_bias: bool):
         super().__init__()
@@ -223,9 +230,23 @@ def set_router_biases(model: nn.Module, biases: list[torch.Tensor]) -> None:
         r.expert_bias.copy_(b)
 
 
+def _hf(model: nn.Module) -> PreTrainedModel:
+    """`model` as the transformers model it is (`build_model`, `load_model`)."""
+    from transformers import PreTrainedModel
+
+    assert isinstance(model, PreTrainedModel), f"not a transformers model: {type(model)}"
+    return model
+
+
+def _embedding_numel(model: PreTrainedModel) -> int:
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, nn.Embedding)
+    return emb.weight.numel()
+
+
 def matmul_params(model: nn.Module) -> tuple[int, int]:
     """(all, active-per-token) parameters that take part in matmuls (input embedding excluded)."""
-    cfg = model.config
+    cfg: Any = _hf(model).config
     n_exp = getattr(cfg, "num_experts", 0) or 0
     k = getattr(cfg, "num_experts_per_tok", 0) or 0
     total = active = 0
@@ -239,8 +260,8 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
         )
         active += n * k // n_exp if (is_expert and n_exp) else n
     if getattr(cfg, "tie_word_embeddings", False):
-        total += model.get_input_embeddings().weight.numel()
-        active += model.get_input_embeddings().weight.numel()
+        total += _embedding_numel(_hf(model))
+        active += _embedding_numel(_hf(model))
     return total, active
 
 
@@ -248,7 +269,7 @@ def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token for unpacked rows of `seq_len`: 6 * active matmul params +
     causal attention (PaLM appendix B). Packed rows with document masking do less attention
     work: `train_flops` counts that exactly."""
-    cfg = model.config
+    cfg: Any = _hf(model).config  # a Qwen config: the base class declares none of its sizes
     _, active = matmul_params(model)
     # QK^T and AV: 2 matmuls * 2 FLOPs * heads*head_dim * seq, x3 for fwd+bwd, /2 for causal.
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg) * seq_len
@@ -280,7 +301,7 @@ def train_flops_counter(model: nn.Module) -> Any:
     """
     import numpy as np
 
-    cfg = model.config
+    cfg: Any = _hf(model).config  # a Qwen config: the base class declares none of its sizes
     _, active = matmul_params(model)
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg)
 
@@ -302,7 +323,7 @@ def count_params_from_config(cfg: ModelConfig, vocab_size: int) -> tuple[int, in
     with torch.device("meta"):
         model = model_class(hcfg)(hcfg)
     total = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel()
+    emb = _embedding_numel(model)
     _, active = matmul_params(model)
     return total, active + (0 if cfg.tie_word_embeddings else emb)
 
@@ -317,6 +338,7 @@ def export(model: nn.Module, tokenizer: Any, out_dir: str, dtype: str = "float32
             "the exported model routes without them",
             stacklevel=2,
         )
+    model = _hf(model)
     model.config.use_cache = True
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

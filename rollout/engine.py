@@ -180,12 +180,13 @@ def engine_args(
     kv_bytes = None if "gpu_memory_utilization" in gpu else int(kv_cache_gb * (1 << 30))
     return AsyncEngineArgs(
         model=model,
-        dtype=dtype,
+        dtype=dtype,  # pyright: ignore[reportArgumentType]  # vLLM validates the dtype name
         seed=seed,
         logprobs_mode="processed_logprobs",
         worker_extension_cls=WORKER_EXTENSION,
         logits_processors=[REPLAY_LOGITS_PROCESSOR] if replay_mask else None,
-        max_model_len=max_model_len,
+        # vLLM annotates max_model_len as int but takes None (derive it from the model)
+        max_model_len=max_model_len,  # pyright: ignore[reportArgumentType]
         max_num_seqs=max_num_seqs,
         enforce_eager=enforce_eager,
         kv_cache_memory_bytes=kv_bytes,

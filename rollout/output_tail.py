@@ -90,7 +90,11 @@ class OutputTail:
         lines = self.lines()
         for line in reversed(lines):
             m = _EXC_LINE.search(line.rstrip())
-            if m and _EXC_NAME.match(m.group(1)).group(0).rsplit(".", 1)[-1] not in _GENERIC:
+            if m is None:
+                continue
+            name = _EXC_NAME.match(m.group(1))
+            assert name is not None  # group 1 starts with a letter
+            if name.group(0).rsplit(".", 1)[-1] not in _GENERIC:
                 return m.group(1).strip()
         for line in reversed(lines):
             if _VANISHED in line:

@@ -36,7 +36,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -413,7 +413,8 @@ def vllm_args(model: str, extra: list[str] | None = None, **kw: Any) -> argparse
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = ["--model", model, *(extra or [])]
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    # vLLM's parse_args has no return annotation; pyright infers Namespace | None from argparse
+    args = cast(argparse.Namespace, make_arg_parser(FlexibleArgumentParser()).parse_args(argv))
     for k, v in kw.items():
         setattr(args, k, v)
     validate_parsed_serve_args(args)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +273,7 @@ def expand_versions(spans: Any, n: int, default: int) -> list[int]:
     return out
 
 
-def instrument_engine(engine: Any, store: SessionStore, current_version: Any) -> None:
+def instrument_engine(engine: Any, store: SessionStore, current_version: Callable[[], int]) -> None:
     """Wrap ``engine.generate`` to record sessions and per-request weight versions.
 
     ``current_version()`` returns the engine's weight version now (an int)."""
@@ -291,10 +292,12 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
         **kw: Any,
     ) -> Any:
         info = CURRENT_REQUEST.get()
+        # sess: the session this request records into, None when it records nothing
         sess = store.open(session_id) if session_id else None
-        capture = sess is not None and isinstance(sampling_params, SamplingParams)
+        if not isinstance(sampling_params, SamplingParams):
+            sess = None
         continues = False
-        if capture:
+        if sess is not None:
             if sess.finished.is_set():
                 raise ValueError(f"session {session_id!r} already has a reward; start a new one")
             if sess.busy:
@@ -307,8 +310,8 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
                 ids, continues = store.rebase(sess, list(prompt["prompt_token_ids"]))
                 prompt = {**prompt, "prompt_token_ids": ids}
             else:
-                capture = False
-        if capture:
+                sess = None
+        if sess is not None:
             sess.busy = True
             if sampling_params.logprobs is None:
                 sampling_params.logprobs = 0  # the response shows them only if asked
@@ -326,7 +329,7 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
                 if info is not None:
                     info.last_version = current_version()
                     info.versions.add(info.last_version)
-                if capture and out.outputs:
+                if sess is not None and out.outputs:
                     o = out.outputs[0]
                     if delta:
                         toks += list(o.token_ids)
@@ -341,7 +344,7 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
                 final = out
                 yield out
         finally:
-            if capture:
+            if sess is not None:
                 sess.busy = False
         if final is None or not final.outputs:
             return
@@ -352,7 +355,7 @@ def instrument_engine(engine: Any, store: SessionStore, current_version: Any) ->
         if info is not None and o.weight_versions:
             info.versions.update(vers)
             info.last_version = vers[-1] if vers else info.last_version
-        if capture and final.finished:
+        if sess is not None and final.finished:
             store.record(
                 sess,
                 list(final.prompt_token_ids or prompt["prompt_token_ids"]),

@@ -125,5 +125,6 @@ class ReasoningGymEnv(Env):
         out = []
         for i in range(min(200, self.num_tasks("train"))):
             t = self.get_task("train", i)
-            out += [t.prompt[-1]["content"] if self.chat else t.prompt, self.reference_turns(t)[0]]
+            text = t.prompt if isinstance(t.prompt, str) else t.prompt[-1]["content"]
+            out += [text, self.reference_turns(t)[0]]
         return out

@@ -88,7 +88,7 @@ def _rows(source: Any) -> list[dict[str, Any]]:
     """Rows from a callable/dotted path (list of dicts or a datasets.Dataset) or a .jsonl file."""
     if isinstance(source, str) and source.endswith(".jsonl"):
         return [json.loads(x) for x in Path(source).read_text().splitlines() if x.strip()]
-    obj = load_object(source) if isinstance(source, str) else source
+    obj: Any = load_object(source) if isinstance(source, str) else source
     if callable(obj) and not isinstance(obj, list | tuple):
         obj = obj()
     rows = [dict(r) for r in obj]
@@ -130,7 +130,7 @@ class TRLRewardEnv(Env):
         if not len(weights) == len(ranges) == len(reward_funcs):
             raise ValueError("reward_weights and reward_ranges need one entry per reward_funcs")
         terms = [
-            (TRLReward(f, range=tuple(r)), w) for f, r, w in zip(reward_funcs, ranges, weights)
+            (TRLReward(f, range=(r[0], r[1])), w) for f, r, w in zip(reward_funcs, ranges, weights)
         ]
         reward: RewardFn = WeightedSum(terms)
         if gate_funcs:

@@ -85,7 +85,7 @@ def plugin_id(spec: str) -> str:
     if alias not in sys.modules:
         mod = types.ModuleType(alias, f"climbrl alias of {spec}")
         setattr(mod, cls.__name__, cls)
-        mod.__all__ = [cls.__name__]
+        mod.__dict__["__all__"] = [cls.__name__]
         sys.modules[alias] = mod
     return alias
 
@@ -143,9 +143,11 @@ def _register_harness() -> None:
             return ProgramResult(0, r.text, "")
 
     mod = types.ModuleType(HARNESS_ID, "climbrl's in-process verifiers chat harness")
-    mod.ClimbrlChatHarness = ClimbrlChatHarness
-    mod.ClimbrlChatHarnessConfig = ClimbrlChatHarnessConfig
-    mod.__all__ = ["ClimbrlChatHarness"]
+    mod.__dict__.update(
+        ClimbrlChatHarness=ClimbrlChatHarness,
+        ClimbrlChatHarnessConfig=ClimbrlChatHarnessConfig,
+        __all__=["ClimbrlChatHarness"],
+    )
     sys.modules[HARNESS_ID] = mod
 
 
