@@ -2,7 +2,7 @@
 against plain HF training.
 
 - climbrl: ``Learner.train_step`` (completion-only chunked log-probs, the DAPO token-level
-  objective through ``learner/objectives_step.py``, AdamW step), with the learner's
+  objective through ``learner/algos/step.py``, AdamW step), with the learner's
   ``share_prompts`` (on unless ``--no-share-prompts``: a group's prompt runs once),
   ``pack_length`` / ``micro_batch_tokens`` / ``activation_checkpointing`` as given.
 - TRL: ``GRPOTrainer._compute_loss`` with ``loss_type='dapo'`` on the same model patched with
@@ -95,7 +95,7 @@ def _build(a: argparse.Namespace, device: str) -> tuple[Any, list[Any]]:
             torch.randint(0, vocab, (a.prompt,), generator=g).tolist()
             for _ in range(a.samples // a.group_size)
         ]
-    if a.lora:  # the learner's own LoRA setup (learner.weight_sync = "lora"), on every side
+    if a.lora:  # the learner's own LoRA setup (learner.weights.mode = "lora"), on every side
         from climbrl.config import LearnerCfg
         from climbrl.learner.weights import setup_lora
 
@@ -152,7 +152,7 @@ def climbrl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
             f"learner.micro_batch_tokens={a.micro_tokens}",
             f"learner.pack_length={a.pack_length}",
             f"learner.share_prompts={str(not a.no_share_prompts).lower()}",
-            'learner.loss_agg="token"',
+            'learner.algo.loss_agg="token"',
             f"rollout.max_tokens={a.completion}",
             "rollout.max_model_len=4096",
         ],
@@ -168,7 +168,7 @@ def climbrl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
 def trl_step(a: argparse.Namespace, model: Any, samples: list[Any]) -> Any:
     import torch
 
-    from climbrl.learner.objectives import group_advantages
+    from climbrl.learner.algos.grpo import group_advantages
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

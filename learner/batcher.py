@@ -1,9 +1,9 @@
 """The batcher: groups that came back, waiting to be trained, and the rules that pick a batch.
 
 A group older than ``learner.max_staleness`` versions is dropped (its prompt goes back to the
-cursor) or kept for the off-policy correction (``learner.stale_policy``). With dynamic sampling
-or a pass-rate band, a group outside it is dropped and its prompt counts as consumed, up to
-``learner.filter_max_dropped`` per batch slot; past that budget the batch trains unfiltered.
+cursor) or kept for the off-policy correction (``learner.offpolicy.stale_policy``). With
+dynamic sampling or a pass-rate band, a group outside it is dropped and its prompt counts as consumed, up to
+``learner.shaping.filter_max_dropped`` per batch slot; past that budget the batch trains unfiltered.
 A batch is ordered by cursor sequence, so it does not depend on the order groups arrive in.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from climbrl.learner.algos.shaping import keep_group, pass_rate
 from climbrl.learner.data import DataCursor
-from climbrl.learner.objectives_shaping import keep_group, pass_rate
 from climbrl.wire import Trajectory
 
 log = logging.getLogger("climbrl.learner")
@@ -37,17 +37,19 @@ class Batcher:
         """``n`` groups within the staleness bound (and the filters), or None while fewer are
         ready; groups the rules drop leave ``ready``."""
         lc = self.lc
-        filtering = lc.dynamic_sampling or list(lc.pass_rate_band) != [0.0, 1.0]
-        budget = lc.filter_max_dropped * n if self._budget is None else self._budget
+        filtering = lc.shaping.filtering  # dynamic sampling or a pass-rate band
+        budget = lc.shaping.filter_max_dropped * n if self._budget is None else self._budget
         keep = []
         for tr in self.ready:
-            if version - tr.policy_version > lc.max_staleness and lc.stale_policy == "drop":
+            stale = version - tr.policy_version > lc.max_staleness
+            if stale and lc.offpolicy.stale_policy == "drop":
                 self.counters["stale_dropped"] += 1
                 self.cursor.requeue(self.seq_of.pop(tr.order_id))
                 continue
             if filtering and budget > 0:
                 rate = pass_rate(tr.samples, self.reward_max)
-                if not keep_group(rate, lc.dynamic_sampling, tuple(lc.pass_rate_band)):
+                sh = lc.shaping
+                if not keep_group(rate, sh.dynamic_sampling, tuple(sh.pass_rate_band)):
                     budget -= 1
                     self.counters["filtered_groups"] += 1
                     self.cursor.done(self.seq_of.pop(tr.order_id))
@@ -55,7 +57,7 @@ class Batcher:
                         log.warning(
                             "filters dropped %d groups this step; training on the next ones "
                             "unfiltered",
-                            lc.filter_max_dropped * n,
+                            lc.shaping.filter_max_dropped * n,
                         )
                     continue
             keep.append(tr)

@@ -69,7 +69,7 @@ from climbrl.learner import fsdp
 from climbrl.learner.batcher import Batcher
 from climbrl.learner.checkpoint import latest_checkpoint, save_checkpoint
 from climbrl.learner.data import DataCursor
-from climbrl.learner.evaluation import score
+from climbrl.learner.evaluation import EvalProgress, score
 from climbrl.learner.hub import HubError, LearnerHub
 from climbrl.learner.orders import EnvFailureStreak, LearnerError, Order, OrderBook
 from climbrl.learner.publishing import Publishing
@@ -361,7 +361,7 @@ class Learner:
 
     def _publish_to(self, servers: list[str]) -> None:
         """Full sync to servers at an unknown version, delta/adapters to the others
-        (``learner.weight_sync``). FSDP: the full weights are gathered from every rank."""
+        (``learner.weights.mode``). FSDP: the full weights are gathered from every rank."""
         if self.publishing is None:
             return
         state = self.trainer.full_state() if self.trainer else None
@@ -416,8 +416,10 @@ class Learner:
         self.book.last_progress = None  # (wire.progress_timeout_s: from the first order out)
         for i in range(n):
             self.book.send(i, i, split, True, self.version)
-        while len(self.eval_results) + len(self.eval_failures) < n:
-            self._pump(0.5)
+        with EvalProgress(self.out, split, self.step, n) as progress:  # the run's live view
+            while (done := len(self.eval_results) + len(self.eval_failures)) < n:
+                progress.update(done)
+                self._pump(0.5)
         sc = score(n, self.eval_results, self.eval_failures, self.env.reward_range[1])
         self.eval_outcomes[split], acc = sc.outcomes, sc.accuracy
         env_errors, timeouts = sc.env_errors, sc.timeouts
@@ -534,10 +536,10 @@ def build_parts(cfg: Config, resume: bool, ds: fsdp.DistState) -> dict[str, Any]
     env = make_env(cfg.env.name, cfg.env.args)
     ckpt = latest_checkpoint(out) if resume else None
     trainer = Trainer.build(cfg, ds, env.reward_range[1], ckpt)
-    shm = "/dev/shm" if cfg.wire.weight_transport == "auto" else None
+    shm = "/dev/shm" if cfg.learner.weights.transport == "auto" else None
     weights = WeightPublisher(
         trainer.model,
-        cfg.learner.weight_sync,
+        cfg.learner.weights.mode,
         cfg.model.path,
         shm_dir=shm if shm and os.path.isdir(shm) else None,
         wire_dtype=getattr(torch, cfg.model.dtype),  # the engine's (the learner's may be fp32)

@@ -19,11 +19,11 @@ import torch
 
 from climbrl.config import Config
 from climbrl.learner import fsdp
+from climbrl.learner.algos.common import add_mismatch, mismatch_sums
+from climbrl.learner.algos.step import ObjectiveStep
 from climbrl.learner.checkpoint import load_state
 from climbrl.learner.device import Precision, learner_precision
 from climbrl.learner.logprobs import completion_logprobs, micro_chunks, reference_logprobs
-from climbrl.learner.objectives import mismatch_sums
-from climbrl.learner.objectives_step import ObjectiveStep, add_mismatch
 from climbrl.learner.snapshot import WeightSnapshot
 from climbrl.learner.weights import LoraCheckpoint, setup_lora
 from climbrl.wire import Trajectory
@@ -48,7 +48,7 @@ class Trainer:
     ):
         """``model`` (and ``ref``, the KL reference) as built, on ``precision.device`` (by
         default the model's own device and dtype, no autocast); ``opt`` defaults to AdamW
-        over the parameters that train (``learner.lr``, ``weight_decay``, ``adam_betas``)."""
+        over the parameters that train (``learner.optim.lr``, ``weight_decay``, ``adam_betas``)."""
         lc = cfg.learner
         self.cfg, self.ds = cfg, ds or fsdp.DistState()
         self.model, self.ref = model.train(), ref
@@ -56,9 +56,9 @@ class Trainer:
         self.prec = precision or Precision(p0.device, None, p0.dtype, lc.fp32_lm_head)
         self.opt = opt or torch.optim.AdamW(
             self.trainable(),
-            lr=lc.lr,
-            weight_decay=lc.weight_decay,
-            betas=(lc.adam_betas[0], lc.adam_betas[1]),
+            lr=lc.optim.lr,
+            weight_decay=lc.optim.weight_decay,
+            betas=(lc.optim.adam_betas[0], lc.optim.adam_betas[1]),
         )
         self.obj = ObjectiveStep(cfg, model, reward_max)
         if self.obj.critic is not None:
@@ -78,22 +78,22 @@ class Trainer:
         prec = learner_precision(cfg, ds.device if ds.distributed else None)
         dtype = prec.param_dtype  # float32 master weights under autocast
         # LoRA resumes from the frozen base plus the checkpoint's adapter (merged on load)
-        src = str(ckpt) if ckpt and lc.weight_sync != "lora" else cfg.model.path
+        src = str(ckpt) if ckpt and lc.weights.mode != "lora" else cfg.model.path
         model: Any = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
         if lc.activation_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable({"use_reentrant": False})
-        if lc.weight_sync == "lora":
+        if lc.weights.mode == "lora":
             model = setup_lora(model, lc, ckpt)
         if not ds.distributed:
             model = model.to(prec.device)
         model = fsdp.shard_model(model, cfg, ds)  # no-op for one process
         ref: torch.nn.Module | None = None
-        if lc.kl_coef > 0 and lc.kl_estimator != "off":
+        if lc.algo.kl_coef > 0 and lc.algo.kl_estimator != "off":
             ref = cast(
                 torch.nn.Module,
                 AutoModelForCausalLM.from_pretrained(
-                    lc.ref_model_path or cfg.model.path, dtype=dtype
+                    lc.algo.ref_model_path or cfg.model.path, dtype=dtype
                 ),
             ).eval()
             ref.requires_grad_(False)
@@ -127,7 +127,7 @@ class Trainer:
             model, opt = fsdp.checkpoint_views(self.model, self.opt, self.ds)
             self.mid_collective = False
             return model, opt
-        lora = self.cfg.learner.weight_sync == "lora"
+        lora = self.cfg.learner.weights.mode == "lora"
         return (LoraCheckpoint(self.model, base_path) if lora else self.model), self.opt
 
     def full_state(self) -> dict[str, torch.Tensor] | None:
@@ -169,15 +169,15 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def train_step(self, groups: list[Trajectory], version: int) -> dict[str, Any]:
-        """``learner.epochs`` x ``learner.minibatches`` optimizer steps of ``learner.objective``
-        on one batch (learner/objectives_step.py; one step by default), at weights
+        """``learner.epochs`` x ``learner.minibatches`` optimizer steps of ``learner.algo.name``
+        on one batch (learner/algos/step.py; one step by default), at weights
         ``version``."""
         lc, ds = self.cfg.learner, self.ds
         t0 = time.perf_counter()
         self.command(f"train@{version}", groups)  # FSDP: every rank trains this batch
         batch = self.obj.prepare(groups, version)  # shaped rewards, advantages, norms
         # (only where a lag >= 1 sample can be trained: the copy costs a model's memory)
-        lagged = lc.max_staleness > 0 or lc.stale_policy == "correct"
+        lagged = lc.max_staleness > 0 or lc.offpolicy.stale_policy == "correct"
         if lc.mismatch_probe_samples and lagged and not ds.distributed:
             self._probe_mismatch(batch, version)  # lag >= 1 under the weights that made them
             if self.snapshot.version is None or version % lc.publish_every == 0:
@@ -190,6 +190,11 @@ class Trainer:
             (lo, hi, norm, self._micro(batch.samples, lo, hi))
             for lo, hi, norm in self.obj.minibatches(batch)
         ]
+        idle = None if ds.distributed else self.obj.idle_rows(batch)
+        skipped = 0
+        if idle is not None:  # learner.skip_zero_advantage: exactly 0 loss and gradient
+            plan = [(lo, hi, norm, skip_idle(micro, idle)) for lo, hi, norm, micro in plan]
+            skipped = len(batch.samples) - sum(n for *_, ms in plan for _i, n, _s in ms)
         if self.obj.needs_proximal(batch):  # decoupled: log pi_prox before any update
             batch.prox_BT = self._proximal_logprobs(batch, [m for *_, ms in plan for m in ms])
         batch.updates = lc.epochs * len(plan)
@@ -202,10 +207,10 @@ class Trainer:
                 for i, n, scale in micro:
                     self._micro_backward(batch, i, n, scale, norm, epoch)
                 if ds.distributed:
-                    grad_norm = fsdp.clip_grad_norm(self.model.parameters(), lc.grad_clip)
+                    grad_norm = fsdp.clip_grad_norm(self.model.parameters(), lc.optim.grad_clip)
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(
-                        self.model.parameters(), lc.grad_clip
+                        self.model.parameters(), lc.optim.grad_clip
                     )
                 self.opt.step()
                 critic_grad_norm = self.obj.step_critic()
@@ -217,6 +222,7 @@ class Trainer:
         self.mid_collective = False
         stats["grad_norm"] = grad_norms[0]  # the first step's: before the batch moved the policy
         stats["optimizer_steps"] = float(batch.updates)
+        stats["skipped_samples"] = skipped
         if self.obj.critic is not None:
             stats["critic_grad_norm"] = critic_grad_norm
         stats["train_s"] = time.perf_counter() - t0
@@ -312,3 +318,13 @@ class Trainer:
         if acc is not None:  # the padding pass ran for the collectives, not the statistics
             batch.acc = acc
         loss.backward()
+
+
+def skip_idle(
+    micro: list[tuple[int, int, float]], idle: torch.Tensor
+) -> list[tuple[int, int, float]]:
+    """The micro-batches ``(start, size, scale)`` with a sample not ``idle``: one whose loss
+    can move the weights. At least the first, so the step still has its gradients (zeros
+    where nothing can move them: the optimizer steps as it would) and its statistics."""
+    kept = [m for m in micro if not bool(idle[m[0] : m[0] + m[1]].all())]
+    return kept or micro[:1]

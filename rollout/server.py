@@ -172,6 +172,8 @@ class RolloutServer:
             send=self.client.send,
             spawn=self._spawn,
             prefix_reset=self.prefix_reset,
+            cpu_fast_path=r.cpu_fast_path,
+            repack_delay_s=r.repack_delay_s,
         )
         self.generator = EngineGenerator(
             engine,

@@ -51,7 +51,11 @@ def _trains_config(sync: str, model: Path, tmp: Path) -> Path:
     rollout = {"max_model_len": 64, "max_tokens": 4, "kv_cache_gb": 0.5}
     wire = {}
     if sync == "lora":
-        learner.update(batch_groups=2, eval_size=4, weight_sync="lora", lr=5e-3, lora_r=4)
+        learner.update(
+            {"weights.mode": "lora", "optim.lr": 5e-3, "weights.lora.r": 4},
+            batch_groups=2,
+            eval_size=4,
+        )
         rollout["kv_cache_gb"] = 0.25
         wire["curve"] = "on"  # CURVE with the run's keys, as across machines
     return write_config(

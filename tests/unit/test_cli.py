@@ -26,11 +26,11 @@ GRPO = str(ROOT / "examples" / "grpo.toml")
     ],
 )
 def test_print_config_resolves_overrides(argv, capsys, tmp_path):
-    rc = cli.main([*argv, "--set", "learner.lr=3e-6", "--print-config"])
+    rc = cli.main([*argv, "--set", "learner.optim.lr=3e-6", "--print-config"])
     out = capsys.readouterr().out
-    assert rc == 0 and tomllib.loads(out)["learner"]["lr"] == 3e-6
+    assert rc == 0 and tomllib.loads(out)["learner"]["optim"]["lr"] == 3e-6
     (tmp_path / "c.toml").write_text(out)
-    assert load_config(str(tmp_path / "c.toml"), []).learner.lr == 3e-6  # loads back
+    assert load_config(str(tmp_path / "c.toml"), []).learner.optim.lr == 3e-6  # loads back
 
 
 def test_learn_without_a_config_is_a_clear_error(capsys):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from climbrl.learner.grpo import clipped_pg_loss, group_advantages, kl_estimate
+from climbrl.learner.algos.common import kl_estimate
+from climbrl.learner.algos.grpo import clipped_pg_loss, group_advantages
 
 
 def test_group_advantages_hand_computed():

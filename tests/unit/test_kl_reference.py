@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from climbrl.config import load_config
-from climbrl.learner.objectives import kl_estimate
+from climbrl.learner.algos.common import kl_estimate
 from climbrl.learner.trainer import Trainer
 from climbrl.wire import Sample, Trajectory
 from tests.unit.tiny_learner import bare_learner, tiny_qwen3
@@ -63,7 +63,7 @@ def test_reference_logprob_is_its_full_distribution_under_top_k_replay():
     d = logp_ref - logp_pol
     k3 = math.exp(d) - d - 1
 
-    L = _learner(policy, ref, ["learner.kl_coef=0.1", 'learner.kl_estimator="k3"'])
+    L = _learner(policy, ref, ["learner.algo.kl_coef=0.1", 'learner.algo.kl_estimator="k3"'])
     samples = [
         Sample(
             prompt_ids=prompt,
@@ -144,10 +144,18 @@ def test_k1_has_no_expected_gradient_and_k3_follows_the_reverse_kl(seed):
 
 
 def test_config_refuses_k1_and_names_k3():
-    for ov in (["learner.kl_coef=0.1", 'learner.kl_estimator="k1"'], ['learner.kl_estimator="k1"']):
+    for ov in (
+        ["learner.algo.kl_coef=0.1", 'learner.algo.kl_estimator="k1"'],
+        ['learner.algo.kl_estimator="k1"'],
+    ):
         with pytest.raises(ValueError, match=r"k1.*'k3'"):
             load_config(None, ["model.path=m", *ov])
     with pytest.raises(ValueError, match="k3") as e:  # kl_coef > 0 with 'off': offers k3 only
-        load_config(None, ["model.path=m", "learner.kl_coef=0.1", 'learner.kl_estimator="off"'])
+        load_config(
+            None, ["model.path=m", "learner.algo.kl_coef=0.1", 'learner.algo.kl_estimator="off"']
+        )
     assert "k1" not in str(e.value)
-    assert load_config(None, ["model.path=m", "learner.kl_coef=0.1"]).learner.kl_estimator == "k3"
+    assert (
+        load_config(None, ["model.path=m", "learner.algo.kl_coef=0.1"]).learner.algo.kl_estimator
+        == "k3"
+    )

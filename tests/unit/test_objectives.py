@@ -8,20 +8,12 @@ import math
 import pytest
 import torch
 
-from climbrl.learner.objectives import (
-    BatchNorm,
-    PolicyLoss,
-    aggregate,
-    gae,
-    group_advantages,
-    gspo_log_ratio,
-    mismatch_sums,
-    offpolicy_weights,
-    terminal_rewards,
-    value_loss,
-    whiten,
-)
-from climbrl.learner.objectives_shaping import (
+from climbrl.learner.algos.common import BatchNorm, aggregate, mismatch_sums, offpolicy_weights
+from climbrl.learner.algos.grpo import group_advantages
+from climbrl.learner.algos.gspo import gspo_log_ratio
+from climbrl.learner.algos.loss import PolicyLoss
+from climbrl.learner.algos.ppo import gae, terminal_rewards, value_loss, whiten
+from climbrl.learner.algos.shaping import (
     ClipHighController,
     keep_group,
     length_penalty,

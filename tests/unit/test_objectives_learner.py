@@ -27,7 +27,7 @@ SHIFT = 0.05  # the fake engine's log-probs are the learner's minus this: a know
 def test_example_configs_load(name):
     cfg = load_config(ROOT / "examples" / f"{name}.toml", ["model.path=m"])
     expect = {"dr_grpo": "grpo", "dapo": "grpo"}.get(name, name)
-    assert cfg.learner.objective == expect
+    assert cfg.learner.algo.name == expect
     if name == "ppo":
         assert cfg.learner.group_size == 1  # one rollout per prompt
 
@@ -101,7 +101,7 @@ def _groups(
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
-    L = _learner(tiny_model, tmp_path, f"{name}.toml", ["learner.mask_truncated=false"])
+    L = _learner(tiny_model, tmp_path, f"{name}.toml", ["learner.shaping.mask_truncated=false"])
     gs = L.cfg.learner.group_size
     before = {k: v.clone() for k, v in L.trainer.model.state_dict().items()}
     for step in range(2):
@@ -131,7 +131,7 @@ def test_train_step_runs_each_example_objective(name, tiny_model, tmp_path):
 
 
 def test_ppo_separate_value_model_trains_and_checkpoints(tiny_model, tmp_path):
-    L = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.critic="model"'])
+    L = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.algo.critic="model"'])
     assert L.trainer.obj.critic.backbone is not None
     v0 = {k: v.clone() for k, v in L.trainer.obj.critic.state_dict().items()}
     st = L.train_step(_groups(L, 6, 1))
@@ -141,7 +141,7 @@ def test_ppo_separate_value_model_trains_and_checkpoints(tiny_model, tmp_path):
     L.step = 1
     ckpt = L.checkpoint()
     assert (ckpt / "critic.safetensors").is_file() and (ckpt / "critic_optimizer.pt").is_file()
-    L2 = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.critic="model"'])
+    L2 = _learner(tiny_model, tmp_path, "ppo.toml", ['learner.algo.critic="model"'])
     L2.trainer.obj.load_state({}, ckpt)
     for k, v in L.trainer.obj.critic.state_dict().items():
         assert torch.equal(v, L2.trainer.obj.critic.state_dict()[k]), k
@@ -152,7 +152,7 @@ def test_clip_high_controller_state_is_checkpointed(tiny_model, tmp_path):
         tiny_model,
         tmp_path,
         "dapo.toml",
-        ["learner.target_entropy=20.0", "learner.clip_high_max=0.6"],
+        ["learner.shaping.target_entropy=20.0", "learner.shaping.clip_high_max=0.6"],
     )
     L.train_step(_groups(L, 4, 8))  # entropy of a random model is far below 20: clip opens
     assert L.trainer.obj.loss.clip_high > 0.28
@@ -160,10 +160,14 @@ def test_clip_high_controller_state_is_checkpointed(tiny_model, tmp_path):
         tiny_model,
         tmp_path,
         "dapo.toml",
-        ["learner.target_entropy=20.0", "learner.clip_high_max=0.6"],
+        ["learner.shaping.target_entropy=20.0", "learner.shaping.clip_high_max=0.6"],
     )
     L2.trainer.obj.load_state(L.trainer.obj.state())
-    assert L2.trainer.obj.loss.clip_high == L.trainer.obj.loss.clip_high == L2.trainer.obj.controller.clip_high
+    assert (
+        L2.trainer.obj.loss.clip_high
+        == L.trainer.obj.loss.clip_high
+        == L2.trainer.obj.controller.clip_high
+    )
 
 
 def test_icepop_masks_the_tokens_the_engine_disagrees_on(tiny_model, tmp_path):
@@ -172,9 +176,9 @@ def test_icepop_masks_the_tokens_the_engine_disagrees_on(tiny_model, tmp_path):
         tmp_path,
         "grpo.toml",
         [
-            'learner.offpolicy_correction="icepop"',
-            "learner.offpolicy_low=0.5",
-            "learner.offpolicy_high=2.0",
+            'learner.offpolicy.correction="icepop"',
+            "learner.offpolicy.low=0.5",
+            "learner.offpolicy.high=2.0",
         ],
     )
     groups = _groups(L, 2, 8)
@@ -206,14 +210,14 @@ def test_each_example_binds_its_clip_on_a_stale_batch(name, tiny_model, tmp_path
     ratios pi_theta / mu of e and e^-2) its clip (grpo, dr_grpo, dapo: token ratio in
     [0.8, 1.2] or [0.8, 1.28]; gspo: sequence ratio in [1 - 3e-4, 1 + 4e-4]; ppo: GAE
     advantages, [0.8, 1.2]) or its capped IS weight (cispo: weight <= 5) binds."""
-    L = _learner(tiny_model, tmp_path, f"{name}.toml", ["learner.mask_truncated=false"])
+    L = _learner(tiny_model, tmp_path, f"{name}.toml", ["learner.shaping.mask_truncated=false"])
     gs = L.cfg.learner.group_size
     assert L.cfg.learner.minibatches >= 2  # several steps per batch: the ratio moves
     st = L.train_step(_stale(L, _groups(L, 4 if gs > 1 else 8, gs)))
     assert st["staleness_max"] == 1.0 and st["optimizer_steps"] == 2.0
     assert st["clip_frac"] > 0.0, st
     if name == "cispo":  # the ratios above 5 (e^2) are capped, the ones at e^-1 are not
-        assert L.cfg.learner.clip_low == 1.0 and L.cfg.learner.offpolicy_correction == "none"
+        assert L.cfg.learner.algo.clip_low == 1.0 and L.cfg.learner.offpolicy.correction == "none"
 
 
 def _hand_logp(model: torch.nn.Module, samples: list[Sample], T: float) -> list[list[float]]:
@@ -243,10 +247,10 @@ def test_decoupled_ratio_is_against_the_proximal_policy(minibatches, tiny_model,
         tmp_path,
         "grpo.toml",
         [
-            'learner.offpolicy_correction="tis"',
-            "learner.offpolicy_high=2.0",
+            'learner.offpolicy.correction="tis"',
+            "learner.offpolicy.high=2.0",
             f"learner.minibatches={minibatches}",
-            'learner.loss_agg="token"',
+            'learner.algo.loss_agg="token"',
         ],
     )
     for gr in L.trainer.opt.param_groups:
@@ -327,7 +331,8 @@ def _collector(overrides: list[str], group_rewards: list[list[float]]) -> Learne
 
 def test_dynamic_sampling_drops_uniform_groups_and_refills():
     L = _collector(
-        ["learner.dynamic_sampling=true"], [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]]
+        ["learner.shaping.dynamic_sampling=true"],
+        [[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]],
     )
     refills = []
 
@@ -346,7 +351,7 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills():
 
 def test_pass_rate_band_keeps_trainable_prompts_only():
     L = _collector(
-        ["learner.pass_rate_band=[0.3, 0.7]"],
+        ["learner.shaping.pass_rate_band=[0.3, 0.7]"],
         [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [1, 1, 1, 1]],
     )
     L._pump = lambda timeout: None
@@ -356,7 +361,11 @@ def test_pass_rate_band_keeps_trainable_prompts_only():
 
 def test_filter_budget_trains_unfiltered_rather_than_starving():
     L = _collector(
-        ["learner.dynamic_sampling=true", "learner.filter_max_dropped=1", "learner.batch_groups=2"],
+        [
+            "learner.shaping.dynamic_sampling=true",
+            "learner.shaping.filter_max_dropped=1",
+            "learner.batch_groups=2",
+        ],
         [[0, 0, 0, 0]] * 4,
     )
     L._pump = lambda timeout: None
@@ -369,24 +378,28 @@ def test_filter_budget_trains_unfiltered_rather_than_starving():
     [
         (["learner.group_size=1"], "group_size = 1"),
         (
-            ['learner.objective="ppo"', "learner.group_size=1", "learner.dynamic_sampling=true"],
+            [
+                'learner.algo.name="ppo"',
+                "learner.group_size=1",
+                "learner.shaping.dynamic_sampling=true",
+            ],
             "group_size >= 2",
         ),
-        (["learner.kl_coef=0.1", 'learner.kl_estimator="off"'], "kl_estimator"),
-        (['learner.objective="cispo"', "learner.ratio_cap=5"], "ratio_cap"),
-        (["learner.ratio_cap=1.1"], "must exceed"),
+        (["learner.algo.kl_coef=0.1", 'learner.algo.kl_estimator="off"'], "kl_estimator"),
+        (['learner.algo.name="cispo"', "learner.algo.ratio_cap=5"], "ratio_cap"),
+        (["learner.algo.ratio_cap=1.1"], "must exceed"),
         (
             [
-                'learner.offpolicy_correction="icepop"',
-                "learner.offpolicy_low=1.5",
-                "learner.offpolicy_high=3",
+                'learner.offpolicy.correction="icepop"',
+                "learner.offpolicy.low=1.5",
+                "learner.offpolicy.high=3",
             ],
             "contain 1",
         ),
-        (["learner.pass_rate_band=[0.8, 0.1]"], "pass_rate_band"),
-        (["learner.target_entropy=1", "learner.clip_high=0.9"], "clip_high_max"),
-        (["learner.overlong_buffer=50"], "overlong_buffer"),
-        (['learner.objective="reinforce"'], "learner.objective"),
+        (["learner.shaping.pass_rate_band=[0.8, 0.1]"], "pass_rate_band"),
+        (["learner.shaping.target_entropy=1", "learner.algo.clip_high=0.9"], "clip_high_max"),
+        (["learner.shaping.overlong_buffer=50"], "overlong_buffer"),
+        (['learner.algo.name="reinforce"'], "learner.algo.name"),
     ],
 )
 def test_bad_objective_config_is_a_clear_error(ov, msg):
@@ -399,7 +412,7 @@ def test_bad_objective_config_is_a_clear_error(ov, msg):
 
 def test_failed_episodes_cost_only_themselves(tiny_model, tmp_path):
     """A group with an episode whose env failed trains exactly like the group without it."""
-    from climbrl.learner.objectives import group_advantages
+    from climbrl.learner.algos.grpo import group_advantages
     from climbrl.rollout.episode import failed_sample as _failed
 
     r = torch.tensor([[1.0, 0.0, 9.0, 1.0, 0.0]], dtype=torch.float64)

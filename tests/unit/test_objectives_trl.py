@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from climbrl.learner.objectives import BatchNorm, PolicyLoss
+from climbrl.learner.algos.common import BatchNorm
+from climbrl.learner.algos.loss import PolicyLoss
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -26,8 +26,10 @@ from typing import Any
 import pytest
 import torch
 
-from climbrl.learner.objectives import BatchNorm, PolicyLoss, group_advantages, offpolicy_weights
-from climbrl.learner.objectives_step import ObjectiveStep, StepBatch
+from climbrl.learner.algos.common import BatchNorm, StepBatch, offpolicy_weights
+from climbrl.learner.algos.grpo import group_advantages
+from climbrl.learner.algos.loss import PolicyLoss
+from climbrl.learner.algos.step import ObjectiveStep
 from tests.unit.test_objectives_trl import StubLM, _Accelerator
 
 with warnings.catch_warnings():
@@ -323,20 +325,29 @@ def ours_micro_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """climbrl's ObjectiveStep.micro_loss with a learner config of only the fields it reads."""
     step = object.__new__(ObjectiveStep)
+    f = {
+        "offpolicy_correction": "none",
+        "offpolicy_level": "token",
+        "offpolicy_low": 0.0,
+        "offpolicy_high": 2.0,
+        "stale_policy": "drop",
+        "max_staleness": 1,
+        "tis_cap": 2.0,
+        **lc,
+    }
     step.lc = types.SimpleNamespace(
-        **{
-            "offpolicy_correction": "none",
-            "offpolicy_level": "token",
-            "offpolicy_low": 0.0,
-            "offpolicy_high": 2.0,
-            "stale_policy": "drop",
-            "max_staleness": 1,
-            "tis_cap": 2.0,
-            **lc,
-        }
+        max_staleness=f["max_staleness"],
+        offpolicy=types.SimpleNamespace(
+            correction=f["offpolicy_correction"],
+            level=f["offpolicy_level"],
+            low=f["offpolicy_low"],
+            high=f["offpolicy_high"],
+            stale_policy=f["stale_policy"],
+            tis_cap=f["tis_cap"],
+        ),
     )
     step.loss = PolicyLoss(objective="grpo", clip_low=0.2, clip_high=0.28, aggregation="token")
-    step.critic, step._hidden = None, None
+    step.ppo = None
     m = x["mask"].double()
     batch = StepBatch(
         samples=[None] * B,
@@ -374,7 +385,7 @@ def _trl_grad(
 
 @pytest.mark.parametrize("kind,level", list(MODES))
 def test_decoupled_offpolicy_loss_matches_trl(kind: str, level: str) -> None:
-    """learner.offpolicy_correction = tis/icepop: climbrl clips against the learner's current
+    """learner.offpolicy.correction = tis/icepop: climbrl clips against the learner's current
     policy (old = pi.detach()) and multiplies by w(pi/mu); TRL with vLLM IS on, on the first
     iteration (old_per_token_logps = pi), multiplies the same per-token loss by its ratio."""
     for seed in range(3):

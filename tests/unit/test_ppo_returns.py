@@ -1,10 +1,10 @@
-"""PPO's returns and critic (learner/objectives_step.py, learner/objectives.py ``gae`` and
+"""PPO's returns and critic (learner/algos/ppo.py: ``PpoCritic``, ``gae`` and
 ``value_loss``) against hand-worked numbers and float64 references written here:
 
 - truncated episodes (finish_reason 'length' / 'context') bootstrap GAE from V(s_T), terminated
   ones ('stop') from 0;
 - per-turn ``Sample.step_rewards`` land on each turn's last generated token;
-- the optional value clip (``learner.value_clip``);
+- the optional value clip (``learner.algo.value_clip``);
 - the critic's values under MoE routing replay equal a forward with the routing forced.
 
 The policy's backbone is faked where the numbers are hand-worked (V(s) = a table entry of the
@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from climbrl.config import load_config
+from climbrl.learner.algos.common import BatchNorm
+from climbrl.learner.algos.ppo import Critic, gae, value_loss
+from climbrl.learner.algos.step import ObjectiveStep
 from climbrl.learner.logprobs import completion_logprobs
-from climbrl.learner.objectives import BatchNorm, gae, value_loss
-from climbrl.learner.objectives_step import Critic, ObjectiveStep
 from climbrl.learner.replay import encode_routing, forced_routing
 from climbrl.wire import Routing, Sample
 
@@ -66,9 +67,9 @@ def _step(table: dict[int, float], overrides: list[str] = ()) -> tuple[Objective
         ROOT / "examples" / "ppo.toml",
         [
             "model.path=unused",
-            f"learner.gamma={GAMMA}",
-            f"learner.gae_lambda={LAM}",
-            "learner.adv_whiten=false",
+            f"learner.algo.gamma={GAMMA}",
+            f"learner.algo.gae_lambda={LAM}",
+            "learner.algo.adv_whiten=false",
             *overrides,
         ],
     )
@@ -225,7 +226,7 @@ def test_value_clip_hand_computed_values_and_gradients():
 def test_value_clip_in_the_ppo_micro_loss(clip):
     """The critic moves by +0.5 after the returns were computed; with eps_v = 0.1 the loss
     takes max((V - R)^2, (V_old + 0.1 - R)^2) per token."""
-    step, policy = _step({1: 0.5, 2: 0.2, 3: 0.4, 4: 0.6}, [f"learner.value_clip={clip}"])
+    step, policy = _step({1: 0.5, 2: 0.2, 3: 0.4, 4: 0.6}, [f"learner.algo.value_clip={clip}"])
     s = _sample([1], [2, 3, 4], finish="stop")
     batch = _prepared(step, policy, [s])
     with torch.no_grad():
@@ -257,7 +258,7 @@ def test_value_clip_in_the_ppo_micro_loss(clip):
         for vo, r, t in zip(v_old, ret, terms)
         if t == pytest.approx((vo + 0.5 - r) ** 2)
     )
-    vf = step.lc.vf_coef
+    vf = step.lc.algo.vf_coef
     assert float(step.critic.head.bias.grad) == pytest.approx(vf * grad, abs=1e-6)
     if clip:  # only token 0 keeps its gradient: (1.0 - 0.60624)^2 > (0.6 - 0.60624)^2
         assert grad == pytest.approx(0.39376 / 3, abs=1e-12)
@@ -265,11 +266,11 @@ def test_value_clip_in_the_ppo_micro_loss(clip):
 
 def test_value_clip_config():
     cfg = load_config(ROOT / "examples" / "ppo.toml", ["model.path=m"])
-    assert cfg.learner.value_clip == 0.0  # off by default
+    assert cfg.learner.algo.value_clip == 0.0  # off by default
     with pytest.raises(ValueError, match="value_clip"):
-        load_config(None, ["model.path=m", "learner.value_clip=0.2"])  # grpo: no critic
+        load_config(None, ["model.path=m", "learner.algo.value_clip=0.2"])  # grpo: no critic
     with pytest.raises(ValueError, match="value_clip"):
-        load_config(ROOT / "examples" / "ppo.toml", ["model.path=m", "learner.value_clip=-1"])
+        load_config(ROOT / "examples" / "ppo.toml", ["model.path=m", "learner.algo.value_clip=-1"])
 
 
 # ----------------------------------------------------------------------------- 4. MoE routing
@@ -312,7 +313,9 @@ def test_value_head_under_replay_equals_a_forward_with_forced_routing():
     the loss trains (the policy's forward, read by capture_hidden) both equal the values of a
     forward with the recorded experts forced."""
     model = _moe()
-    cfg = load_config(ROOT / "examples" / "ppo.toml", ["model.path=unused", "learner.gamma=0.9"])
+    cfg = load_config(
+        ROOT / "examples" / "ppo.toml", ["model.path=unused", "learner.algo.gamma=0.9"]
+    )
     step = ObjectiveStep(cfg, model, 1.0)
     with torch.no_grad():
         step.critic.head.weight.normal_(0, 1.0)

@@ -33,7 +33,8 @@ def _traj(seq: int, version: int) -> Trajectory:
 def _learner(policy: str) -> Learner:
     """The real collect(), without model or sockets."""
     cfg = load_config(
-        None, ["model.path=m", "learner.max_staleness=1", f"learner.stale_policy={policy}"]
+        None,
+        ["model.path=m", "learner.max_staleness=1", f"learner.offpolicy.stale_policy={policy}"],
     )
     env = SimpleNamespace(reward_range=(0.0, 1.0), num_tasks=lambda split: 100)
     L = Learner(cfg, hub=None, env=env, cursor=DataCursor(100), version=5)

@@ -43,7 +43,7 @@ def bare_learner(
             "learner.micro_batch_size=2",
             f"rollout.temperature={temperature}",
             "rollout.max_tokens=4",
-            "learner.mask_truncated=false",
+            "learner.shaping.mask_truncated=false",
             *(overrides or []),
         ],
     )

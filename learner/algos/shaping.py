@@ -1,4 +1,5 @@
-"""Reward shaping, batch filters and the entropy controller: the pieces around the loss.
+"""Reward shaping, batch filters and the entropy controller: the pieces around the loss
+(``learner.shaping``).
 
 - ``overlong_penalty``: DAPO's soft overlong punishment.
 - ``length_penalty``: a difficulty-aware length penalty (Kimi k1.5's, scaled by pass rate).
