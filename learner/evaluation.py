@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from climbrl.metrics import paired_change
 from climbrl.progress import EVAL_PROGRESS_FILE
 from climbrl.wire import ENV_ERROR, Trajectory
 
@@ -127,3 +129,60 @@ def score(
         env_errors=kinds.count("env"),
         timeouts=kinds.count("timeout"),
     )
+
+
+def report_eval(
+    sc: EvalScore, split: str, step: int, n: int, failures: dict[int, tuple[str, str]]
+) -> None:
+    """The learner log's lines for one evaluation: its accuracy, and a warning with the first
+    failure where episodes failed."""
+    if failures:
+        log.warning(
+            "eval %s at step %d: %d of %d episodes failed and score 0 (%d in the "
+            "env, %d past wire.order_timeout_s); the first: %s",
+            split,
+            step,
+            len(failures),
+            n,
+            sc.env_errors,
+            sc.timeouts,
+            failures[min(failures)][1],
+        )
+    log.info("eval %s accuracy at step %d: %.3f", split, step, sc.accuracy)
+
+
+def run_summary(
+    steps: int,
+    before: float | None,
+    after: float,
+    *,
+    elapsed_s: float,
+    train_loop_s: float,
+    counters: dict[str, int],
+    eval_metrics: dict[int, dict[str, float]],
+    outcomes: tuple[list[float] | None, list[float] | None],
+) -> dict[str, Any]:
+    """``summary.json`` of a run: held-out accuracy before and after (null, not NaN, where no
+    evaluation ran: ``learner.eval_size = 0``, or a resumed run), the env's other metrics at
+    the first and the last evaluation, and, where both evaluations ran on the same tasks,
+    which tasks the run fixed and broke with the exact McNemar p (``heldout_change``)."""
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "accuracy_before": _finite(before),
+        "accuracy_after": _finite(after),
+        "elapsed_s": elapsed_s,
+        "train_loop_s": train_loop_s,
+        **counters,
+    }
+    if eval_metrics:
+        if before is not None:
+            summary["eval_metrics_before"] = eval_metrics[min(eval_metrics)]
+        summary["eval_metrics_after"] = eval_metrics[max(eval_metrics)]
+    before_outcomes, after_outcomes = outcomes
+    if before_outcomes is not None and after_outcomes is not None:
+        summary["heldout_change"] = paired_change(before_outcomes, after_outcomes)
+    return summary
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -69,18 +68,25 @@ from climbrl.learner import fsdp
 from climbrl.learner.batcher import Batcher
 from climbrl.learner.checkpoint import latest_checkpoint, save_checkpoint
 from climbrl.learner.data import DataCursor
-from climbrl.learner.evaluation import EvalProgress, score
+from climbrl.learner.evaluation import EvalProgress, report_eval, run_summary, score
 from climbrl.learner.hub import HubError, LearnerHub
 from climbrl.learner.orders import EnvFailureStreak, LearnerError, Order, OrderBook
 from climbrl.learner.publishing import Publishing
+from climbrl.learner.sleep import set_engines_asleep
 from climbrl.learner.trainer import Trainer
 from climbrl.learner.weights import WeightPublisher
-from climbrl.metrics import MetricsWriter, paired_change
+from climbrl.metrics import MetricsWriter
 from climbrl.wire import ENV_ERROR, Control, Error, Heartbeat, Hello, Trajectory, WeightAck
 
 __all__ = ["EnvFailureStreak", "Learner", "LearnerError", "Order", "follower", "train"]
 
 log = logging.getLogger("climbrl.learner")
+# the run's counters, in every metrics.jsonl record and in summary.json
+COUNTERS = (
+    "stale_dropped stale_corrected order_failures servers_dead engines_dead eval_env_errors "
+    "eval_timeouts filtered_groups weight_bytes_sent weight_syncs_full weight_syncs_delta "
+    "weight_syncs_lora weight_syncs_failed"
+).split()
 
 
 def train(cfg: Config, resume: bool = False, endpoint_file: str | None = None) -> dict[str, Any]:
@@ -171,12 +177,7 @@ class Learner:
         self.out = Path(cfg.run.output_dir)
         self.step, self.version = step, version
         self.cursor = cursor or DataCursor(env.num_tasks("train"), seed=cfg.run.seed)
-        self.counters: dict[str, int] = dict.fromkeys(
-            "stale_dropped stale_corrected order_failures servers_dead engines_dead "
-            "eval_env_errors eval_timeouts filtered_groups weight_bytes_sent weight_syncs_full "
-            "weight_syncs_delta weight_syncs_lora weight_syncs_failed".split(),
-            0,
-        )
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.book = OrderBook(cfg, hub, self.counters)
         self.batcher = Batcher(cfg.learner, env.reward_range[1], self.cursor, self.counters)
         self.publishing = Publishing(weights, hub, self.counters) if weights else None
@@ -260,15 +261,8 @@ class Learner:
             elif (isinstance(msg, Error) and msg.code == "engine_dead") or (
                 isinstance(msg, Heartbeat) and msg.engine_error
             ):
-                # the server's engine is gone: its orders (this one included) go elsewhere or
-                # wait for its restart, and lose nothing
                 why = msg.message if isinstance(msg, Error) else msg.engine_error
-                book.last_error = f"{sid}: {why}"
-                if sid not in book.benched:
-                    self.counters["engines_dead"] += 1
-                    log.error("rollout %s: %s; it gets no more work orders", sid, why)
-                book.bench(sid, why)
-                book.reassign(lambda o, s=sid: o.server == s, self.version)
+                book.engine_lost(sid, why, self.version)  # this order included
             elif isinstance(msg, Error):
                 self._on_error(sid, msg)
             elif isinstance(msg, Hello):
@@ -277,23 +271,14 @@ class Learner:
                 )
                 if self.publishing is not None:
                     self.publishing.joined(sid, msg.hostname)  # a (re)joined engine: full sync
-                book.benched.pop(sid, None)  # a new process: it may take orders again
-                book.failures_in_a_row[sid] = 0
                 if msg.policy_version != self.version:
                     log.info("sending %s the weights of version %d", sid, self.version)
                     self._publish_to([sid])
-                # a new process under a known id knows nothing of its predecessor's orders
-                book.reassign(lambda o, s=sid: o.server == s, self.version)
+                book.server_joined(sid, self.version)
         for sid in self.hub.check_dead(self.cfg.wire.dead_after_s):
-            self.counters["servers_dead"] += 1
             if self.publishing is not None:
                 self.publishing.lost(sid)
-            log.error(
-                "rollout server %s is dead (no heartbeat for %.0fs); reassigning its orders",
-                sid,
-                self.cfg.wire.dead_after_s,
-            )
-            book.reassign(lambda o, s=sid: o.server == s, self.version)
+            book.server_dead(sid, self.cfg.wire.dead_after_s, self.version)
         now = time.monotonic()
         book.check(now, self.version, self.eval_failures)
         if self.publishing is not None:
@@ -368,33 +353,9 @@ class Learner:
         self.publishing.publish(self.version, servers, state)
 
     def engines_asleep(self, asleep: bool) -> None:
-        """Colocated placement with ``placement.sleep_level`` > 0: the rollout engines free
-        their GPU memory (vLLM's sleep mode) while the learner steps, and take it back before
-        the weight update that follows (level 2 drops the weights too: that update is a full
-        sync). Returns once every live server's heartbeat says so; LearnerError after
-        ``wire.weight_sync_timeout_s``. Nothing to do in any other placement."""
-        p = self.cfg.placement
-        if p.mode != "colocated" or not p.sleep_level:
-            return
-        cmd = Control(command=f"sleep:{p.sleep_level}" if asleep else "wake")
-        for sid in self.hub.alive_servers():
-            self.hub.send(sid, cmd)
-        limit = self.cfg.wire.weight_sync_timeout_s
-        deadline = time.monotonic() + limit
-        while True:
-            alive, sleeping = self.hub.alive_servers(), set(self.hub.asleep_servers())
-            waiting = [s for s in alive if (s in sleeping) != asleep]
-            if not waiting:
-                break
-            if time.monotonic() > deadline:
-                raise LearnerError(
-                    f"rollout servers {waiting} did not {'sleep' if asleep else 'wake'} within "
-                    f"{limit:g}s (wire.weight_sync_timeout_s); see their logs"
-                )
-            self._pump(0.1)
-        if not asleep and p.sleep_level == 2 and self.publishing is not None:
-            for sid in alive:
-                self.publishing.weights.forget(sid)  # its weights are gone: a full sync next
+        """Colocated placement with ``placement.sleep_level`` > 0: the rollout engines sleep
+        while the learner steps (learner/sleep.py). Nothing to do in any other placement."""
+        set_engines_asleep(self.cfg, self.hub, self.publishing, self._pump, asleep)
 
     def wait_weight_acks(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -421,28 +382,15 @@ class Learner:
                 progress.update(done)
                 self._pump(0.5)
         sc = score(n, self.eval_results, self.eval_failures, self.env.reward_range[1])
-        self.eval_outcomes[split], acc = sc.outcomes, sc.accuracy
-        env_errors, timeouts = sc.env_errors, sc.timeouts
-        self.counters["eval_env_errors"] += env_errors
-        self.counters["eval_timeouts"] += timeouts
+        self.eval_outcomes[split] = sc.outcomes
+        self.counters["eval_env_errors"] += sc.env_errors
+        self.counters["eval_timeouts"] += sc.timeouts
         if split == "test":
             self.eval_metrics[self.step] = sc.metrics
         if self.metrics is not None:
             self.metrics.write(sc.record(self.step, split, bool(self.eval_failures)))
-        if self.eval_failures:
-            log.warning(
-                "eval %s at step %d: %d of %d episodes failed and score 0 (%d in the "
-                "env, %d past wire.order_timeout_s); the first: %s",
-                split,
-                self.step,
-                len(self.eval_failures),
-                n,
-                env_errors,
-                timeouts,
-                self.eval_failures[min(self.eval_failures)][1],
-            )
-        log.info("eval %s accuracy at step %d: %.3f", split, self.step, acc)
-        return acc
+        report_eval(sc, split, self.step, n, self.eval_failures)
+        return sc.accuracy
 
     def log_step(self, stats: dict[str, Any]) -> None:
         now = time.time()
@@ -481,23 +429,16 @@ class Learner:
     def finish(
         self, before: float | None, after: float, before_outcomes: list[float] | None = None
     ) -> dict[str, Any]:
-        # null, not NaN, where no evaluation ran (learner.eval_size = 0, or a resumed run)
-        summary = {
-            "steps": self.step,
-            "accuracy_before": _finite(before),
-            "accuracy_after": _finite(after),
-            "elapsed_s": time.time() - self.t_start,
-            "train_loop_s": self.train_s,
-            **self.counters,
-        }
-        if self.eval_metrics:  # the env's other metrics, at the first and the last eval
-            if before is not None:
-                summary["eval_metrics_before"] = self.eval_metrics[min(self.eval_metrics)]
-            summary["eval_metrics_after"] = self.eval_metrics[max(self.eval_metrics)]
-        after_outcomes = self.eval_outcomes.get("test")
-        if before_outcomes is not None and after_outcomes is not None:
-            # the same tasks, greedy, before and after: which ones the run fixed and broke
-            summary["heldout_change"] = paired_change(before_outcomes, after_outcomes)
+        summary = run_summary(
+            self.step,
+            before,
+            after,
+            elapsed_s=time.time() - self.t_start,
+            train_loop_s=self.train_s,
+            counters=self.counters,
+            eval_metrics=self.eval_metrics,
+            outcomes=(before_outcomes, self.eval_outcomes.get("test")),
+        )
         assert self.metrics is not None
         self.metrics.summary(summary)
         return summary
@@ -643,7 +584,3 @@ def _truncate_metrics(out: Path, step: int) -> list[int]:
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x == x]
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

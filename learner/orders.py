@@ -171,6 +171,33 @@ class OrderBook:
         """``sid`` takes no more orders (until it says Hello again)."""
         self.benched[sid] = why
 
+    def engine_lost(self, sid: str, why: str, version: int) -> None:
+        """``sid`` reports its engine gone: its orders go elsewhere, or wait for its restart,
+        and lose nothing; it takes none until it says Hello again."""
+        self.last_error = f"{sid}: {why}"
+        if sid not in self.benched:
+            self.counters["engines_dead"] += 1
+            log.error("rollout %s: %s; it gets no more work orders", sid, why)
+        self.bench(sid, why)
+        self.reassign(lambda o: o.server == sid, version)
+
+    def server_dead(self, sid: str, dead_after_s: float, version: int) -> None:
+        """``sid`` sent no heartbeat for ``wire.dead_after_s``: its orders go elsewhere."""
+        self.counters["servers_dead"] += 1
+        log.error(
+            "rollout server %s is dead (no heartbeat for %.0fs); reassigning its orders",
+            sid,
+            dead_after_s,
+        )
+        self.reassign(lambda o: o.server == sid, version)
+
+    def server_joined(self, sid: str, version: int) -> None:
+        """A new process under ``sid`` (its Hello): it may take orders again, and its
+        predecessor's orders, which it knows nothing of, go out again."""
+        self.benched.pop(sid, None)
+        self.failures_in_a_row[sid] = 0
+        self.reassign(lambda o: o.server == sid, version)
+
     def order_failed(self, sid: str, error: str) -> None:
         """A training order failed on ``sid``: bench a server whose orders keep failing
         (``wire.max_order_failures`` in a row). The caller counts the ``outcome``."""
