@@ -10,7 +10,8 @@ A B A B ..., A first in even rounds and B in odd ones), so each pair of waves is
 apart and a slow spell of a noisy machine hits both alike (a whole measurement of one server
 and then the other's would be seconds apart). Per level and round it reports output tokens/s and p50/p99 request latency; the ratios are climbrl / vLLM,
 paired per round, median over rounds (best-of ratios alongside). Goal (issue 4): throughput >=
-0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line.
+0.95x and p50 <= 1.05x of vLLM's server. Prints one JSON line and writes it with the date,
+machine and command under ``benchmarks/results/`` (``--no-results-file``: not).
 
 CPU placement (``--cpus``) is the same for both servers and is printed with the result. On a
 machine with 2 CPUs or fewer, ``auto`` runs both servers' process trees (API process, engine
@@ -205,6 +206,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--no-results-file", action="store_true")
     p.add_argument(
         "--cpus",
         default="auto",
@@ -290,6 +292,10 @@ def main() -> None:
     out["max_p50_ratio"] = max(x["p50_ratio"] for x in lv)
     out["goal_met"] = out["min_throughput_ratio"] >= 0.95 and out["max_p50_ratio"] <= 1.05
     print(json.dumps(out))
+    if not a.no_results_file:
+        from benchmarks.common import write_result
+
+        print(write_result("serving", out))
 
 
 if __name__ == "__main__":
