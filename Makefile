@@ -9,6 +9,7 @@ test-all:
 	.venv/bin/python -m pytest
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	bash scripts/typing_root.sh && .venv/bin/pyright
 typecheck:
 	bash scripts/typing_root.sh && .venv/bin/pyright
 bench:

@@ -165,7 +165,7 @@ def run_report(out: Path, rc: int) -> str:
                 if before is not None
                 else "not measured before (resumed run), "
             )
-            acc += f"{_pct(after)} after"
+            acc += f"{_pct(after)} after" if after is not None else "not measured after"
             if change:
                 acc += (
                     f" on {change['tasks']} tasks: {change['fixed']} fixed, "

@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from climbrl import reaper
 from climbrl.commands import learn_command, rollout_command
@@ -313,6 +313,7 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
             file=sys.stderr,
         )
         return 2
+    from ray import exceptions as ray_exceptions
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -345,7 +346,7 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         pg = placement_group(need, strategy=strategy, name=f"climbrl-{cfg.run.name}-{os.getpid()}")
         try:
             ray.get(pg.ready(), timeout=cfg.ray.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
+        except ray_exceptions.GetTimeoutError:
             raise RuntimeError(
                 f"the Ray cluster did not grant the placement group {need} ({strategy}) within "
                 f"{cfg.ray.placement_timeout_s:.0f}s: not enough free resources on "
@@ -369,7 +370,11 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
                     pg, placement_group_bundle_index=i
                 ),
             ).remote(name, str(log_path), os.getcwd(), actor_env)
-            info = ray.get(actor.start.remote(argv, files), timeout=cfg.ray.start_timeout_s)
+            # ray.get is typed for lists of refs too; start returns dict[str, Any]
+            info = cast(
+                "dict[str, Any]",
+                ray.get(actor.start.remote(argv, files), timeout=cfg.ray.start_timeout_s),
+            )
             print(
                 f"climbrl: {name} pid {info['pid']} on {info['hostname']} ({info['node_ip']}, "
                 f"Ray node {info['node_id'][:12]})",
@@ -388,7 +393,9 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
         while endpoint is None:
             if learner.poll() is not None or time.monotonic() > deadline or stopping["sig"]:
                 raise RuntimeError("the learner did not start:\n" + learner.tail())
-            text = ray.get(learner.actor.read_file.remote(str(ep_file)), timeout=60)
+            text = cast(
+                "str | None", ray.get(learner.actor.read_file.remote(str(ep_file)), timeout=60)
+            )
             if text and text.strip():
                 endpoint = reachable_endpoint(text.strip(), learner.info["node_ip"])
             else:
@@ -399,7 +406,7 @@ def launch_ray(cfg: Config, resume: bool = False, live: bool = True) -> int:
             argv = rollout_command(cfg_path, endpoint, f"r{i}", python="python")
             children.append(place(i + 1, f"rollout-{i}", argv, out / "logs" / f"rollout-{i}.log"))
         rc = _supervise(cfg, children, learner, stopping, place, live)
-    except (RuntimeError, ray.exceptions.RayError) as e:
+    except (RuntimeError, ray_exceptions.RayError) as e:
         print(f"climbrl: {e}", file=sys.stderr)
         rc = 1
     finally:
@@ -427,7 +434,7 @@ def _rollout_keys_env(cfg: Config, learner: RayChild, out: Path) -> dict[str, st
     from climbrl.wirekeys import ENV_VAR, FILE_NAME, RunKeys
 
     path = out / FILE_NAME
-    text = ray.get(learner.actor.read_file.remote(str(path)), timeout=60)
+    text = cast("str | None", ray.get(learner.actor.read_file.remote(str(path)), timeout=60))
     if not text:
         raise RuntimeError(f"the learner wrote no wire credentials to {path}")
     return {ENV_VAR: RunKeys.parse(text, str(path)).client_json()}

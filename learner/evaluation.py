@@ -157,7 +157,7 @@ def run_summary(
     after: float,
     *,
     elapsed_s: float,
-    train_loop_s: float,
+    train_loop_s: float | None,
     counters: dict[str, int],
     eval_metrics: dict[int, dict[str, float]],
     outcomes: tuple[list[float] | None, list[float] | None],

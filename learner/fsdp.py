@@ -42,7 +42,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -175,6 +175,7 @@ def _broadcast_bytes(payload: bytes | None, ds: DistState, src: int = 0) -> byte
         size = torch.zeros(1, dtype=torch.int64, device=ds.device)
     dist.broadcast(size, src)
     if ds.rank == src:
+        assert payload is not None
         buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(ds.device)
     else:
         buf = torch.empty(int(size.item()), dtype=torch.uint8, device=ds.device)
@@ -212,9 +213,8 @@ def broadcast_step(
 def clip_grad_norm(params: Any, max_norm: float) -> float:
     """Global gradient norm over the shards (and clip); a float on every rank."""
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    full = getattr(norm, "full_tensor", None)  # a DTensor's, over the shards
+    return float(full() if full is not None else norm)
 
 
 def root_forward(model: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -252,7 +252,8 @@ def full_state_dict(model: nn.Module, ds: DistState) -> dict[str, torch.Tensor]:
         other = first.setdefault(id(p), name)
         if other != name and other in sd and name in sd:
             sd[name] = sd[other]
-    return sd
+    # typed for nested state dicts; a model's full state dict holds tensors
+    return cast("dict[str, torch.Tensor]", sd)
 
 
 def _opt_param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -294,8 +295,13 @@ def checkpoint_views(
     )
 
     state = full_state_dict(model, ds)
-    osd = get_optimizer_state_dict(
-        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # typed as any nesting of state values; an optimizer's is {"state": {name: {...}},
+    # "param_groups": [{..., "params": [name, ...]}]}
+    osd = cast(
+        "dict[str, Any]",
+        get_optimizer_state_dict(
+            model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        ),
     )
     if not ds.is_coordinator:
         return FullModelView(model, {}), FullOptimizerView({})
@@ -344,7 +350,8 @@ def full_grads(model: nn.Module, ds: DistState) -> dict[str, torch.Tensor]:
         g = p.grad
         if g is None:
             continue
-        out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().cpu().clone()
+        full = getattr(g, "full_tensor", None)  # a DTensor's, over the shards
+        out[name] = (full() if full is not None else g).detach().cpu().clone()
     return out
 
 

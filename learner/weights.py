@@ -67,7 +67,8 @@ def setup_lora(model: Any, lc: LearnerCfg, resume_from: Path | None = None) -> A
         )
     conf = LoraConfig(
         r=lc.weights.lora.r,
-        lora_alpha=lc.weights.lora.alpha,
+        # peft types lora_alpha as int; it only divides it by r, so a float works
+        lora_alpha=lc.weights.lora.alpha,  # pyright: ignore[reportArgumentType]
         target_modules=targets,
         lora_dropout=0.0,
         bias="none",
@@ -253,7 +254,10 @@ class WeightPublisher:
             t.acked(server, version)
 
     def _transports(self) -> list[WeightSender]:
-        return [self.frames] + ([self.shm] if self.shm is not None else [])
+        out: list[WeightSender] = [self.frames]
+        if self.shm is not None:
+            out.append(self.shm)
+        return out
 
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the engine loads it: in CPU memory, in ``wire_dtype`` if floating point

@@ -392,8 +392,9 @@ def train(cfg: PretrainConfig, *, resume: bool = False, quiet: bool = False) -> 
             f.write(json.dumps(rec) + "\n")
 
     n_params, n_active = M.matmul_params(model)
+    hf_config: Any = model.config  # a transformers config (nn.Module types it Tensor | Module)
     console.print(
-        f"model {model.config.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+        f"model {hf_config.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
         f"({n_active / 1e6:.2f}M active in matmuls), {len(data.train.tokens):,} train rows x {seq_len}"
     )
     t_loop = time.perf_counter()

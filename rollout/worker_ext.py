@@ -96,7 +96,7 @@ class WeightReceiver:
         try:
             self.model_runner.reload_weights(weights_iterator=iter(weights))  # type: ignore[attr-defined]
         except BaseException:
-            abandon_layerwise_reload(self.model_runner)
+            abandon_layerwise_reload(self.model_runner)  # type: ignore[attr-defined]
             raise
         finally:
             quiet.close()

@@ -150,7 +150,10 @@ class CpuFastPath:
                     # vLLM's reload wraps the loaders of the metadata it restores from, and leaves
                     # them wrapped there: a wrapped loader only buffers for layer-by-layer processing
                     loader = getattr(prm, "weight_loader", None)
-                    while getattr(loader, "__name__", "") == "online_process_loader":
+                    while (
+                        loader is not None
+                        and getattr(loader, "__name__", "") == "online_process_loader"
+                    ):
                         loader = loader.__wrapped__
                     if loader is not None:
                         prm.weight_loader = loader
@@ -389,7 +392,8 @@ def _whole(part: Any, shape: tuple[int, ...]) -> Any:
     """The view of ``shape`` that starts where ``part`` starts in its file."""
     if tuple(part.shape) == shape:
         return part
-    return torch.empty(0, dtype=part.dtype).set_(
+    # torch's stub makes ``stride`` required; at run time it defaults to the contiguous one
+    return torch.empty(0, dtype=part.dtype).set_(  # pyright: ignore[reportCallIssue]
         part.untyped_storage(), part.storage_offset(), shape
     )
 
@@ -580,7 +584,8 @@ def _direct_gemm_weights(
             and b.data_ptr() == a.data_ptr() + a.nbytes
             for a, b in zip(ts, ts[1:])
         ):
-            w = torch.empty(0, dtype=meta.dtype).set_(
+            # torch's stub makes ``stride`` required; at run time it defaults to the contiguous one
+            w = torch.empty(0, dtype=meta.dtype).set_(  # pyright: ignore[reportCallIssue]
                 ts[0].untyped_storage(), ts[0].storage_offset(), tuple(meta.shape)
             )
         else:
