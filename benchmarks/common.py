@@ -120,9 +120,16 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     }
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"{name}-{now:%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return path
+    stamp = f"{name}-{now:%Y%m%dT%H%M%SZ}"
+    path, n = out / f"{stamp}.json", 1
+    while True:  # two results in the same second each get a file: never overwrite one
+        try:
+            with open(path, "x") as f:
+                f.write(json.dumps(record, indent=1) + "\n")
+            return path
+        except FileExistsError:
+            n += 1
+            path = out / f"{stamp}-{n}.json"
 
 
 def _cpu_model() -> str:

@@ -30,7 +30,7 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
 
-_SUFFIX = re.compile(r"-\d{8}T\d{6}Z$")
+_SUFFIX = re.compile(r"-\d{8}T\d{6}Z(-\d+)?$")
 
 HEADER = """\
 # Benchmark results

@@ -150,3 +150,28 @@ def test_check_flag(tmp_path: Path) -> None:
     assert subprocess.run([*cmd, "--check"], capture_output=True).returncode == 1
     subprocess.run(cmd, check=True, capture_output=True)
     assert subprocess.run([*cmd, "--check"], capture_output=True).returncode == 0
+
+
+def test_two_results_in_the_same_second_keep_both_files(tmp_path, monkeypatch):
+    import datetime
+
+    from benchmarks import common
+    from benchmarks.make_results import benchmark_name
+
+    fixed = datetime.datetime(2027, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206 - datetime's own signature
+            return fixed
+
+    monkeypatch.setattr(datetime, "datetime", Clock)
+    monkeypatch.setattr(common, "__file__", str(tmp_path / "common.py"))
+    a = common.write_result("demo_runs", {"run": "a"})
+    b = common.write_result("demo_runs", {"run": "b"})
+    assert (a.name, b.name) == (
+        "demo_runs-20270102T030405Z.json",
+        "demo_runs-20270102T030405Z-2.json",
+    )
+    assert [json.loads(p.read_text())["result"]["run"] for p in (a, b)] == ["a", "b"]
+    assert benchmark_name(b) == "demo_runs"
