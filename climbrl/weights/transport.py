@@ -115,11 +115,7 @@ class FrameReceiver(WeightReceiver):
     """The frames of a message, as tensors of the manifest's dtypes and shapes."""
 
     def receive(self, manifest: WeightManifest, frames: list[Any]) -> list[torch.Tensor]:
-        if len(frames) != len(manifest.tensors):
-            raise WireError(
-                f"weight update {manifest.version}: {len(frames)} frames for "
-                f"{len(manifest.tensors)} tensors"
-            )
+        _check_count(manifest, frames)
         # zero-copy views of the frames' bytes (keep the frames alive)
         return [tensor_from_frame(meta, f) for meta, f in zip(manifest.tensors, frames)]
 
@@ -231,11 +227,7 @@ class InProcessReceiver(WeightReceiver):
     """The tensors that came with the message, as they are."""
 
     def receive(self, manifest: WeightManifest, frames: list[Any]) -> list[torch.Tensor]:
-        if len(frames) != len(manifest.tensors):
-            raise WireError(
-                f"weight update {manifest.version}: {len(frames)} tensors for "
-                f"{len(manifest.tensors)} names"
-            )
+        _check_count(manifest, frames)
         return list(frames)
 
 
@@ -263,3 +255,12 @@ def gpu_sender(
         raise ValueError(f"unknown GPU weight transport {transport!r}: 'cuda_ipc' or 'nccl'")
     require_cuda(transport, available)
     return ZmqWeightSyncClient(call)
+
+
+def _check_count(manifest: WeightManifest, frames: list[Any]) -> None:
+    """WireError unless a message carries one frame per tensor its manifest names."""
+    if len(frames) != len(manifest.tensors):
+        raise WireError(
+            f"weight update {manifest.version}: {len(frames)} frames for "
+            f"{len(manifest.tensors)} tensors"
+        )

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from climbrl.learner.algos.common import BatchNorm, StepBatch, clipped_surrogate, token_log_ratio
+from climbrl.learner.algos.common import BatchNorm, StepBatch
+
+# PPO's policy loss is GRPO's token-level clip, on per-token (GAE) advantages
+from climbrl.learner.algos.grpo import surrogate as surrogate
 from climbrl.learner.logprobs import pack_positions
 from climbrl.learner.replay import forced_routing, model_moe_shape, routing_BLNK
 
@@ -116,20 +119,6 @@ def value_loss(
         v_clip_BT = old_BT + torch.clamp(values_BT - old_BT, -clip, clip)
         sq_BT = torch.maximum(sq_BT, (v_clip_BT - returns_BT) ** 2)
     return 0.5 * (sq_BT * m).sum() / max(norm.tokens, 1.0)
-
-
-def surrogate(
-    logp_BT: Tensor,
-    old_logp_BT: Tensor,
-    adv_BT: Tensor,
-    mask_BT: Tensor,
-    clip_low: float,
-    clip_high: float,
-    ratio_cap: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """Per-token clipped loss on the token ratio, with per-token (GAE) advantages."""
-    ratio = torch.exp(token_log_ratio(logp_BT, old_logp_BT))
-    return clipped_surrogate(ratio, adv_BT, clip_low, clip_high, ratio_cap)
 
 
 class Critic(nn.Module):
